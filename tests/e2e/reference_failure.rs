@@ -1,0 +1,121 @@
+//! The failure our users see, reproduced with the Bitnami start-up rules and real etcd:
+//! a member removed by the preStop hook, its removal log lost, comes back with its old data
+//! and `member_id` and crash-loops on `etcdserver: member not found`.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use etcd_medic_lab::etcd::{self, format_id};
+use etcd_medic_lab::objects::SetShape;
+use etcd_medic_lab::{Lab, NODE_NAME};
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::Value;
+
+const KEYS: usize = 300;
+const WAIT: Duration = Duration::from_secs(90);
+
+fn restarts(p: &Value) -> u64 {
+    p.pointer("/status/containerStatuses/0/restartCount").and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// Starts 3 Bitnami members, writes keys, then drains member 1 as users see it: the pod is
+/// deleted, the preStop hook removes the member, the removal log is lost, and the
+/// replacement pod crash-loops. Returns the lab and the removed member id.
+async fn broken_lab() -> Result<(Lab, u64)> {
+    crate::init_tracing();
+    let lab = Lab::start(SetShape::apisix(3, NODE_NAME)).await?;
+    lab.write_keys(KEYS).await?;
+    let id_file = lab.set.data_dir(1)?.join("member_id");
+    let old_id = etcd::parse_id(&std::fs::read_to_string(&id_file)?).expect("member_id holds a hex id");
+    lab.set.switches().lose_removal_log.store(true, std::sync::atomic::Ordering::SeqCst);
+    lab.set.delete_pod(1)?;
+    // The preStop hook removed the member before the container stopped.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while etcd::member_list(&lab.set.other_endpoints(1)).await?.iter().any(|m| m.id == old_id) {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the preStop hook did not remove {}", format_id(old_id));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let message = lab.set.wait_crash_loop(1, WAIT).await?;
+    assert_eq!(message.lines().last(), Some("Error: etcdserver: member not found"), "termination message: {message}");
+    Ok((lab, old_id))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_member_with_stale_member_id_crash_loops_on_member_not_found() -> Result<()> {
+    let (lab, old_id) = broken_lab().await?;
+    // The member is gone from the cluster while its data and member_id stay on the volume.
+    let members = etcd::member_list(&lab.set.other_endpoints(1)).await?;
+    assert_eq!(members.len(), 2);
+    assert!(members.iter().all(|m| m.id != old_id));
+    let data = lab.set.data_dir(1)?;
+    assert_eq!(std::fs::read_to_string(data.join("member_id"))?.trim(), format_id(old_id));
+    assert!(data.join("member/snap/db").is_file());
+    assert!(!lab.set.volume_path(1)?.join("member_removal.log").exists());
+
+    // It keeps failing the same way on every restart, and the API shows it as a controller
+    // would read it.
+    let before = restarts(&lab.set.pod(1)?);
+    let p = lab.set.wait_pod(1, WAIT, "restarted twice more", |p| restarts(p) >= before + 2).await?;
+    assert_eq!(
+        p.pointer("/status/containerStatuses/0/lastState/terminated/message").and_then(Value::as_str).and_then(|m| m.lines().last()),
+        Some("Error: etcdserver: member not found")
+    );
+    let pods: kube::Api<Pod> = kube::Api::namespaced(lab.api.client().await?, "apisix");
+    let pod = pods.get("apisix-etcd-1").await?;
+    let cs = &pod.status.unwrap().container_statuses.unwrap()[0];
+    assert_eq!(cs.state.as_ref().unwrap().waiting.as_ref().unwrap().reason.as_deref(), Some("CrashLoopBackOff"));
+    assert!(!cs.ready);
+    assert!(lab.set.container_log(1).contains("Updating member in existing cluster"));
+    lab.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_only_snap_and_wal_still_fails_while_member_id_stays() -> Result<()> {
+    let (lab, _) = broken_lab().await?;
+    let data = lab.set.data_dir(1)?;
+    std::fs::remove_dir_all(data.join("member/snap"))?;
+    std::fs::remove_dir_all(data.join("member/wal"))?;
+    let before = restarts(&lab.set.pod(1)?);
+    let p = lab.set.wait_pod(1, WAIT, "restarted twice more", |p| restarts(p) >= before + 2).await?;
+    let msg = p.pointer("/status/containerStatuses/0/lastState/terminated/message").and_then(Value::as_str).unwrap_or_default();
+    assert_eq!(msg.lines().last(), Some("Error: etcdserver: member not found"));
+    assert_eq!(etcd::member_list(&lab.set.other_endpoints(1)).await?.len(), 2);
+    lab.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_member_id_too_lets_the_member_rejoin_with_every_key() -> Result<()> {
+    let (lab, old_id) = broken_lab().await?;
+    let data = lab.set.data_dir(1)?;
+    std::fs::remove_dir_all(data.join("member/snap"))?;
+    std::fs::remove_dir_all(data.join("member/wal"))?;
+    std::fs::remove_file(data.join("member_id"))?;
+    lab.set.wait_ready(1, WAIT).await?;
+    assert!(lab.set.container_log(1).contains("Adding new member to existing cluster"));
+
+    let members = etcd::member_list(&lab.set.endpoints()).await?;
+    assert_eq!(members.len(), 3);
+    assert!(members.iter().all(|m| m.started() && !m.is_learner));
+    let new_id = members.iter().find(|m| m.name == "apisix-etcd-1").unwrap().id;
+    assert_ne!(new_id, old_id);
+    // The image stored the new id for its next start.
+    let stored = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let Ok(t) = std::fs::read_to_string(data.join("member_id")) {
+                return t;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await?;
+    assert_eq!(stored.trim(), format_id(new_id));
+
+    let c = etcd::check_consistency(&lab.set.endpoints()).await?;
+    assert!(c.consistent, "{c:?}");
+    assert_eq!(c.members.len(), 3);
+    assert!(c.members.iter().all(|(_, n, _)| *n == KEYS), "{:?}", c.members);
+    lab.shutdown().await;
+    Ok(())
+}

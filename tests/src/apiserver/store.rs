@@ -1,0 +1,535 @@
+//! The stand-in's object store: resourceVersions, uids, preconditions, graceful pod
+//! deletion and a watch history, following the API server's documented semantics.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+
+use serde_json::{Value, json};
+use tokio::sync::broadcast;
+
+use super::selector::{FieldSelector, LabelSelector};
+
+/// A resource the stand-in serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ResourceDef {
+    pub group: &'static str,
+    pub version: &'static str,
+    pub plural: &'static str,
+    pub kind: &'static str,
+    pub namespaced: bool,
+    /// Field selectors beyond metadata.name and metadata.namespace.
+    pub fields: &'static [&'static str],
+}
+
+impl ResourceDef {
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() { self.version.to_string() } else { format!("{}/{}", self.group, self.version) }
+    }
+    /// `pods`, `leases.coordination.k8s.io`: how the API server names a resource in messages.
+    pub fn qualified(&self) -> String {
+        if self.group.is_empty() { self.plural.to_string() } else { format!("{}.{}", self.plural, self.group) }
+    }
+}
+
+pub const RESOURCES: &[ResourceDef] = &[
+    ResourceDef {
+        group: "",
+        version: "v1",
+        plural: "pods",
+        kind: "Pod",
+        namespaced: true,
+        fields: &["spec.nodeName", "spec.restartPolicy", "spec.schedulerName", "spec.serviceAccountName", "status.phase", "status.podIP", "status.nominatedNodeName"],
+    },
+    ResourceDef { group: "", version: "v1", plural: "persistentvolumeclaims", kind: "PersistentVolumeClaim", namespaced: true, fields: &[] },
+    ResourceDef { group: "", version: "v1", plural: "persistentvolumes", kind: "PersistentVolume", namespaced: false, fields: &[] },
+    ResourceDef { group: "", version: "v1", plural: "namespaces", kind: "Namespace", namespaced: false, fields: &["status.phase"] },
+    ResourceDef { group: "", version: "v1", plural: "nodes", kind: "Node", namespaced: false, fields: &["spec.unschedulable"] },
+    ResourceDef {
+        group: "",
+        version: "v1",
+        plural: "events",
+        kind: "Event",
+        namespaced: true,
+        fields: &["involvedObject.kind", "involvedObject.name", "involvedObject.namespace", "involvedObject.uid", "reason", "type", "source"],
+    },
+    ResourceDef {
+        group: "events.k8s.io",
+        version: "v1",
+        plural: "events",
+        kind: "Event",
+        namespaced: true,
+        fields: &["regarding.kind", "regarding.name", "regarding.namespace", "regarding.uid", "reason", "type", "reportingController"],
+    },
+    ResourceDef { group: "apps", version: "v1", plural: "statefulsets", kind: "StatefulSet", namespaced: true, fields: &[] },
+    ResourceDef { group: "coordination.k8s.io", version: "v1", plural: "leases", kind: "Lease", namespaced: true, fields: &[] },
+];
+
+pub fn find_resource(group: &str, version: &str, plural: &str) -> Option<&'static ResourceDef> {
+    RESOURCES.iter().find(|r| r.group == group && r.version == version && r.plural == plural)
+}
+
+/// A failure as the API server reports it: a `Status` object with `code` and `reason`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ApiError {
+    pub code: u16,
+    pub reason: &'static str,
+    pub message: String,
+    pub details: Value,
+}
+
+impl ApiError {
+    pub fn new(code: u16, reason: &'static str, message: impl Into<String>) -> Self {
+        ApiError { code, reason, message: message.into(), details: Value::Null }
+    }
+    fn with_details(mut self, res: &ResourceDef, name: &str) -> Self {
+        let mut d = json!({"name": name, "kind": res.plural});
+        if !res.group.is_empty() {
+            d["group"] = json!(res.group);
+        }
+        self.details = d;
+        self
+    }
+    pub fn not_found(res: &ResourceDef, name: &str) -> Self {
+        ApiError::new(404, "NotFound", format!("{} \"{name}\" not found", res.qualified())).with_details(res, name)
+    }
+    pub fn already_exists(res: &ResourceDef, name: &str) -> Self {
+        ApiError::new(409, "AlreadyExists", format!("{} \"{name}\" already exists", res.qualified())).with_details(res, name)
+    }
+    pub fn conflict(res: &ResourceDef, name: &str, why: &str) -> Self {
+        ApiError::new(409, "Conflict", format!("Operation cannot be fulfilled on {} \"{name}\": {why}", res.qualified()))
+            .with_details(res, name)
+    }
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::new(400, "BadRequest", message)
+    }
+    pub fn invalid(res: &ResourceDef, name: &str, message: impl Into<String>) -> Self {
+        ApiError::new(422, "Invalid", format!("{} \"{name}\" is invalid: {}", res.kind, message.into())).with_details(res, name)
+    }
+    pub fn status(&self) -> Value {
+        let mut s = json!({
+            "kind": "Status", "apiVersion": "v1", "metadata": {},
+            "status": "Failure", "message": self.message, "reason": self.reason, "code": self.code,
+        });
+        if !self.details.is_null() {
+            s["details"] = self.details.clone();
+        }
+        s
+    }
+}
+
+/// A change, as a watch delivers it.
+#[derive(Clone, Debug)]
+pub struct Change {
+    pub resource: &'static ResourceDef,
+    pub kind: ChangeKind,
+    pub object: Value,
+    pub rv: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChangeKind {
+    Added,
+    Modified,
+    Deleted,
+}
+
+impl ChangeKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChangeKind::Added => "ADDED",
+            ChangeKind::Modified => "MODIFIED",
+            ChangeKind::Deleted => "DELETED",
+        }
+    }
+}
+
+type Key = (String, String, String); // (qualified resource, namespace, name)
+
+struct Inner {
+    objects: BTreeMap<Key, Value>,
+    rv: u64,
+    history: VecDeque<Change>,
+}
+
+/// How far back a watch can resume; older resourceVersions get `410 Gone` as on a real server.
+const HISTORY: usize = 20_000;
+
+pub struct Store {
+    inner: Mutex<Inner>,
+    tx: broadcast::Sender<Change>,
+}
+
+/// What DELETE did: pods on a node are only marked (the kubelet finishes the delete).
+#[derive(Debug)]
+pub enum Deleted {
+    Gone(Value),
+    Marked(Value),
+}
+
+pub fn now_rfc3339() -> String {
+    jiff::Timestamp::now().strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
+    obj.get("metadata").and_then(|m| m.get(field)).and_then(Value::as_str)
+}
+
+/// RFC 7386 JSON merge patch.
+pub fn merge_patch(target: &mut Value, patch: &Value) {
+    match patch {
+        Value::Object(p) => {
+            if !target.is_object() {
+                *target = json!({});
+            }
+            let t = target.as_object_mut().unwrap();
+            for (k, v) in p {
+                if v.is_null() {
+                    t.remove(k);
+                } else {
+                    merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+                }
+            }
+        }
+        other => *target = other.clone(),
+    }
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Store {
+            inner: Mutex::new(Inner { objects: BTreeMap::new(), rv: 1, history: VecDeque::new() }),
+            tx: broadcast::channel(4096).0,
+        }
+    }
+}
+
+impl Store {
+    fn key(res: &ResourceDef, ns: &str, name: &str) -> Key {
+        (res.qualified(), if res.namespaced { ns.to_string() } else { String::new() }, name.to_string())
+    }
+
+    fn record(&self, inner: &mut Inner, resource: &'static ResourceDef, kind: ChangeKind, object: Value) {
+        let change = Change { resource, kind, object, rv: inner.rv };
+        inner.history.push_back(change.clone());
+        if inner.history.len() > HISTORY {
+            inner.history.pop_front();
+        }
+        let _ = self.tx.send(change);
+    }
+
+    fn bump(inner: &mut Inner, obj: &mut Value) {
+        inner.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(inner.rv.to_string());
+    }
+
+    pub fn current_rv(&self) -> u64 {
+        self.inner.lock().unwrap().rv
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
+        self.tx.subscribe()
+    }
+
+    /// Changes after `rv`, or `410 Gone` when history no longer reaches back that far.
+    pub fn changes_since(&self, rv: u64) -> Result<Vec<Change>, ApiError> {
+        let inner = self.inner.lock().unwrap();
+        if let Some(oldest) = inner.history.front()
+            && rv + 1 < oldest.rv
+            && inner.history.len() >= HISTORY
+        {
+            return Err(ApiError::new(410, "Expired", format!("too old resource version: {rv} ({})", oldest.rv)));
+        }
+        Ok(inner.history.iter().filter(|c| c.rv > rv).cloned().collect())
+    }
+
+    pub fn create(&self, res: &'static ResourceDef, ns: &str, mut obj: Value) -> Result<Value, ApiError> {
+        if !obj.get("metadata").is_some_and(Value::is_object) {
+            obj["metadata"] = json!({});
+        }
+        let mut name = meta_str(&obj, "name").unwrap_or_default().to_string();
+        if name.is_empty() {
+            match meta_str(&obj, "generateName") {
+                Some(prefix) => name = format!("{prefix}{}", &uuid::Uuid::new_v4().simple().to_string()[..5]),
+                None => return Err(ApiError::invalid(res, "", "metadata.name: Required value: name or generateName is required")),
+            }
+        }
+        if res.namespaced && ns.is_empty() {
+            return Err(ApiError::bad_request("the namespace of the provided object does not match the namespace sent on the request"));
+        }
+        if let Some(body_ns) = meta_str(&obj, "namespace")
+            && res.namespaced
+            && !body_ns.is_empty()
+            && body_ns != ns
+        {
+            return Err(ApiError::bad_request("the namespace of the provided object does not match the namespace sent on the request"));
+        }
+        let mut inner = self.inner.lock().unwrap();
+        let key = Self::key(res, ns, &name);
+        if inner.objects.contains_key(&key) {
+            return Err(ApiError::already_exists(res, &name));
+        }
+        obj["apiVersion"] = json!(res.api_version());
+        obj["kind"] = json!(res.kind);
+        let meta = &mut obj["metadata"];
+        meta["name"] = json!(name);
+        if res.namespaced {
+            meta["namespace"] = json!(ns);
+        }
+        meta["uid"] = json!(uuid::Uuid::new_v4().to_string());
+        meta["creationTimestamp"] = json!(now_rfc3339());
+        if let Some(m) = meta.as_object_mut() {
+            m.remove("deletionTimestamp");
+        }
+        Self::bump(&mut inner, &mut obj);
+        inner.objects.insert(key, obj.clone());
+        self.record(&mut inner, res, ChangeKind::Added, obj.clone());
+        Ok(obj)
+    }
+
+    pub fn get(&self, res: &ResourceDef, ns: &str, name: &str) -> Result<Value, ApiError> {
+        let inner = self.inner.lock().unwrap();
+        inner.objects.get(&Self::key(res, ns, name)).cloned().ok_or_else(|| ApiError::not_found(res, name))
+    }
+
+    /// Objects of `res` in `ns` (all namespaces when `None`), and the list's resourceVersion.
+    pub fn list(
+        &self,
+        res: &ResourceDef,
+        ns: Option<&str>,
+        labels: &LabelSelector,
+        fields: &FieldSelector,
+    ) -> (Vec<Value>, u64) {
+        let inner = self.inner.lock().unwrap();
+        let q = res.qualified();
+        let items = inner
+            .objects
+            .iter()
+            .filter(|((r, n, _), _)| *r == q && ns.is_none_or(|ns| ns == n))
+            .map(|(_, v)| v)
+            .filter(|v| labels.matches(v) && fields.matches(v))
+            .cloned()
+            .collect();
+        (items, inner.rv)
+    }
+
+    /// PUT: the body's resourceVersion must be the stored one (optimistic concurrency).
+    pub fn update(&self, res: &'static ResourceDef, ns: &str, name: &str, mut obj: Value) -> Result<Value, ApiError> {
+        if meta_str(&obj, "name").is_some_and(|n| n != name) {
+            return Err(ApiError::bad_request("the name of the object does not match the name on the URL"));
+        }
+        let mut inner = self.inner.lock().unwrap();
+        let key = Self::key(res, ns, name);
+        let Some(current) = inner.objects.get(&key).cloned() else {
+            return Err(ApiError::not_found(res, name));
+        };
+        match meta_str(&obj, "resourceVersion") {
+            None | Some("") => {
+                return Err(ApiError::invalid(res, name, "metadata.resourceVersion: Invalid value: 0x0: must be specified for an update"));
+            }
+            Some(rv) if Some(rv) != meta_str(&current, "resourceVersion") => {
+                return Err(ApiError::conflict(
+                    res,
+                    name,
+                    "the object has been modified; please apply your changes to the latest version and try again",
+                ));
+            }
+            _ => {}
+        }
+        if let Some(uid) = meta_str(&obj, "uid")
+            && Some(uid) != meta_str(&current, "uid")
+        {
+            return Err(ApiError::conflict(res, name, "Precondition failed: UID in precondition does not match the object"));
+        }
+        self.replace_locked(&mut inner, res, key, &current, &mut obj);
+        Ok(obj)
+    }
+
+    fn replace_locked(&self, inner: &mut Inner, res: &'static ResourceDef, key: Key, current: &Value, obj: &mut Value) {
+        obj["apiVersion"] = json!(res.api_version());
+        obj["kind"] = json!(res.kind);
+        for f in ["uid", "creationTimestamp", "namespace", "name", "deletionTimestamp"] {
+            if let Some(v) = current["metadata"].get(f) {
+                obj["metadata"][f] = v.clone();
+            }
+        }
+        Self::bump(inner, obj);
+        inner.objects.insert(key, obj.clone());
+        self.record(inner, res, ChangeKind::Modified, obj.clone());
+    }
+
+    /// PATCH with merge semantics (JSON merge and, for the maps and scalars the agent
+    /// sends, strategic merge). A resourceVersion in the patch is a precondition.
+    pub fn patch(&self, res: &'static ResourceDef, ns: &str, name: &str, patch: &Value) -> Result<Value, ApiError> {
+        let mut inner = self.inner.lock().unwrap();
+        let key = Self::key(res, ns, name);
+        let Some(current) = inner.objects.get(&key).cloned() else {
+            return Err(ApiError::not_found(res, name));
+        };
+        if let Some(rv) = meta_str(patch, "resourceVersion")
+            && Some(rv) != meta_str(&current, "resourceVersion")
+        {
+            return Err(ApiError::conflict(
+                res,
+                name,
+                "the object has been modified; please apply your changes to the latest version and try again",
+            ));
+        }
+        let mut obj = current.clone();
+        merge_patch(&mut obj, patch);
+        self.replace_locked(&mut inner, res, key, &current, &mut obj);
+        Ok(obj)
+    }
+
+    /// In-process change by the lab (the kubelet and controllers of the simulator): no
+    /// resourceVersion check, like a controller that retries on conflict.
+    pub fn modify(&self, res: &'static ResourceDef, ns: &str, name: &str, f: impl FnOnce(&mut Value)) -> Result<Value, ApiError> {
+        let mut inner = self.inner.lock().unwrap();
+        let key = Self::key(res, ns, name);
+        let Some(current) = inner.objects.get(&key).cloned() else {
+            return Err(ApiError::not_found(res, name));
+        };
+        let mut obj = current.clone();
+        f(&mut obj);
+        if obj == current {
+            return Ok(obj);
+        }
+        self.replace_locked(&mut inner, res, key, &current, &mut obj);
+        Ok(obj)
+    }
+
+    /// DELETE with `preconditions.uid` / `preconditions.resourceVersion` (409 on mismatch).
+    /// A pod bound to a node with a grace period is only marked with a deletionTimestamp:
+    /// its kubelet stops the containers and then calls [`Store::finalize`].
+    pub fn delete(&self, res: &'static ResourceDef, ns: &str, name: &str, opts: &Value) -> Result<Deleted, ApiError> {
+        let mut inner = self.inner.lock().unwrap();
+        let key = Self::key(res, ns, name);
+        let Some(current) = inner.objects.get(&key).cloned() else {
+            return Err(ApiError::not_found(res, name));
+        };
+        if let Some(uid) = opts.pointer("/preconditions/uid").and_then(Value::as_str) {
+            let actual = meta_str(&current, "uid").unwrap_or_default();
+            if uid != actual {
+                return Err(ApiError::conflict(
+                    res,
+                    name,
+                    &format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {actual}"),
+                ));
+            }
+        }
+        if let Some(rv) = opts.pointer("/preconditions/resourceVersion").and_then(Value::as_str) {
+            let actual = meta_str(&current, "resourceVersion").unwrap_or_default();
+            if rv != actual {
+                return Err(ApiError::conflict(
+                    res,
+                    name,
+                    &format!("Precondition failed: ResourceVersion in precondition: {rv}, ResourceVersion in object meta: {actual}"),
+                ));
+            }
+        }
+        let grace = opts.get("gracePeriodSeconds").and_then(Value::as_i64);
+        let on_node = current.pointer("/spec/nodeName").and_then(Value::as_str).is_some_and(|n| !n.is_empty());
+        if res.plural == "pods" && on_node && grace != Some(0) {
+            if current["metadata"].get("deletionTimestamp").is_some() {
+                return Ok(Deleted::Marked(current));
+            }
+            let mut obj = current.clone();
+            obj["metadata"]["deletionTimestamp"] = json!(now_rfc3339());
+            obj["metadata"]["deletionGracePeriodSeconds"] = json!(grace.unwrap_or(30));
+            Self::bump(&mut inner, &mut obj);
+            inner.objects.insert(key, obj.clone());
+            self.record(&mut inner, res, ChangeKind::Modified, obj.clone());
+            return Ok(Deleted::Marked(obj));
+        }
+        inner.objects.remove(&key);
+        let mut obj = current;
+        Self::bump(&mut inner, &mut obj);
+        self.record(&mut inner, res, ChangeKind::Deleted, obj.clone());
+        Ok(Deleted::Gone(obj))
+    }
+
+    /// The kubelet's last word on a terminating pod: the object goes away.
+    pub fn finalize(&self, res: &'static ResourceDef, ns: &str, name: &str, uid: &str) -> Result<(), ApiError> {
+        let mut inner = self.inner.lock().unwrap();
+        let key = Self::key(res, ns, name);
+        match inner.objects.get(&key) {
+            Some(o) if meta_str(o, "uid") == Some(uid) => {
+                let mut obj = inner.objects.remove(&key).unwrap();
+                Self::bump(&mut inner, &mut obj);
+                self.record(&mut inner, res, ChangeKind::Deleted, obj);
+                Ok(())
+            }
+            _ => Err(ApiError::not_found(res, name)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pods() -> &'static ResourceDef {
+        find_resource("", "v1", "pods").unwrap()
+    }
+    fn leases() -> &'static ResourceDef {
+        find_resource("coordination.k8s.io", "v1", "leases").unwrap()
+    }
+
+    #[test]
+    fn create_assigns_identity_and_rejects_duplicates() {
+        let s = Store::default();
+        let p = s.create(pods(), "ns", json!({"metadata": {"name": "a"}})).unwrap();
+        assert_eq!(p["kind"], "Pod");
+        assert!(p["metadata"]["uid"].as_str().unwrap().len() > 10);
+        let err = s.create(pods(), "ns", json!({"metadata": {"name": "a"}})).unwrap_err();
+        assert_eq!((err.code, err.reason), (409, "AlreadyExists"));
+        assert_eq!(err.message, "pods \"a\" already exists");
+    }
+
+    #[test]
+    fn update_is_optimistic() {
+        let s = Store::default();
+        let l = s.create(leases(), "ns", json!({"metadata": {"name": "lock"}, "spec": {"holderIdentity": "a"}})).unwrap();
+        let mut stale = l.clone();
+        let mut fresh = l.clone();
+        fresh["spec"]["holderIdentity"] = json!("b");
+        s.update(leases(), "ns", "lock", fresh).unwrap();
+        stale["spec"]["holderIdentity"] = json!("c");
+        let err = s.update(leases(), "ns", "lock", stale).unwrap_err();
+        assert_eq!((err.code, err.reason), (409, "Conflict"));
+        assert!(err.message.starts_with("Operation cannot be fulfilled on leases.coordination.k8s.io \"lock\""));
+        let mut no_rv = l;
+        no_rv["metadata"].as_object_mut().unwrap().remove("resourceVersion");
+        assert_eq!(s.update(leases(), "ns", "lock", no_rv).unwrap_err().code, 422);
+    }
+
+    #[test]
+    fn delete_honours_uid_precondition_and_grace() {
+        let s = Store::default();
+        let p = s.create(pods(), "ns", json!({"metadata": {"name": "a"}, "spec": {"nodeName": "n"}})).unwrap();
+        let uid = p["metadata"]["uid"].as_str().unwrap().to_string();
+        let err = s.delete(pods(), "ns", "a", &json!({"preconditions": {"uid": "other"}})).unwrap_err();
+        assert_eq!(err.code, 409);
+        assert!(err.message.contains("Precondition failed: UID in precondition: other"));
+        assert!(matches!(s.delete(pods(), "ns", "a", &json!({"preconditions": {"uid": uid}})).unwrap(), Deleted::Marked(_)));
+        assert!(s.get(pods(), "ns", "a").unwrap()["metadata"]["deletionTimestamp"].is_string());
+        s.finalize(pods(), "ns", "a", &uid).unwrap();
+        assert_eq!(s.get(pods(), "ns", "a").unwrap_err().code, 404);
+    }
+
+    #[test]
+    fn watch_history_replays_after_a_version() {
+        let s = Store::default();
+        let rv = s.current_rv();
+        s.create(pods(), "ns", json!({"metadata": {"name": "a"}})).unwrap();
+        s.modify(pods(), "ns", "a", |p| p["status"] = json!({"phase": "Running"})).unwrap();
+        let kinds: Vec<_> = s.changes_since(rv).unwrap().iter().map(|c| c.kind).collect();
+        assert_eq!(kinds, [ChangeKind::Added, ChangeKind::Modified]);
+    }
+
+    #[test]
+    fn merge_patch_follows_rfc7386() {
+        let mut t = json!({"a": {"b": 1, "c": 2}, "d": [1]});
+        merge_patch(&mut t, &json!({"a": {"b": null, "e": 3}, "d": [2]}));
+        assert_eq!(t, json!({"a": {"c": 2, "e": 3}, "d": [2]}));
+    }
+}

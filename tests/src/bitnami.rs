@@ -1,0 +1,148 @@
+//! The Bitnami etcd image's start-up decision (chart 9.7.3, image 3.5.x), as FIELD-NOTES.md
+//! records it. The decision is pure; the simulator carries out its effects with real etcd.
+
+use std::path::Path;
+
+/// What the setup script looks at on the volume before it decides.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VolumeFacts {
+    /// `data/` has no entry at all, dot-files included (the image checks with `ls -A`).
+    pub data_empty: bool,
+    /// The id in `data/member_id`, if any.
+    pub member_id: Option<String>,
+    /// `data/member/snap` exists.
+    pub has_snap: bool,
+    /// `member_removal.log` (volume root) holds `Member <member_id> removed from cluster …`.
+    pub removal_logged: bool,
+}
+
+impl VolumeFacts {
+    pub fn read(volume: &Path, data_subdir: &str) -> Self {
+        let data = volume.join(data_subdir);
+        let data_empty = std::fs::read_dir(&data).map(|mut d| d.next().is_none()).unwrap_or(true);
+        let member_id = std::fs::read_to_string(data.join("member_id"))
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty());
+        let has_snap = data.join("member/snap").is_dir();
+        let log = std::fs::read_to_string(volume.join("member_removal.log")).unwrap_or_default();
+        let removal_logged = member_id.as_ref().is_some_and(|id| removal_logged(&log, id));
+        VolumeFacts { data_empty, member_id, has_snap, removal_logged }
+    }
+}
+
+/// `Member <id> removed from cluster <cluster>` for this id, as etcdctl prints it.
+pub fn removal_logged(log: &str, id: &str) -> bool {
+    log.lines().any(|l| l.trim().starts_with(&format!("Member {id} removed from cluster")))
+}
+
+/// What the script does on this start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    /// Empty data dir and `ETCD_INITIAL_CLUSTER_STATE=new`: bootstrap a new cluster.
+    Bootstrap,
+    /// Empty data dir, state `existing`: `member add`, then start with `existing`.
+    AddAsNew,
+    /// The member "was removed": `rm -rf data/*` (dot-files stay), one `member add`, start
+    /// with `existing`, store the new id.
+    ReAdd,
+    /// Data present and an id stored: `member update <id> --peer-urls=…`, then start.
+    Update(String),
+    /// Data present, no id stored, snap present: nothing to update, start on the data.
+    StartOnData,
+    /// The other members did not answer: "Cluster not responding!", start on the data as is
+    /// (disaster recovery is off in the chart's defaults).
+    StartUnchecked,
+}
+
+/// The decision of the setup script. `cluster_size` is the number of members in
+/// `ETCD_INITIAL_CLUSTER`; `cluster_healthy` the script's health check of the others.
+pub fn decide(facts: &VolumeFacts, cluster_size: usize, initial_state_new: bool, cluster_healthy: bool) -> Decision {
+    if facts.data_empty {
+        return if initial_state_new { Decision::Bootstrap } else { Decision::AddAsNew };
+    }
+    if cluster_size <= 1 {
+        return Decision::StartOnData;
+    }
+    if !cluster_healthy {
+        return Decision::StartUnchecked;
+    }
+    let was_removed = facts.removal_logged || (!facts.has_snap && facts.member_id.is_none());
+    if was_removed {
+        return Decision::ReAdd;
+    }
+    match &facts.member_id {
+        Some(id) => Decision::Update(id.clone()),
+        None => Decision::StartOnData,
+    }
+}
+
+/// The script's `is_healthy_etcd_cluster`: enough of the *other* members answer a health
+/// check. It counts the others against half the cluster, rounded up.
+pub fn cluster_healthy(others_healthy: usize, cluster_size: usize) -> bool {
+    others_healthy >= cluster_size.div_ceil(2)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn facts(empty: bool, id: Option<&str>, snap: bool, logged: bool) -> VolumeFacts {
+        VolumeFacts { data_empty: empty, member_id: id.map(String::from), has_snap: snap, removal_logged: logged }
+    }
+
+    #[test]
+    fn stale_id_with_data_goes_to_update_the_seed_failure() {
+        assert_eq!(decide(&facts(false, Some("abc"), true, false), 3, true, true), Decision::Update("abc".into()));
+    }
+
+    #[test]
+    fn deleting_snap_and_wal_alone_still_updates_while_member_id_stays() {
+        assert_eq!(decide(&facts(false, Some("abc"), false, false), 3, true, true), Decision::Update("abc".into()));
+    }
+
+    #[test]
+    fn no_id_and_no_snap_means_removed() {
+        assert_eq!(decide(&facts(false, None, false, false), 3, true, true), Decision::ReAdd);
+    }
+
+    #[test]
+    fn removal_log_means_removed() {
+        assert_eq!(decide(&facts(false, Some("abc"), true, true), 3, true, true), Decision::ReAdd);
+    }
+
+    #[test]
+    fn empty_data_bootstraps_on_a_release_only_ever_installed() {
+        assert_eq!(decide(&facts(true, None, false, false), 3, true, true), Decision::Bootstrap);
+        assert_eq!(decide(&facts(true, None, false, false), 3, false, true), Decision::AddAsNew);
+    }
+
+    #[test]
+    fn unhealthy_cluster_starts_unchecked() {
+        assert_eq!(decide(&facts(false, Some("abc"), true, false), 3, true, false), Decision::StartUnchecked);
+    }
+
+    #[test]
+    fn health_counts_the_others() {
+        assert!(cluster_healthy(2, 3));
+        assert!(!cluster_healthy(1, 3));
+        assert!(cluster_healthy(3, 5));
+        assert!(!cluster_healthy(2, 5));
+    }
+
+    #[test]
+    fn removal_log_matches_the_stored_id_only() {
+        let log = "Member 8e9e05c52164694d removed from cluster cdf818194e3a8c32\n";
+        assert!(removal_logged(log, "8e9e05c52164694d"));
+        assert!(!removal_logged(log, "1234"));
+    }
+
+    #[test]
+    fn facts_count_dot_files_as_content() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        assert!(VolumeFacts::read(dir.path(), "data").data_empty);
+        std::fs::write(dir.path().join("data/.keep"), "").unwrap();
+        assert!(!VolumeFacts::read(dir.path(), "data").data_empty);
+    }
+}

@@ -1,0 +1,19 @@
+//! The etcd-medic lab: the failure our users see, reproduced with real etcd.
+//!
+//! - [`etcd`]: real etcd members as processes on loopback;
+//! - [`kubelet`]: a node's kubelet directory tree, with real mounts as root;
+//! - [`apiserver`]: a stand-in Kubernetes API server;
+//! - [`statefulset`]: a StatefulSet controller and kubelet that run the Bitnami image's
+//!   start-up rules ([`bitnami`]) or a plain etcd;
+//! - [`lab`]: all of it in one value.
+
+pub mod apiserver;
+pub mod bitnami;
+pub mod etcd;
+pub mod kubelet;
+pub mod lab;
+pub mod objects;
+pub mod process;
+pub mod statefulset;
+
+pub use lab::{Lab, NODE_NAME};

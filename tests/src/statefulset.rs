@@ -1,0 +1,544 @@
+//! A StatefulSet controller and kubelet for one etcd set on one node: it creates the pods,
+//! runs each pod's container (the Bitnami setup script or plain etcd) with real etcd,
+//! restarts failed containers with back-off, probes readiness, keeps pod status true, and
+//! when a pod is deleted runs its preStop hook, stops it, and creates the replacement under
+//! a new UID with the same PVC mounted again.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::apiserver::store::{RESOURCES, ResourceDef, now_rfc3339};
+use crate::apiserver::{ApiServer, ChangeKind};
+use crate::bitnami::{self, Decision, VolumeFacts};
+use crate::etcd::{self, ClusterState, EtcdConfig, EtcdProcess, MemberSpec, format_id, parse_id};
+use crate::kubelet::NodeTree;
+use crate::objects::{self, SetShape, StartProfile};
+
+/// Knobs of the simulated kubelet. The kubelet's real back-off starts at 10 s; the lab's
+/// default is shorter so tests stay quick, with the same doubling and cap.
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+    pub probe_interval: Duration,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions { backoff_base: Duration::from_millis(500), backoff_max: Duration::from_secs(4), probe_interval: Duration::from_millis(250) }
+    }
+}
+
+/// Faults a test can arm.
+#[derive(Default)]
+pub struct Switches {
+    /// The next `member add` of the setup script fails once with `etcdserver: unhealthy
+    /// cluster`, as it does right after a membership change.
+    pub fail_next_member_add: AtomicBool,
+    /// The preStop hook's `member_removal.log` is lost (not synced before the node went).
+    pub lose_removal_log: AtomicBool,
+}
+
+fn res(plural: &str, group: &str) -> &'static ResourceDef {
+    RESOURCES.iter().find(|r| r.plural == plural && r.group == group).unwrap()
+}
+
+struct PodRun {
+    uid: String,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+struct Inner {
+    shape: SetShape,
+    members: Vec<MemberSpec>,
+    api: Arc<ApiServer>,
+    node: Arc<NodeTree>,
+    switches: Arc<Switches>,
+    opts: SimOptions,
+    log_dir: PathBuf,
+    pods: Mutex<Vec<Option<PodRun>>>,
+}
+
+pub struct StatefulSetSim {
+    inner: Arc<Inner>,
+    watcher: JoinHandle<()>,
+}
+
+impl Drop for StatefulSetSim {
+    fn drop(&mut self) {
+        self.watcher.abort();
+        for run in self.inner.pods.lock().unwrap().iter_mut().filter_map(Option::take) {
+            run.task.abort();
+        }
+    }
+}
+
+/// What one container start came to.
+enum Start {
+    Running(EtcdProcess),
+    Exited { code: i32, message: String },
+}
+
+impl StatefulSetSim {
+    /// Creates the set's objects and starts every pod at once (podManagementPolicy:
+    /// Parallel, as the chart sets it).
+    pub async fn start(api: Arc<ApiServer>, node: Arc<NodeTree>, shape: SetShape, log_dir: PathBuf, opts: SimOptions) -> Result<Self> {
+        std::fs::create_dir_all(&log_dir)?;
+        let store = api.store().clone();
+        let members: Vec<MemberSpec> = (0..shape.replicas).map(|i| MemberSpec::new(shape.pod_name(i))).collect();
+        let ns = shape.namespace.clone();
+        let _ = store.create(res("namespaces", ""), "", json!({"metadata": {"name": ns}}));
+        store.create(res("statefulsets", "apps"), &ns, objects::statefulset(&shape)).map_err(|e| anyhow!(e.message))?;
+        for i in 0..shape.replicas {
+            store.create(res("persistentvolumes", ""), "", objects::pv(&shape, i)).map_err(|e| anyhow!(e.message))?;
+            store.create(res("persistentvolumeclaims", ""), &ns, objects::pvc(&shape, i)).map_err(|e| anyhow!(e.message))?;
+        }
+        let inner = Arc::new(Inner {
+            pods: Mutex::new((0..shape.replicas).map(|_| None).collect()),
+            shape,
+            members,
+            api,
+            node,
+            switches: Arc::new(Switches::default()),
+            opts,
+            log_dir,
+        });
+        for i in 0..inner.shape.replicas {
+            create_pod(&inner, i)?;
+        }
+        let watcher = tokio::spawn(watch_deletes(inner.clone()));
+        Ok(StatefulSetSim { inner, watcher })
+    }
+
+    pub fn shape(&self) -> &SetShape {
+        &self.inner.shape
+    }
+
+    pub fn members(&self) -> &[MemberSpec] {
+        &self.inner.members
+    }
+
+    pub fn switches(&self) -> &Switches {
+        &self.inner.switches
+    }
+
+    /// Every member's client URL.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.inner.members.iter().map(MemberSpec::client_url).collect()
+    }
+
+    /// Client URLs of all members but `ordinal`.
+    pub fn other_endpoints(&self, ordinal: usize) -> Vec<String> {
+        self.inner.members.iter().enumerate().filter(|(i, _)| *i != ordinal).map(|(_, m)| m.client_url()).collect()
+    }
+
+    pub fn pod(&self, ordinal: usize) -> Result<Value> {
+        self.inner.api.store().get(res("pods", ""), &self.inner.shape.namespace, &self.inner.shape.pod_name(ordinal)).map_err(|e| anyhow!(e.message))
+    }
+
+    pub fn pod_uid(&self, ordinal: usize) -> Result<String> {
+        Ok(self.pod(ordinal)?["metadata"]["uid"].as_str().unwrap_or_default().to_string())
+    }
+
+    /// The host path of the pod's volume now (it changes with the pod's UID).
+    pub fn volume_path(&self, ordinal: usize) -> Result<PathBuf> {
+        let uid = self.pod_uid(ordinal)?;
+        Ok(self.inner.node.volume_path(&uid, &self.inner.shape.pv_name(ordinal), &self.inner.shape.volume_source(ordinal)))
+    }
+
+    pub fn data_dir(&self, ordinal: usize) -> Result<PathBuf> {
+        Ok(self.volume_path(ordinal)?.join(self.inner.shape.profile.data_subdir()))
+    }
+
+    /// `kubectl delete pod` as a drain or a person does it (graceful).
+    pub fn delete_pod(&self, ordinal: usize) -> Result<()> {
+        let s = &self.inner.shape;
+        self.inner.api.store().delete(res("pods", ""), &s.namespace, &s.pod_name(ordinal), &json!({})).map_err(|e| anyhow!(e.message))?;
+        Ok(())
+    }
+
+    /// Waits until `pred` holds for the pod's JSON; returns that pod.
+    pub async fn wait_pod(&self, ordinal: usize, timeout: Duration, what: &str, pred: impl Fn(&Value) -> bool) -> Result<Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Ok(p) = self.pod(ordinal)
+                && pred(&p)
+            {
+                return Ok(p);
+            }
+            if tokio::time::Instant::now() > deadline {
+                let status = self.pod(ordinal).map(|p| p["status"].clone()).unwrap_or_default();
+                bail!("pod {} not {what} within {timeout:?}; status: {status}", self.inner.shape.pod_name(ordinal));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub async fn wait_ready(&self, ordinal: usize, timeout: Duration) -> Result<Value> {
+        self.wait_pod(ordinal, timeout, "Ready", |p| pod_ready(p) && p["metadata"]["deletionTimestamp"].is_null()).await
+    }
+
+    pub async fn wait_all_ready(&self, timeout: Duration) -> Result<()> {
+        for i in 0..self.inner.shape.replicas {
+            self.wait_ready(i, timeout).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for `CrashLoopBackOff` and returns the last termination message.
+    pub async fn wait_crash_loop(&self, ordinal: usize, timeout: Duration) -> Result<String> {
+        let p = self.wait_pod(ordinal, timeout, "in CrashLoopBackOff", |p| {
+            p.pointer("/status/containerStatuses/0/state/waiting/reason").and_then(Value::as_str) == Some("CrashLoopBackOff")
+        })
+        .await?;
+        Ok(p.pointer("/status/containerStatuses/0/lastState/terminated/message").and_then(Value::as_str).unwrap_or_default().to_string())
+    }
+
+    /// The container's log of its current or last start (`kubectl logs`).
+    pub fn container_log(&self, ordinal: usize) -> String {
+        std::fs::read_to_string(self.inner.log_dir.join(format!("{}.log", self.inner.shape.pod_name(ordinal)))).unwrap_or_default()
+    }
+
+    /// Stops every container (no preStop hook) and detaches the volumes.
+    pub async fn shutdown(&self) {
+        let runs: Vec<PodRun> = self.inner.pods.lock().unwrap().iter_mut().filter_map(Option::take).collect();
+        for run in runs {
+            let _ = run.stop.send(true);
+            let _ = run.task.await;
+        }
+    }
+}
+
+pub fn pod_ready(p: &Value) -> bool {
+    p.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| cs.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+}
+
+fn create_pod(inner: &Arc<Inner>, ordinal: usize) -> Result<()> {
+    let s = &inner.shape;
+    let created = inner
+        .api
+        .store()
+        .create(res("pods", ""), &s.namespace, objects::pod(s, ordinal, &inner.members))
+        .map_err(|e| anyhow!(e.message))?;
+    let uid = created["metadata"]["uid"].as_str().unwrap().to_string();
+    inner.node.attach(&uid, &s.pv_name(ordinal), &s.node_name, &s.volume_source(ordinal))?;
+    let (stop, stop_rx) = watch::channel(false);
+    let task = tokio::spawn(run_pod(inner.clone(), ordinal, uid.clone(), stop_rx));
+    inner.pods.lock().unwrap()[ordinal] = Some(PodRun { uid, stop, task });
+    Ok(())
+}
+
+/// The StatefulSet controller's and kubelet's answer to a pod delete.
+async fn watch_deletes(inner: Arc<Inner>) {
+    let mut rx = inner.api.store().subscribe();
+    loop {
+        let change = match rx.recv().await {
+            Ok(c) => c,
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(_) => return,
+        };
+        if change.resource.plural != "pods" || change.object.pointer("/metadata/namespace").and_then(Value::as_str) != Some(&inner.shape.namespace) {
+            continue;
+        }
+        let name = change.object.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
+        let Some(ordinal) = (0..inner.shape.replicas).find(|&i| inner.shape.pod_name(i) == name) else { continue };
+        let uid = change.object.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or_default().to_string();
+        let terminating = change.kind == ChangeKind::Deleted || !change.object["metadata"]["deletionTimestamp"].is_null();
+        let current = inner.pods.lock().unwrap()[ordinal].as_ref().map(|r| r.uid.clone());
+        if terminating && current.as_deref() == Some(uid.as_str()) {
+            if let Err(e) = replace_pod(&inner, ordinal, &uid).await {
+                tracing::error!("lab: replacing {name} failed: {e:#}");
+            }
+        }
+    }
+}
+
+async fn replace_pod(inner: &Arc<Inner>, ordinal: usize, uid: &str) -> Result<()> {
+    let s = &inner.shape;
+    let run = inner.pods.lock().unwrap()[ordinal].take();
+    if let Some(run) = run {
+        let _ = run.stop.send(true);
+        let _ = run.task.await;
+    }
+    inner.node.detach(uid, &s.pv_name(ordinal), &s.volume_source(ordinal))?;
+    inner.node.remove_pod(uid)?;
+    let _ = inner.api.store().finalize(res("pods", ""), &s.namespace, &s.pod_name(ordinal), uid);
+    create_pod(inner, ordinal)
+}
+
+/// The kubelet's container loop for one pod: start, watch, restart with back-off, stop.
+async fn run_pod(inner: Arc<Inner>, ordinal: usize, uid: String, mut stop: watch::Receiver<bool>) {
+    let mut restarts = 0u32;
+    let mut backoff = inner.opts.backoff_base;
+    let pod_name = inner.shape.pod_name(ordinal);
+    let log_path = inner.log_dir.join(format!("{pod_name}.log"));
+    loop {
+        // Each start writes a fresh log, like `kubectl logs` of the current container.
+        let _ = std::fs::write(&log_path, "");
+        let started_at = now_rfc3339();
+        let outcome = start_container(&inner, ordinal, &uid, &log_path).await;
+        let (code, message) = match outcome {
+            Err(e) => (1, format!("lab: {e:#}")),
+            Ok(Start::Exited { code, message }) => (code, message),
+            Ok(Start::Running(mut proc)) => {
+                set_status(&inner, ordinal, &uid, restarts, json!({"running": {"startedAt": started_at}}), Value::Null, false);
+                let mut ready = false;
+                let mut id_stored = false;
+                let mut tick = tokio::time::interval(inner.opts.probe_interval);
+                let exit = loop {
+                    tokio::select! {
+                        status = proc.wait() => break status,
+                        _ = stop.changed() => {
+                            pre_stop(&inner, ordinal, &uid).await;
+                            proc.stop().await;
+                            return;
+                        }
+                        _ = tick.tick() => {
+                            let healthy = etcd::endpoint_healthy(&inner.members[ordinal].client_url()).await;
+                            if healthy && !id_stored {
+                                id_stored = store_member_id(&inner, ordinal, &uid).await;
+                            }
+                            if healthy != ready {
+                                ready = healthy;
+                                set_status(&inner, ordinal, &uid, restarts, json!({"running": {"startedAt": started_at}}), Value::Null, ready);
+                            }
+                        }
+                    }
+                };
+                let code = exit.and_then(|s| s.code()).unwrap_or(137);
+                (code, proc.log_tail(8))
+            }
+        };
+        if *stop.borrow() {
+            return;
+        }
+        let terminated = json!({"terminated": {"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" },
+                                                "message": message, "startedAt": started_at, "finishedAt": now_rfc3339()}});
+        restarts += 1;
+        let waiting = json!({"waiting": {"reason": "CrashLoopBackOff",
+            "message": format!("back-off {}s restarting failed container=etcd pod={pod_name}_{}({uid})", backoff.as_secs().max(1), inner.shape.namespace)}});
+        set_status(&inner, ordinal, &uid, restarts, waiting, terminated, false);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stop.changed() => return,
+        }
+        backoff = (backoff * 2).min(inner.opts.backoff_max);
+    }
+}
+
+fn set_status(inner: &Inner, ordinal: usize, uid: &str, restarts: u32, state: Value, last: Value, ready: bool) {
+    let s = &inner.shape;
+    let cond = |t: &str, ok: bool| json!({"type": t, "status": if ok { "True" } else { "False" }, "lastTransitionTime": now_rfc3339()});
+    let _ = inner.api.store().modify(res("pods", ""), &s.namespace, &s.pod_name(ordinal), |p| {
+        if p["metadata"]["uid"] != uid {
+            return;
+        }
+        let mut cs = json!({"name": "etcd", "image": p.pointer("/spec/containers/0/image"), "ready": ready,
+                            "restartCount": restarts, "started": state.get("running").is_some(), "state": state});
+        if !last.is_null() {
+            cs["lastState"] = last;
+        } else if let Some(prev) = p.pointer("/status/containerStatuses/0/lastState") {
+            cs["lastState"] = prev.clone();
+        }
+        p["status"]["phase"] = json!("Running");
+        p["status"]["containerStatuses"] = json!([cs]);
+        p["status"]["conditions"] = json!([cond("Initialized", true), cond("Ready", ready), cond("ContainersReady", ready), cond("PodScheduled", true)]);
+    });
+    let ready_count = (0..s.replicas)
+        .filter(|&i| inner.api.store().get(res("pods", ""), &s.namespace, &s.pod_name(i)).is_ok_and(|p| pod_ready(&p)))
+        .count();
+    let _ = inner.api.store().modify(res("statefulsets", "apps"), &s.namespace, &s.set_name(), |st| {
+        st["status"]["readyReplicas"] = json!(ready_count);
+    });
+}
+
+fn script_log(path: &PathBuf, line: &str) {
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
+        let _ = writeln!(f, "etcd {} {line}", jiff::Timestamp::now().strftime("%H:%M:%S%.2f"));
+    }
+}
+
+fn etcd_config(inner: &Inner, ordinal: usize, volume: &std::path::Path, initial_cluster: String, state: ClusterState, log: &PathBuf) -> EtcdConfig {
+    EtcdConfig {
+        member: inner.members[ordinal].clone(),
+        data_dir: volume.join(inner.shape.profile.data_subdir()),
+        initial_cluster,
+        state,
+        token: inner.shape.cluster_token.clone(),
+        log_file: log.clone(),
+    }
+}
+
+/// One container start: the setup script (Bitnami) or nothing (plain), then etcd.
+async fn start_container(inner: &Arc<Inner>, ordinal: usize, uid: &str, log: &PathBuf) -> Result<Start> {
+    let s = &inner.shape;
+    let volume = inner.node.volume_path(uid, &s.pv_name(ordinal), &s.volume_source(ordinal));
+    let full_cluster = etcd::initial_cluster(&inner.members);
+    let (initial_state, _) = match &s.profile {
+        StartProfile::Plain { state } => {
+            let cfg = etcd_config(inner, ordinal, &volume, full_cluster, *state, log);
+            return Ok(Start::Running(EtcdProcess::spawn(cfg)?));
+        }
+        StartProfile::Bitnami { initial_state, remove_member_on_termination } => (*initial_state, *remove_member_on_termination),
+    };
+    let me = &inner.members[ordinal];
+    let data = volume.join(s.profile.data_subdir());
+    let facts = VolumeFacts::read(&volume, s.profile.data_subdir());
+    let others: Vec<String> = inner.members.iter().filter(|m| m.name != me.name).map(MemberSpec::client_url).collect();
+    let mut others_healthy = 0;
+    for e in &others {
+        if etcd::endpoint_healthy(e).await {
+            others_healthy += 1;
+        }
+    }
+    let healthy = bitnami::cluster_healthy(others_healthy, inner.members.len());
+    let decision = bitnami::decide(&facts, inner.members.len(), initial_state == ClusterState::New, healthy);
+    if facts.data_empty {
+        script_log(log, "INFO  ==> There is no data from previous deployments");
+    } else {
+        script_log(log, "INFO  ==> Detected data from previous deployments");
+    }
+    let exit = |line: String| {
+        script_log(log, &line);
+        Ok(Start::Exited { code: 1, message: line })
+    };
+    let spawn = |ic: String, state: ClusterState| -> Result<Start> {
+        Ok(Start::Running(EtcdProcess::spawn(etcd_config(inner, ordinal, &volume, ic, state, log))?))
+    };
+    match decision {
+        Decision::Bootstrap => {
+            script_log(log, "INFO  ==> Bootstrapping a new cluster");
+            spawn(full_cluster, ClusterState::New)
+        }
+        Decision::StartUnchecked => {
+            script_log(log, "WARN  ==> Cluster not responding!");
+            script_log(log, "WARN  ==> Disaster recovery is disabled, the cluster will try to recover on it's own");
+            spawn(full_cluster, ClusterState::Existing)
+        }
+        Decision::StartOnData => spawn(full_cluster, ClusterState::Existing),
+        Decision::Update(id) => {
+            script_log(log, "INFO  ==> Updating member in existing cluster");
+            let Some(id) = parse_id(&id) else { return exit(format!("Error: bad member id {id:?}")) };
+            let result = async {
+                let mut c = etcd::live_client(&others).await?;
+                c.member_update(id, vec![me.peer_url()]).await.map_err(|e| anyhow!(grpc_message(&e)))
+            }
+            .await;
+            match result {
+                Ok(_) => spawn(full_cluster, ClusterState::Existing),
+                Err(e) => exit(format!("Error: {e}")),
+            }
+        }
+        Decision::AddAsNew | Decision::ReAdd => {
+            script_log(log, "INFO  ==> Adding new member to existing cluster");
+            if decision == Decision::ReAdd {
+                // `rm -rf "$ETCD_DATA_DIR"/*`: the glob skips dot-files.
+                for entry in std::fs::read_dir(&data).context("read data dir")? {
+                    let entry = entry?;
+                    if entry.file_name().to_string_lossy().starts_with('.') {
+                        continue;
+                    }
+                    let p = entry.path();
+                    if p.is_dir() && !p.is_symlink() { std::fs::remove_dir_all(&p)? } else { std::fs::remove_file(&p)? }
+                }
+            }
+            std::fs::create_dir_all(&data)?;
+            if inner.switches.fail_next_member_add.swap(false, Ordering::SeqCst) {
+                return exit("Error: etcdserver: unhealthy cluster".into());
+            }
+            let added = async {
+                let mut c = etcd::live_client(&others).await?;
+                c.member_add([me.peer_url()], None).await.map_err(|e| anyhow!(grpc_message(&e)))
+            }
+            .await;
+            let resp = match added {
+                Ok(r) => r,
+                Err(e) => return exit(format!("Error: {e}")),
+            };
+            let added_id = resp.member().map(|m| m.id()).unwrap_or_default();
+            let list: Vec<etcd::MemberInfo> = resp.member_list().iter().map(etcd::MemberInfo::from).collect();
+            let ic = etcd::initial_cluster_after_add(&list, added_id, &me.name);
+            let envs = format!(
+                "export ETCD_NAME=\"{}\"\nexport ETCD_INITIAL_CLUSTER=\"{ic}\"\nexport ETCD_INITIAL_ADVERTISE_PEER_URLS=\"{}\"\nexport ETCD_INITIAL_CLUSTER_STATE=\"existing\"\n",
+                me.name,
+                me.peer_url()
+            );
+            std::fs::write(data.join("new_member_envs"), envs)?;
+            script_log(log, &format!("INFO  ==> Member {} added to cluster", format_id(added_id)));
+            spawn(ic, ClusterState::Existing)
+        }
+    }
+}
+
+/// What etcdctl prints of a failed call: the gRPC status message
+/// (`etcdserver: member not found`), not the transport's wrapping.
+fn grpc_message(e: &etcd_client::Error) -> String {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => s.message().to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// After etcd is up the image finds its id by its client URL and stores it in `member_id`.
+async fn store_member_id(inner: &Inner, ordinal: usize, uid: &str) -> bool {
+    let s = &inner.shape;
+    if !matches!(s.profile, StartProfile::Bitnami { .. }) {
+        return true;
+    }
+    let data = inner.node.volume_path(uid, &s.pv_name(ordinal), &s.volume_source(ordinal)).join(s.profile.data_subdir());
+    if data.join("member_id").exists() {
+        return true;
+    }
+    let me = inner.members[ordinal].client_url();
+    let Ok(list) = etcd::member_list(std::slice::from_ref(&me)).await else { return false };
+    match list.iter().find(|m| m.client_urls.contains(&me)) {
+        Some(m) => std::fs::write(data.join("member_id"), format_id(m.id)).is_ok(),
+        None => false,
+    }
+}
+
+/// The image's preStop hook: `etcdctl member remove $(cat member_id)` into
+/// `member_removal.log` at the volume root.
+async fn pre_stop(inner: &Inner, ordinal: usize, uid: &str) {
+    let s = &inner.shape;
+    let StartProfile::Bitnami { remove_member_on_termination: true, .. } = s.profile else { return };
+    let volume = inner.node.volume_path(uid, &s.pv_name(ordinal), &s.volume_source(ordinal));
+    let Some(id) = std::fs::read_to_string(volume.join(s.profile.data_subdir()).join("member_id")).ok().and_then(|t| parse_id(&t)) else {
+        return;
+    };
+    let endpoints = inner.members.iter().map(MemberSpec::client_url).collect::<Vec<_>>();
+    let line = async {
+        let mut c = etcd::live_client(&endpoints).await?;
+        let resp = c.member_remove(id).await?;
+        let cluster = resp.header().map(|h| h.cluster_id()).unwrap_or_default();
+        anyhow::Ok(format!("Member {} removed from cluster {}\n", format_id(id), format_id(cluster)))
+    }
+    .await;
+    let line = line.unwrap_or_else(|e| format!("Error: {e}\n"));
+    if !inner.switches.lose_removal_log.load(Ordering::SeqCst) {
+        let _ = std::fs::write(volume.join("member_removal.log"), line);
+    }
+}
+
+/// Reads a pod's termination message or waiting reason (for tests and the demo).
+pub fn container_state(p: &Value) -> String {
+    let st = &p["status"]["containerStatuses"][0];
+    if let Some(w) = st.pointer("/state/waiting/reason").and_then(Value::as_str) {
+        return w.to_string();
+    }
+    if st.pointer("/state/running").is_some() {
+        return if st["ready"] == true { "Running, Ready".into() } else { "Running".into() };
+    }
+    "Pending".into()
+}

@@ -130,8 +130,8 @@ pub fn statefulset(shape: &SetShape) -> Value {
 
 fn image(profile: &StartProfile) -> &'static str {
     match profile {
-        StartProfile::Bitnami { .. } => "docker.io/bitnami/etcd:3.5.10-debian-11-r2",
-        StartProfile::Plain { .. } => "registry.k8s.io/etcd:3.5.10-0",
+        StartProfile::Bitnami { .. } => "bitnami/etcd:3.5.10-debian-11-r2",
+        StartProfile::Plain { .. } => "etcd:3.5.10-0",
     }
 }
 

@@ -4,7 +4,7 @@
 //! when a pod is deleted runs its preStop hook, stops it, and creates the replacement under
 //! a new UID with the same PVC mounted again.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -83,7 +83,7 @@ impl Drop for StatefulSetSim {
 
 /// What one container start came to.
 enum Start {
-    Running(EtcdProcess),
+    Running(Box<EtcdProcess>),
     Exited { code: i32, message: String },
 }
 
@@ -255,10 +255,11 @@ async fn watch_deletes(inner: Arc<Inner>) {
         let uid = change.object.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or_default().to_string();
         let terminating = change.kind == ChangeKind::Deleted || !change.object["metadata"]["deletionTimestamp"].is_null();
         let current = inner.pods.lock().unwrap()[ordinal].as_ref().map(|r| r.uid.clone());
-        if terminating && current.as_deref() == Some(uid.as_str()) {
-            if let Err(e) = replace_pod(&inner, ordinal, &uid).await {
-                tracing::error!("lab: replacing {name} failed: {e:#}");
-            }
+        if terminating
+            && current.as_deref() == Some(uid.as_str())
+            && let Err(e) = replace_pod(&inner, ordinal, &uid).await
+        {
+            tracing::error!("lab: replacing {name} failed: {e:#}");
         }
     }
 }
@@ -362,33 +363,39 @@ fn set_status(inner: &Inner, ordinal: usize, uid: &str, restarts: u32, state: Va
     });
 }
 
-fn script_log(path: &PathBuf, line: &str) {
+/// A line of the image's own scripts, in their `etcd HH:MM:SS.ss LEVEL ==> …` format.
+fn script_log(path: &Path, line: &str) {
+    raw_log(path, &format!("etcd {} {line}", jiff::Timestamp::now().strftime("%H:%M:%S%.2f")));
+}
+
+/// A line as a tool prints it (etcdctl's `Error: …` carries no prefix).
+fn raw_log(path: &Path, line: &str) {
     use std::io::Write;
     if let Ok(mut f) = std::fs::OpenOptions::new().create(true).append(true).open(path) {
-        let _ = writeln!(f, "etcd {} {line}", jiff::Timestamp::now().strftime("%H:%M:%S%.2f"));
+        let _ = writeln!(f, "{line}");
     }
 }
 
-fn etcd_config(inner: &Inner, ordinal: usize, volume: &std::path::Path, initial_cluster: String, state: ClusterState, log: &PathBuf) -> EtcdConfig {
+fn etcd_config(inner: &Inner, ordinal: usize, volume: &Path, initial_cluster: String, state: ClusterState, log: &Path) -> EtcdConfig {
     EtcdConfig {
         member: inner.members[ordinal].clone(),
         data_dir: volume.join(inner.shape.profile.data_subdir()),
         initial_cluster,
         state,
         token: inner.shape.cluster_token.clone(),
-        log_file: log.clone(),
+        log_file: log.to_path_buf(),
     }
 }
 
 /// One container start: the setup script (Bitnami) or nothing (plain), then etcd.
-async fn start_container(inner: &Arc<Inner>, ordinal: usize, uid: &str, log: &PathBuf) -> Result<Start> {
+async fn start_container(inner: &Arc<Inner>, ordinal: usize, uid: &str, log: &Path) -> Result<Start> {
     let s = &inner.shape;
     let volume = inner.node.volume_path(uid, &s.pv_name(ordinal), &s.volume_source(ordinal));
     let full_cluster = etcd::initial_cluster(&inner.members);
     let (initial_state, _) = match &s.profile {
         StartProfile::Plain { state } => {
             let cfg = etcd_config(inner, ordinal, &volume, full_cluster, *state, log);
-            return Ok(Start::Running(EtcdProcess::spawn(cfg)?));
+            return Ok(Start::Running(Box::new(EtcdProcess::spawn(cfg)?)));
         }
         StartProfile::Bitnami { initial_state, remove_member_on_termination } => (*initial_state, *remove_member_on_termination),
     };
@@ -409,12 +416,15 @@ async fn start_container(inner: &Arc<Inner>, ordinal: usize, uid: &str, log: &Pa
     } else {
         script_log(log, "INFO  ==> Detected data from previous deployments");
     }
+    // FallbackToLogsOnError: the termination message is the tail of the container's log.
     let exit = |line: String| {
-        script_log(log, &line);
-        Ok(Start::Exited { code: 1, message: line })
+        raw_log(log, &line);
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        Ok(Start::Exited { code: 1, message: lines[lines.len().saturating_sub(8)..].join("\n") })
     };
     let spawn = |ic: String, state: ClusterState| -> Result<Start> {
-        Ok(Start::Running(EtcdProcess::spawn(etcd_config(inner, ordinal, &volume, ic, state, log))?))
+        Ok(Start::Running(Box::new(EtcdProcess::spawn(etcd_config(inner, ordinal, &volume, ic, state, log))?)))
     };
     match decision {
         Decision::Bootstrap => {

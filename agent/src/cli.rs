@@ -1,0 +1,272 @@
+//! The command line: typed flags, each with its environment fallback.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::error::{Error, Result};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "etcd-medic",
+    version,
+    about = "Heals etcd members stuck in `etcdserver: member not found` crash loops.",
+    long_about = "Heals etcd members stuck in `etcdserver: member not found` crash loops.\n\n\
+        Runs on every node as a DaemonSet (`serve`); a controller or a person asks the agent on \
+        the failing pod's node to remediate one pod. The agent finds the pod's volume on the \
+        host, proves it is safe to act, moves the stale member data into a restorable \
+        quarantine, repairs membership, restarts the pod and verifies the member rejoined."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub log: LogArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Log format: human-readable lines or one JSON object per line.
+    #[arg(long, global = true, env = "ETCD_MEDIC_LOG_FORMAT", value_enum, default_value_t = LogFormat::Plain)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Plain,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the agent: the HTTP API on this node (the DaemonSet's command).
+    Serve(ServeArgs),
+    /// Print the resolved plan for a pod (host path, data dir, profile, files that would
+    /// move, sizes). Changes nothing.
+    Locate {
+        /// The pod, as NAMESPACE/POD.
+        pod: PodRef,
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
+    /// Remediate one pod from this node's shell: the same engine as the API. Shows progress,
+    /// runs to verification, and exits 0 only when the remediation Succeeded.
+    Remediate {
+        /// The pod, as NAMESPACE/POD.
+        pod: PodRef,
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Check every gate and print the plan; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Act even though the pod does not look failing. Never overrides quorum, path
+        /// safety or a running etcd process.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Put a quarantine back where it came from (refuses while etcd runs on that data).
+    Restore {
+        /// The quarantine id, as shown by `remediate` and the API (`quarantinePath`).
+        quarantine_id: String,
+        #[command(flatten)]
+        node: NodeArgs,
+    },
+}
+
+/// Where this node's things are.
+#[derive(Clone, Debug, Args)]
+pub struct NodeArgs {
+    /// This node's name, as in the pods' `spec.nodeName`.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+    /// The kubelet's root dir on the host; discovered from the kubelet's command line or the
+    /// distribution defaults when not given.
+    #[arg(long, env = "KUBELET_ROOT_DIR", default_value = "/var/lib/kubelet")]
+    pub kubelet_root: PathBuf,
+    /// Prefix under which the host's paths are reached (where the host's `/` is mounted).
+    #[arg(long, env = "HOST_ROOT", default_value = "/")]
+    pub host_root: PathBuf,
+    /// Journal and state of remediations on this node.
+    #[arg(long, env = "ETCD_MEDIC_STATE_DIR", default_value = "/var/lib/etcd-medic")]
+    pub state_dir: PathBuf,
+    /// etcd client endpoints to use instead of discovering them from the sibling pods.
+    #[arg(long, env = "ETCD_MEDIC_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// CA bundle to verify etcd's serving certificate.
+    #[arg(long, env = "ETCD_MEDIC_ETCD_CACERT")]
+    pub etcd_cacert: Option<PathBuf>,
+    /// Client certificate for etcd.
+    #[arg(long, env = "ETCD_MEDIC_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Client key for etcd.
+    #[arg(long, env = "ETCD_MEDIC_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub node: NodeArgs,
+    /// Address of the HTTP API.
+    #[arg(long, env = "ETCD_MEDIC_LISTEN", default_value = "0.0.0.0:9464")]
+    pub listen: SocketAddr,
+    /// How callers are authenticated: a bearer token checked by TokenReview and
+    /// SubjectAccessReview (`kubernetes`), or not at all (`none`, loopback only).
+    #[arg(long, env = "ETCD_MEDIC_AUTH", value_enum, default_value_t = AuthMode::Kubernetes)]
+    pub auth: AuthMode,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum AuthMode {
+    Kubernetes,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+impl ServeArgs {
+    /// Refuses configurations that are unsafe on a node: no authentication on an address
+    /// other hosts can reach.
+    pub fn validate(&self) -> Result<()> {
+        if self.auth == AuthMode::None && !self.listen.ip().is_loopback() {
+            return Err(Error::invalid(format!(
+                "--auth none is only allowed on a loopback address, not {}; use --listen 127.0.0.1:{} or --auth kubernetes",
+                self.listen,
+                self.listen.port()
+            )));
+        }
+        if self.node.node_name.as_deref().is_none_or(str::is_empty) {
+            return Err(Error::invalid("--node-name (or NODE_NAME) is required: the agent acts only on pods of its node"));
+        }
+        Ok(())
+    }
+}
+
+/// `NAMESPACE/POD`, both valid Kubernetes names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PodRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl std::fmt::Display for PodRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl FromStr for PodRef {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let (ns, name) = s.split_once('/').ok_or_else(|| Error::invalid(format!("{s:?} is not NAMESPACE/POD")))?;
+        validate_namespace(ns)?;
+        validate_pod_name(name)?;
+        Ok(PodRef { namespace: ns.to_string(), name: name.to_string() })
+    }
+}
+
+/// A DNS-1123 label: what Kubernetes requires of a namespace.
+pub fn validate_namespace(ns: &str) -> Result<()> {
+    if is_dns1123_label(ns) {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "namespace {ns:?} is not a valid Kubernetes name (lower-case letters, digits and '-', at most 63, starting and ending alphanumeric)"
+        )))
+    }
+}
+
+/// A DNS-1123 subdomain: what Kubernetes requires of a pod name.
+pub fn validate_pod_name(name: &str) -> Result<()> {
+    if !name.is_empty() && name.len() <= 253 && name.split('.').all(is_dns1123_label) {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!(
+            "pod name {name:?} is not a valid Kubernetes name (lower-case letters, digits, '-' and '.', at most 253)"
+        )))
+    }
+}
+
+fn is_dns1123_label(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        && b[0] != b'-'
+        && b[b.len() - 1] != b'-'
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::Code;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn pod_refs_are_validated() {
+        let p: PodRef = "apisix/apisix-etcd-1".parse().unwrap();
+        assert_eq!((p.namespace.as_str(), p.name.as_str()), ("apisix", "apisix-etcd-1"));
+        for bad in ["apisix", "/x", "x/", "Apisix/p", "ns/Pod", "ns/-p", "ns/p_q", "ns/a/b", &format!("{}/p", "a".repeat(64))] {
+            let e = bad.parse::<PodRef>().unwrap_err();
+            assert_eq!(e.code, Code::InvalidRequest, "{bad}");
+        }
+        assert!("ns/a.b-c".parse::<PodRef>().is_ok());
+    }
+
+    #[test]
+    fn serve_defaults_follow_the_contract() {
+        let cli = Cli::try_parse_from(["etcd-medic", "serve", "--node-name", "n1"]).unwrap();
+        let Command::Serve(s) = cli.command else { panic!() };
+        assert_eq!(s.listen.to_string(), "0.0.0.0:9464");
+        assert_eq!(s.auth, AuthMode::Kubernetes);
+        assert_eq!(s.node.kubelet_root, PathBuf::from("/var/lib/kubelet"));
+        assert_eq!(s.node.host_root, PathBuf::from("/"));
+        assert_eq!(s.node.state_dir, PathBuf::from("/var/lib/etcd-medic"));
+        assert_eq!(cli.log.log_format, LogFormat::Plain);
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn auth_none_is_refused_off_loopback() {
+        let parse = |listen: &str| {
+            let cli = Cli::try_parse_from(["etcd-medic", "serve", "--node-name", "n1", "--auth", "none", "--listen", listen]).unwrap();
+            let Command::Serve(s) = cli.command else { panic!() };
+            s.validate()
+        };
+        assert_eq!(parse("0.0.0.0:9464").unwrap_err().code, Code::InvalidRequest);
+        assert!(parse("127.0.0.1:9464").is_ok());
+        assert!(parse("[::1]:9464").is_ok());
+    }
+
+    #[test]
+    fn node_name_is_required_to_serve() {
+        let cli = Cli::try_parse_from(["etcd-medic", "serve"]).unwrap();
+        let Command::Serve(s) = cli.command else { panic!() };
+        if std::env::var_os("NODE_NAME").is_none() {
+            assert_eq!(s.validate().unwrap_err().code, Code::InvalidRequest);
+        }
+    }
+
+    #[test]
+    fn remediate_parses_its_flags() {
+        let cli = Cli::try_parse_from(["etcd-medic", "remediate", "apisix/apisix-etcd-1", "--dry-run", "--force"]).unwrap();
+        let Command::Remediate { pod, dry_run, force, .. } = cli.command else { panic!() };
+        assert_eq!(pod.to_string(), "apisix/apisix-etcd-1");
+        assert!(dry_run && force);
+        assert!(Cli::try_parse_from(["etcd-medic", "locate", "not-a-ref"]).is_err());
+    }
+}

@@ -1,0 +1,230 @@
+//! The one error type of etcd-medic. Every refusal and failure has a stable `code` that
+//! controllers match on, an HTTP status, and a message that says what to do next. The CLI
+//! and the HTTP API both render it from here.
+
+use serde::Serialize;
+
+/// Stable error codes of the contract (DESIGN.md). Never rename one: controllers match on them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+pub enum Code {
+    InvalidRequest,
+    Unauthenticated,
+    Forbidden,
+    PodNotFound,
+    PVCNotFound,
+    PVNotFound,
+    PodUIDMismatch,
+    ClusterLocked,
+    PayloadTooLarge,
+    WrongNode,
+    PodHealthy,
+    PodRunning,
+    QuorumAtRisk,
+    SoleMember,
+    DataDirNotFound,
+    NotEtcdData,
+    UnsafePath,
+    NotAMount,
+    InsufficientSpace,
+    UnsupportedProfile,
+    TooManyRequests,
+    NotReady,
+}
+
+impl Code {
+    pub const ALL: [Code; 22] = [
+        Code::InvalidRequest,
+        Code::Unauthenticated,
+        Code::Forbidden,
+        Code::PodNotFound,
+        Code::PVCNotFound,
+        Code::PVNotFound,
+        Code::PodUIDMismatch,
+        Code::ClusterLocked,
+        Code::PayloadTooLarge,
+        Code::WrongNode,
+        Code::PodHealthy,
+        Code::PodRunning,
+        Code::QuorumAtRisk,
+        Code::SoleMember,
+        Code::DataDirNotFound,
+        Code::NotEtcdData,
+        Code::UnsafePath,
+        Code::NotAMount,
+        Code::InsufficientSpace,
+        Code::UnsupportedProfile,
+        Code::TooManyRequests,
+        Code::NotReady,
+    ];
+
+    /// The HTTP status the API answers with.
+    pub fn http_status(self) -> u16 {
+        use Code::*;
+        match self {
+            InvalidRequest => 400,
+            Unauthenticated => 401,
+            Forbidden => 403,
+            PodNotFound | PVCNotFound | PVNotFound => 404,
+            PodUIDMismatch | ClusterLocked => 409,
+            PayloadTooLarge => 413,
+            WrongNode => 421,
+            PodHealthy | PodRunning | QuorumAtRisk | SoleMember | DataDirNotFound | NotEtcdData | UnsafePath | NotAMount
+            | InsufficientSpace | UnsupportedProfile => 422,
+            TooManyRequests => 429,
+            NotReady => 503,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        use Code::*;
+        match self {
+            InvalidRequest => "InvalidRequest",
+            Unauthenticated => "Unauthenticated",
+            Forbidden => "Forbidden",
+            PodNotFound => "PodNotFound",
+            PVCNotFound => "PVCNotFound",
+            PVNotFound => "PVNotFound",
+            PodUIDMismatch => "PodUIDMismatch",
+            ClusterLocked => "ClusterLocked",
+            PayloadTooLarge => "PayloadTooLarge",
+            WrongNode => "WrongNode",
+            PodHealthy => "PodHealthy",
+            PodRunning => "PodRunning",
+            QuorumAtRisk => "QuorumAtRisk",
+            SoleMember => "SoleMember",
+            DataDirNotFound => "DataDirNotFound",
+            NotEtcdData => "NotEtcdData",
+            UnsafePath => "UnsafePath",
+            NotAMount => "NotAMount",
+            InsufficientSpace => "InsufficientSpace",
+            UnsupportedProfile => "UnsupportedProfile",
+            TooManyRequests => "TooManyRequests",
+            NotReady => "NotReady",
+        }
+    }
+
+    /// A short human title for problem+json.
+    pub fn title(self) -> &'static str {
+        use Code::*;
+        match self {
+            InvalidRequest => "The request is not valid",
+            Unauthenticated => "No valid bearer token",
+            Forbidden => "The caller may not do this",
+            PodNotFound => "The pod does not exist",
+            PVCNotFound => "The pod's PersistentVolumeClaim does not exist",
+            PVNotFound => "The claim's PersistentVolume does not exist",
+            PodUIDMismatch => "The pod has another UID than requested",
+            ClusterLocked => "Another remediation holds this etcd cluster",
+            PayloadTooLarge => "The request body is too large",
+            WrongNode => "The pod runs on another node",
+            PodHealthy => "The pod is not failing",
+            PodRunning => "etcd still runs on this data dir",
+            QuorumAtRisk => "The cluster would lose quorum",
+            SoleMember => "The member is the cluster's only member",
+            DataDirNotFound => "The etcd data dir was not found",
+            NotEtcdData => "The directory does not hold etcd member data",
+            UnsafePath => "The path is not safe to act on",
+            NotAMount => "The volume path is not a mount",
+            InsufficientSpace => "Not enough free space",
+            UnsupportedProfile => "This etcd deployment cannot be healed this way",
+            TooManyRequests => "Too many requests",
+            NotReady => "The agent is not ready",
+        }
+    }
+}
+
+impl std::fmt::Display for Code {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A refusal or failure: its code and a message that says what was seen and what to do.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct Error {
+    pub code: Code,
+    pub message: String,
+}
+
+impl Error {
+    pub fn new(code: Code, message: impl Into<String>) -> Self {
+        Error { code, message: message.into() }
+    }
+
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Error::new(Code::InvalidRequest, message)
+    }
+
+    /// The RFC 9457 problem document the API answers with.
+    pub fn problem(&self) -> Problem {
+        Problem {
+            r#type: format!("https://etcd-medic.io/errors/{}", self.code),
+            title: self.code.title().to_string(),
+            status: self.code.http_status(),
+            detail: self.message.clone(),
+            code: self.code,
+        }
+    }
+
+    /// Process exit status for the CLI: distinct per class so scripts can branch.
+    pub fn exit_code(&self) -> u8 {
+        match self.code.http_status() {
+            400 | 413 => 2,
+            401 | 403 => 3,
+            404 => 4,
+            409 | 429 | 503 => 5,
+            _ => 6,
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// `application/problem+json` body.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    pub r#type: String,
+    pub title: String,
+    pub status: u16,
+    pub detail: String,
+    pub code: Code,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn every_code_is_unique_and_serializes_as_its_name() {
+        let names: HashSet<&str> = Code::ALL.iter().map(|c| c.as_str()).collect();
+        assert_eq!(names.len(), Code::ALL.len());
+        for c in Code::ALL {
+            assert_eq!(serde_json::to_value(c).unwrap(), serde_json::json!(c.as_str()));
+        }
+    }
+
+    #[test]
+    fn statuses_follow_the_contract() {
+        let by_status = |s: u16| Code::ALL.iter().filter(|c| c.http_status() == s).map(|c| c.as_str()).collect::<Vec<_>>();
+        assert_eq!(by_status(404), ["PodNotFound", "PVCNotFound", "PVNotFound"]);
+        assert_eq!(by_status(409), ["PodUIDMismatch", "ClusterLocked"]);
+        assert_eq!(by_status(421), ["WrongNode"]);
+        assert_eq!(by_status(422).len(), 10);
+        assert_eq!(Code::PayloadTooLarge.http_status(), 413);
+        assert_eq!(Code::TooManyRequests.http_status(), 429);
+        assert_eq!(Code::NotReady.http_status(), 503);
+    }
+
+    #[test]
+    fn problem_carries_code_status_and_detail() {
+        let e = Error::new(Code::WrongNode, "pod apisix/apisix-etcd-1 runs on node-b");
+        let p = serde_json::to_value(e.problem()).unwrap();
+        assert_eq!(p["status"], 421);
+        assert_eq!(p["code"], "WrongNode");
+        assert_eq!(p["detail"], "pod apisix/apisix-etcd-1 runs on node-b");
+        assert_eq!(p["type"], "https://etcd-medic.io/errors/WrongNode");
+        assert_eq!(e.to_string(), "WrongNode: pod apisix/apisix-etcd-1 runs on node-b");
+    }
+}

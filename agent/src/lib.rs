@@ -1,0 +1,8 @@
+//! etcd-medic: a node-level agent that heals etcd members stuck in
+//! `etcdserver: member not found` crash loops. See the README and DESIGN.md.
+
+pub mod cli;
+pub mod error;
+pub mod telemetry;
+
+pub use error::{Code, Error, Result};

@@ -7,12 +7,14 @@ use std::time::Duration;
 use anyhow::Result;
 use etcd_medic_lab::etcd::{self, format_id};
 use etcd_medic_lab::objects::SetShape;
+use etcd_medic_lab::statefulset::termination_message;
 use etcd_medic_lab::{Lab, NODE_NAME};
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
 
 const KEYS: usize = 300;
 const WAIT: Duration = Duration::from_secs(90);
+const MEMBER_NOT_FOUND: &str = "Error: etcdserver: member not found";
 
 fn restarts(p: &Value) -> u64 {
     p.pointer("/status/containerStatuses/0/restartCount").and_then(Value::as_u64).unwrap_or(0)
@@ -35,8 +37,8 @@ async fn broken_lab() -> Result<(Lab, u64)> {
         anyhow::ensure!(tokio::time::Instant::now() < deadline, "the preStop hook did not remove {}", format_id(old_id));
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let message = lab.set.wait_crash_loop(1, WAIT).await?;
-    assert_eq!(message.lines().last(), Some("Error: etcdserver: member not found"), "termination message: {message}");
+    let message = lab.set.wait_crash_loop(1, WAIT, MEMBER_NOT_FOUND).await?;
+    assert!(message.contains("Updating member in existing cluster"), "termination message: {message}");
     Ok((lab, old_id))
 }
 
@@ -56,10 +58,7 @@ async fn removed_member_with_stale_member_id_crash_loops_on_member_not_found() -
     // would read it.
     let before = restarts(&lab.set.pod(1)?);
     let p = lab.set.wait_pod(1, WAIT, "restarted twice more", |p| restarts(p) >= before + 2).await?;
-    assert_eq!(
-        p.pointer("/status/containerStatuses/0/lastState/terminated/message").and_then(Value::as_str).and_then(|m| m.lines().last()),
-        Some("Error: etcdserver: member not found")
-    );
+    assert_eq!(termination_message(&p).lines().last(), Some(MEMBER_NOT_FOUND));
     let pods: kube::Api<Pod> = kube::Api::namespaced(lab.api.client().await?, "apisix");
     let pod = pods.get("apisix-etcd-1").await?;
     let cs = &pod.status.unwrap().container_statuses.unwrap()[0];
@@ -78,8 +77,7 @@ async fn deleting_only_snap_and_wal_still_fails_while_member_id_stays() -> Resul
     std::fs::remove_dir_all(data.join("member/wal"))?;
     let before = restarts(&lab.set.pod(1)?);
     let p = lab.set.wait_pod(1, WAIT, "restarted twice more", |p| restarts(p) >= before + 2).await?;
-    let msg = p.pointer("/status/containerStatuses/0/lastState/terminated/message").and_then(Value::as_str).unwrap_or_default();
-    assert_eq!(msg.lines().last(), Some("Error: etcdserver: member not found"));
+    assert_eq!(termination_message(&p).lines().last(), Some(MEMBER_NOT_FOUND));
     assert_eq!(etcd::member_list(&lab.set.other_endpoints(1)).await?.len(), 2);
     lab.shutdown().await;
     Ok(())
@@ -116,6 +114,69 @@ async fn removing_member_id_too_lets_the_member_rejoin_with_every_key() -> Resul
     assert!(c.consistent, "{c:?}");
     assert_eq!(c.members.len(), 3);
     assert!(c.members.iter().all(|(_, n, _)| *n == KEYS), "{:?}", c.members);
+    lab.shutdown().await;
+    Ok(())
+}
+
+/// FIELD-NOTES.md's hazard: the image empties `data/` before its single `member add`. If that
+/// add fails once, the next start finds `data/` empty and, on a release only ever installed,
+/// bootstraps a new cluster instead of joining — for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_first_add_leaves_data_empty_and_the_member_bootstraps_apart_for_good() -> Result<()> {
+    let (lab, _) = broken_lab().await?;
+    let data = lab.set.data_dir(1)?;
+    lab.set.switches().fail_next_member_add.store(true, std::sync::atomic::Ordering::SeqCst);
+    std::fs::remove_dir_all(data.join("member/snap"))?;
+    std::fs::remove_dir_all(data.join("member/wal"))?;
+    std::fs::remove_file(data.join("member_id"))?;
+    lab.set.wait_crash_loop(1, WAIT, "Error: etcdserver: unhealthy cluster").await?;
+    lab.set.wait_pod(1, WAIT, "bootstrapping apart", |_| lab.set.container_log(1).contains("Bootstrapping a new cluster")).await?;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!etcd_medic_lab::statefulset::pod_ready(&lab.set.pod(1)?));
+    let members = etcd::member_list(&lab.set.other_endpoints(1)).await?;
+    assert!(!members.iter().any(|m| m.name == "apisix-etcd-1"), "{members:?}");
+    lab.shutdown().await;
+    Ok(())
+}
+
+/// The same failed add with a dot-file left in `data/`: the image still counts `data/` as
+/// not empty, stays on the "was removed" branch, and its next add succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dot_file_in_data_keeps_the_member_on_the_re_add_path_after_a_failed_add() -> Result<()> {
+    let (lab, _) = broken_lab().await?;
+    let data = lab.set.data_dir(1)?;
+    std::fs::write(data.join(".etcd-medic-keep"), "")?;
+    lab.set.switches().fail_next_member_add.store(true, std::sync::atomic::Ordering::SeqCst);
+    std::fs::remove_dir_all(data.join("member/snap"))?;
+    std::fs::remove_dir_all(data.join("member/wal"))?;
+    std::fs::remove_file(data.join("member_id"))?;
+    lab.set.wait_crash_loop(1, WAIT, "Error: etcdserver: unhealthy cluster").await?;
+    lab.set.wait_ready(1, WAIT).await?;
+    assert!(!lab.set.container_log(1).contains("Bootstrapping a new cluster"));
+    let c = etcd::check_consistency(&lab.set.endpoints()).await?;
+    assert!(c.consistent && c.members.len() == 3 && c.members.iter().all(|(_, n, _)| *n == KEYS), "{c:?}");
+    lab.shutdown().await;
+    Ok(())
+}
+
+/// A plain StatefulSet (etcd with fixed flags, `existing`): the removed member restarted on
+/// its old data is refused by etcd itself and crash-loops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_set_member_removed_crash_loops_as_permanently_removed() -> Result<()> {
+    crate::init_tracing();
+    let mut shape = SetShape::apisix(3, NODE_NAME);
+    shape.profile = etcd_medic_lab::objects::StartProfile::Plain { state: etcd::ClusterState::Existing };
+    let lab = Lab::start(shape).await?;
+    lab.write_keys(50).await?;
+    let id = etcd::member_list(&lab.set.endpoints()).await?.into_iter().find(|m| m.name == "apisix-etcd-1").unwrap().id;
+    etcd::member_remove(&lab.set.other_endpoints(1), id).await?;
+    lab.set.delete_pod(1)?;
+    lab.set
+        .wait_pod(1, WAIT, "crash-looping as removed", |p| {
+            restarts(p) >= 2 && lab.set.previous_container_log(1).contains("the member has been permanently removed from the cluster")
+        })
+        .await?;
+    assert!(lab.set.data_dir(1)?.join("member/snap/db").is_file());
     lab.shutdown().await;
     Ok(())
 }

@@ -65,6 +65,8 @@ struct Inner {
     opts: SimOptions,
     log_dir: PathBuf,
     pods: Mutex<Vec<Option<PodRun>>>,
+    /// Members that were Ready once: the set's first install is behind them.
+    installed: Mutex<Vec<bool>>,
 }
 
 pub struct StatefulSetSim {
@@ -103,6 +105,7 @@ impl StatefulSetSim {
         }
         let inner = Arc::new(Inner {
             pods: Mutex::new((0..shape.replicas).map(|_| None).collect()),
+            installed: Mutex::new(vec![false; shape.replicas]),
             shape,
             members,
             api,
@@ -193,18 +196,28 @@ impl StatefulSetSim {
         Ok(())
     }
 
-    /// Waits for `CrashLoopBackOff` and returns the last termination message.
-    pub async fn wait_crash_loop(&self, ordinal: usize, timeout: Duration) -> Result<String> {
-        let p = self.wait_pod(ordinal, timeout, "in CrashLoopBackOff", |p| {
-            p.pointer("/status/containerStatuses/0/state/waiting/reason").and_then(Value::as_str) == Some("CrashLoopBackOff")
-        })
-        .await?;
-        Ok(p.pointer("/status/containerStatuses/0/lastState/terminated/message").and_then(Value::as_str).unwrap_or_default().to_string())
+    /// Waits for `CrashLoopBackOff` after a termination whose message ends with
+    /// `last_line`, and returns that message. The first restart after a removal may fail
+    /// otherwise (the script finds the cluster electing a leader and starts etcd unchecked);
+    /// the crash loop then settles on one error, as users see it.
+    pub async fn wait_crash_loop(&self, ordinal: usize, timeout: Duration, last_line: &str) -> Result<String> {
+        let p = self
+            .wait_pod(ordinal, timeout, &format!("in CrashLoopBackOff with {last_line:?}"), |p| {
+                p.pointer("/status/containerStatuses/0/state/waiting/reason").and_then(Value::as_str) == Some("CrashLoopBackOff")
+                    && termination_message(p).lines().last() == Some(last_line)
+            })
+            .await?;
+        Ok(termination_message(&p))
     }
 
     /// The container's log of its current or last start (`kubectl logs`).
     pub fn container_log(&self, ordinal: usize) -> String {
         std::fs::read_to_string(self.inner.log_dir.join(format!("{}.log", self.inner.shape.pod_name(ordinal)))).unwrap_or_default()
+    }
+
+    /// The log of the container's previous start (`kubectl logs --previous`).
+    pub fn previous_container_log(&self, ordinal: usize) -> String {
+        std::fs::read_to_string(self.inner.log_dir.join(format!("{}.previous.log", self.inner.shape.pod_name(ordinal)))).unwrap_or_default()
     }
 
     /// Stops every container (no preStop hook) and detaches the volumes.
@@ -215,6 +228,26 @@ impl StatefulSetSim {
             let _ = run.task.await;
         }
     }
+}
+
+/// `terminationMessagePolicy: FallbackToLogsOnError`: a container that failed (non-zero
+/// exit) without writing a termination message gets its last 80 log lines, at most 2 KiB.
+fn fallback_to_logs(exit_code: i32, log: &str) -> String {
+    if exit_code == 0 {
+        return String::new();
+    }
+    let lines: Vec<&str> = log.lines().collect();
+    let tail = lines[lines.len().saturating_sub(80)..].join("\n");
+    let mut cut = tail.len().saturating_sub(2048);
+    while !tail.is_char_boundary(cut) {
+        cut += 1;
+    }
+    tail[cut..].to_string()
+}
+
+/// `lastState.terminated.message` of the etcd container.
+pub fn termination_message(p: &Value) -> String {
+    p.pointer("/status/containerStatuses/0/lastState/terminated/message").and_then(Value::as_str).unwrap_or_default().to_string()
 }
 
 pub fn pod_ready(p: &Value) -> bool {
@@ -284,7 +317,8 @@ async fn run_pod(inner: Arc<Inner>, ordinal: usize, uid: String, mut stop: watch
     let pod_name = inner.shape.pod_name(ordinal);
     let log_path = inner.log_dir.join(format!("{pod_name}.log"));
     loop {
-        // Each start writes a fresh log, like `kubectl logs` of the current container.
+        // Each start writes a fresh log; the last one stays as `kubectl logs --previous`.
+        let _ = std::fs::rename(&log_path, log_path.with_extension("previous.log"));
         let _ = std::fs::write(&log_path, "");
         let started_at = now_rfc3339();
         let outcome = start_container(&inner, ordinal, &uid, &log_path).await;
@@ -311,13 +345,16 @@ async fn run_pod(inner: Arc<Inner>, ordinal: usize, uid: String, mut stop: watch
                             }
                             if healthy != ready {
                                 ready = healthy;
+                                if ready {
+                                    inner.installed.lock().unwrap()[ordinal] = true;
+                                }
                                 set_status(&inner, ordinal, &uid, restarts, json!({"running": {"startedAt": started_at}}), Value::Null, ready);
                             }
                         }
                     }
                 };
                 let code = exit.and_then(|s| s.code()).unwrap_or(137);
-                (code, proc.log_tail(8))
+                (code, fallback_to_logs(code, &proc.log_tail(80)))
             }
         };
         if *stop.borrow() {
@@ -394,7 +431,10 @@ async fn start_container(inner: &Arc<Inner>, ordinal: usize, uid: &str, log: &Pa
     let full_cluster = etcd::initial_cluster(&inner.members);
     let (initial_state, _) = match &s.profile {
         StartProfile::Plain { state } => {
-            let cfg = etcd_config(inner, ordinal, &volume, full_cluster, *state, log);
+            // A set whose manifest says `existing` was installed with `new` and then switched,
+            // as operators of such sets do: the lab bootstraps each member once with `new`.
+            let state = if inner.installed.lock().unwrap()[ordinal] { *state } else { ClusterState::New };
+            let cfg = etcd_config(inner, ordinal, &volume, full_cluster, state, log);
             return Ok(Start::Running(Box::new(EtcdProcess::spawn(cfg)?)));
         }
         StartProfile::Bitnami { initial_state, remove_member_on_termination } => (*initial_state, *remove_member_on_termination),
@@ -420,8 +460,7 @@ async fn start_container(inner: &Arc<Inner>, ordinal: usize, uid: &str, log: &Pa
     let exit = |line: String| {
         raw_log(log, &line);
         let text = std::fs::read_to_string(log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        Ok(Start::Exited { code: 1, message: lines[lines.len().saturating_sub(8)..].join("\n") })
+        Ok(Start::Exited { code: 1, message: fallback_to_logs(1, &text) })
     };
     let spawn = |ic: String, state: ClusterState| -> Result<Start> {
         Ok(Start::Running(Box::new(EtcdProcess::spawn(etcd_config(inner, ordinal, &volume, ic, state, log))?)))
@@ -551,4 +590,20 @@ pub fn container_state(p: &Value) -> String {
         return if st["ready"] == true { "Running, Ready".into() } else { "Running".into() };
     }
     "Pending".into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fallback_to_logs;
+
+    #[test]
+    fn termination_message_falls_back_to_the_log_tail_only_on_failure() {
+        assert_eq!(fallback_to_logs(0, "a\nb"), "");
+        assert_eq!(fallback_to_logs(1, "a\nb"), "a\nb");
+        let long: String = (0..200).map(|i| format!("line {i}\n")).collect();
+        let m = fallback_to_logs(1, &long);
+        assert!(m.starts_with("line 120") && m.ends_with("line 199"), "{m}");
+        let wide = "x".repeat(5000);
+        assert_eq!(fallback_to_logs(2, &wide).len(), 2048);
+    }
 }

@@ -84,13 +84,23 @@ pub struct NodeArgs {
     /// This node's name, as in the pods' `spec.nodeName`.
     #[arg(long, env = "NODE_NAME")]
     pub node_name: Option<String>,
-    /// The kubelet's root dir on the host; discovered from the kubelet's command line or the
-    /// distribution defaults when not given.
-    #[arg(long, env = "KUBELET_ROOT_DIR", default_value = "/var/lib/kubelet")]
-    pub kubelet_root: PathBuf,
+    /// The kubelet's root dir on the host. When not given: the running kubelet's
+    /// `--root-dir`, else the first distribution default holding the pod (/var/lib/kubelet,
+    /// then microk8s, k0s, RKE1 and TKGI roots).
+    #[arg(long, env = "KUBELET_ROOT_DIR")]
+    pub kubelet_root: Option<PathBuf>,
     /// Prefix under which the host's paths are reached (where the host's `/` is mounted).
     #[arg(long, env = "HOST_ROOT", default_value = "/")]
     pub host_root: PathBuf,
+    /// The host's /proc (the DaemonSet runs with hostPID), to read the kubelet's flags.
+    #[arg(long, env = "HOST_PROC", default_value = "/proc")]
+    pub proc_root: PathBuf,
+    /// The etcd container's name, when it is neither `etcd` nor recognisable by its image.
+    #[arg(long, env = "ETCD_MEDIC_CONTAINER")]
+    pub container: Option<String>,
+    /// How long to wait for each Kubernetes API call before giving up with NotReady.
+    #[arg(long, env = "ETCD_MEDIC_API_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub api_timeout: std::time::Duration,
     /// Journal and state of remediations on this node.
     #[arg(long, env = "ETCD_MEDIC_STATE_DIR", default_value = "/var/lib/etcd-medic")]
     pub state_dir: PathBuf,
@@ -133,6 +143,36 @@ pub enum Output {
     Json,
 }
 
+/// `500ms`, `10s`, `2m`, or plain seconds.
+pub fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, String> {
+    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 10s"))?;
+    match unit {
+        "ms" => Ok(std::time::Duration::from_millis(n)),
+        "s" => Ok(std::time::Duration::from_secs(n)),
+        "m" => Ok(std::time::Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unit must be ms, s or m")),
+    }
+}
+
+impl NodeArgs {
+    /// The node layout the locator needs; the node name is required to act on a pod.
+    pub fn layout(&self) -> Result<crate::locate::NodeLayout> {
+        let node_name = self
+            .node_name
+            .clone()
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| Error::invalid("--node-name (or NODE_NAME) is required: the agent acts only on pods of its node"))?;
+        Ok(crate::locate::NodeLayout {
+            node_name,
+            host_root: self.host_root.clone(),
+            kubelet_root: self.kubelet_root.clone(),
+            proc_root: self.proc_root.clone(),
+            container: self.container.clone(),
+        })
+    }
+}
+
 impl ServeArgs {
     /// Refuses configurations that are unsafe on a node: no authentication on an address
     /// other hosts can reach.
@@ -144,10 +184,7 @@ impl ServeArgs {
                 self.listen.port()
             )));
         }
-        if self.node.node_name.as_deref().is_none_or(str::is_empty) {
-            return Err(Error::invalid("--node-name (or NODE_NAME) is required: the agent acts only on pods of its node"));
-        }
-        Ok(())
+        self.node.layout().map(|_| ())
     }
 }
 
@@ -233,7 +270,8 @@ mod tests {
         let Command::Serve(s) = cli.command else { panic!() };
         assert_eq!(s.listen.to_string(), "0.0.0.0:9464");
         assert_eq!(s.auth, AuthMode::Kubernetes);
-        assert_eq!(s.node.kubelet_root, PathBuf::from("/var/lib/kubelet"));
+        assert_eq!(s.node.kubelet_root, None);
+        assert_eq!(s.node.api_timeout, std::time::Duration::from_secs(10));
         assert_eq!(s.node.host_root, PathBuf::from("/"));
         assert_eq!(s.node.state_dir, PathBuf::from("/var/lib/etcd-medic"));
         assert_eq!(cli.log.log_format, LogFormat::Plain);
@@ -259,6 +297,14 @@ mod tests {
         if std::env::var_os("NODE_NAME").is_none() {
             assert_eq!(s.validate().unwrap_err().code, Code::InvalidRequest);
         }
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("500ms").unwrap(), std::time::Duration::from_millis(500));
+        assert_eq!(parse_duration("2m").unwrap(), std::time::Duration::from_secs(120));
+        assert_eq!(parse_duration("7").unwrap(), std::time::Duration::from_secs(7));
+        assert!(parse_duration("x").is_err() && parse_duration("5h").is_err());
     }
 
     #[test]

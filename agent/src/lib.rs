@@ -3,6 +3,10 @@
 
 pub mod cli;
 pub mod error;
+pub mod kubeapi;
+pub mod locate;
+pub mod pathsafe;
+pub mod profile;
 pub mod telemetry;
 
 pub use error::{Code, Error, Result};

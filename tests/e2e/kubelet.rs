@@ -2,7 +2,7 @@
 //! following its PVC to the next pod UID.
 
 use anyhow::Result;
-use etcd_medic_lab::kubelet::{NodeTree, VolumeSource, is_mount_point, running_as_root};
+use etcd_medic_lab::kubelet::{NodeTree, VolumeSource, is_mount_point};
 
 fn csi() -> VolumeSource {
     VolumeSource::Csi { driver: "ebs.csi.aws.com".into(), volume_handle: "vol-0abc".into() }
@@ -18,7 +18,7 @@ fn csi_volume_is_laid_out_like_the_kubelet_and_survives_a_new_pod_uid() -> Resul
     assert_eq!(vol_data["driverName"], "ebs.csi.aws.com");
     assert_eq!(vol_data["specVolID"], "pvc-1");
     assert_eq!(vol_data["volumeHandle"], "vol-0abc");
-    if running_as_root() {
+    if node.real_mounts {
         assert!(is_mount_point(&path), "a CSI volume is a mount point when the lab runs as root");
     } else {
         eprintln!("not root: CSI volume checked as a plain directory (mounts need root)");
@@ -43,7 +43,7 @@ fn local_and_host_path_volumes_and_sub_paths() -> Result<()> {
     let p = node.attach("u", "local-pv", "node-a", &local)?;
     assert!(p.ends_with("var/snap/microk8s/common/var/lib/kubelet/pods/u/volumes/kubernetes.io~local-volume/local-pv"));
     std::fs::write(p.join("f"), "x")?;
-    if running_as_root() {
+    if node.real_mounts {
         // A bind on the same filesystem: only the mount table tells.
         assert!(is_mount_point(&p));
         assert_eq!(std::fs::read_to_string(dir.path().join("mnt/disks/ssd1/f"))?, "x");
@@ -54,7 +54,7 @@ fn local_and_host_path_volumes_and_sub_paths() -> Result<()> {
     assert!(!dir.path().join("var/snap/microk8s/common/var/lib/kubelet/pods/u/volumes/kubernetes.io~host-path").exists());
     let sub = node.subpath("u", "local-pv", &local, "etcd", 0, "data")?;
     assert!(sub.ends_with("pods/u/volume-subpaths/local-pv/etcd/0"));
-    if running_as_root() {
+    if node.real_mounts {
         std::fs::write(sub.join("through-subpath"), "y")?;
         assert!(p.join("data/through-subpath").exists());
     }

@@ -5,6 +5,7 @@
 mod apiserver;
 mod cluster;
 mod kubelet;
+mod locate;
 mod reference_failure;
 
 use std::sync::Once;

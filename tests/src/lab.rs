@@ -41,7 +41,9 @@ impl Lab {
         // has been connected to every voting member for 5 s. A production cluster is long
         // past that when a drain removes a member; the lab waits so the preStop hook's
         // single `member remove` meets the same cluster.
-        tokio::time::sleep(SETTLE).await;
+        if set.members().len() > 1 {
+            tokio::time::sleep(SETTLE).await;
+        }
         Ok(Lab { set, node, api, dir })
     }
 

@@ -1,0 +1,61 @@
+//! Access to the Kubernetes API, with each failure mapped to a code of the contract: a
+//! missing object is its own `…NotFound`; an API server that errors or does not answer in
+//! time is `NotReady` (the agent cannot act safely without it).
+
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use kube::Api;
+
+use crate::error::{Code, Error, Result};
+
+#[derive(Clone)]
+pub struct KubeApi {
+    client: kube::Client,
+    timeout: Duration,
+}
+
+impl KubeApi {
+    pub fn new(client: kube::Client, timeout: Duration) -> Self {
+        KubeApi { client, timeout }
+    }
+
+    /// The usual in-cluster config, or `KUBECONFIG` / `~/.kube/config`.
+    pub async fn from_environment(timeout: Duration) -> Result<Self> {
+        let client = kube::Client::try_default()
+            .await
+            .map_err(|e| Error::new(Code::NotReady, format!("no Kubernetes API access (in-cluster config or KUBECONFIG): {e}")))?;
+        Ok(KubeApi::new(client, timeout))
+    }
+
+    pub fn client(&self) -> &kube::Client {
+        &self.client
+    }
+
+    async fn call<T>(&self, what: &str, not_found: Code, fut: impl Future<Output = kube::Result<T>>) -> Result<T> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Err(_) => Err(Error::new(Code::NotReady, format!("the Kubernetes API server did not answer for {what} within {:?}", self.timeout))),
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(kube::Error::Api(s))) if s.code == 404 => Err(Error::new(not_found, format!("{what} not found"))),
+            Ok(Err(kube::Error::Api(s))) => {
+                Err(Error::new(Code::NotReady, format!("the Kubernetes API server answered {} for {what}: {} ({})", s.code, s.message, s.reason)))
+            }
+            Ok(Err(e)) => Err(Error::new(Code::NotReady, format!("the Kubernetes API server failed for {what}: {e}"))),
+        }
+    }
+
+    pub async fn pod(&self, namespace: &str, name: &str) -> Result<Pod> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        self.call(&format!("pod {namespace}/{name}"), Code::PodNotFound, api.get(name)).await
+    }
+
+    pub async fn pvc(&self, namespace: &str, name: &str) -> Result<PersistentVolumeClaim> {
+        let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), namespace);
+        self.call(&format!("PersistentVolumeClaim {namespace}/{name}"), Code::PVCNotFound, api.get(name)).await
+    }
+
+    pub async fn pv(&self, name: &str) -> Result<PersistentVolume> {
+        let api: Api<PersistentVolume> = Api::all(self.client.clone());
+        self.call(&format!("PersistentVolume {name}"), Code::PVNotFound, api.get(name)).await
+    }
+}

@@ -1,0 +1,227 @@
+//! Which container runs etcd, and where its data dir is, read from the pod spec the way the
+//! kubelet would expand it.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, Pod};
+
+use crate::error::{Code, Error, Result};
+
+/// The etcd container: the one named `name` when given, else one named `etcd`, else the one
+/// whose image, command or args name etcd.
+pub fn etcd_container<'a>(pod: &'a Pod, name: Option<&str>) -> Result<&'a Container> {
+    let containers = pod.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or_default();
+    if let Some(want) = name {
+        return containers.iter().find(|c| c.name == want).ok_or_else(|| {
+            Error::new(Code::DataDirNotFound, format!("the pod has no container named {want:?} (it has {})", names(containers)))
+        });
+    }
+    if let Some(c) = containers.iter().find(|c| c.name == "etcd") {
+        return Ok(c);
+    }
+    let runs_etcd = |c: &&Container| {
+        let image = c.image.as_deref().unwrap_or_default();
+        let words = c.command.iter().chain(c.args.iter()).flatten();
+        image.rsplit('/').next().unwrap_or_default().starts_with("etcd") || words.clone().any(|w| w == "etcd" || w.ends_with("/etcd"))
+    };
+    let found: Vec<&Container> = containers.iter().filter(runs_etcd).collect();
+    match found.as_slice() {
+        [one] => Ok(one),
+        [] => Err(Error::new(
+            Code::DataDirNotFound,
+            format!("no container of the pod runs etcd (containers: {}); name it with --container", names(containers)),
+        )),
+        _ => Err(Error::new(Code::DataDirNotFound, format!("several containers run etcd ({}); name one with --container", names(containers)))),
+    }
+}
+
+fn names(cs: &[Container]) -> String {
+    cs.iter().map(|c| c.name.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// The value of a `fieldRef` the kubelet supports in env vars.
+fn field_ref(pod: &Pod, path: &str) -> Option<String> {
+    let m = &pod.metadata;
+    let label_or_annotation = |prefix: &str, map: &Option<BTreeMap<String, String>>| {
+        let key = path.strip_prefix(prefix)?.strip_prefix("['")?.strip_suffix("']")?;
+        map.as_ref()?.get(key).cloned()
+    };
+    match path {
+        "metadata.name" => m.name.clone(),
+        "metadata.namespace" => m.namespace.clone(),
+        "metadata.uid" => m.uid.clone(),
+        "spec.nodeName" => pod.spec.as_ref()?.node_name.clone(),
+        "spec.serviceAccountName" => pod.spec.as_ref()?.service_account_name.clone(),
+        "status.podIP" => pod.status.as_ref()?.pod_ip.clone(),
+        "status.hostIP" => pod.status.as_ref()?.host_ip.clone(),
+        p if p.starts_with("metadata.labels[") => label_or_annotation("metadata.labels", &m.labels),
+        p if p.starts_with("metadata.annotations[") => label_or_annotation("metadata.annotations", &m.annotations),
+        _ => None,
+    }
+}
+
+/// The container's environment as the kubelet builds it: in order, each value expanded
+/// against the variables defined before it; `fieldRef`s resolved from the pod. Values from
+/// ConfigMaps and Secrets are not read (the agent has no access to them) and stay unset.
+pub fn environment(pod: &Pod, c: &Container) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
+    for var in c.env.iter().flatten() {
+        let value = match (&var.value, &var.value_from) {
+            (Some(v), _) => Some(expand(v, &env)),
+            (None, Some(from)) => from.field_ref.as_ref().and_then(|f| field_ref(pod, &f.field_path)),
+            (None, None) => Some(String::new()),
+        };
+        if let Some(v) = value {
+            env.insert(var.name.clone(), v);
+        }
+    }
+    env
+}
+
+/// Kubernetes' `$(VAR)` expansion: defined variables are replaced, `$$` escapes a `$`, and
+/// references to undefined variables stay as written.
+pub fn expand(input: &str, env: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(input.len());
+    let mut rest = input;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        if let Some(stripped) = after.strip_prefix('$') {
+            out.push('$');
+            rest = stripped;
+        } else if let Some(body) = after.strip_prefix('(')
+            && let Some(end) = body.find(')')
+        {
+            let name = &body[..end];
+            match env.get(name) {
+                Some(v) => out.push_str(v),
+                None => {
+                    out.push_str("$(");
+                    out.push_str(name);
+                    out.push(')');
+                }
+            }
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Where the data dir was found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DataDirSource {
+    Env,
+    Flag,
+    ProfileDefault,
+}
+
+/// The container's etcd data dir: `ETCD_DATA_DIR`, else `--data-dir` in command or args,
+/// else `default` (the profile's). Flags win over the environment, as etcd itself does.
+pub fn data_dir(pod: &Pod, c: &Container, default: Option<&str>) -> Result<(String, DataDirSource)> {
+    let env = environment(pod, c);
+    let words: Vec<String> = c.command.iter().chain(c.args.iter()).flatten().map(|w| expand(w, &env)).collect();
+    let mut flag = None;
+    for (i, w) in words.iter().enumerate() {
+        if let Some(v) = w.strip_prefix("--data-dir=").or_else(|| w.strip_prefix("-data-dir=")) {
+            flag = Some(v.to_string());
+        } else if (w == "--data-dir" || w == "-data-dir")
+            && let Some(v) = words.get(i + 1)
+        {
+            flag = Some(v.clone());
+        }
+    }
+    let (dir, source) = match (flag, env.get("ETCD_DATA_DIR"), default) {
+        (Some(f), _, _) => (f, DataDirSource::Flag),
+        (None, Some(e), _) if !e.is_empty() => (e.clone(), DataDirSource::Env),
+        (None, _, Some(d)) => (d.to_string(), DataDirSource::ProfileDefault),
+        _ => {
+            return Err(Error::new(
+                Code::DataDirNotFound,
+                format!("container {:?} sets neither ETCD_DATA_DIR nor --data-dir; the agent will not guess etcd's working-dir default", c.name),
+            ));
+        }
+    };
+    if !dir.starts_with('/') || dir.contains("$(") {
+        return Err(Error::new(Code::DataDirNotFound, format!("data dir {dir:?} is not an absolute path the agent can resolve")));
+    }
+    Ok((dir, source))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(container: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "apisix-etcd-1", "namespace": "apisix", "uid": "u-1", "labels": {"app": "etcd"}},
+            "spec": {"nodeName": "node-a", "containers": [container]},
+            "status": {"podIP": "10.0.0.7"},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn expansion_follows_kubernetes() {
+        let env: BTreeMap<String, String> = [("A".to_string(), "x".to_string()), ("B".into(), "y".into())].into();
+        assert_eq!(expand("$(A)/$(B)", &env), "x/y");
+        assert_eq!(expand("$$(A)", &env), "$(A)");
+        assert_eq!(expand("$(MISSING)/z", &env), "$(MISSING)/z");
+        assert_eq!(expand("cost $5 $", &env), "cost $5 $");
+        assert_eq!(expand("$(A", &env), "$(A");
+    }
+
+    #[test]
+    fn env_resolves_field_refs_in_order() {
+        let p = pod(json!({"name": "etcd", "env": [
+            {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+            {"name": "APP", "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['app']"}}},
+            {"name": "ETCD_DATA_DIR", "value": "/var/lib/$(APP)/$(POD)"},
+            {"name": "LATE", "value": "$(AFTER)"},
+            {"name": "AFTER", "value": "v"},
+        ]}));
+        let c = &p.spec.as_ref().unwrap().containers[0];
+        let env = environment(&p, c);
+        assert_eq!(env["ETCD_DATA_DIR"], "/var/lib/etcd/apisix-etcd-1");
+        assert_eq!(env["LATE"], "$(AFTER)");
+        assert_eq!(data_dir(&p, c, None).unwrap(), ("/var/lib/etcd/apisix-etcd-1".into(), DataDirSource::Env));
+    }
+
+    #[test]
+    fn data_dir_from_flags_in_both_forms() {
+        for args in [json!(["--name=x", "--data-dir=/var/run/etcd/default.etcd"]), json!(["--data-dir", "/var/run/etcd/default.etcd"])] {
+            let p = pod(json!({"name": "etcd", "command": ["etcd"], "args": args}));
+            let c = &p.spec.as_ref().unwrap().containers[0];
+            assert_eq!(data_dir(&p, c, None).unwrap(), ("/var/run/etcd/default.etcd".into(), DataDirSource::Flag));
+        }
+        let p = pod(json!({"name": "etcd", "command": ["etcd", "--data-dir=/data/$(POD)"],
+                           "env": [{"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]}));
+        let c = &p.spec.as_ref().unwrap().containers[0];
+        assert_eq!(data_dir(&p, c, None).unwrap().0, "/data/apisix-etcd-1");
+    }
+
+    #[test]
+    fn data_dir_defaults_and_refusals() {
+        let p = pod(json!({"name": "etcd", "image": "bitnami/etcd:3.5"}));
+        let c = &p.spec.as_ref().unwrap().containers[0];
+        assert_eq!(data_dir(&p, c, Some("/bitnami/etcd/data")).unwrap().1, DataDirSource::ProfileDefault);
+        assert_eq!(data_dir(&p, c, None).unwrap_err().code, Code::DataDirNotFound);
+        let rel = pod(json!({"name": "etcd", "args": ["--data-dir=default.etcd"]}));
+        assert_eq!(data_dir(&rel, &rel.spec.as_ref().unwrap().containers[0], None).unwrap_err().code, Code::DataDirNotFound);
+    }
+
+    #[test]
+    fn etcd_container_is_found_by_name_or_by_what_it_runs() {
+        let p: Pod = serde_json::from_value(json!({"metadata": {}, "spec": {"containers": [
+            {"name": "sidecar", "image": "busybox"}, {"name": "db", "image": "quay.io/coreos/etcd:v3.5.9"}]}})).unwrap();
+        assert_eq!(etcd_container(&p, None).unwrap().name, "db");
+        assert_eq!(etcd_container(&p, Some("sidecar")).unwrap().name, "sidecar");
+        assert_eq!(etcd_container(&p, Some("nope")).unwrap_err().code, Code::DataDirNotFound);
+        let none: Pod = serde_json::from_value(json!({"metadata": {}, "spec": {"containers": [{"name": "a", "image": "nginx"}]}})).unwrap();
+        assert_eq!(etcd_container(&none, None).unwrap_err().code, Code::DataDirNotFound);
+    }
+}

@@ -1,0 +1,113 @@
+//! Finding the kubelet's root dir: given, read from the kubelet's command line, or the
+//! first distribution default that holds the pod.
+
+use std::path::{Path, PathBuf};
+
+use super::volume::under_host_root;
+
+/// Where distributions put the kubelet root (FIELD-NOTES.md), most common first.
+pub const DISTRIBUTION_ROOTS: &[&str] = &[
+    "/var/lib/kubelet",                          // kubeadm, k3s, AKS, EKS, GKE, kind
+    "/var/snap/microk8s/common/var/lib/kubelet", // microk8s
+    "/var/lib/k0s/kubelet",                      // k0s
+    "/opt/rke/var/lib/kubelet",                  // RKE1
+    "/var/vcap/data/kubelet",                    // TKGI
+];
+
+/// `--root-dir=X` or `--root-dir X` in a kubelet command line.
+pub fn root_dir_from_cmdline(args: &[String]) -> Option<String> {
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if let Some(v) = a.strip_prefix("--root-dir=") {
+            return Some(v.to_string());
+        }
+        if a == "--root-dir" {
+            return it.next().cloned();
+        }
+    }
+    None
+}
+
+/// The `--root-dir` of a running kubelet, read from `<proc>/<pid>/cmdline` (the host's
+/// `/proc` when the agent runs with `hostPID`).
+pub fn from_processes(proc_root: &Path) -> Option<String> {
+    let entries = std::fs::read_dir(proc_root).ok()?;
+    for e in entries.flatten() {
+        if !e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let args: Vec<String> = raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let is_kubelet = args.first().is_some_and(|a| a.rsplit('/').next() == Some("kubelet"))
+            || args.iter().take(2).any(|a| a == "kubelet");
+        if is_kubelet && let Some(root) = root_dir_from_cmdline(&args) {
+            return Some(root);
+        }
+    }
+    None
+}
+
+/// The kubelet root as the agent reaches it, and how it was found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Found {
+    pub path: PathBuf,
+    pub how: &'static str,
+}
+
+/// `explicit`, else the running kubelet's `--root-dir`, else the first distribution default
+/// that holds `pods/<pod_uid>`.
+pub fn discover(explicit: Option<&Path>, host_root: &Path, proc_root: &Path, pod_uid: &str) -> Option<Found> {
+    if let Some(p) = explicit {
+        return Some(Found { path: under_host_root(host_root, p), how: "given" });
+    }
+    if let Some(root) = from_processes(proc_root) {
+        return Some(Found { path: under_host_root(host_root, Path::new(&root)), how: "the kubelet's --root-dir" });
+    }
+    DISTRIBUTION_ROOTS
+        .iter()
+        .map(|r| under_host_root(host_root, Path::new(r)))
+        .find(|p| p.join("pods").join(pod_uid).is_dir())
+        .map(|path| Found { path, how: "a distribution default holding the pod" })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(v: &[&str]) -> Vec<String> {
+        v.iter().map(|x| x.to_string()).collect()
+    }
+
+    #[test]
+    fn reads_root_dir_in_both_forms() {
+        assert_eq!(root_dir_from_cmdline(&s(&["/usr/bin/kubelet", "--root-dir=/data/kubelet"])).as_deref(), Some("/data/kubelet"));
+        assert_eq!(root_dir_from_cmdline(&s(&["kubelet", "--v=2", "--root-dir", "/k"])).as_deref(), Some("/k"));
+        assert_eq!(root_dir_from_cmdline(&s(&["kubelet", "--v=2"])), None);
+    }
+
+    #[test]
+    fn finds_the_kubelet_among_processes() {
+        let proc = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(proc.path().join("1")).unwrap();
+        std::fs::write(proc.path().join("1/cmdline"), b"/sbin/init\0").unwrap();
+        std::fs::create_dir_all(proc.path().join("42")).unwrap();
+        std::fs::write(proc.path().join("42/cmdline"), b"/usr/bin/kubelet\0--config=/c\0--root-dir=/var/lib/k0s/kubelet\0").unwrap();
+        std::fs::create_dir_all(proc.path().join("self")).unwrap();
+        assert_eq!(from_processes(proc.path()).as_deref(), Some("/var/lib/k0s/kubelet"));
+        let found = discover(None, Path::new("/host"), proc.path(), "u").unwrap();
+        assert_eq!(found.path, PathBuf::from("/host/var/lib/k0s/kubelet"));
+    }
+
+    #[test]
+    fn falls_back_to_the_default_that_holds_the_pod() {
+        let host = tempfile::tempdir().unwrap();
+        let empty_proc = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(host.path().join("var/lib/kubelet/pods/other")).unwrap();
+        std::fs::create_dir_all(host.path().join("var/snap/microk8s/common/var/lib/kubelet/pods/u")).unwrap();
+        let found = discover(None, host.path(), empty_proc.path(), "u").unwrap();
+        assert_eq!(found.path, host.path().join("var/snap/microk8s/common/var/lib/kubelet"));
+        assert!(discover(None, host.path(), empty_proc.path(), "missing").is_none());
+        let given = discover(Some(Path::new("/opt/rke/var/lib/kubelet")), host.path(), empty_proc.path(), "u").unwrap();
+        assert_eq!((given.path, given.how), (host.path().join("opt/rke/var/lib/kubelet"), "given"));
+    }
+}

@@ -1,0 +1,99 @@
+//! What a given etcd deployment needs: which start-up rules its pods follow, so which files
+//! a remediation moves and how membership is repaired.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use k8s_openapi::api::core::v1::Container;
+use serde::Serialize;
+
+/// The start-up rules a pod follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum Profile {
+    /// Bitnami chart < 11 (APISIX's 9.7.3): stores `member_id`; its start script re-adds the
+    /// member once `member_id`, `snap` and `wal` are gone.
+    #[serde(rename = "bitnami-member-id")]
+    BitnamiMemberId,
+    /// Bitnami chart 11+: no `member_id`; the script removes an old entry by peer URL.
+    #[serde(rename = "bitnami")]
+    Bitnami,
+    /// etcd started with fixed flags.
+    #[serde(rename = "plain")]
+    Plain,
+}
+
+impl Profile {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Profile::BitnamiMemberId => "bitnami-member-id",
+            Profile::Bitnami => "bitnami",
+            Profile::Plain => "plain",
+        }
+    }
+
+    /// The data dir when the pod names none.
+    pub fn default_data_dir(self) -> Option<&'static str> {
+        match self {
+            Profile::BitnamiMemberId | Profile::Bitnami => Some("/bitnami/etcd/data"),
+            Profile::Plain => None,
+        }
+    }
+
+    /// What a remediation moves, relative to the data dir. `member_id` and
+    /// `new_member_envs` must go for Bitnami: with them the script keeps calling
+    /// `member update` with the stale id (FIELD-NOTES.md).
+    pub fn files_to_move(self) -> &'static [&'static str] {
+        match self {
+            Profile::BitnamiMemberId => &["member/snap", "member/wal", "member_id", "new_member_envs"],
+            Profile::Bitnami => &["member/snap", "member/wal", "new_member_envs"],
+            Profile::Plain => &["member/snap", "member/wal"],
+        }
+    }
+}
+
+/// Is this the Bitnami image (by image name, or by the variables only its scripts read)?
+pub fn is_bitnami(c: &Container, env: &BTreeMap<String, String>) -> bool {
+    let image = c.image.as_deref().unwrap_or_default();
+    image.contains("bitnami/etcd") || env.contains_key("ETCD_ON_K8S") || env.keys().any(|k| k.starts_with("BITNAMI_"))
+}
+
+/// The profile of a Bitnami or plain pod, looking at the data dir for `member_id` (older
+/// charts write it after every start).
+pub fn detect(c: &Container, env: &BTreeMap<String, String>, data_dir: Option<&Path>) -> Profile {
+    if !is_bitnami(c, env) {
+        return Profile::Plain;
+    }
+    match data_dir {
+        Some(d) if d.join("member_id").is_file() => Profile::BitnamiMemberId,
+        _ => Profile::Bitnami,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn c(image: &str) -> Container {
+        serde_json::from_value(json!({"name": "etcd", "image": image})).unwrap()
+    }
+
+    #[test]
+    fn detects_bitnami_with_and_without_member_id() {
+        let d = tempfile::tempdir().unwrap();
+        let env = BTreeMap::new();
+        assert_eq!(detect(&c("bitnami/etcd:3.5.10"), &env, Some(d.path())), Profile::Bitnami);
+        std::fs::write(d.path().join("member_id"), "abc").unwrap();
+        assert_eq!(detect(&c("bitnami/etcd:3.5.10"), &env, Some(d.path())), Profile::BitnamiMemberId);
+        let k8s_env: BTreeMap<String, String> = [("ETCD_ON_K8S".to_string(), "yes".to_string())].into();
+        assert_eq!(detect(&c("my-mirror/etcd:3.5"), &k8s_env, Some(d.path())), Profile::BitnamiMemberId);
+        assert_eq!(detect(&c("quay.io/coreos/etcd:v3.5.9"), &env, Some(d.path())), Profile::Plain);
+    }
+
+    #[test]
+    fn bitnami_moves_member_id_plain_does_not() {
+        assert!(Profile::BitnamiMemberId.files_to_move().contains(&"member_id"));
+        assert!(!Profile::Plain.files_to_move().contains(&"member_id"));
+        assert_eq!(serde_json::to_value(Profile::BitnamiMemberId).unwrap(), json!("bitnami-member-id"));
+    }
+}

@@ -12,7 +12,7 @@ use etcd_medic::profile::Profile;
 use etcd_medic::{Code, Error};
 use etcd_medic_lab::apiserver::{Fault, FaultKind};
 use etcd_medic_lab::objects::{SetShape, StartProfile, StorageKind};
-use etcd_medic_lab::{Lab, NODE_NAME};
+use etcd_medic_lab::{Lab, LabOptions, NODE_NAME};
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 
 fn shape(replicas: usize, storage: StorageKind) -> SetShape {
@@ -99,6 +99,24 @@ async fn bitnami_member_on_a_csi_volume() -> Result<()> {
     Ok(())
 }
 
+/// microk8s and k0s keep the kubelet elsewhere; with no --kubelet-root the agent finds the
+/// root that holds the pod.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubelet_roots_of_other_distributions_are_discovered() -> Result<()> {
+    for root in ["var/snap/microk8s/common/var/lib/kubelet", "var/lib/k0s/kubelet"] {
+        let opts = LabOptions { kubelet_root: root.into(), ..Default::default() };
+        let lab = Lab::start_with(shape(1, StorageKind::Csi), opts).await?;
+        let r = locate(&lab, 0).await;
+        if mounts_or_skip(&lab, &r) {
+            let plan = r?;
+            assert_eq!(plan.kubelet_root, Some(lab.node.root.join(root)));
+            assert_eq!(plan.host_path, lab.set.data_dir(0)?);
+        }
+        lab.shutdown().await;
+    }
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_and_host_path_volumes_and_a_plain_set() -> Result<()> {
     let local = Lab::start(shape(1, StorageKind::Local)).await?;
@@ -165,6 +183,20 @@ async fn hostile_and_broken_nodes_are_refused_with_their_codes() -> Result<()> {
     std::fs::rename(&data, volume.join("data.aside"))?;
     assert_code(locate(&lab, 0).await, Code::DataDirNotFound);
     std::fs::rename(volume.join("data.aside"), &data)?;
+
+    // A subPath: the data sits below it in the volume.
+    std::fs::create_dir_all(volume.join("etcd-0"))?;
+    std::fs::rename(&data, volume.join("etcd-0/data"))?;
+    lab.api.modify::<Pod>("apisix", "apisix-etcd-0", |p| {
+        p.spec.as_mut().unwrap().containers[0].volume_mounts.as_mut().unwrap()[0].sub_path_expr = Some("$(MY_POD_NAME)".into());
+    })?;
+    assert_code(locate(&lab, 0).await, Code::DataDirNotFound);
+    std::fs::rename(volume.join("etcd-0"), volume.join("apisix-etcd-0"))?;
+    let plan = locate(&lab, 0).await?;
+    assert_eq!(plan.host_path, volume.join("apisix-etcd-0/data"));
+    assert_eq!(plan.volume.sub_path.as_deref(), Some("apisix-etcd-0"));
+    lab.api.modify::<Pod>("apisix", "apisix-etcd-0", |p| p.spec.as_mut().unwrap().containers[0].volume_mounts.as_mut().unwrap()[0].sub_path_expr = None)?;
+    std::fs::rename(volume.join("apisix-etcd-0/data"), &data)?;
 
     // `..` in a subPath.
     lab.api.modify::<Pod>("apisix", "apisix-etcd-0", |p| {

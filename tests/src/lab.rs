@@ -17,6 +17,20 @@ pub const NODE_NAME: &str = "lab-node-a";
 /// etcd's `HealthInterval` plus a margin.
 const SETTLE: Duration = Duration::from_millis(5500);
 
+/// How the lab's node and kubelet behave.
+#[derive(Clone, Debug)]
+pub struct LabOptions {
+    pub sim: SimOptions,
+    /// The kubelet root relative to the node's `/` (`var/lib/kubelet`, or a distribution's).
+    pub kubelet_root: String,
+}
+
+impl Default for LabOptions {
+    fn default() -> Self {
+        LabOptions { sim: SimOptions::default(), kubelet_root: "var/lib/kubelet".into() }
+    }
+}
+
 pub struct Lab {
     // Field order is drop order: containers first, then mounts, then the server, then files.
     pub set: StatefulSetSim,
@@ -28,14 +42,14 @@ pub struct Lab {
 impl Lab {
     /// Starts the lab with `shape` and waits until every member is Ready.
     pub async fn start(shape: SetShape) -> Result<Self> {
-        Self::start_with(shape, SimOptions::default()).await
+        Self::start_with(shape, LabOptions::default()).await
     }
 
-    pub async fn start_with(shape: SetShape, opts: SimOptions) -> Result<Self> {
+    pub async fn start_with(shape: SetShape, opts: LabOptions) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("etcd-medic-lab-").tempdir()?;
-        let node = Arc::new(NodeTree::new(&dir.path().join("node"), "var/lib/kubelet")?);
+        let node = Arc::new(NodeTree::new(&dir.path().join("node"), &opts.kubelet_root)?);
         let api = Arc::new(ApiServer::start(dir.path()).await?);
-        let set = StatefulSetSim::start(api.clone(), node.clone(), shape, dir.path().join("logs"), opts).await?;
+        let set = StatefulSetSim::start(api.clone(), node.clone(), shape, dir.path().join("logs"), opts.sim).await?;
         set.wait_all_ready(Duration::from_secs(60)).await?;
         // etcd refuses membership changes (`etcdserver: unhealthy cluster`) until its leader
         // has been connected to every voting member for 5 s. A production cluster is long

@@ -16,4 +16,4 @@ pub mod objects;
 pub mod process;
 pub mod statefulset;
 
-pub use lab::{Lab, NODE_NAME};
+pub use lab::{Lab, LabOptions, NODE_NAME};

@@ -3,10 +3,12 @@
 
 pub mod cli;
 pub mod error;
+pub mod guard;
 pub mod kubeapi;
 pub mod locate;
 pub mod pathsafe;
 pub mod profile;
+pub mod quarantine;
 pub mod telemetry;
 
 pub use error::{Code, Error, Result};

@@ -4,6 +4,7 @@
 
 mod apiserver;
 mod cluster;
+mod gates;
 mod kubelet;
 mod locate;
 mod reference_failure;

@@ -23,7 +23,7 @@ fn restarts(p: &Value) -> u64 {
 /// Starts 3 Bitnami members, writes keys, then drains member 1 as users see it: the pod is
 /// deleted, the preStop hook removes the member, the removal log is lost, and the
 /// replacement pod crash-loops. Returns the lab and the removed member id.
-async fn broken_lab() -> Result<(Lab, u64)> {
+pub(crate) async fn broken_lab() -> Result<(Lab, u64)> {
     crate::init_tracing();
     let lab = Lab::start(SetShape::apisix(3, NODE_NAME)).await?;
     lab.write_keys(KEYS).await?;

@@ -1,0 +1,57 @@
+//! The gates that are decided from facts, against real etcd: a running member holds its
+//! volume (by open files, found by device and inode), a crash-looping one does not; the
+//! pod's status says which is which.
+
+use std::path::Path;
+
+use anyhow::Result;
+use etcd_medic::guard;
+use etcd_medic::kubeapi::KubeApi;
+use etcd_medic::locate::{Locator, NodeLayout};
+use etcd_medic::Code;
+use etcd_medic_lab::objects::SetShape;
+use etcd_medic_lab::{Lab, NODE_NAME};
+use k8s_openapi::api::core::v1::Pod;
+
+async fn plan(lab: &Lab) -> Result<etcd_medic::locate::Plan> {
+    let proc = tempfile::tempdir()?;
+    let layout = NodeLayout { node_name: NODE_NAME.into(), host_root: lab.node.root.clone(), kubelet_root: None, proc_root: proc.path().into(), container: None };
+    let l = Locator { api: KubeApi::new(lab.api.client().await?, std::time::Duration::from_secs(5)), layout };
+    Ok(l.locate("apisix", "apisix-etcd-1", None).await?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_member_holds_its_volume_and_a_crash_looping_one_does_not() -> Result<()> {
+    let lab = Lab::start(SetShape::apisix(3, NODE_NAME)).await?;
+    if !lab.node.real_mounts {
+        eprintln!("no mounts: locate refuses unmounted CSI paths, so this gate test needs root");
+        return Ok(());
+    }
+    let p = plan(&lab).await?;
+    let e = guard::no_holders(Path::new("/proc"), &p.volume.root, &p.host_path).unwrap_err();
+    assert_eq!(e.code, Code::PodRunning);
+    assert!(e.message.contains("etcd"), "{e}");
+    let pod: Pod = lab.api.get("apisix", "apisix-etcd-1").unwrap();
+    assert_eq!(guard::pod_failure(&pod, "etcd", true).unwrap_err().code, Code::PodRunning);
+    lab.shutdown().await;
+
+    let (lab, _) = crate::reference_failure::broken_lab().await?;
+    let p = plan(&lab).await?;
+    // Between restarts nothing holds it. (A restart that finds the cluster busy may start
+    // etcd briefly on the old data; then the gate rightly refuses, and a retry passes.)
+    let mut free = guard::no_holders(Path::new("/proc"), &p.volume.root, &p.host_path);
+    for _ in 0..20 {
+        if free.is_ok() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        free = guard::no_holders(Path::new("/proc"), &p.volume.root, &p.host_path);
+    }
+    free?;
+    let pod: Pod = lab.api.get("apisix", "apisix-etcd-1").unwrap();
+    let failure = guard::pod_failure(&pod, "etcd", false)?.expect("the pod is failing");
+    assert_eq!(failure.reason, "CrashLoopBackOff");
+    assert!(failure.message.ends_with("Error: etcdserver: member not found"), "{}", failure.message);
+    lab.shutdown().await;
+    Ok(())
+}

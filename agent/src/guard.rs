@@ -25,12 +25,19 @@ pub fn pod_failure(pod: &Pod, container: &str, force: bool) -> Result<Option<Fai
     let name = pod.metadata.name.as_deref().unwrap_or_default();
     let status = pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()).and_then(|cs| cs.iter().find(|c| c.name == container));
     let Some(cs) = status else {
-        return if force { Ok(None) } else { Err(Error::new(Code::PodHealthy, format!("pod {name} reports no status for container {container:?} yet"))) };
+        return if force {
+            Ok(None)
+        } else {
+            Err(Error::new(Code::PodHealthy, format!("pod {name} reports no status for container {container:?} yet")))
+        };
     };
     let state = cs.state.as_ref();
     if state.and_then(|s| s.running.as_ref()).is_some() {
         let what = if cs.ready { "running and ready" } else { "running" };
-        return Err(Error::new(Code::PodRunning, format!("container {container:?} of pod {name} is {what}; the agent acts only while etcd is stopped")));
+        return Err(Error::new(
+            Code::PodRunning,
+            format!("container {container:?} of pod {name} is {what}; the agent acts only while etcd is stopped"),
+        ));
     }
     let last = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref()).or(state.and_then(|s| s.terminated.as_ref()));
     let waiting = state.and_then(|s| s.waiting.as_ref()).and_then(|w| w.reason.clone());
@@ -91,7 +98,10 @@ pub fn holders(proc_root: &Path, tree: &HashSet<(u64, u64)>, data_dir: &Path) ->
         if how.is_none()
             && let Ok(fds) = std::fs::read_dir(dir.join("fd"))
         {
-            how = fds.flatten().find(|fd| id_of(fd.path()).is_some_and(|i| tree.contains(&i))).map(|fd| format!("fd {}", fd.file_name().to_string_lossy()));
+            how = fds
+                .flatten()
+                .find(|fd| id_of(fd.path()).is_some_and(|i| tree.contains(&i)))
+                .map(|fd| format!("fd {}", fd.file_name().to_string_lossy()));
         }
         if how.is_none()
             && let Some(dd) = declared_data_dir(&dir)
@@ -130,7 +140,10 @@ pub fn no_holders(proc_root: &Path, volume_root: &Path, data_dir: &Path) -> Resu
         return Ok(());
     }
     let list = found.iter().map(|h| format!("pid {} ({}) by {}", h.pid, h.command, h.how)).collect::<Vec<_>>().join(", ");
-    Err(Error::new(Code::PodRunning, format!("processes still use {}: {list}; the agent moves nothing while etcd runs on it", volume_root.display())))
+    Err(Error::new(
+        Code::PodRunning,
+        format!("processes still use {}: {list}; the agent moves nothing while etcd runs on it", volume_root.display()),
+    ))
 }
 
 /// One voting or learning member as the agent sees it.
@@ -160,7 +173,10 @@ pub fn check_quorum(members: &[MemberView], target: Option<u64>, change: Change)
     let voters: Vec<&MemberView> = members.iter().filter(|m| !m.is_learner).collect();
     let others: Vec<&&MemberView> = voters.iter().filter(|m| Some(m.id) != target).collect();
     if others.is_empty() {
-        return Err(Error::new(Code::SoleMember, "the member is the cluster's only voting member: there is nothing to rejoin; restore from a backup instead"));
+        return Err(Error::new(
+            Code::SoleMember,
+            "the member is the cluster's only voting member: there is nothing to rejoin; restore from a backup instead",
+        ));
     }
     let healthy = others.iter().filter(|m| m.healthy).count();
     let now = quorum(voters.len());
@@ -177,7 +193,10 @@ pub fn check_quorum(members: &[MemberView], target: Option<u64>, change: Change)
     if healthy < after {
         return Err(Error::new(
             Code::QuorumAtRisk,
-            format!("after re-adding the member the cluster would have {} voters and need {after}, but only {healthy} answer", others.len() + 1),
+            format!(
+                "after re-adding the member the cluster would have {} voters and need {after}, but only {healthy} answer",
+                others.len() + 1
+            ),
         ));
     }
     Ok(())
@@ -190,7 +209,8 @@ mod tests {
 
     fn pod(status: serde_json::Value) -> Pod {
         serde_json::from_value(json!({"metadata": {"name": "apisix-etcd-1"}, "spec": {"containers": [{"name": "etcd"}]},
-                                      "status": {"containerStatuses": [status]}})).unwrap()
+                                      "status": {"containerStatuses": [status]}}))
+        .unwrap()
     }
 
     #[test]
@@ -204,7 +224,9 @@ mod tests {
         let running = pod(json!({"name": "etcd", "ready": true, "restartCount": 0, "image": "", "imageID": "", "state": {"running": {}}}));
         assert_eq!(pod_failure(&running, "etcd", false).unwrap_err().code, Code::PodRunning);
         assert_eq!(pod_failure(&running, "etcd", true).unwrap_err().code, Code::PodRunning, "force never overrides a running etcd");
-        let idle = pod(json!({"name": "etcd", "ready": false, "restartCount": 0, "image": "", "imageID": "", "state": {"waiting": {"reason": "ContainerCreating"}}}));
+        let idle = pod(
+            json!({"name": "etcd", "ready": false, "restartCount": 0, "image": "", "imageID": "", "state": {"waiting": {"reason": "ContainerCreating"}}}),
+        );
         assert_eq!(pod_failure(&idle, "etcd", false).unwrap_err().code, Code::PodHealthy);
         assert_eq!(pod_failure(&idle, "etcd", true).unwrap(), None);
         let errored = pod(json!({"name": "etcd", "ready": false, "restartCount": 1, "image": "", "imageID": "",
@@ -223,14 +245,20 @@ mod tests {
         // Target still listed (crash-looping, unhealthy) in a 3-member cluster.
         assert!(check_quorum(&[m(1, true), m(2, true), m(3, false)], Some(3), Change::ReplaceMember).is_ok());
         // Two of three down.
-        assert_eq!(check_quorum(&[m(1, true), m(2, false), m(3, false)], Some(3), Change::ReplaceMember).unwrap_err().code, Code::QuorumAtRisk);
+        assert_eq!(
+            check_quorum(&[m(1, true), m(2, false), m(3, false)], Some(3), Change::ReplaceMember).unwrap_err().code,
+            Code::QuorumAtRisk
+        );
         // Removed already and one of the two remaining down: adding back would need 2 of 3.
         assert_eq!(check_quorum(&[m(1, true), m(2, false)], None, Change::ReplaceMember).unwrap_err().code, Code::QuorumAtRisk);
         // Five members, target and one other down: 3 healthy of 4 others, after: need 3 of 5.
         assert!(check_quorum(&[m(1, true), m(2, true), m(3, true), m(4, false), m(5, false)], Some(5), Change::ReplaceMember).is_ok());
         // Learners do not vote, so a healthy learner does not make up for a voter.
         let learner = MemberView { id: 9, is_learner: true, healthy: true };
-        assert_eq!(check_quorum(&[m(1, true), learner.clone(), m(3, false)], Some(3), Change::ReplaceMember).unwrap_err().code, Code::QuorumAtRisk);
+        assert_eq!(
+            check_quorum(&[m(1, true), learner.clone(), m(3, false)], Some(3), Change::ReplaceMember).unwrap_err().code,
+            Code::QuorumAtRisk
+        );
         assert!(check_quorum(&[m(1, true), m(2, true), learner.clone(), m(3, false)], Some(3), Change::ReplaceMember).is_ok());
         assert_eq!(check_quorum(&[learner, m(3, false)], Some(3), Change::ReplaceMember).unwrap_err().code, Code::SoleMember);
     }

@@ -34,12 +34,15 @@ impl KubeApi {
 
     async fn call<T>(&self, what: &str, not_found: Code, fut: impl Future<Output = kube::Result<T>>) -> Result<T> {
         match tokio::time::timeout(self.timeout, fut).await {
-            Err(_) => Err(Error::new(Code::NotReady, format!("the Kubernetes API server did not answer for {what} within {:?}", self.timeout))),
+            Err(_) => {
+                Err(Error::new(Code::NotReady, format!("the Kubernetes API server did not answer for {what} within {:?}", self.timeout)))
+            }
             Ok(Ok(v)) => Ok(v),
             Ok(Err(kube::Error::Api(s))) if s.code == 404 => Err(Error::new(not_found, format!("{what} not found"))),
-            Ok(Err(kube::Error::Api(s))) => {
-                Err(Error::new(Code::NotReady, format!("the Kubernetes API server answered {} for {what}: {} ({})", s.code, s.message, s.reason)))
-            }
+            Ok(Err(kube::Error::Api(s))) => Err(Error::new(
+                Code::NotReady,
+                format!("the Kubernetes API server answered {} for {what}: {} ({})", s.code, s.message, s.reason),
+            )),
             Ok(Err(e)) => Err(Error::new(Code::NotReady, format!("the Kubernetes API server failed for {what}: {e}"))),
         }
     }

@@ -102,7 +102,10 @@ pub fn quarantine(volume_root: &Path, data_dir: &Path, req: &Request, now: jiff:
             std::fs::create_dir_all(&dir).map_err(|e| io(format!("create {}", dir.display()), e))?;
             let same_fs = std::fs::metadata(&dir).map(|m| m.dev()).ok() == std::fs::metadata(data_dir).map(|m| m.dev()).ok();
             if !same_fs {
-                return Err(Error::new(Code::UnsafePath, format!("{} and {} are on different filesystems: a rename would copy", dir.display(), data_dir.display())));
+                return Err(Error::new(
+                    Code::UnsafePath,
+                    format!("{} and {} are on different filesystems: a rename would copy", dir.display(), data_dir.display()),
+                ));
             }
             let m = Manifest {
                 id: req.id.to_string(),
@@ -113,7 +116,11 @@ pub fn quarantine(volume_root: &Path, data_dir: &Path, req: &Request, now: jiff:
                 member_id: req.member_id.map(String::from),
                 profile: req.profile.to_string(),
                 data_dir: data_dir.to_path_buf(),
-                items: req.items.iter().map(|(p, b)| Item { path: p.clone(), bytes: *b, present: data_dir.join(p).symlink_metadata().is_ok() }).collect(),
+                items: req
+                    .items
+                    .iter()
+                    .map(|(p, b)| Item { path: p.clone(), bytes: *b, present: data_dir.join(p).symlink_metadata().is_ok() })
+                    .collect(),
                 state: State::Moving,
             };
             // The manifest is durable before the first rename: a crash leaves a record.
@@ -139,7 +146,10 @@ pub fn quarantine(volume_root: &Path, data_dir: &Path, req: &Request, now: jiff:
             }
             (false, true) => {} // moved before an interruption
             (true, true) => {
-                return Err(Error::new(Code::UnsafePath, format!("{} exists both in the data dir and in the quarantine; refusing to guess", item.path)));
+                return Err(Error::new(
+                    Code::UnsafePath,
+                    format!("{} exists both in the data dir and in the quarantine; refusing to guess", item.path),
+                ));
             }
             (false, false) => return Err(Error::new(Code::DataDirNotFound, format!("{} vanished during the remediation", from.display()))),
         }
@@ -204,7 +214,8 @@ pub fn restore(dir: &Path) -> Result<Manifest> {
 /// Quarantines under `volume_root`, oldest first.
 pub fn list(volume_root: &Path) -> Vec<(PathBuf, Manifest)> {
     let Ok(entries) = std::fs::read_dir(volume_root.join(QUARANTINE_DIR)) else { return Vec::new() };
-    let mut out: Vec<(PathBuf, Manifest)> = entries.flatten().filter_map(|e| read_manifest(&e.path()).ok().map(|m| (e.path(), m))).collect();
+    let mut out: Vec<(PathBuf, Manifest)> =
+        entries.flatten().filter_map(|e| read_manifest(&e.path()).ok().map(|m| (e.path(), m))).collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
 }
@@ -234,7 +245,15 @@ mod tests {
     }
 
     fn req<'a>(id: &'a str, items: &'a [(String, u64)]) -> Request<'a> {
-        Request { id, namespace: "apisix", pod: "apisix-etcd-1", pod_uid: "u", member_id: Some("8e9e05c52164694d"), profile: "bitnami-member-id", items }
+        Request {
+            id,
+            namespace: "apisix",
+            pod: "apisix-etcd-1",
+            pod_uid: "u",
+            member_id: Some("8e9e05c52164694d"),
+            profile: "bitnami-member-id",
+            items,
+        }
     }
 
     fn items() -> Vec<(String, u64)> {
@@ -298,10 +317,23 @@ mod tests {
 
     #[test]
     fn retention_keeps_the_newest_and_prunes_only_before_a_success() {
-        let m = |id: &str| (PathBuf::from(format!("/q/2026-{id}")), Manifest {
-            id: id.into(), created_at: String::new(), namespace: String::new(), pod: String::new(), pod_uid: String::new(),
-            member_id: None, profile: String::new(), data_dir: PathBuf::new(), items: vec![], state: State::Quarantined,
-        });
+        let m = |id: &str| {
+            (
+                PathBuf::from(format!("/q/2026-{id}")),
+                Manifest {
+                    id: id.into(),
+                    created_at: String::new(),
+                    namespace: String::new(),
+                    pod: String::new(),
+                    pod_uid: String::new(),
+                    member_id: None,
+                    profile: String::new(),
+                    data_dir: PathBuf::new(),
+                    items: vec![],
+                    state: State::Quarantined,
+                },
+            )
+        };
         let all = vec![m("a"), m("b"), m("c"), m("d"), m("e")];
         assert_eq!(to_prune(&all, "e", 3), vec![PathBuf::from("/q/2026-a"), PathBuf::from("/q/2026-b")]);
         assert_eq!(to_prune(&all, "c", 3), vec![PathBuf::from("/q/2026-a"), PathBuf::from("/q/2026-b")]);

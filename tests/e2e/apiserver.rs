@@ -68,13 +68,17 @@ async fn delete_honours_the_uid_precondition_and_is_graceful_for_pods_on_a_node(
     let created = pods.create(&PostParams::default(), &pod("a", "node-a", "etcd")).await?;
     let uid = created.metadata.uid.clone().unwrap();
 
-    let wrong = DeleteParams { preconditions: Some(Preconditions { uid: Some("not-the-uid".into()), resource_version: None }), ..Default::default() };
+    let wrong = DeleteParams {
+        preconditions: Some(Preconditions { uid: Some("not-the-uid".into()), resource_version: None }),
+        ..Default::default()
+    };
     let (code, reason, message) = api_error(pods.delete("a", &wrong).await.unwrap_err());
     assert_eq!((code, reason.as_str()), (409, "Conflict"));
     assert!(message.contains("Precondition failed: UID in precondition: not-the-uid"), "{message}");
     assert!(pods.get("a").await?.metadata.deletion_timestamp.is_none());
 
-    let right = DeleteParams { preconditions: Some(Preconditions { uid: Some(uid.clone()), resource_version: None }), ..Default::default() };
+    let right =
+        DeleteParams { preconditions: Some(Preconditions { uid: Some(uid.clone()), resource_version: None }), ..Default::default() };
     let answer = pods.delete("a", &right).await?;
     let marked = answer.left().expect("a pod on a node comes back as the object, marked for deletion");
     assert!(marked.metadata.deletion_timestamp.is_some());
@@ -88,7 +92,9 @@ async fn delete_honours_the_uid_precondition_and_is_graceful_for_pods_on_a_node(
 async fn leases_use_optimistic_concurrency() -> Result<()> {
     let (_d, _api, client) = server().await?;
     let leases: Api<Lease> = Api::namespaced(client, "apisix");
-    let lease: Lease = serde_json::from_value(json!({"metadata": {"name": "etcd-medic-cluster-1"}, "spec": {"holderIdentity": "node-a", "leaseDurationSeconds": 15}}))?;
+    let lease: Lease = serde_json::from_value(
+        json!({"metadata": {"name": "etcd-medic-cluster-1"}, "spec": {"holderIdentity": "node-a", "leaseDurationSeconds": 15}}),
+    )?;
     let first = leases.create(&PostParams::default(), &lease).await?;
     let (code, reason, _) = api_error(leases.create(&PostParams::default(), &lease).await.unwrap_err());
     assert_eq!((code, reason.as_str()), (409, "AlreadyExists"));
@@ -135,8 +141,21 @@ async fn watch_streams_changes_from_a_resource_version() -> Result<()> {
 #[tokio::test]
 async fn token_and_access_reviews_answer_from_the_test_table() -> Result<()> {
     let (_d, api, client) = server().await?;
-    api.add_identity("good-token", TokenIdentity { username: "system:serviceaccount:ops:healer".into(), groups: vec!["system:serviceaccounts".into()], audiences: vec!["etcd-medic".into()] });
-    api.allow(AccessRule { subject: "system:serviceaccount:ops:healer".into(), verb: "create".into(), group: "etcd-medic.io".into(), resource: "remediations".into(), namespace: Some("apisix".into()) });
+    api.add_identity(
+        "good-token",
+        TokenIdentity {
+            username: "system:serviceaccount:ops:healer".into(),
+            groups: vec!["system:serviceaccounts".into()],
+            audiences: vec!["etcd-medic".into()],
+        },
+    );
+    api.allow(AccessRule {
+        subject: "system:serviceaccount:ops:healer".into(),
+        verb: "create".into(),
+        group: "etcd-medic.io".into(),
+        resource: "remediations".into(),
+        namespace: Some("apisix".into()),
+    });
 
     let reviews: Api<TokenReview> = Api::all(client.clone());
     let review = |token: &str, aud: &str| TokenReview {
@@ -156,8 +175,11 @@ async fn token_and_access_reviews_answer_from_the_test_table() -> Result<()> {
         spec: SubjectAccessReviewSpec {
             user: Some("system:serviceaccount:ops:healer".into()),
             resource_attributes: Some(ResourceAttributes {
-                verb: Some(verb.into()), group: Some("etcd-medic.io".into()), resource: Some("remediations".into()),
-                namespace: Some(ns.into()), ..Default::default()
+                verb: Some(verb.into()),
+                group: Some("etcd-medic.io".into()),
+                resource: Some("remediations".into()),
+                namespace: Some(ns.into()),
+                ..Default::default()
             }),
             ..Default::default()
         },

@@ -195,7 +195,9 @@ async fn hostile_and_broken_nodes_are_refused_with_their_codes() -> Result<()> {
     let plan = locate(&lab, 0).await?;
     assert_eq!(plan.host_path, volume.join("apisix-etcd-0/data"));
     assert_eq!(plan.volume.sub_path.as_deref(), Some("apisix-etcd-0"));
-    lab.api.modify::<Pod>("apisix", "apisix-etcd-0", |p| p.spec.as_mut().unwrap().containers[0].volume_mounts.as_mut().unwrap()[0].sub_path_expr = None)?;
+    lab.api.modify::<Pod>("apisix", "apisix-etcd-0", |p| {
+        p.spec.as_mut().unwrap().containers[0].volume_mounts.as_mut().unwrap()[0].sub_path_expr = None
+    })?;
     std::fs::rename(volume.join("apisix-etcd-0/data"), &data)?;
 
     // `..` in a subPath.
@@ -203,7 +205,9 @@ async fn hostile_and_broken_nodes_are_refused_with_their_codes() -> Result<()> {
         p.spec.as_mut().unwrap().containers[0].volume_mounts.as_mut().unwrap()[0].sub_path = Some("../../etc".into());
     })?;
     assert_code(locate(&lab, 0).await, Code::UnsafePath);
-    lab.api.modify::<Pod>("apisix", "apisix-etcd-0", |p| p.spec.as_mut().unwrap().containers[0].volume_mounts.as_mut().unwrap()[0].sub_path = None)?;
+    lab.api.modify::<Pod>("apisix", "apisix-etcd-0", |p| {
+        p.spec.as_mut().unwrap().containers[0].volume_mounts.as_mut().unwrap()[0].sub_path = None
+    })?;
 
     // The pod on another node: the detail names it.
     lab.api.modify::<Pod>("apisix", "apisix-etcd-0", |p| p.spec.as_mut().unwrap().node_name = Some("lab-node-b".into()))?;

@@ -33,7 +33,13 @@ async fn node_with(pods: usize) -> Result<(Lab, Locator, tempfile::TempDir)> {
         std::fs::create_dir_all(dir.join("data/member/snap"))?;
     }
     let proc = tempfile::tempdir()?;
-    let layout = NodeLayout { node_name: NODE_NAME.into(), host_root: lab.node.root.clone(), kubelet_root: None, proc_root: proc.path().into(), container: None };
+    let layout = NodeLayout {
+        node_name: NODE_NAME.into(),
+        host_root: lab.node.root.clone(),
+        kubelet_root: None,
+        proc_root: proc.path().into(),
+        container: None,
+    };
     let locator = Locator { api: KubeApi::new(lab.api.client().await?, Duration::from_secs(5)), layout };
     Ok((lab, locator, proc))
 }

@@ -20,10 +20,7 @@ impl VolumeFacts {
     pub fn read(volume: &Path, data_subdir: &str) -> Self {
         let data = volume.join(data_subdir);
         let data_empty = std::fs::read_dir(&data).map(|mut d| d.next().is_none()).unwrap_or(true);
-        let member_id = std::fs::read_to_string(data.join("member_id"))
-            .ok()
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty());
+        let member_id = std::fs::read_to_string(data.join("member_id")).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
         let has_snap = data.join("member/snap").is_dir();
         let log = std::fs::read_to_string(volume.join("member_removal.log")).unwrap_or_default();
         let removal_logged = member_id.as_ref().is_some_and(|id| removal_logged(&log, id));

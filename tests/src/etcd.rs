@@ -189,9 +189,7 @@ pub fn parse_id(text: &str) -> Option<u64> {
 /// A client bound to exactly these endpoints, with short timeouts so a dead member is an
 /// error, not a hang.
 pub async fn connect(endpoints: &[String]) -> Result<Client> {
-    let opts = ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(Duration::from_secs(5));
+    let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(Duration::from_secs(5));
     Client::connect(endpoints, Some(opts)).await.map_err(|e| anyhow!("connect to {endpoints:?}: {e}"))
 }
 
@@ -343,12 +341,8 @@ pub async fn check_consistency(endpoints: &[String]) -> Result<Consistency> {
         // Wait until this member has applied `revision`: a follower may lag a little.
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let rev = c
-                .get("consistency-probe", Some(GetOptions::new().with_serializable()))
-                .await?
-                .header()
-                .map(|h| h.revision())
-                .unwrap_or(0);
+            let rev =
+                c.get("consistency-probe", Some(GetOptions::new().with_serializable())).await?.header().map(|h| h.revision()).unwrap_or(0);
             if rev >= revision {
                 break;
             }
@@ -357,9 +351,7 @@ pub async fn check_consistency(endpoints: &[String]) -> Result<Consistency> {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let resp = c
-            .get("", Some(GetOptions::new().with_all_keys().with_serializable().with_revision(revision)))
-            .await?;
+        let resp = c.get("", Some(GetOptions::new().with_all_keys().with_serializable().with_revision(revision))).await?;
         let mut kvs: Vec<(String, String)> = resp
             .kvs()
             .iter()
@@ -400,8 +392,7 @@ impl EtcdCluster {
     pub async fn start_in(dir: &Path, n: usize) -> Result<Self> {
         let specs: Vec<MemberSpec> = (0..n).map(|i| MemberSpec::new(format!("etcd-{i}"))).collect();
         let token = format!("lab-{}", uuid::Uuid::new_v4().simple());
-        let mut cluster =
-            EtcdCluster { dir: dir.to_path_buf(), token, specs, procs: (0..n).map(|_| None).collect(), _tmp: None };
+        let mut cluster = EtcdCluster { dir: dir.to_path_buf(), token, specs, procs: (0..n).map(|_| None).collect(), _tmp: None };
         let ic = initial_cluster(&cluster.specs);
         for i in 0..n {
             cluster.spawn(i, &ic, ClusterState::New)?;

@@ -69,12 +69,9 @@ impl NodeTree {
     /// hostPath itself.
     pub fn backing_path(&self, pv: &str, source: &VolumeSource) -> PathBuf {
         match source {
-            VolumeSource::Csi { driver, volume_handle } => self
-                .kubelet_root
-                .join("plugins/kubernetes.io/csi")
-                .join(driver)
-                .join(volume_handle.replace('/', "~"))
-                .join("globalmount"),
+            VolumeSource::Csi { driver, volume_handle } => {
+                self.kubelet_root.join("plugins/kubernetes.io/csi").join(driver).join(volume_handle.replace('/', "~")).join("globalmount")
+            }
             VolumeSource::Local { path } | VolumeSource::HostPath { path } => {
                 let _ = pv;
                 self.host(path)
@@ -83,8 +80,7 @@ impl NodeTree {
     }
 
     fn do_mount(&self, src: Option<&Path>, target: &Path, fstype: Option<&str>, flags: MsFlags) -> Result<()> {
-        mount(src, target, fstype, flags, None::<&str>)
-            .with_context(|| format!("mount {:?} on {}", src, target.display()))?;
+        mount(src, target, fstype, flags, None::<&str>).with_context(|| format!("mount {:?} on {}", src, target.display()))?;
         self.mounts.lock().unwrap().push(target.to_path_buf());
         Ok(())
     }

@@ -17,10 +17,7 @@ static HANDED_OUT: LazyLock<Mutex<HashSet<u16>>> = LazyLock::new(|| Mutex::new(H
 /// A free TCP port on 127.0.0.1, never the same twice within this process.
 pub fn free_port() -> u16 {
     loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("bind an ephemeral port on loopback")
-            .port();
+        let port = TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("bind an ephemeral port on loopback").port();
         if HANDED_OUT.lock().unwrap().insert(port) {
             return port;
         }

@@ -32,7 +32,11 @@ pub struct SimOptions {
 
 impl Default for SimOptions {
     fn default() -> Self {
-        SimOptions { backoff_base: Duration::from_millis(500), backoff_max: Duration::from_secs(4), probe_interval: Duration::from_millis(250) }
+        SimOptions {
+            backoff_base: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(4),
+            probe_interval: Duration::from_millis(250),
+        }
     }
 }
 
@@ -144,7 +148,11 @@ impl StatefulSetSim {
     }
 
     pub fn pod(&self, ordinal: usize) -> Result<Value> {
-        self.inner.api.store().get(res("pods", ""), &self.inner.shape.namespace, &self.inner.shape.pod_name(ordinal)).map_err(|e| anyhow!(e.message))
+        self.inner
+            .api
+            .store()
+            .get(res("pods", ""), &self.inner.shape.namespace, &self.inner.shape.pod_name(ordinal))
+            .map_err(|e| anyhow!(e.message))
     }
 
     pub fn pod_uid(&self, ordinal: usize) -> Result<String> {
@@ -280,7 +288,9 @@ async fn watch_deletes(inner: Arc<Inner>) {
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
             Err(_) => return,
         };
-        if change.resource.plural != "pods" || change.object.pointer("/metadata/namespace").and_then(Value::as_str) != Some(&inner.shape.namespace) {
+        if change.resource.plural != "pods"
+            || change.object.pointer("/metadata/namespace").and_then(Value::as_str) != Some(&inner.shape.namespace)
+        {
             continue;
         }
         let name = change.object.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
@@ -390,7 +400,8 @@ fn set_status(inner: &Inner, ordinal: usize, uid: &str, restarts: u32, state: Va
         }
         p["status"]["phase"] = json!("Running");
         p["status"]["containerStatuses"] = json!([cs]);
-        p["status"]["conditions"] = json!([cond("Initialized", true), cond("Ready", ready), cond("ContainersReady", ready), cond("PodScheduled", true)]);
+        p["status"]["conditions"] =
+            json!([cond("Initialized", true), cond("Ready", ready), cond("ContainersReady", ready), cond("PodScheduled", true)]);
     });
     let ready_count = (0..s.replicas)
         .filter(|&i| inner.api.store().get(res("pods", ""), &s.namespace, &s.pod_name(i)).is_ok_and(|p| pod_ready(&p)))

@@ -31,7 +31,10 @@ pub fn etcd_container<'a>(pod: &'a Pod, name: Option<&str>) -> Result<&'a Contai
             Code::DataDirNotFound,
             format!("no container of the pod runs etcd (containers: {}); name it with --container", names(containers)),
         )),
-        _ => Err(Error::new(Code::DataDirNotFound, format!("several containers run etcd ({}); name one with --container", names(containers)))),
+        _ => Err(Error::new(
+            Code::DataDirNotFound,
+            format!("several containers run etcd ({}); name one with --container", names(containers)),
+        )),
     }
 }
 
@@ -141,7 +144,10 @@ pub fn data_dir(pod: &Pod, c: &Container, default: Option<&str>) -> Result<(Stri
         _ => {
             return Err(Error::new(
                 Code::DataDirNotFound,
-                format!("container {:?} sets neither ETCD_DATA_DIR nor --data-dir; the agent will not guess etcd's working-dir default", c.name),
+                format!(
+                    "container {:?} sets neither ETCD_DATA_DIR nor --data-dir; the agent will not guess etcd's working-dir default",
+                    c.name
+                ),
             ));
         }
     };
@@ -217,7 +223,8 @@ mod tests {
     #[test]
     fn etcd_container_is_found_by_name_or_by_what_it_runs() {
         let p: Pod = serde_json::from_value(json!({"metadata": {}, "spec": {"containers": [
-            {"name": "sidecar", "image": "busybox"}, {"name": "db", "image": "quay.io/coreos/etcd:v3.5.9"}]}})).unwrap();
+            {"name": "sidecar", "image": "busybox"}, {"name": "db", "image": "quay.io/coreos/etcd:v3.5.9"}]}}))
+        .unwrap();
         assert_eq!(etcd_container(&p, None).unwrap().name, "db");
         assert_eq!(etcd_container(&p, Some("sidecar")).unwrap().name, "sidecar");
         assert_eq!(etcd_container(&p, Some("nope")).unwrap_err().code, Code::DataDirNotFound);

@@ -38,8 +38,8 @@ pub fn from_processes(proc_root: &Path) -> Option<String> {
         }
         let Ok(raw) = std::fs::read(e.path().join("cmdline")) else { continue };
         let args: Vec<String> = raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-        let is_kubelet = args.first().is_some_and(|a| a.rsplit('/').next() == Some("kubelet"))
-            || args.iter().take(2).any(|a| a == "kubelet");
+        let is_kubelet =
+            args.first().is_some_and(|a| a.rsplit('/').next() == Some("kubelet")) || args.iter().take(2).any(|a| a == "kubelet");
         if is_kubelet && let Some(root) = root_dir_from_cmdline(&args) {
             return Some(root);
         }

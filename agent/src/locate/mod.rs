@@ -97,7 +97,10 @@ impl Locator {
         let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
         if node != self.layout.node_name {
             let on = if node.is_empty() { "no node yet (unscheduled)".to_string() } else { format!("node {node}") };
-            return Err(Error::new(Code::WrongNode, format!("pod {namespace}/{name} runs on {on}, not on {}; ask the agent on {node}", self.layout.node_name)));
+            return Err(Error::new(
+                Code::WrongNode,
+                format!("pod {namespace}/{name} runs on {on}, not on {}; ask the agent on {node}", self.layout.node_name),
+            ));
         }
         let c = container::etcd_container(&pod, self.layout.container.as_deref())?;
         let env = container::environment(&pod, c);
@@ -113,7 +116,10 @@ impl Locator {
             _ => Some(
                 kubelet_root::discover(self.layout.kubelet_root.as_deref(), &self.layout.host_root, &self.layout.proc_root, &uid)
                     .ok_or_else(|| {
-                        Error::new(Code::DataDirNotFound, format!("no kubelet root on this node holds pods/{uid}; pass --kubelet-root (KUBELET_ROOT_DIR)"))
+                        Error::new(
+                            Code::DataDirNotFound,
+                            format!("no kubelet root on this node holds pods/{uid}; pass --kubelet-root (KUBELET_ROOT_DIR)"),
+                        )
                     })?
                     .path,
             ),
@@ -133,7 +139,15 @@ impl Locator {
             profile,
             data_dir,
             host_path,
-            volume: VolumeInfo { name: mm.volume, claim, persistent_volume: pv_name, kind, mount_path: mm.mount_path, sub_path: mm.sub_path, root },
+            volume: VolumeInfo {
+                name: mm.volume,
+                claim,
+                persistent_volume: pv_name,
+                kind,
+                mount_path: mm.mount_path,
+                sub_path: mm.sub_path,
+                root,
+            },
             kubelet_root,
             bytes: moves.iter().map(|m| m.bytes).sum(),
             r#move: moves,
@@ -187,7 +201,9 @@ impl Locator {
                 let vols = Path::new("pods").join(uid).join("volumes");
                 let base = check_dir_beneath(kr, &vols)?;
                 let mut found = Vec::new();
-                for plugin in std::fs::read_dir(&base).map_err(|e| Error::new(Code::DataDirNotFound, format!("{}: {e}", base.display())))?.flatten() {
+                for plugin in
+                    std::fs::read_dir(&base).map_err(|e| Error::new(Code::DataDirNotFound, format!("{}: {e}", base.display())))?.flatten()
+                {
                     let candidate = plugin.path().join(name);
                     if candidate.symlink_metadata().is_ok() {
                         found.push(vols.join(plugin.file_name()).join(name));
@@ -199,11 +215,18 @@ impl Locator {
                         require_mount(&path)?;
                         Ok(path)
                     }
-                    [] => Err(Error::new(Code::DataDirNotFound, format!("no directory {name:?} under {} (is the pod being deleted?)", base.display()))),
+                    [] => Err(Error::new(
+                        Code::DataDirNotFound,
+                        format!("no directory {name:?} under {} (is the pod being deleted?)", base.display()),
+                    )),
                     many => Err(Error::new(
                         Code::UnsafePath,
-                        format!("{} directories named {name:?} under {}: {}; the agent acts only on an exact match", many.len(), base.display(),
-                            many.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")),
+                        format!(
+                            "{} directories named {name:?} under {}: {}; the agent acts only on an exact match",
+                            many.len(),
+                            base.display(),
+                            many.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+                        ),
                     )),
                 }
             }
@@ -217,7 +240,10 @@ fn require_mount(path: &Path) -> Result<()> {
     } else {
         Err(Error::new(
             Code::NotAMount,
-            format!("{} is not a mount point in the agent's view: the volume is not mounted (or the kubelet dir is not shared with mountPropagation: HostToContainer)", path.display()),
+            format!(
+                "{} is not a mount point in the agent's view: the volume is not mounted (or the kubelet dir is not shared with mountPropagation: HostToContainer)",
+                path.display()
+            ),
         ))
     }
 }
@@ -231,7 +257,12 @@ fn cross_check_vol_data(mount: &Path, driver: &str, handle: &str, migrated: bool
     if field("driverName") != driver || (!migrated && field("volumeHandle") != handle) {
         return Err(Error::new(
             Code::UnsafePath,
-            format!("{} names driver {:?} and handle {:?}, but the PersistentVolume says {driver:?} and {handle:?}", dir.join("vol_data.json").display(), field("driverName"), field("volumeHandle")),
+            format!(
+                "{} names driver {:?} and handle {:?}, but the PersistentVolume says {driver:?} and {handle:?}",
+                dir.join("vol_data.json").display(),
+                field("driverName"),
+                field("volumeHandle")
+            ),
         ));
     }
     Ok(())
@@ -246,7 +277,10 @@ fn check_etcd_data(data: &Path) -> Result<()> {
     if has_db || has_wal {
         Ok(())
     } else {
-        Err(Error::new(Code::NotEtcdData, format!("{} has neither member/snap/db nor member/wal/*.wal: not an etcd member's data", data.display())))
+        Err(Error::new(
+            Code::NotEtcdData,
+            format!("{} has neither member/snap/db nor member/wal/*.wal: not an etcd member's data", data.display()),
+        ))
     }
 }
 
@@ -286,7 +320,15 @@ impl Plan {
         row("host path", self.host_path.display().to_string());
         let v = &self.volume;
         let kind = serde_json::to_value(&v.kind).ok().and_then(|k| k["type"].as_str().map(String::from)).unwrap_or_default();
-        row("volume", format!("{} ({kind}) mounted at {}{}", v.name, v.mount_path, v.sub_path.as_deref().map(|s| format!(" subPath {s}")).unwrap_or_default()));
+        row(
+            "volume",
+            format!(
+                "{} ({kind}) mounted at {}{}",
+                v.name,
+                v.mount_path,
+                v.sub_path.as_deref().map(|s| format!(" subPath {s}")).unwrap_or_default()
+            ),
+        );
         if let (Some(c), Some(pv)) = (&v.claim, &v.persistent_volume) {
             row("claim", format!("{c} -> {pv}"));
         }

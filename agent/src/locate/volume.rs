@@ -41,7 +41,10 @@ pub fn mount_for(c: &Container, data_dir: &str, env: &BTreeMap<String, String>) 
         })
         .max_by_key(|m| components(&m.mount_path).len())
         .ok_or_else(|| {
-            Error::new(Code::DataDirNotFound, format!("data dir {data_dir:?} is on no volume of container {:?}: etcd writes to the container's own filesystem", c.name))
+            Error::new(
+                Code::DataDirNotFound,
+                format!("data dir {data_dir:?} is on no volume of container {:?}: etcd writes to the container's own filesystem", c.name),
+            )
         })?;
     let sub_path = match (&best.sub_path, &best.sub_path_expr) {
         (Some(s), _) if !s.is_empty() => Some(s.clone()),
@@ -112,12 +115,22 @@ pub fn pv_kind(pv: &PersistentVolume) -> VolumeKind {
             return VolumeKind::Csi { driver: driver.to_string(), volume_handle: handle, migrated_from: Some(plugin.to_string()) };
         }
     }
-    let plugin = v.as_object().and_then(|o| o.keys().find(|k| !COMMON_PV_FIELDS.contains(&k.as_str())).cloned()).unwrap_or_else(|| "unknown".into());
+    let plugin =
+        v.as_object().and_then(|o| o.keys().find(|k| !COMMON_PV_FIELDS.contains(&k.as_str())).cloned()).unwrap_or_else(|| "unknown".into());
     VolumeKind::Other { plugin }
 }
 
-const COMMON_PV_FIELDS: &[&str] =
-    &["accessModes", "capacity", "claimRef", "mountOptions", "nodeAffinity", "persistentVolumeReclaimPolicy", "storageClassName", "volumeMode", "volumeAttributesClassName"];
+const COMMON_PV_FIELDS: &[&str] = &[
+    "accessModes",
+    "capacity",
+    "claimRef",
+    "mountOptions",
+    "nodeAffinity",
+    "persistentVolumeReclaimPolicy",
+    "storageClassName",
+    "volumeMode",
+    "volumeAttributesClassName",
+];
 
 /// The kind of an inline pod volume that is not a PVC.
 pub fn inline_kind(v: &Volume) -> Option<VolumeKind> {
@@ -214,7 +227,14 @@ mod tests {
         let csi = pv_kind(&pv(json!({"csi": {"driver": "ebs.csi.aws.com", "volumeHandle": "vol-1"}})));
         assert_eq!(expected_path("u", "pv-1", &csi), Expected::Kubelet("pods/u/volumes/kubernetes.io~csi/pv-1/mount".into()));
         let migrated = pv_kind(&pv(json!({"awsElasticBlockStore": {"volumeID": "vol-2"}})));
-        assert_eq!(migrated, VolumeKind::Csi { driver: "ebs.csi.aws.com".into(), volume_handle: "vol-2".into(), migrated_from: Some("awsElasticBlockStore".into()) });
+        assert_eq!(
+            migrated,
+            VolumeKind::Csi {
+                driver: "ebs.csi.aws.com".into(),
+                volume_handle: "vol-2".into(),
+                migrated_from: Some("awsElasticBlockStore".into())
+            }
+        );
         let gce = pv_kind(&pv(json!({"gcePersistentDisk": {"pdName": "disk-1"}})));
         assert!(matches!(gce, VolumeKind::Csi { ref driver, .. } if driver == "pd.csi.storage.gke.io"));
         let local = pv_kind(&pv(json!({"local": {"path": "/mnt/disks/ssd1"}})));
@@ -224,7 +244,10 @@ mod tests {
         let nfs = pv_kind(&pv(json!({"nfs": {"server": "s", "path": "/x"}, "accessModes": ["ReadWriteMany"]})));
         assert_eq!(nfs, VolumeKind::Other { plugin: "nfs".into() });
         assert_eq!(expected_path("u", "pv-1", &nfs), Expected::Search { name: "pv-1".into() });
-        assert_eq!(expected_path("u", "data", &VolumeKind::EmptyDir), Expected::Kubelet("pods/u/volumes/kubernetes.io~empty-dir/data".into()));
+        assert_eq!(
+            expected_path("u", "data", &VolumeKind::EmptyDir),
+            Expected::Kubelet("pods/u/volumes/kubernetes.io~empty-dir/data".into())
+        );
     }
 
     #[test]

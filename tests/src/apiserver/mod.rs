@@ -29,8 +29,8 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use selector::{FieldSelector, LabelSelector};
-pub use store::{ApiError, Change, ChangeKind, Deleted, ResourceDef, Store};
 use store::find_resource;
+pub use store::{ApiError, Change, ChangeKind, Deleted, ResourceDef, Store};
 
 /// Who a bearer token is, for TokenReview.
 #[derive(Clone, Debug, Default)]
@@ -238,12 +238,7 @@ pub fn parse_path(path: &str) -> Option<Target> {
         if ns.is_some() && !resource.namespaced {
             return None;
         }
-        Some(Target {
-            resource,
-            namespace: ns.map(String::from),
-            name: name.map(String::from),
-            subresource: sub.map(String::from),
-        })
+        Some(Target { resource, namespace: ns.map(String::from), name: name.map(String::from), subresource: sub.map(String::from) })
     };
     match rest {
         ["namespaces", ns, plural] => target(plural, Some(ns), None, None),
@@ -304,11 +299,7 @@ fn percent_decode(s: &str) -> String {
 }
 
 fn bearer(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(|t| t.trim().to_string())
+    headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(|t| t.trim().to_string())
 }
 
 async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
@@ -512,7 +503,8 @@ fn token_review(shared: &Shared, body: &Bytes) -> Response {
         None => json!({"authenticated": false, "error": "invalid bearer token"}),
         Some(id) => {
             let token_aud = if id.audiences.is_empty() { vec!["https://kubernetes.default.svc".to_string()] } else { id.audiences.clone() };
-            let matched: Vec<&String> = if wanted.is_empty() { token_aud.iter().collect() } else { wanted.iter().filter(|a| token_aud.contains(a)).collect() };
+            let matched: Vec<&String> =
+                if wanted.is_empty() { token_aud.iter().collect() } else { wanted.iter().filter(|a| token_aud.contains(a)).collect() };
             if matched.is_empty() {
                 json!({"authenticated": false, "error": "token audiences do not match"})
             } else {
@@ -534,10 +526,17 @@ fn access_review(shared: &Shared, body: &Bytes) -> Response {
     let spec = review.get("spec").cloned().unwrap_or_default();
     let s = |p: &str| spec.pointer(p).and_then(Value::as_str).unwrap_or_default().to_string();
     let user = s("/user");
-    let groups: Vec<String> =
-        spec.get("groups").and_then(Value::as_array).map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect()).unwrap_or_default();
-    let (verb, group, resource, ns) =
-        (s("/resourceAttributes/verb"), s("/resourceAttributes/group"), s("/resourceAttributes/resource"), s("/resourceAttributes/namespace"));
+    let groups: Vec<String> = spec
+        .get("groups")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    let (verb, group, resource, ns) = (
+        s("/resourceAttributes/verb"),
+        s("/resourceAttributes/group"),
+        s("/resourceAttributes/resource"),
+        s("/resourceAttributes/namespace"),
+    );
     let allowed = shared.rules.lock().unwrap().iter().any(|r| {
         (r.subject == user || groups.contains(&r.subject))
             && (r.verb == verb || r.verb == "*")

@@ -38,9 +38,24 @@ pub const RESOURCES: &[ResourceDef] = &[
         plural: "pods",
         kind: "Pod",
         namespaced: true,
-        fields: &["spec.nodeName", "spec.restartPolicy", "spec.schedulerName", "spec.serviceAccountName", "status.phase", "status.podIP", "status.nominatedNodeName"],
+        fields: &[
+            "spec.nodeName",
+            "spec.restartPolicy",
+            "spec.schedulerName",
+            "spec.serviceAccountName",
+            "status.phase",
+            "status.podIP",
+            "status.nominatedNodeName",
+        ],
     },
-    ResourceDef { group: "", version: "v1", plural: "persistentvolumeclaims", kind: "PersistentVolumeClaim", namespaced: true, fields: &[] },
+    ResourceDef {
+        group: "",
+        version: "v1",
+        plural: "persistentvolumeclaims",
+        kind: "PersistentVolumeClaim",
+        namespaced: true,
+        fields: &[],
+    },
     ResourceDef { group: "", version: "v1", plural: "persistentvolumes", kind: "PersistentVolume", namespaced: false, fields: &[] },
     ResourceDef { group: "", version: "v1", plural: "namespaces", kind: "Namespace", namespaced: false, fields: &["status.phase"] },
     ResourceDef { group: "", version: "v1", plural: "nodes", kind: "Node", namespaced: false, fields: &["spec.unschedulable"] },
@@ -50,7 +65,15 @@ pub const RESOURCES: &[ResourceDef] = &[
         plural: "events",
         kind: "Event",
         namespaced: true,
-        fields: &["involvedObject.kind", "involvedObject.name", "involvedObject.namespace", "involvedObject.uid", "reason", "type", "source"],
+        fields: &[
+            "involvedObject.kind",
+            "involvedObject.name",
+            "involvedObject.namespace",
+            "involvedObject.uid",
+            "reason",
+            "type",
+            "source",
+        ],
     },
     ResourceDef {
         group: "events.k8s.io",
@@ -196,10 +219,7 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
 
 impl Default for Store {
     fn default() -> Self {
-        Store {
-            inner: Mutex::new(Inner { objects: BTreeMap::new(), rv: 1, history: VecDeque::new() }),
-            tx: broadcast::channel(4096).0,
-        }
+        Store { inner: Mutex::new(Inner { objects: BTreeMap::new(), rv: 1, history: VecDeque::new() }), tx: broadcast::channel(4096).0 }
     }
 }
 
@@ -292,13 +312,7 @@ impl Store {
     }
 
     /// Objects of `res` in `ns` (all namespaces when `None`), and the list's resourceVersion.
-    pub fn list(
-        &self,
-        res: &ResourceDef,
-        ns: Option<&str>,
-        labels: &LabelSelector,
-        fields: &FieldSelector,
-    ) -> (Vec<Value>, u64) {
+    pub fn list(&self, res: &ResourceDef, ns: Option<&str>, labels: &LabelSelector, fields: &FieldSelector) -> (Vec<Value>, u64) {
         let inner = self.inner.lock().unwrap();
         let q = res.qualified();
         let items = inner

@@ -65,14 +65,21 @@ async fn main() -> Result<()> {
     lab.set.wait_ready(1, Duration::from_secs(120)).await?;
     let members = etcd::member_list(&lab.set.endpoints()).await?;
     let new = members.iter().find(|m| m.name == "apisix-etcd-1").context("member rejoined")?;
-    p.step(&format!("apisix-etcd-1 rejoined as member {} after {:.2}s; the image re-added it", format_id(new.id), heal.elapsed().as_secs_f64()));
+    p.step(&format!(
+        "apisix-etcd-1 rejoined as member {} after {:.2}s; the image re-added it",
+        format_id(new.id),
+        heal.elapsed().as_secs_f64()
+    ));
 
     let c = etcd::check_consistency(&lab.set.endpoints()).await?;
     for (endpoint, keys, hash) in &c.members {
         println!("           {endpoint}: {keys} keys, hashkv {hash:#010x} at revision {}", c.revision);
     }
     ensure!(c.consistent && c.members.len() == 3 && c.members.iter().all(|(_, n, _)| *n == KEYS), "members disagree: {c:?}");
-    p.step(&format!("healed: {} started voting members, {KEYS} keys equal on all members", members.iter().filter(|m| m.started() && !m.is_learner).count()));
+    p.step(&format!(
+        "healed: {} started voting members, {KEYS} keys equal on all members",
+        members.iter().filter(|m| m.started() && !m.is_learner).count()
+    ));
     println!("note: this build shows the heal as the procedure etcd-medic automates; the agent's own remediation lands with issue #4.");
     lab.shutdown().await;
     Ok(())

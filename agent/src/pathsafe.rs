@@ -46,6 +46,20 @@ pub fn check_dir_beneath(root: &Path, rel: &Path) -> Result<PathBuf> {
     Ok(root.join(rel))
 }
 
+/// The entry `root/rel` without following any link: its parents must be real directories
+/// (a link among them is `UnsafePath`), and the entry itself is described, not followed.
+/// `None` when it, or a parent, does not exist.
+pub fn entry_beneath(root: &Path, rel: &Path) -> Result<Option<std::fs::Metadata>> {
+    if let Some(parent) = rel.parent().filter(|p| !p.as_os_str().is_empty()) {
+        match open_dir_beneath(root, parent) {
+            Ok(_) => {}
+            Err(e) if e.code == Code::DataDirNotFound => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(root.join(rel).symlink_metadata().ok())
+}
+
 /// Mount points of this process's mount namespace, from `/proc/self/mountinfo` text.
 pub fn mount_points(mountinfo: &str) -> Vec<PathBuf> {
     mountinfo.lines().filter_map(|l| l.split(' ').nth(4)).map(|p| PathBuf::from(unescape(p))).collect()
@@ -106,6 +120,19 @@ mod tests {
         assert_eq!(check_dir_beneath(d.path(), Path::new("a/gone")).unwrap_err().code, Code::DataDirNotFound);
         std::fs::write(d.path().join("a/file"), "").unwrap();
         assert_eq!(check_dir_beneath(d.path(), Path::new("a/file")).unwrap_err().code, Code::UnsafePath);
+    }
+
+    #[test]
+    fn entries_are_described_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(outside.path().join("snap")).unwrap();
+        std::fs::write(outside.path().join("snap/db"), "x").unwrap();
+        std::fs::create_dir_all(d.path().join("data")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), d.path().join("data/member")).unwrap();
+        assert_eq!(entry_beneath(d.path(), Path::new("data/member/snap/db")).unwrap_err().code, Code::UnsafePath);
+        assert!(entry_beneath(d.path(), Path::new("data/member")).unwrap().unwrap().file_type().is_symlink());
+        assert!(entry_beneath(d.path(), Path::new("data/none/x")).unwrap().is_none());
     }
 
     #[test]

@@ -57,14 +57,30 @@ pub fn is_bitnami(c: &Container, env: &BTreeMap<String, String>) -> bool {
     image.contains("bitnami/etcd") || env.contains_key("ETCD_ON_K8S") || env.keys().any(|k| k.starts_with("BITNAMI_"))
 }
 
-/// The profile of a Bitnami or plain pod, looking at the data dir for `member_id` (older
-/// charts write it after every start).
-pub fn detect(c: &Container, env: &BTreeMap<String, String>, data_dir: Option<&Path>) -> Profile {
+/// The Bitnami etcd chart's major version from the pod's `helm.sh/chart` label (`etcd-9.7.3`).
+pub fn chart_major(labels: Option<&BTreeMap<String, String>>) -> Option<u32> {
+    let chart = labels?.get("helm.sh/chart")?;
+    chart.strip_prefix("etcd-")?.split('.').next()?.parse().ok()
+}
+
+/// The profile of a Bitnami or plain pod. The chart's version decides (charts before 11
+/// store `member_id`); without the label, whether the data dir holds `member_id` does.
+pub fn detect(
+    c: &Container,
+    env: &BTreeMap<String, String>,
+    labels: Option<&BTreeMap<String, String>>,
+    data_dir: Option<&Path>,
+) -> Profile {
     if !is_bitnami(c, env) {
         return Profile::Plain;
     }
+    match chart_major(labels) {
+        Some(major) if major < 11 => return Profile::BitnamiMemberId,
+        Some(_) => return Profile::Bitnami,
+        None => {}
+    }
     match data_dir {
-        Some(d) if d.join("member_id").is_file() => Profile::BitnamiMemberId,
+        Some(d) if d.join("member_id").symlink_metadata().is_ok_and(|m| m.file_type().is_file()) => Profile::BitnamiMemberId,
         _ => Profile::Bitnami,
     }
 }
@@ -82,12 +98,23 @@ mod tests {
     fn detects_bitnami_with_and_without_member_id() {
         let d = tempfile::tempdir().unwrap();
         let env = BTreeMap::new();
-        assert_eq!(detect(&c("bitnami/etcd:3.5.10"), &env, Some(d.path())), Profile::Bitnami);
+        assert_eq!(detect(&c("bitnami/etcd:3.5.10"), &env, None, Some(d.path())), Profile::Bitnami);
         std::fs::write(d.path().join("member_id"), "abc").unwrap();
-        assert_eq!(detect(&c("bitnami/etcd:3.5.10"), &env, Some(d.path())), Profile::BitnamiMemberId);
+        assert_eq!(detect(&c("bitnami/etcd:3.5.10"), &env, None, Some(d.path())), Profile::BitnamiMemberId);
         let k8s_env: BTreeMap<String, String> = [("ETCD_ON_K8S".to_string(), "yes".to_string())].into();
-        assert_eq!(detect(&c("my-mirror/etcd:3.5"), &k8s_env, Some(d.path())), Profile::BitnamiMemberId);
-        assert_eq!(detect(&c("quay.io/coreos/etcd:v3.5.9"), &env, Some(d.path())), Profile::Plain);
+        assert_eq!(detect(&c("my-mirror/etcd:3.5"), &k8s_env, None, Some(d.path())), Profile::BitnamiMemberId);
+        assert_eq!(detect(&c("quay.io/coreos/etcd:v3.5.9"), &env, None, Some(d.path())), Profile::Plain);
+    }
+
+    #[test]
+    fn the_chart_version_decides_over_the_files() {
+        let empty = tempfile::tempdir().unwrap();
+        let label = |v: &str| -> BTreeMap<String, String> { [("helm.sh/chart".to_string(), v.to_string())].into() };
+        let env = BTreeMap::new();
+        // APISIX's chart whose member_id got lost is still the member_id profile.
+        assert_eq!(detect(&c("bitnami/etcd:3.5.10"), &env, Some(&label("etcd-9.7.3")), Some(empty.path())), Profile::BitnamiMemberId);
+        assert_eq!(detect(&c("bitnami/etcd:3.5.17"), &env, Some(&label("etcd-11.0.2")), Some(empty.path())), Profile::Bitnami);
+        assert_eq!(chart_major(Some(&label("apisix-2.8.0"))), None);
     }
 
     #[test]

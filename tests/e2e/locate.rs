@@ -86,15 +86,19 @@ async fn bitnami_member_on_a_csi_volume() -> Result<()> {
         assert!(json.get(field).is_some(), "plan JSON lacks {field}: {json}");
     }
     assert_eq!(json["profile"], "bitnami-member-id");
-    // The replacement pod after a delete has a new UID: the plan follows it, and a caller
-    // that named the old UID is refused.
+    // The replacement pod after a delete has a new UID and a new path: a caller that names
+    // the old UID is refused, and the plan follows the new pod.
     let old_uid = plan.pod_uid.clone();
     let (l, _p) = locator(&lab, None, Duration::from_secs(5)).await?;
-    lab.set.delete_pod(2)?;
-    lab.set.wait_ready(2, Duration::from_secs(60)).await?;
-    let e = l.locate("apisix", "apisix-etcd-1", Some("not-the-uid")).await.unwrap_err();
-    assert_eq!(e.code, Code::PodUIDMismatch);
-    assert!(l.locate("apisix", "apisix-etcd-1", Some(&old_uid)).await.is_ok());
+    lab.set.delete_pod(1)?;
+    lab.set.wait_pod(1, Duration::from_secs(60), "replaced", |p| p["metadata"]["uid"] != old_uid.as_str()).await?;
+    lab.set.wait_ready(1, Duration::from_secs(90)).await?;
+    let e = l.locate("apisix", "apisix-etcd-1", Some(&old_uid)).await.unwrap_err();
+    assert_eq!(e.code, Code::PodUIDMismatch, "{e}");
+    let new = l.locate("apisix", "apisix-etcd-1", None).await?;
+    assert_ne!(new.pod_uid, old_uid);
+    assert_ne!(new.host_path, plan.host_path);
+    assert_eq!(new.host_path, lab.set.data_dir(1)?);
     lab.shutdown().await;
     Ok(())
 }
@@ -176,6 +180,15 @@ async fn hostile_and_broken_nodes_are_refused_with_their_codes() -> Result<()> {
     std::fs::remove_file(&volume)?;
     std::fs::rename(&moved, &volume)?;
 
+    // `data/member` a symlink to another volume's member dir: the link is not followed.
+    let elsewhere = tempfile::tempdir()?;
+    std::fs::rename(data.join("member"), elsewhere.path().join("member"))?;
+    std::os::unix::fs::symlink(elsewhere.path().join("member"), data.join("member"))?;
+    let e = assert_code(locate(&lab, 0).await, Code::UnsafePath);
+    assert!(e.message.contains("member"), "{e}");
+    std::fs::remove_file(data.join("member"))?;
+    std::fs::rename(elsewhere.path().join("member"), data.join("member"))?;
+
     // Not etcd data; then no data dir at all.
     std::fs::rename(data.join("member"), volume.join("member.aside"))?;
     assert_code(locate(&lab, 0).await, Code::NotEtcdData);
@@ -190,7 +203,8 @@ async fn hostile_and_broken_nodes_are_refused_with_their_codes() -> Result<()> {
     lab.api.modify::<Pod>("apisix", "apisix-etcd-0", |p| {
         p.spec.as_mut().unwrap().containers[0].volume_mounts.as_mut().unwrap()[0].sub_path_expr = Some("$(MY_POD_NAME)".into());
     })?;
-    assert_code(locate(&lab, 0).await, Code::DataDirNotFound);
+    let e = assert_code(locate(&lab, 0).await, Code::DataDirNotFound);
+    assert!(e.message.contains("apisix-etcd-0") && e.message.contains("does not exist"), "{e}");
     std::fs::rename(volume.join("etcd-0"), volume.join("apisix-etcd-0"))?;
     let plan = locate(&lab, 0).await?;
     assert_eq!(plan.host_path, volume.join("apisix-etcd-0/data"));
@@ -208,6 +222,32 @@ async fn hostile_and_broken_nodes_are_refused_with_their_codes() -> Result<()> {
     lab.api.modify::<Pod>("apisix", "apisix-etcd-0", |p| {
         p.spec.as_mut().unwrap().containers[0].volume_mounts.as_mut().unwrap()[0].sub_path = None
     })?;
+
+    // An inline hostPath volume (a static etcd's own data) is never a target.
+    let claim_volume = lab.api.get::<Pod>("apisix", "apisix-etcd-0").unwrap().spec.unwrap().volumes.unwrap()[0].clone();
+    lab.api.modify::<Pod>("apisix", "apisix-etcd-0", |p| {
+        let v = &mut p.spec.as_mut().unwrap().volumes.as_mut().unwrap()[0];
+        v.persistent_volume_claim = None;
+        v.host_path = Some(serde_json::from_value(serde_json::json!({"path": "/var/lib/etcd"})).unwrap());
+    })?;
+    let e = assert_code(locate(&lab, 0).await, Code::UnsafePath);
+    assert!(e.message.contains("inline hostPath"), "{e}");
+    lab.api.modify::<Pod>("apisix", "apisix-etcd-0", |p| p.spec.as_mut().unwrap().volumes.as_mut().unwrap()[0] = claim_volume.clone())?;
+
+    // A PV that points at a system directory.
+    let pv_name = lab.set.shape().pv_name(0);
+    let pv_before = lab.api.get::<PersistentVolume>("", &pv_name).unwrap();
+    lab.api
+        .modify::<PersistentVolume>("", &pv_name, |p| p.spec.as_mut().unwrap().host_path.as_mut().unwrap().path = "/var/lib/etcd".into())?;
+    assert_code(locate(&lab, 0).await, Code::UnsafePath);
+    // A PV whose claimRef names another claim.
+    lab.api.modify::<PersistentVolume>("", &pv_name, |p| *p = pv_before.clone())?;
+    lab.api.modify::<PersistentVolume>("", &pv_name, |p| {
+        p.spec.as_mut().unwrap().claim_ref.as_mut().unwrap().name = Some("someone-else".into())
+    })?;
+    let e = assert_code(locate(&lab, 0).await, Code::PVNotFound);
+    assert!(e.message.contains("someone-else"), "{e}");
+    lab.api.modify::<PersistentVolume>("", &pv_name, |p| *p = pv_before.clone())?;
 
     // The pod on another node: the detail names it.
     lab.api.modify::<Pod>("apisix", "apisix-etcd-0", |p| p.spec.as_mut().unwrap().node_name = Some("lab-node-b".into()))?;
@@ -290,6 +330,9 @@ async fn kubelet_side_failures_on_a_csi_volume() -> Result<()> {
         let text = std::fs::read_to_string(&vd)?;
         std::fs::write(&vd, text.replace("disk.csi.azure.com", "other.csi.example"))?;
         assert_code(locate(&lab, 0).await, Code::UnsafePath);
+        std::fs::remove_file(&vd)?;
+        let e = assert_code(locate(&lab, 0).await, Code::UnsafePath);
+        assert!(e.message.contains("vol_data.json"), "{e}");
         std::fs::write(&vd, text)?;
         assert!(locate(&lab, 0).await.is_ok());
     } else {

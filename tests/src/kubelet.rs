@@ -12,6 +12,10 @@ use nix::mount::{MntFlags, MsFlags, mount, umount2};
 /// Env var that turns real mounts off even as root (to run the non-root layout as root).
 pub const NO_MOUNTS_ENV: &str = "ETCD_MEDIC_LAB_NO_MOUNTS";
 
+/// Env var that makes a lab without real mounts an error (CI sets it: it runs as root, and
+/// the mount checks must not silently turn into skips there).
+pub const REQUIRE_MOUNTS_ENV: &str = "ETCD_MEDIC_LAB_REQUIRE_MOUNTS";
+
 /// How a PersistentVolume reaches the node.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum VolumeSource {
@@ -44,6 +48,9 @@ impl NodeTree {
         let kubelet_root = root.join(kubelet_rel);
         std::fs::create_dir_all(kubelet_root.join("pods"))?;
         let real_mounts = running_as_root() && std::env::var_os(NO_MOUNTS_ENV).is_none();
+        if !real_mounts && std::env::var_os(REQUIRE_MOUNTS_ENV).is_some() {
+            bail!("{REQUIRE_MOUNTS_ENV} is set but the lab cannot mount (not root, or {NO_MOUNTS_ENV} set)");
+        }
         Ok(NodeTree { root: root.to_path_buf(), kubelet_root, real_mounts, mounts: Mutex::new(Vec::new()) })
     }
 

@@ -85,12 +85,16 @@ impl SetShape {
         format!("pvc-{:08x}-{ordinal:04x}-4000-8000-{:012x}", fnv(&self.namespace) as u32, fnv(&self.pvc_name(ordinal)) & 0xffff_ffff_ffff)
     }
     pub fn labels(&self) -> Value {
-        json!({
+        let mut l = json!({
             "app.kubernetes.io/name": "etcd",
             "app.kubernetes.io/instance": self.release,
             "app.kubernetes.io/component": "etcd",
             "app.kubernetes.io/managed-by": "Helm",
-        })
+        });
+        if let StartProfile::Bitnami { .. } = self.profile {
+            l["helm.sh/chart"] = json!("etcd-9.7.3");
+        }
+        l
     }
     pub fn selector(&self) -> String {
         format!("app.kubernetes.io/name=etcd,app.kubernetes.io/instance={}", self.release)

@@ -114,6 +114,42 @@ pub fn expand(input: &str, env: &BTreeMap<String, String>) -> String {
     out
 }
 
+/// A WAL kept outside the data dir (`--wal-dir`, `ETCD_WAL_DIR`) or another volume mounted
+/// inside it would be left behind by a move of `member/wal`: refuse rather than half-move.
+pub fn no_separate_wal(c: &Container, env: &BTreeMap<String, String>, data_dir: &str) -> Result<()> {
+    let words: Vec<String> = c.command.iter().chain(c.args.iter()).flatten().map(|w| expand(w, env)).collect();
+    let flag = words.iter().any(|w| w == "--wal-dir" || w.starts_with("--wal-dir="));
+    if flag || env.get("ETCD_WAL_DIR").is_some_and(|v| !v.is_empty()) {
+        return Err(Error::new(
+            Code::UnsupportedProfile,
+            format!(
+                "container {:?} keeps its WAL outside the data dir (--wal-dir / ETCD_WAL_DIR): moving member/wal would leave the real WAL behind",
+                c.name
+            ),
+        ));
+    }
+    let dd = data_dir.trim_end_matches('/');
+    if let Some(m) = c.volume_mounts.iter().flatten().find(|m| m.mount_path.trim_end_matches('/').starts_with(&format!("{dd}/"))) {
+        return Err(Error::new(
+            Code::UnsupportedProfile,
+            format!("volume {:?} is mounted inside the data dir at {}: a move would split the member's data", m.name, m.mount_path),
+        ));
+    }
+    Ok(())
+}
+
+/// Names set from sources the agent cannot read (ConfigMaps, Secrets, `envFrom`).
+fn unresolved(c: &Container) -> (Vec<String>, bool) {
+    let names = c
+        .env
+        .iter()
+        .flatten()
+        .filter(|v| v.value.is_none() && v.value_from.as_ref().is_some_and(|f| f.field_ref.is_none()))
+        .map(|v| v.name.clone())
+        .collect();
+    (names, c.env_from.as_ref().is_some_and(|e| !e.is_empty()))
+}
+
 /// Where the data dir was found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DataDirSource {
@@ -127,6 +163,7 @@ pub enum DataDirSource {
 pub fn data_dir(pod: &Pod, c: &Container, default: Option<&str>) -> Result<(String, DataDirSource)> {
     let env = environment(pod, c);
     let words: Vec<String> = c.command.iter().chain(c.args.iter()).flatten().map(|w| expand(w, &env)).collect();
+    let (unreadable, has_env_from) = unresolved(c);
     let mut flag = None;
     for (i, w) in words.iter().enumerate() {
         if let Some(v) = w.strip_prefix("--data-dir=").or_else(|| w.strip_prefix("-data-dir=")) {
@@ -136,6 +173,16 @@ pub fn data_dir(pod: &Pod, c: &Container, default: Option<&str>) -> Result<(Stri
         {
             flag = Some(v.clone());
         }
+    }
+    let literal = c.env.iter().flatten().any(|v| v.name == "ETCD_DATA_DIR" && v.value.is_some());
+    if flag.is_none() && (unreadable.iter().any(|n| n == "ETCD_DATA_DIR") || (has_env_from && !literal)) {
+        return Err(Error::new(
+            Code::DataDirNotFound,
+            format!(
+                "container {:?} may set ETCD_DATA_DIR from a ConfigMap or Secret, which the agent cannot read; set it in the pod spec or pass --data-dir",
+                c.name
+            ),
+        ));
     }
     let (dir, source) = match (flag, env.get("ETCD_DATA_DIR"), default) {
         (Some(f), _, _) => (f, DataDirSource::Flag),
@@ -218,6 +265,36 @@ mod tests {
         assert_eq!(data_dir(&p, c, None).unwrap_err().code, Code::DataDirNotFound);
         let rel = pod(json!({"name": "etcd", "args": ["--data-dir=default.etcd"]}));
         assert_eq!(data_dir(&rel, &rel.spec.as_ref().unwrap().containers[0], None).unwrap_err().code, Code::DataDirNotFound);
+    }
+
+    #[test]
+    fn data_dir_from_unreadable_sources_is_not_guessed() {
+        let from_cm = pod(json!({"name": "etcd", "image": "bitnami/etcd:3.5", "env": [
+            {"name": "ETCD_DATA_DIR", "valueFrom": {"configMapKeyRef": {"name": "cfg", "key": "dir"}}}]}));
+        let c = &from_cm.spec.as_ref().unwrap().containers[0];
+        assert_eq!(data_dir(&from_cm, c, Some("/bitnami/etcd/data")).unwrap_err().code, Code::DataDirNotFound);
+        let env_from = pod(json!({"name": "etcd", "image": "bitnami/etcd:3.5", "envFrom": [{"configMapRef": {"name": "cfg"}}]}));
+        let c = &env_from.spec.as_ref().unwrap().containers[0];
+        assert_eq!(data_dir(&env_from, c, Some("/bitnami/etcd/data")).unwrap_err().code, Code::DataDirNotFound);
+        let overridden = pod(json!({"name": "etcd", "envFrom": [{"configMapRef": {"name": "cfg"}}],
+            "env": [{"name": "ETCD_DATA_DIR", "value": "/data"}]}));
+        let c = &overridden.spec.as_ref().unwrap().containers[0];
+        assert_eq!(data_dir(&overridden, c, None).unwrap().0, "/data");
+    }
+
+    #[test]
+    fn a_wal_outside_the_data_dir_is_unsupported() {
+        let wal_flag = pod(json!({"name": "etcd", "args": ["--data-dir=/d", "--wal-dir=/w"]}));
+        let c = &wal_flag.spec.as_ref().unwrap().containers[0];
+        assert_eq!(no_separate_wal(c, &environment(&wal_flag, c), "/d").unwrap_err().code, Code::UnsupportedProfile);
+        let nested = pod(
+            json!({"name": "etcd", "volumeMounts": [{"name": "data", "mountPath": "/d"}, {"name": "wal", "mountPath": "/d/member/wal"}]}),
+        );
+        let c = &nested.spec.as_ref().unwrap().containers[0];
+        assert_eq!(no_separate_wal(c, &BTreeMap::new(), "/d").unwrap_err().code, Code::UnsupportedProfile);
+        let fine = pod(json!({"name": "etcd", "volumeMounts": [{"name": "data", "mountPath": "/d"}]}));
+        let c = &fine.spec.as_ref().unwrap().containers[0];
+        assert!(no_separate_wal(c, &BTreeMap::new(), "/d").is_ok());
     }
 
     #[test]

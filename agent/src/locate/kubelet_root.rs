@@ -29,8 +29,12 @@ pub fn root_dir_from_cmdline(args: &[String]) -> Option<String> {
 }
 
 /// The `--root-dir` of a running kubelet, read from `<proc>/<pid>/cmdline` (the host's
-/// `/proc` when the agent runs with `hostPID`).
+/// `/proc` when the agent runs with `hostPID`). Only a process in the host's root (the
+/// same root as pid 1) counts: a container naming itself `kubelet` does not.
 pub fn from_processes(proc_root: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let root_id = |pid: &str| std::fs::metadata(proc_root.join(pid).join("root")).ok().map(|m| (m.dev(), m.ino()));
+    let host_root = root_id("1");
     let entries = std::fs::read_dir(proc_root).ok()?;
     for e in entries.flatten() {
         if !e.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
@@ -40,7 +44,11 @@ pub fn from_processes(proc_root: &Path) -> Option<String> {
         let args: Vec<String> = raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
         let is_kubelet =
             args.first().is_some_and(|a| a.rsplit('/').next() == Some("kubelet")) || args.iter().take(2).any(|a| a == "kubelet");
-        if is_kubelet && let Some(root) = root_dir_from_cmdline(&args) {
+        let in_host_root = host_root.is_some() && root_id(&e.file_name().to_string_lossy()) == host_root;
+        if is_kubelet
+            && in_host_root
+            && let Some(root) = root_dir_from_cmdline(&args)
+        {
             return Some(root);
         }
     }
@@ -61,7 +69,10 @@ pub fn discover(explicit: Option<&Path>, host_root: &Path, proc_root: &Path, pod
         return Some(Found { path: under_host_root(host_root, p), how: "given" });
     }
     if let Some(root) = from_processes(proc_root) {
-        return Some(Found { path: under_host_root(host_root, Path::new(&root)), how: "the kubelet's --root-dir" });
+        let path = under_host_root(host_root, Path::new(&root));
+        if path.join("pods").join(pod_uid).is_dir() {
+            return Some(Found { path, how: "the kubelet's --root-dir" });
+        }
     }
     DISTRIBUTION_ROOTS
         .iter()
@@ -88,14 +99,24 @@ mod tests {
     #[test]
     fn finds_the_kubelet_among_processes() {
         let proc = tempfile::tempdir().unwrap();
-        std::fs::create_dir_all(proc.path().join("1")).unwrap();
-        std::fs::write(proc.path().join("1/cmdline"), b"/sbin/init\0").unwrap();
-        std::fs::create_dir_all(proc.path().join("42")).unwrap();
-        std::fs::write(proc.path().join("42/cmdline"), b"/usr/bin/kubelet\0--config=/c\0--root-dir=/var/lib/k0s/kubelet\0").unwrap();
+        let host = tempfile::tempdir().unwrap();
+        let container_root = tempfile::tempdir().unwrap();
+        let process = |pid: &str, cmdline: &[u8], root: &Path| {
+            std::fs::create_dir_all(proc.path().join(pid)).unwrap();
+            std::fs::write(proc.path().join(pid).join("cmdline"), cmdline).unwrap();
+            std::os::unix::fs::symlink(root, proc.path().join(pid).join("root")).unwrap();
+        };
+        process("1", b"/sbin/init\0", Path::new("/"));
+        // A container process calling itself kubelet, in another root: ignored.
+        process("7", b"kubelet\0--root-dir=/evil\0", container_root.path());
+        process("42", b"/usr/bin/kubelet\0--config=/c\0--root-dir=/var/lib/k0s/kubelet\0", Path::new("/"));
         std::fs::create_dir_all(proc.path().join("self")).unwrap();
         assert_eq!(from_processes(proc.path()).as_deref(), Some("/var/lib/k0s/kubelet"));
-        let found = discover(None, Path::new("/host"), proc.path(), "u").unwrap();
-        assert_eq!(found.path, PathBuf::from("/host/var/lib/k0s/kubelet"));
+        std::fs::create_dir_all(host.path().join("var/lib/k0s/kubelet/pods/u")).unwrap();
+        let found = discover(None, host.path(), proc.path(), "u").unwrap();
+        assert_eq!(found.path, host.path().join("var/lib/k0s/kubelet"));
+        // A root that does not hold the pod is not trusted.
+        assert!(discover(None, host.path(), proc.path(), "other").is_none());
     }
 
     #[test]

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::error::{Code, Error, Result};
 use crate::kubeapi::KubeApi;
-use crate::pathsafe::{check_dir_beneath, is_mount_point};
+use crate::pathsafe::{check_dir_beneath, entry_beneath, is_mount_point};
 use crate::profile::{self, Profile};
 use volume::{Expected, VolumeKind};
 
@@ -96,17 +96,19 @@ impl Locator {
         }
         let node = pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default();
         if node != self.layout.node_name {
-            let on = if node.is_empty() { "no node yet (unscheduled)".to_string() } else { format!("node {node}") };
-            return Err(Error::new(
-                Code::WrongNode,
-                format!("pod {namespace}/{name} runs on {on}, not on {}; ask the agent on {node}", self.layout.node_name),
-            ));
+            let detail = if node.is_empty() {
+                format!("pod {namespace}/{name} is not scheduled to any node yet")
+            } else {
+                format!("pod {namespace}/{name} runs on node {node}, not on {}; ask the agent on {node}", self.layout.node_name)
+            };
+            return Err(Error::new(Code::WrongNode, detail));
         }
         let c = container::etcd_container(&pod, self.layout.container.as_deref())?;
         let env = container::environment(&pod, c);
         let bitnami = profile::is_bitnami(c, &env);
         let default_dir = if bitnami { Profile::Bitnami.default_data_dir() } else { None };
         let (data_dir, _) = container::data_dir(&pod, c, default_dir)?;
+        container::no_separate_wal(c, &env, &data_dir)?;
         let mm = volume::mount_for(c, &data_dir, &env)?;
         let (volume_name, claim, pv_name, kind) = self.volume_of(&pod, &mm.volume, namespace).await?;
 
@@ -128,7 +130,7 @@ impl Locator {
         let rel = mm.sub_path.as_deref().map(PathBuf::from).unwrap_or_default().join(&mm.rel);
         let host_path = check_dir_beneath(&root, &rel)?;
         check_etcd_data(&host_path)?;
-        let profile = if bitnami { profile::detect(c, &env, Some(&host_path)) } else { Profile::Plain };
+        let profile = if bitnami { profile::detect(c, &env, pod.metadata.labels.as_ref(), Some(&host_path)) } else { Profile::Plain };
         let moves = planned_moves(&host_path, profile)?;
         Ok(Plan {
             namespace: namespace.to_string(),
@@ -169,7 +171,16 @@ impl Locator {
                 Error::new(Code::PVNotFound, format!("PersistentVolumeClaim {namespace}/{claim} is not bound to a PersistentVolume"))
             })?;
             let pv = self.api.pv(&pv_name).await?;
+            volume::check_binding(&pvc, &pv)?;
             return Ok((pv_name.clone(), Some(claim), Some(pv_name), volume::pv_kind(&pv)));
+        }
+        if v.host_path.is_some() {
+            // An inline hostPath (a kubeadm static etcd, say) is the node's own data, not a
+            // claim the agent may move: only volumes bound through a PVC are acted on.
+            return Err(Error::new(
+                Code::UnsafePath,
+                format!("volume {vol:?} is an inline hostPath; the agent acts only on PersistentVolumeClaims (and emptyDir)"),
+            ));
         }
         let kind = volume::inline_kind(v).unwrap_or_else(|| {
             let plugin = serde_json::to_value(v).ok().and_then(|j| j.as_object().and_then(|o| o.keys().find(|k| *k != "name").cloned()));
@@ -182,14 +193,17 @@ impl Locator {
         match expected {
             Expected::Host(p) => {
                 // hostPath: the PV's own path on the host, reached from the host root without
-                // links. It is not a mount point and need not be.
+                // links. It is not a mount point and need not be; but it must be a volume's
+                // own directory, never a system one.
+                volume::check_host_path_pv(p)?;
                 check_dir_beneath(&self.layout.host_root, p.strip_prefix("/").unwrap_or(p))
             }
             Expected::Kubelet(rel) => {
                 let kr = kubelet_root.expect("kubelet root resolved for kubelet paths");
                 let path = check_dir_beneath(kr, rel)?;
                 if let VolumeKind::Csi { driver, volume_handle, migrated_from } = kind {
-                    cross_check_vol_data(&path, driver, volume_handle, migrated_from.is_some())?;
+                    let pv = rel.parent().and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                    cross_check_vol_data(&path, &pv, driver, volume_handle, migrated_from.is_some())?;
                 }
                 if !matches!(kind, VolumeKind::EmptyDir) {
                     require_mount(&path)?;
@@ -249,17 +263,24 @@ fn require_mount(path: &Path) -> Result<()> {
 }
 
 /// `vol_data.json` beside a CSI `mount` names the driver and handle the kubelet mounted.
-fn cross_check_vol_data(mount: &Path, driver: &str, handle: &str, migrated: bool) -> Result<()> {
-    let Some(dir) = mount.parent() else { return Ok(()) };
-    let Ok(text) = std::fs::read_to_string(dir.join("vol_data.json")) else { return Ok(()) };
+/// The kubelet writes it for every CSI volume; its absence means this is not the kubelet's
+/// mount of that volume. Migrated in-tree volumes carry a translated handle, so only the
+/// driver and the PV name are compared for them.
+fn cross_check_vol_data(mount: &Path, pv: &str, driver: &str, handle: &str, migrated: bool) -> Result<()> {
+    let dir = mount.parent().unwrap_or(mount);
+    let file = dir.join("vol_data.json");
+    let text = std::fs::read_to_string(&file).map_err(|e| {
+        Error::new(Code::UnsafePath, format!("{} cannot be read ({e}): not the kubelet's CSI mount of {pv}", file.display()))
+    })?;
     let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
     let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_string();
-    if field("driverName") != driver || (!migrated && field("volumeHandle") != handle) {
+    if field("driverName") != driver || field("specVolID") != pv || (!migrated && field("volumeHandle") != handle) {
         return Err(Error::new(
             Code::UnsafePath,
             format!(
-                "{} names driver {:?} and handle {:?}, but the PersistentVolume says {driver:?} and {handle:?}",
-                dir.join("vol_data.json").display(),
+                "{} names volume {:?}, driver {:?} and handle {:?}, but the PersistentVolume is {pv:?} with {driver:?} and {handle:?}",
+                file.display(),
+                field("specVolID"),
                 field("driverName"),
                 field("volumeHandle")
             ),
@@ -269,11 +290,14 @@ fn cross_check_vol_data(mount: &Path, driver: &str, handle: &str, migrated: bool
 }
 
 /// An etcd member dir has `member/snap/db` or WAL files in `member/wal`.
+/// Links are not followed anywhere below the data dir: a `member` that points at another
+/// volume's member dir is `UnsafePath`, not a match.
 fn check_etcd_data(data: &Path) -> Result<()> {
-    let has_db = data.join("member/snap/db").is_file();
-    let has_wal = std::fs::read_dir(data.join("member/wal"))
-        .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".wal")))
-        .unwrap_or(false);
+    let has_db = entry_beneath(data, Path::new("member/snap/db"))?.is_some_and(|m| m.file_type().is_file());
+    let has_wal = entry_beneath(data, Path::new("member/wal"))?.is_some_and(|m| m.file_type().is_dir())
+        && std::fs::read_dir(data.join("member/wal"))
+            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".wal")))
+            .unwrap_or(false);
     if has_db || has_wal {
         Ok(())
     } else {
@@ -290,7 +314,7 @@ fn planned_moves(data: &Path, profile: Profile) -> Result<Vec<MoveItem>> {
     let mut out = Vec::new();
     for rel in profile.files_to_move() {
         let p = data.join(rel);
-        let Ok(meta) = p.symlink_metadata() else { continue };
+        let Some(meta) = entry_beneath(data, Path::new(rel))? else { continue };
         if meta.file_type().is_symlink() {
             return Err(Error::new(Code::UnsafePath, format!("{} is a symlink; the agent never moves links", p.display())));
         }

@@ -66,6 +66,33 @@ pub fn mount_for(c: &Container, data_dir: &str, env: &BTreeMap<String, String>) 
     Ok(MountMatch { volume: best.name.clone(), mount_path: best.mount_path.clone(), sub_path, rel })
 }
 
+/// The claim and the volume must name each other, as the kubelet requires: the PV's
+/// `claimRef` is this PVC (and its uid, when set), and the PV is bound.
+pub fn check_binding(pvc: &k8s_openapi::api::core::v1::PersistentVolumeClaim, pv: &PersistentVolume) -> Result<()> {
+    let pv_name = pv.metadata.name.as_deref().unwrap_or_default();
+    let claim_ref = pv.spec.as_ref().and_then(|s| s.claim_ref.as_ref());
+    let names_it = claim_ref.is_some_and(|r| {
+        r.namespace == pvc.metadata.namespace
+            && r.name == pvc.metadata.name
+            && (r.uid.is_none() || pvc.metadata.uid.is_none() || r.uid == pvc.metadata.uid)
+    });
+    if !names_it {
+        return Err(Error::new(
+            Code::PVNotFound,
+            format!(
+                "PersistentVolume {pv_name} is not bound to claim {}/{}: its claimRef names {:?}",
+                pvc.metadata.namespace.as_deref().unwrap_or_default(),
+                pvc.metadata.name.as_deref().unwrap_or_default(),
+                claim_ref.map(|r| format!("{}/{}", r.namespace.as_deref().unwrap_or_default(), r.name.as_deref().unwrap_or_default()))
+            ),
+        ));
+    }
+    if pv.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| p != "Bound") {
+        return Err(Error::new(Code::PVNotFound, format!("PersistentVolume {pv_name} is not Bound")));
+    }
+    Ok(())
+}
+
 /// How the volume reaches the node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase", tag = "type")]
@@ -176,6 +203,46 @@ pub fn expected_path(pod_uid: &str, name: &str, kind: &VolumeKind) -> Expected {
     }
 }
 
+/// Host directories a hostPath PV must never be: the system's, the kubelet's and
+/// kubeadm's etcd (a PV pointing there is a mistake or an attack, not a volume).
+const SYSTEM_DIRS: &[&str] = &[
+    "/",
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/home",
+    "/lib",
+    "/opt",
+    "/proc",
+    "/root",
+    "/run",
+    "/sbin",
+    "/srv",
+    "/sys",
+    "/tmp",
+    "/usr",
+    "/var",
+    "/var/lib",
+    "/var/lib/etcd",
+    "/var/lib/kubelet",
+    "/var/log",
+];
+
+pub fn check_host_path_pv(path: &Path) -> Result<()> {
+    let normal: PathBuf = path.components().filter(|c| !matches!(c, Component::CurDir)).collect();
+    if !normal.is_absolute() || normal.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(Error::new(Code::UnsafePath, format!("hostPath {} is not a clean absolute path", path.display())));
+    }
+    if SYSTEM_DIRS.iter().any(|d| Path::new(d) == normal) {
+        return Err(Error::new(
+            Code::UnsafePath,
+            format!("hostPath {} is a system directory, not a volume's own directory", path.display()),
+        ));
+    }
+    Ok(())
+}
+
 /// `path` (absolute on the host) as the agent reaches it under `host_root`.
 pub fn under_host_root(host_root: &Path, path: &Path) -> PathBuf {
     host_root.join(path.strip_prefix("/").unwrap_or(path))
@@ -248,6 +315,32 @@ mod tests {
             expected_path("u", "data", &VolumeKind::EmptyDir),
             Expected::Kubelet("pods/u/volumes/kubernetes.io~empty-dir/data".into())
         );
+    }
+
+    #[test]
+    fn host_path_pvs_must_be_their_own_directories() {
+        assert!(check_host_path_pv(Path::new("/var/local-path-provisioner/pvc-1_ns_data")).is_ok());
+        for bad in ["/", "/var/lib/etcd", "/var/lib/kubelet/", "/etc", "relative/x", "/var/x/../lib"] {
+            assert_eq!(check_host_path_pv(Path::new(bad)).unwrap_err().code, Code::UnsafePath, "{bad}");
+        }
+    }
+
+    #[test]
+    fn binding_must_be_mutual() {
+        let pvc: k8s_openapi::api::core::v1::PersistentVolumeClaim = serde_json::from_value(
+            json!({"metadata": {"name": "data-0", "namespace": "apisix", "uid": "c-1"}, "spec": {"volumeName": "pv-1"}}),
+        )
+        .unwrap();
+        let pv_for = |ns: &str, name: &str, uid: &str, phase: &str| -> PersistentVolume {
+            serde_json::from_value(json!({"metadata": {"name": "pv-1"},
+                "spec": {"claimRef": {"namespace": ns, "name": name, "uid": uid}}, "status": {"phase": phase}}))
+            .unwrap()
+        };
+        assert!(check_binding(&pvc, &pv_for("apisix", "data-0", "c-1", "Bound")).is_ok());
+        assert_eq!(check_binding(&pvc, &pv_for("other", "data-0", "c-1", "Bound")).unwrap_err().code, Code::PVNotFound);
+        assert_eq!(check_binding(&pvc, &pv_for("apisix", "data-0", "c-2", "Bound")).unwrap_err().code, Code::PVNotFound);
+        assert_eq!(check_binding(&pvc, &pv_for("apisix", "data-0", "c-1", "Released")).unwrap_err().code, Code::PVNotFound);
+        assert_eq!(check_binding(&pvc, &pv(json!({"csi": {"driver": "d", "volumeHandle": "h"}}))).unwrap_err().code, Code::PVNotFound);
     }
 
     #[test]

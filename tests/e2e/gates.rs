@@ -7,22 +7,12 @@ use std::path::Path;
 use anyhow::Result;
 use etcd_medic::Code;
 use etcd_medic::guard;
-use etcd_medic::kubeapi::KubeApi;
-use etcd_medic::locate::{Locator, NodeLayout};
 use etcd_medic_lab::objects::SetShape;
 use etcd_medic_lab::{Lab, NODE_NAME};
 use k8s_openapi::api::core::v1::Pod;
 
 async fn plan(lab: &Lab) -> Result<etcd_medic::locate::Plan> {
-    let proc = tempfile::tempdir()?;
-    let layout = NodeLayout {
-        node_name: NODE_NAME.into(),
-        host_root: lab.node.root.clone(),
-        kubelet_root: None,
-        proc_root: proc.path().into(),
-        container: None,
-    };
-    let l = Locator { api: KubeApi::new(lab.api.client().await?, std::time::Duration::from_secs(5)), layout };
+    let (l, _proc) = crate::support::locator(lab, None, std::time::Duration::from_secs(5)).await?;
     Ok(l.locate("apisix", "apisix-etcd-1", None).await?)
 }
 

@@ -5,9 +5,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Result;
-use etcd_medic::kubeapi::KubeApi;
+use etcd_medic::locate::Plan;
 use etcd_medic::locate::volume::VolumeKind;
-use etcd_medic::locate::{Locator, NodeLayout, Plan};
 use etcd_medic::profile::Profile;
 use etcd_medic::{Code, Error};
 use etcd_medic_lab::apiserver::{Fault, FaultKind};
@@ -21,19 +20,7 @@ fn shape(replicas: usize, storage: StorageKind) -> SetShape {
     s
 }
 
-/// A locator as the agent on the lab's node builds it; no kubelet process here, so an empty
-/// /proc makes discovery fall back to the distribution defaults.
-async fn locator(lab: &Lab, kubelet_root: Option<PathBuf>, timeout: Duration) -> Result<(Locator, tempfile::TempDir)> {
-    let proc = tempfile::tempdir()?;
-    let layout = NodeLayout {
-        node_name: NODE_NAME.into(),
-        host_root: lab.node.root.clone(),
-        kubelet_root,
-        proc_root: proc.path().to_path_buf(),
-        container: None,
-    };
-    Ok((Locator { api: KubeApi::new(lab.api.client().await?, timeout), layout }, proc))
-}
+use crate::support::locator;
 
 async fn locate(lab: &Lab, ordinal: usize) -> Result<Plan, Error> {
     let (l, _proc) = locator(lab, None, Duration::from_secs(5)).await.expect("locator");

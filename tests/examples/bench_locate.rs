@@ -6,11 +6,13 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use etcd_medic::kubeapi::KubeApi;
-use etcd_medic::locate::{Locator, NodeLayout};
+use etcd_medic::locate::Locator;
 use etcd_medic_lab::kubelet::VolumeSource;
 use etcd_medic_lab::objects::{SetShape, StorageKind};
 use etcd_medic_lab::{Lab, NODE_NAME};
+
+#[path = "../e2e/support.rs"]
+mod support;
 
 const RUNS: usize = 300;
 
@@ -32,15 +34,7 @@ async fn node_with(pods: usize) -> Result<(Lab, Locator, tempfile::TempDir)> {
         let dir = lab.node.volume_path(&uid, &format!("pv-{i}"), &source);
         std::fs::create_dir_all(dir.join("data/member/snap"))?;
     }
-    let proc = tempfile::tempdir()?;
-    let layout = NodeLayout {
-        node_name: NODE_NAME.into(),
-        host_root: lab.node.root.clone(),
-        kubelet_root: None,
-        proc_root: proc.path().into(),
-        container: None,
-    };
-    let locator = Locator { api: KubeApi::new(lab.api.client().await?, Duration::from_secs(5)), layout };
+    let (locator, proc) = support::locator(&lab, None, Duration::from_secs(5)).await?;
     Ok((lab, locator, proc))
 }
 

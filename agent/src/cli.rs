@@ -68,6 +68,9 @@ pub enum Command {
         /// safety or a running etcd process.
         #[arg(long)]
         force: bool,
+        /// How long to wait for the member to rejoin before the remediation is Failed.
+        #[arg(long, env = "ETCD_MEDIC_VERIFY_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+        verify_timeout: std::time::Duration,
     },
     /// Put a quarantine back where it came from (refuses while etcd runs on that data).
     Restore {

@@ -2,10 +2,10 @@
 //! controllers match on, an HTTP status, and a message that says what to do next. The CLI
 //! and the HTTP API both render it from here.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Stable error codes of the contract (DESIGN.md). Never rename one: controllers match on them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Code {
     InvalidRequest,
     Unauthenticated,

@@ -4,8 +4,10 @@
 
 use std::time::Duration;
 
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::Api;
+use kube::api::{DeleteParams, ListParams, PostParams, Preconditions};
 
 use crate::error::{Code, Error, Result};
 
@@ -55,6 +57,55 @@ impl KubeApi {
     pub async fn pvc(&self, namespace: &str, name: &str) -> Result<PersistentVolumeClaim> {
         let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), namespace);
         self.call(&format!("PersistentVolumeClaim {namespace}/{name}"), Code::PVCNotFound, api.get(name)).await
+    }
+
+    pub async fn pods(&self, namespace: &str) -> Result<Vec<Pod>> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        Ok(self.call(&format!("pods in {namespace}"), Code::PodNotFound, api.list(&ListParams::default())).await?.items)
+    }
+
+    /// Deletes the pod only if it still has `uid`: a replacement is never hit.
+    pub async fn delete_pod(&self, namespace: &str, name: &str, uid: &str) -> Result<()> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let dp = DeleteParams {
+            preconditions: Some(Preconditions { uid: Some(uid.to_string()), resource_version: None }),
+            ..Default::default()
+        };
+        match tokio::time::timeout(self.timeout, api.delete(name, &dp)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(kube::Error::Api(s))) if s.code == 409 => {
+                Err(Error::new(Code::PodUIDMismatch, format!("pod {namespace}/{name} is no longer {uid}: it was replaced; not deleting")))
+            }
+            Ok(Err(kube::Error::Api(s))) if s.code == 404 => Err(Error::new(Code::PodNotFound, format!("pod {namespace}/{name} is gone"))),
+            Ok(Err(e)) => Err(Error::new(Code::NotReady, format!("deleting pod {namespace}/{name}: {e}"))),
+            Err(_) => Err(Error::new(Code::NotReady, format!("deleting pod {namespace}/{name} timed out"))),
+        }
+    }
+
+    pub async fn lease(&self, namespace: &str, name: &str) -> Result<Option<Lease>> {
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), namespace);
+        match self.call(&format!("lease {namespace}/{name}"), Code::ClusterLocked, api.get(name)).await {
+            Ok(l) => Ok(Some(l)),
+            Err(e) if e.code == Code::ClusterLocked => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Creates or replaces (with its resourceVersion) a lease; a conflict is `ClusterLocked`.
+    pub async fn write_lease(&self, namespace: &str, lease: &Lease, create: bool) -> Result<Lease> {
+        let api: Api<Lease> = Api::namespaced(self.client.clone(), namespace);
+        let name = lease.metadata.name.clone().unwrap_or_default();
+        let fut = async {
+            if create { api.create(&PostParams::default(), lease).await } else { api.replace(&name, &PostParams::default(), lease).await }
+        };
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(l)) => Ok(l),
+            Ok(Err(kube::Error::Api(s))) if s.code == 409 => {
+                Err(Error::new(Code::ClusterLocked, format!("lease {namespace}/{name} changed under us: another agent took it")))
+            }
+            Ok(Err(e)) => Err(Error::new(Code::NotReady, format!("writing lease {namespace}/{name}: {e}"))),
+            Err(_) => Err(Error::new(Code::NotReady, format!("writing lease {namespace}/{name} timed out"))),
+        }
     }
 
     pub async fn pv(&self, name: &str) -> Result<PersistentVolume> {

@@ -3,12 +3,15 @@
 
 pub mod cli;
 pub mod error;
+pub mod etcd;
 pub mod guard;
 pub mod kubeapi;
+pub mod lease;
 pub mod locate;
 pub mod pathsafe;
 pub mod profile;
 pub mod quarantine;
+pub mod remediation;
 pub mod telemetry;
 
 pub use error::{Code, Error, Result};

@@ -11,8 +11,10 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Serve(args) => args.validate().map_err(anyhow::Error::from).and_then(|_| not_yet("serve", 5)),
         Command::Locate { pod, node, output } => runtime().and_then(|rt| rt.block_on(locate(pod, node, *output))),
-        Command::Remediate { .. } => not_yet("remediate", 4),
-        Command::Restore { .. } => not_yet("restore", 4),
+        Command::Remediate { pod, node, dry_run, force, verify_timeout } => {
+            runtime().and_then(|rt| rt.block_on(remediate(pod, node, *dry_run, *force, *verify_timeout)))
+        }
+        Command::Restore { quarantine_id, node } => restore(quarantine_id, node),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -40,6 +42,74 @@ async fn locate(pod: &PodRef, node: &NodeArgs, output: Output) -> anyhow::Result
         Output::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
         Output::Table => print!("{}", plan.render_table()),
     }
+    Ok(())
+}
+
+async fn remediate(pod: &PodRef, node: &NodeArgs, dry_run: bool, force: bool, verify_timeout: std::time::Duration) -> anyhow::Result<()> {
+    use etcd_medic::remediation::{Engine, Options, Phase, Remediation};
+    let locator = Locator { api: KubeApi::from_environment(node.api_timeout).await?, layout: node.layout()? };
+    let opts = Options { dry_run, force, etcd_endpoints: node.etcd_endpoints.clone(), state_dir: node.state_dir.clone(), verify_timeout };
+    let start = std::time::Instant::now();
+    let printed = std::sync::Mutex::new(0usize);
+    // One line when a step starts and one when it ends, as a person on the node follows it.
+    let progress = |r: &Remediation| {
+        let mut n = printed.lock().unwrap();
+        let lines: Vec<String> = r
+            .steps
+            .iter()
+            .flat_map(|s| {
+                let mut v = vec![format!("{:<11} ...", s.name)];
+                if let Some(o) = &s.outcome {
+                    v.push(format!("{:<11} {o}: {}", s.name, s.message));
+                }
+                v
+            })
+            .collect();
+        for l in &lines[(*n).min(lines.len())..] {
+            println!("[{:>6.1}s] {l}", start.elapsed().as_secs_f64());
+        }
+        *n = lines.len();
+    };
+    let engine = Engine { locator: &locator, opts, progress: &progress };
+    let r = engine.run(&pod.namespace, &pod.name, None).await;
+    let took = start.elapsed().as_secs_f64();
+    match (&r.phase, &r.error) {
+        (Phase::Succeeded, _) => {
+            println!(
+                "remediation {} Succeeded in {took:.1}s: {pod} rejoined; quarantine {}",
+                r.id,
+                r.quarantine_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+            );
+            Ok(())
+        }
+        (Phase::Planned, _) => {
+            if let Some(plan) = &r.plan {
+                print!("{}", plan.render_table());
+            }
+            println!("dry run {}: every gate passed; nothing changed", r.id);
+            Ok(())
+        }
+        (phase, Some(e)) => {
+            println!("remediation {} {phase:?} after {took:.1}s", r.id);
+            Err(etcd_medic::Error::new(e.code, e.message.clone()).into())
+        }
+        (phase, None) => anyhow::bail!("remediation {} ended {phase:?}", r.id),
+    }
+}
+
+/// Puts quarantine `id` back, refusing while any process holds the data dir.
+fn restore(id: &str, node: &NodeArgs) -> anyhow::Result<()> {
+    let r = etcd_medic::remediation::read_journal(&node.state_dir, id)?;
+    let (Some(dir), Some(plan)) = (r.quarantine_path, r.plan) else {
+        anyhow::bail!("remediation {id} quarantined nothing");
+    };
+    etcd_medic::guard::no_holders(&node.proc_root, &plan.volume.root, &plan.host_path)?;
+    let m = etcd_medic::quarantine::restore(&dir)?;
+    println!(
+        "restored {} into {}",
+        m.items.iter().filter(|i| i.present).map(|i| i.path.as_str()).collect::<Vec<_>>().join(", "),
+        m.data_dir.display()
+    );
     Ok(())
 }
 

@@ -347,7 +347,7 @@ async fn an_api_server_that_fails_or_hangs_is_a_clear_error() -> Result<()> {
 }
 
 /// The `etcd-medic` binary next to this test binary (the test command builds it).
-fn agent_binary() -> PathBuf {
+pub(crate) fn agent_binary() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let dir = exe.parent().and_then(Path::parent).unwrap();
     let bin = dir.join("etcd-medic");

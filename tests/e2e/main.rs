@@ -8,6 +8,7 @@ mod gates;
 mod kubelet;
 mod locate;
 mod reference_failure;
+mod remediate;
 mod support;
 
 use std::sync::Once;

@@ -12,7 +12,7 @@ use etcd_medic_lab::{Lab, NODE_NAME};
 use k8s_openapi::api::core::v1::Pod;
 use serde_json::Value;
 
-const KEYS: usize = 300;
+pub(crate) const KEYS: usize = 300;
 const WAIT: Duration = Duration::from_secs(90);
 const MEMBER_NOT_FOUND: &str = "Error: etcdserver: member not found";
 

@@ -10,7 +10,7 @@ pub mod volume;
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::core::v1::Pod;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Code, Error, Result};
 use crate::kubeapi::KubeApi;
@@ -33,7 +33,7 @@ pub struct NodeLayout {
 }
 
 /// The volume that holds the data.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeInfo {
     /// The pod's volume name.
@@ -48,7 +48,7 @@ pub struct VolumeInfo {
 }
 
 /// One entry a remediation would move.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MoveItem {
     /// Relative to the data dir.
@@ -58,7 +58,7 @@ pub struct MoveItem {
 }
 
 /// The resolved plan: where the data is and what would move.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Plan {
     pub namespace: String,

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Container, PersistentVolume, Pod, Volume};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::container::expand;
 use crate::error::{Code, Error, Result};
@@ -94,7 +94,7 @@ pub fn check_binding(pvc: &k8s_openapi::api::core::v1::PersistentVolumeClaim, pv
 }
 
 /// How the volume reaches the node.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "type")]
 pub enum VolumeKind {
     /// CSI filesystem volume (also in-tree plugins migrated to CSI).

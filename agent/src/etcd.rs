@@ -1,0 +1,191 @@
+//! The etcd cluster as the agent sees it: endpoints from the sibling pods, the member list,
+//! each member's health, and the membership changes a remediation makes (retrying
+//! `etcdserver: unhealthy cluster`, which etcd answers for seconds after any change).
+
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, ConnectOptions};
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::error::{Code, Error, Result};
+use crate::guard::MemberView;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Member {
+    pub id: u64,
+    pub name: String,
+    pub peer_urls: Vec<String>,
+    pub client_urls: Vec<String>,
+    pub is_learner: bool,
+    pub healthy: bool,
+}
+
+impl Member {
+    pub fn view(&self) -> MemberView {
+        MemberView { id: self.id, is_learner: self.is_learner, healthy: self.healthy }
+    }
+}
+
+fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::new(Code::QuorumAtRisk, format!("{what}: {e}"))
+}
+
+async fn connect(endpoint: &str) -> Result<Client> {
+    let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(Duration::from_secs(5));
+    Client::connect([endpoint], Some(opts)).await.map_err(|e| unavailable(&format!("connect to {endpoint}"), e))
+}
+
+/// Client URLs of the other pods of the same StatefulSet: `status.podIP` and the container
+/// port named `client`.
+pub fn sibling_endpoints(pod: &Pod, siblings: &[Pod], container: &str) -> Vec<String> {
+    let owner =
+        |p: &Pod| p.metadata.owner_references.as_ref().and_then(|o| o.iter().find(|r| r.controller == Some(true)).map(|r| r.name.clone()));
+    let mine = owner(pod);
+    siblings
+        .iter()
+        .filter(|p| p.metadata.name != pod.metadata.name && owner(p) == mine && mine.is_some())
+        .filter_map(|p| {
+            let ip = p.status.as_ref()?.pod_ip.clone()?;
+            let c = p.spec.as_ref()?.containers.iter().find(|c| c.name == container)?;
+            let port = c.ports.as_ref()?.iter().find(|p| p.name.as_deref() == Some("client"))?.container_port;
+            Some(format!("http://{ip}:{port}"))
+        })
+        .collect()
+}
+
+/// The cluster id and member list from the first endpoint that answers, and each member's health (a
+/// status request to one of its client URLs within 2 s).
+pub async fn members(endpoints: &[String]) -> Result<(u64, Vec<Member>)> {
+    let mut last_err = None;
+    for e in endpoints {
+        let list = async { connect(e).await?.member_list().await.map_err(|err| unavailable(&format!("member list from {e}"), err)) };
+        match tokio::time::timeout(Duration::from_secs(5), list).await {
+            Ok(Ok(resp)) => {
+                let mut out = Vec::new();
+                for m in resp.members() {
+                    let healthy = healthy(m.client_urls()).await;
+                    out.push(Member {
+                        id: m.id(),
+                        name: m.name().to_string(),
+                        peer_urls: m.peer_urls().to_vec(),
+                        client_urls: m.client_urls().to_vec(),
+                        is_learner: m.is_learner(),
+                        healthy,
+                    });
+                }
+                return Ok((resp.header().map(|h| h.cluster_id()).unwrap_or_default(), out));
+            }
+            Ok(Err(err)) => last_err = Some(err.to_string()),
+            Err(_) => last_err = Some(format!("{e} did not answer in 5 s")),
+        }
+    }
+    Err(Error::new(
+        Code::QuorumAtRisk,
+        format!("no etcd endpoint answered ({endpoints:?}): {}", last_err.unwrap_or_else(|| "no endpoints".into())),
+    ))
+}
+
+async fn healthy(urls: &[String]) -> bool {
+    for u in urls {
+        let check = async { connect(u).await.ok()?.status().await.ok() };
+        if matches!(tokio::time::timeout(Duration::from_secs(2), check).await, Ok(Some(_))) {
+            return true;
+        }
+    }
+    false
+}
+
+async fn retry_unhealthy<T, F, Fut>(what: &str, deadline: Duration, mut op: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::result::Result<T, etcd_client::Error>>,
+{
+    let until = Instant::now() + deadline;
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match op().await {
+            Ok(v) => return Ok(v),
+            Err(e) if e.to_string().contains("unhealthy cluster") && Instant::now() < until => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(unavailable(what, e)),
+        }
+    }
+}
+
+/// Removes member `id` through the first healthy endpoint.
+pub async fn remove_member(endpoints: &[String], id: u64) -> Result<()> {
+    let c = first_client(endpoints).await?;
+    retry_unhealthy(&format!("member remove {id:x}"), Duration::from_secs(30), || {
+        let mut c = c.clone();
+        async move { c.member_remove(id).await }
+    })
+    .await?;
+    Ok(())
+}
+
+/// Adds a voting member with `peer_url`; returns its id and the `--initial-cluster` the new
+/// member must start with.
+pub async fn add_member(endpoints: &[String], name: &str, peer_url: &str) -> Result<(u64, String)> {
+    let c = first_client(endpoints).await?;
+    let resp = retry_unhealthy(&format!("member add {peer_url}"), Duration::from_secs(30), || {
+        let mut c = c.clone();
+        let url = peer_url.to_string();
+        async move { c.member_add([url], None).await }
+    })
+    .await?;
+    let id = resp.member().map(|m| m.id()).unwrap_or_default();
+    let ic = resp
+        .member_list()
+        .iter()
+        .flat_map(|m| {
+            let n = if m.id() == id { name.to_string() } else { m.name().to_string() };
+            m.peer_urls().iter().map(move |u| format!("{n}={u}")).collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>()
+        .join(",");
+    Ok((id, ic))
+}
+
+async fn first_client(endpoints: &[String]) -> Result<Client> {
+    for e in endpoints {
+        if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(3), async {
+            let mut c = connect(e).await?;
+            c.status().await.map_err(|err| unavailable(e, err))?;
+            Ok::<_, Error>(c)
+        })
+        .await
+        {
+            return Ok(c);
+        }
+    }
+    Err(Error::new(Code::QuorumAtRisk, format!("no etcd endpoint answered among {endpoints:?}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(name: &str, owner: &str, ip: &str, port: i32) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": name, "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": owner, "uid": "u", "controller": true}]},
+            "spec": {"containers": [{"name": "etcd", "ports": [{"name": "client", "containerPort": port}, {"name": "peer", "containerPort": 2380}]}]},
+            "status": {"podIP": ip},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn siblings_give_their_client_endpoints() {
+        let me = pod("apisix-etcd-1", "apisix-etcd", "10.0.0.2", 2379);
+        let all = vec![
+            pod("apisix-etcd-0", "apisix-etcd", "10.0.0.1", 2379),
+            me.clone(),
+            pod("apisix-etcd-2", "apisix-etcd", "10.0.0.3", 2379),
+            pod("other-0", "other", "10.0.0.9", 2379),
+        ];
+        assert_eq!(sibling_endpoints(&me, &all, "etcd"), ["http://10.0.0.1:2379", "http://10.0.0.3:2379"]);
+    }
+}

@@ -1,0 +1,387 @@
+//! The step engine: locate, check every gate, take the cluster's lock, quarantine, repair
+//! membership, restart the pod, verify. Every step is journaled (fsynced) in the state dir
+//! before it runs, so a crash leaves a precise record. The CLI and (later) the API drive
+//! this same engine.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Pod;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Code, Error, Result};
+use crate::etcd;
+use crate::guard::{self, Change};
+use crate::lease::ClusterLock;
+use crate::locate::{Locator, Plan, container};
+use crate::profile::Profile;
+use crate::quarantine;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    Planned,
+    Pending,
+    Running,
+    Succeeded,
+    Failed,
+    Refused,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StepRecord {
+    pub name: String,
+    pub start: String,
+    pub end: Option<String>,
+    pub outcome: Option<String>,
+    pub message: String,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorRecord {
+    pub code: Code,
+    pub message: String,
+}
+
+/// The Remediation object of the contract.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Remediation {
+    pub id: String,
+    pub namespace: String,
+    pub pod: String,
+    #[serde(rename = "podUID")]
+    pub pod_uid: Option<String>,
+    pub node: String,
+    pub phase: Phase,
+    pub step: Option<String>,
+    pub plan: Option<Plan>,
+    pub quarantine_path: Option<PathBuf>,
+    pub steps: Vec<StepRecord>,
+    pub error: Option<ErrorRecord>,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub dry_run: bool,
+    pub force: bool,
+    pub etcd_endpoints: Vec<String>,
+    pub state_dir: PathBuf,
+    pub verify_timeout: Duration,
+}
+
+fn now() -> String {
+    jiff::Timestamp::now().to_string()
+}
+
+/// `<state dir>/remediations/<id>.json`, written whole and fsynced.
+pub fn journal_path(state_dir: &Path, id: &str) -> PathBuf {
+    state_dir.join("remediations").join(format!("{id}.json"))
+}
+
+fn journal(state_dir: &Path, r: &Remediation) -> Result<()> {
+    let path = journal_path(state_dir, &r.id);
+    let dir = path.parent().unwrap();
+    let io = |e: std::io::Error| Error::new(Code::NotReady, format!("state dir {}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(r).expect("serializes")).map_err(io)?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io)
+}
+
+pub fn read_journal(state_dir: &Path, id: &str) -> Result<Remediation> {
+    let path = journal_path(state_dir, id);
+    let text =
+        std::fs::read(&path).map_err(|e| Error::new(Code::InvalidRequest, format!("no remediation {id} in {}: {e}", path.display())))?;
+    serde_json::from_slice(&text).map_err(|e| Error::invalid(format!("{} is not a remediation journal: {e}", path.display())))
+}
+
+pub struct Engine<'a> {
+    pub locator: &'a Locator,
+    pub opts: Options,
+    /// Called after every step starts and ends (progress on a terminal, events, metrics).
+    pub progress: &'a (dyn Fn(&Remediation) + Send + Sync),
+}
+
+/// What the checks found, for the steps that act.
+struct Checked {
+    plan: Plan,
+    pod: Pod,
+    endpoints: Vec<String>,
+    cluster_id: u64,
+    peer_url: String,
+    member_name: String,
+    stale: Option<u64>,
+}
+
+impl Engine<'_> {
+    /// Runs one remediation to its end (verification included) and returns it.
+    pub async fn run(&self, namespace: &str, pod: &str, pod_uid: Option<&str>) -> Remediation {
+        let mut r = Remediation {
+            id: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+            namespace: namespace.into(),
+            pod: pod.into(),
+            pod_uid: pod_uid.map(String::from),
+            node: self.locator.layout.node_name.clone(),
+            phase: Phase::Running,
+            step: None,
+            plan: None,
+            quarantine_path: None,
+            steps: Vec::new(),
+            error: None,
+            created_at: now(),
+            finished_at: None,
+        };
+        let outcome = self.steps(&mut r).await;
+        r.step = None;
+        r.finished_at = Some(now());
+        match outcome {
+            Ok(()) => r.phase = if self.opts.dry_run { Phase::Planned } else { Phase::Succeeded },
+            Err((e, acted)) => {
+                r.phase = if acted { Phase::Failed } else { Phase::Refused };
+                r.error = Some(ErrorRecord { code: e.code, message: e.message });
+            }
+        }
+        let _ = journal(&self.opts.state_dir, &r);
+        (self.progress)(&r);
+        r
+    }
+
+    /// Journals the step, runs it, journals its outcome. The error says whether anything
+    /// had been changed when it failed (`Failed`) or not (`Refused`).
+    async fn step<T>(
+        &self,
+        r: &mut Remediation,
+        name: &str,
+        acted: bool,
+        fut: impl Future<Output = Result<(T, String)>>,
+    ) -> std::result::Result<T, (Error, bool)> {
+        r.step = Some(name.into());
+        r.steps.push(StepRecord { name: name.into(), start: now(), end: None, outcome: None, message: String::new() });
+        if !self.opts.dry_run || !acted {
+            journal(&self.opts.state_dir, r).map_err(|e| (e, acted))?;
+        }
+        (self.progress)(r);
+        let res = fut.await;
+        let last = r.steps.last_mut().unwrap();
+        last.end = Some(now());
+        let out = match res {
+            Ok((v, msg)) => {
+                last.outcome = Some("Done".into());
+                last.message = msg;
+                Ok(v)
+            }
+            Err(e) => {
+                last.outcome = Some(e.code.to_string());
+                last.message = e.message.clone();
+                Err((e, acted))
+            }
+        };
+        let _ = journal(&self.opts.state_dir, r);
+        (self.progress)(r);
+        out
+    }
+
+    async fn steps(&self, r: &mut Remediation) -> std::result::Result<(), (Error, bool)> {
+        let (ns, name, uid) = (r.namespace.clone(), r.pod.clone(), r.pod_uid.clone());
+        let checked = self.step(r, "Check", false, self.check(&ns, &name, uid.as_deref())).await?;
+        r.pod_uid = Some(checked.plan.pod_uid.clone());
+        r.plan = Some(checked.plan.clone());
+        if self.opts.dry_run {
+            return Ok(());
+        }
+        let api = &self.locator.api;
+        let me = self.locator.layout.node_name.clone();
+        let mut lock = self
+            .step(r, "Lock", false, async {
+                let l = ClusterLock::acquire(api, &ns, checked.cluster_id, &me).await?;
+                Ok((l, format!("lease etcd-medic-{:016x} held by {me}", checked.cluster_id)))
+            })
+            .await?;
+        let result = self.act(r, &checked, &mut lock).await;
+        let _ = lock.release().await;
+        result
+    }
+
+    async fn act(&self, r: &mut Remediation, c: &Checked, lock: &mut ClusterLock) -> std::result::Result<(), (Error, bool)> {
+        let plan = &c.plan;
+        let id = r.id.clone();
+        // The listed stale entry, else the id the image stored (the entry may be gone already).
+        let member_id = c.stale.map(|i| format!("{i:x}")).or_else(|| {
+            std::fs::read_to_string(plan.host_path.join("member_id")).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
+        });
+        let (dir, _) = self
+            .step(r, "Quarantine", true, async {
+                // Proven again right before acting: nothing took the data since the check.
+                guard::no_holders(&self.locator.layout.proc_root, &plan.volume.root, &plan.host_path)?;
+                let items: Vec<(String, u64)> = plan.r#move.iter().map(|m| (m.path.clone(), m.bytes)).collect();
+                let req = quarantine::Request {
+                    id: &id,
+                    namespace: &plan.namespace,
+                    pod: &plan.pod,
+                    pod_uid: &plan.pod_uid,
+                    member_id: member_id.as_deref(),
+                    profile: plan.profile.as_str(),
+                    items: &items,
+                };
+                let (dir, m) = quarantine::quarantine(&plan.volume.root, &plan.host_path, &req, jiff::Timestamp::now())?;
+                let moved = m.items.iter().filter(|i| i.present).map(|i| i.path.as_str()).collect::<Vec<_>>().join(", ");
+                Ok(((dir.clone(), m), format!("moved {moved} into {}", dir.display())))
+            })
+            .await?;
+        r.quarantine_path = Some(dir);
+        let _ = lock.renew().await;
+        self.step(r, "Membership", true, self.membership(c)).await?;
+        let _ = lock.renew().await;
+        self.step(r, "Restart", true, async {
+            self.locator.api.delete_pod(&plan.namespace, &plan.pod, &plan.pod_uid).await?;
+            Ok(((), format!("deleted pod {}/{} (uid {})", plan.namespace, plan.pod, plan.pod_uid)))
+        })
+        .await?;
+        self.step(r, "Verify", true, self.verify(c, lock)).await
+    }
+
+    async fn check(&self, ns: &str, name: &str, uid: Option<&str>) -> Result<(Checked, String)> {
+        let plan = self.locator.locate(ns, name, uid).await?;
+        let pod = self.locator.api.pod(ns, name).await?;
+        let failure = guard::pod_failure(&pod, &plan.container, self.opts.force)?;
+        guard::no_holders(&self.locator.layout.proc_root, &plan.volume.root, &plan.host_path)?;
+        let c = pod.spec.as_ref().and_then(|s| s.containers.iter().find(|c| c.name == plan.container)).expect("located container");
+        let env = container::environment(&pod, c);
+        let (peer_url, member_name, state) = start_flags(c, &env, name);
+        let peer_url = peer_url.ok_or_else(|| {
+            Error::new(Code::UnsupportedProfile, "the pod names no --initial-advertise-peer-urls / ETCD_INITIAL_ADVERTISE_PEER_URLS")
+        })?;
+        if plan.profile == Profile::Plain && state.as_deref() != Some("existing") {
+            return Err(Error::new(
+                Code::UnsupportedProfile,
+                "the pod starts etcd with --initial-cluster-state=new: with an empty data dir it comes back under its old, removed id; start it with `existing` (or a start script that decides) first",
+            ));
+        }
+        let endpoints = if self.opts.etcd_endpoints.is_empty() {
+            etcd::sibling_endpoints(&pod, &self.locator.api.pods(ns).await?, &plan.container)
+        } else {
+            self.opts.etcd_endpoints.clone()
+        };
+        let (cluster_id, members) = etcd::members(&endpoints).await?;
+        let stale = members.iter().find(|m| m.peer_urls.contains(&peer_url)).map(|m| m.id);
+        guard::check_quorum(&members.iter().map(etcd::Member::view).collect::<Vec<_>>(), stale, Change::ReplaceMember)?;
+        check_space(&plan)?;
+        let why =
+            failure.map(|f| format!("{}: {}", f.reason, f.message.lines().last().unwrap_or_default())).unwrap_or_else(|| "forced".into());
+        let msg = format!(
+            "{} ({}), {} of {} members healthy, {why}",
+            plan.host_path.display(),
+            plan.profile.as_str(),
+            members.iter().filter(|m| m.healthy).count(),
+            members.len()
+        );
+        Ok((Checked { plan, pod, endpoints, cluster_id, peer_url, member_name, stale }, msg))
+    }
+
+    async fn membership(&self, c: &Checked) -> Result<((), String)> {
+        let mut done = Vec::new();
+        if let Some(id) = c.stale {
+            etcd::remove_member(&c.endpoints, id).await?;
+            done.push(format!("removed stale member {id:x}"));
+        }
+        match c.plan.profile {
+            Profile::BitnamiMemberId | Profile::Bitnami => {
+                // The image empties data/ before its single `member add`; a dot-file keeps
+                // data/ from ever looking empty, so a failed add is retried on the next start
+                // instead of bootstrapping a new cluster (FIELD-NOTES.md).
+                let keep = c.plan.host_path.join(".etcd-medic");
+                std::fs::write(&keep, b"kept by etcd-medic so that data/ never looks empty to the start script\n")
+                    .map_err(|e| Error::new(Code::UnsafePath, format!("write {}: {e}", keep.display())))?;
+                done.push("left data/.etcd-medic; the image re-adds the member".into());
+            }
+            Profile::Plain => {
+                let (id, _) = etcd::add_member(&c.endpoints, &c.member_name, &c.peer_url).await?;
+                done.push(format!("added {} as member {id:x}", c.member_name));
+            }
+        }
+        // etcd accepts the image's `member add` only once its leader has been connected to
+        // every voting member for a few seconds after a change.
+        if c.stale.is_some() {
+            tokio::time::sleep(Duration::from_secs(6)).await;
+        }
+        Ok(((), done.join("; ")))
+    }
+
+    async fn verify(&self, c: &Checked, lock: &mut ClusterLock) -> Result<((), String)> {
+        let deadline = Instant::now() + self.opts.verify_timeout;
+        let old_uid = c.pod.metadata.uid.clone();
+        let mut seen = String::from("nothing yet");
+        while Instant::now() < deadline {
+            if let Ok(p) = self.locator.api.pod(&c.plan.namespace, &c.plan.pod).await {
+                let ready = p
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.conditions.as_ref())
+                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+                let replaced = p.metadata.uid != old_uid;
+                if replaced && ready {
+                    let (_, members) = etcd::members(&c.endpoints).await.unwrap_or_default();
+                    if let Some(m) =
+                        members.iter().find(|m| m.peer_urls.contains(&c.peer_url) && !m.name.is_empty() && !m.is_learner && m.healthy)
+                    {
+                        return Ok(((), format!("pod Ready and member {:x} started and voting", m.id)));
+                    }
+                    seen = "pod Ready, member not yet started and voting".into();
+                } else {
+                    seen = format!(
+                        "pod {}, {}",
+                        if replaced { "replaced" } else { "not yet replaced" },
+                        if ready { "Ready" } else { "not Ready" }
+                    );
+                }
+            }
+            let _ = lock.renew().await;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Err(Error::new(Code::NotReady, format!("the member did not rejoin within {:?}: {seen}", self.opts.verify_timeout)))
+    }
+}
+
+/// The peer URL, member name and initial cluster state the container starts etcd with.
+fn start_flags(
+    c: &k8s_openapi::api::core::v1::Container,
+    env: &std::collections::BTreeMap<String, String>,
+    pod: &str,
+) -> (Option<String>, String, Option<String>) {
+    let words: Vec<String> = c.command.iter().chain(c.args.iter()).flatten().map(|w| container::expand(w, env)).collect();
+    let flag = |name: &str| {
+        words.iter().enumerate().find_map(|(i, w)| {
+            w.strip_prefix(&format!("--{name}="))
+                .map(String::from)
+                .or_else(|| (w == &format!("--{name}")).then(|| words.get(i + 1).cloned()).flatten())
+        })
+    };
+    let envv = |k: &str| env.get(k).cloned().filter(|v| !v.is_empty());
+    let peer = flag("initial-advertise-peer-urls")
+        .or_else(|| envv("ETCD_INITIAL_ADVERTISE_PEER_URLS"))
+        .map(|u| u.split(',').next().unwrap_or_default().to_string());
+    let name = flag("name").or_else(|| envv("ETCD_NAME")).unwrap_or_else(|| pod.to_string());
+    let state = flag("initial-cluster-state").or_else(|| envv("ETCD_INITIAL_CLUSTER_STATE"));
+    (peer, name, state)
+}
+
+/// The new member fetches a full snapshot while the quarantine keeps the old one on the same
+/// filesystem: room for the db again plus a WAL segment.
+fn check_space(plan: &Plan) -> Result<()> {
+    let need = plan.r#move.iter().find(|m| m.path == "member/snap").map(|m| m.bytes).unwrap_or(0) + 64 * 1024 * 1024;
+    let st = nix::sys::statvfs::statvfs(&plan.volume.root)
+        .map_err(|e| Error::new(Code::InsufficientSpace, format!("statvfs {}: {e}", plan.volume.root.display())))?;
+    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    if free < need {
+        return Err(Error::new(
+            Code::InsufficientSpace,
+            format!("{} has {free} bytes free; the rejoining member needs about {need}", plan.volume.root.display()),
+        ));
+    }
+    Ok(())
+}

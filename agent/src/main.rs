@@ -14,7 +14,7 @@ fn main() -> ExitCode {
         Command::Remediate { pod, node, dry_run, force, verify_timeout } => {
             runtime().and_then(|rt| rt.block_on(remediate(pod, node, *dry_run, *force, *verify_timeout)))
         }
-        Command::Restore { quarantine_id, node } => restore(quarantine_id, node),
+        Command::Restore { quarantine_id, node } => runtime().and_then(|rt| rt.block_on(restore(quarantine_id, node))),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -97,19 +97,20 @@ async fn remediate(pod: &PodRef, node: &NodeArgs, dry_run: bool, force: bool, ve
     }
 }
 
-/// Puts quarantine `id` back, refusing while any process holds the data dir.
-fn restore(id: &str, node: &NodeArgs) -> anyhow::Result<()> {
+/// Puts the quarantine of remediation `id` back into the pod's data dir as it is now,
+/// refusing while any process holds it.
+async fn restore(id: &str, node: &NodeArgs) -> anyhow::Result<()> {
+    // A quarantine is named `<timestamp>-<remediation id>`; either names it.
+    let id = id.rsplit('-').next().unwrap_or(id);
     let r = etcd_medic::remediation::read_journal(&node.state_dir, id)?;
-    let (Some(dir), Some(plan)) = (r.quarantine_path, r.plan) else {
-        anyhow::bail!("remediation {id} quarantined nothing");
-    };
+    let locator = Locator { api: KubeApi::from_environment(node.api_timeout).await?, layout: node.layout()? };
+    let plan = locator.locate_volume(&r.namespace, &r.pod).await?;
+    let dir = etcd_medic::quarantine::find(&plan.volume.root, id)?
+        .ok_or_else(|| etcd_medic::Error::invalid(format!("no quarantine {id} on the volume of {}/{}", r.namespace, r.pod)))?;
     etcd_medic::guard::no_holders(&node.proc_root, &plan.volume.root, &plan.host_path)?;
-    let m = etcd_medic::quarantine::restore(&dir)?;
-    println!(
-        "restored {} into {}",
-        m.items.iter().filter(|i| i.present).map(|i| i.path.as_str()).collect::<Vec<_>>().join(", "),
-        m.data_dir.display()
-    );
+    let m = etcd_medic::quarantine::restore(&dir, &plan.host_path)?;
+    let items = m.items.iter().filter(|i| i.present).map(|i| i.path.as_str()).collect::<Vec<_>>().join(", ");
+    println!("restored {items} into {}", plan.host_path.display());
     Ok(())
 }
 

@@ -169,13 +169,15 @@ pub fn find(volume_root: &Path, id: &str) -> Result<Option<PathBuf>> {
     let base = volume_root.join(QUARANTINE_DIR);
     let Ok(entries) = std::fs::read_dir(&base) else { return Ok(None) };
     let suffix = format!("-{id}");
-    Ok(entries.flatten().map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().ends_with(&suffix))))
+    Ok(entries.flatten().map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy() == id || n.to_string_lossy().ends_with(&suffix))))
 }
 
-/// Puts every item back where it came from. Refuses when the data dir already has an item
-/// of the same name (etcd has written new data since; move that aside first).
-pub fn restore(dir: &Path) -> Result<Manifest> {
+/// Puts every item back into `data_dir` (the data dir's path now: the pod, and so the host
+/// path, may have changed since). Refuses when the data dir already has an item of the same
+/// name (etcd has written new data since; move that aside first).
+pub fn restore(dir: &Path, data_dir: &Path) -> Result<Manifest> {
     let mut m = read_manifest(dir)?;
+    m.data_dir = data_dir.to_path_buf();
     if m.state == State::Restored {
         return Ok(m);
     }
@@ -276,7 +278,7 @@ mod tests {
         assert_eq!(read_manifest(&dir).unwrap(), m);
         assert!(dir.starts_with(root.path().join(QUARANTINE_DIR)));
 
-        let back = restore(&dir).unwrap();
+        let back = restore(&dir, &data).unwrap();
         assert_eq!(back.state, State::Restored);
         assert_eq!(std::fs::read(data.join("member/snap/db")).unwrap(), vec![7u8; 100_000]);
         assert_eq!(std::fs::read_to_string(data.join("member_id")).unwrap(), "8e9e05c52164694d");
@@ -309,7 +311,7 @@ mod tests {
         let it = items();
         let (dir, _) = quarantine(root.path(), &data, &req("r3", &it), jiff::Timestamp::now()).unwrap();
         std::fs::create_dir_all(data.join("member/snap")).unwrap();
-        let e = restore(&dir).unwrap_err();
+        let e = restore(&dir, &data).unwrap_err();
         assert_eq!(e.code, Code::UnsafePath);
         assert!(dir.join("data/member/snap/db").is_file(), "nothing moved on refusal");
         assert!(data.join("member/wal").symlink_metadata().is_err());

@@ -87,6 +87,16 @@ impl Locator {
     /// Resolves and proves the plan for `namespace/name`; `expected_uid` guards against
     /// acting on a replacement pod.
     pub async fn locate(&self, namespace: &str, name: &str, expected_uid: Option<&str>) -> Result<Plan> {
+        self.resolve(namespace, name, expected_uid, true).await
+    }
+
+    /// The same resolution without requiring etcd data in the data dir (for `restore`, when
+    /// the data is in quarantine and the member has not rejoined).
+    pub async fn locate_volume(&self, namespace: &str, name: &str) -> Result<Plan> {
+        self.resolve(namespace, name, None, false).await
+    }
+
+    async fn resolve(&self, namespace: &str, name: &str, expected_uid: Option<&str>, require_data: bool) -> Result<Plan> {
         let pod = self.api.pod(namespace, name).await?;
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         if let Some(want) = expected_uid
@@ -129,7 +139,9 @@ impl Locator {
         let root = self.volume_root(&expected, kubelet_root.as_deref(), &kind, &uid)?;
         let rel = mm.sub_path.as_deref().map(PathBuf::from).unwrap_or_default().join(&mm.rel);
         let host_path = check_dir_beneath(&root, &rel)?;
-        check_etcd_data(&host_path)?;
+        if require_data {
+            check_etcd_data(&host_path)?;
+        }
         let profile = if bitnami { profile::detect(c, &env, pod.metadata.labels.as_ref(), Some(&host_path)) } else { Profile::Plain };
         let moves = planned_moves(&host_path, profile)?;
         Ok(Plan {

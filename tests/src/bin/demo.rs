@@ -1,14 +1,18 @@
 //! The demo: a real 3-member etcd cluster deployed like the APISIX chart's Bitnami etcd,
 //! broken the way users see it (`etcdserver: member not found`), then healed.
 //!
-//! Until the agent's remediation engine lands (issue #4), the heal shown is the procedure
-//! the agent automates, done as the lab's operator: the stale `member/snap`, `member/wal`
-//! and `member_id` are moved (renamed, never deleted) into a quarantine on the same volume,
-//! and the image re-adds the member by itself.
+//! The heal is etcd-medic's own engine, as `etcd-medic remediate` runs it on the node: it
+//! locates the pod's volume, checks every gate, takes the cluster's lease, moves the stale
+//! `member/snap`, `member/wal` and `member_id` into a quarantine on the volume, restarts the
+//! pod with a UID precondition, and verifies that the member rejoined. (Over HTTP, as a
+//! controller calls it, once `serve` lands.)
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
+use etcd_medic::kubeapi::KubeApi;
+use etcd_medic::locate::{Locator, NodeLayout};
+use etcd_medic::remediation::{Engine, Options, Phase, Remediation};
 use etcd_medic_lab::etcd::{self, format_id};
 use etcd_medic_lab::objects::SetShape;
 use etcd_medic_lab::statefulset::container_state;
@@ -38,8 +42,7 @@ async fn main() -> Result<()> {
     lab.write_keys(KEYS).await?;
     p.step(&format!("wrote {KEYS} keys under /apisix/routes/"));
 
-    let data = lab.set.data_dir(1)?;
-    let old_id = etcd::parse_id(&std::fs::read_to_string(data.join("member_id"))?).context("member_id")?;
+    let old_id = etcd::parse_id(&std::fs::read_to_string(lab.set.data_dir(1)?.join("member_id"))?).context("member_id")?;
     p.step(&format!("draining apisix-etcd-1 (member {}): the preStop hook removes it; its removal log is lost", format_id(old_id)));
     lab.set.switches().lose_removal_log.store(true, std::sync::atomic::Ordering::SeqCst);
     lab.set.delete_pod(1)?;
@@ -50,26 +53,35 @@ async fn main() -> Result<()> {
         println!("           | {line}");
     }
 
-    // The replacement pod has a new UID, so its volume has a new host path.
-    let volume = lab.set.volume_path(1)?;
-    let data = lab.set.data_dir(1)?;
-    println!("           host path of its volume: {}", volume.display());
-    let quarantine = volume.join(".etcd-medic/quarantine").join(format!("demo-{}", format_id(old_id)));
-    std::fs::create_dir_all(&quarantine)?;
+    p.step("asking the etcd-medic agent on the node to remediate apisix/apisix-etcd-1");
     let heal = Instant::now();
-    p.step("healing: moving member/snap, member/wal and member_id into the quarantine (rename, same filesystem)");
-    for rel in ["member/snap", "member/wal", "member_id"] {
-        let to = quarantine.join(rel.replace('/', "_"));
-        std::fs::rename(data.join(rel), &to).with_context(|| format!("move {rel}"))?;
-    }
-    lab.set.wait_ready(1, Duration::from_secs(120)).await?;
+    let proc = std::path::PathBuf::from("/proc");
+    let state = lab.dir.path().join("agent-state");
+    let layout = NodeLayout { node_name: NODE_NAME.into(), host_root: lab.node.root.clone(), kubelet_root: None, proc_root: proc, container: None };
+    let locator = Locator { api: KubeApi::new(lab.api.client().await?, Duration::from_secs(10)), layout };
+    let opts = Options { dry_run: false, force: false, etcd_endpoints: vec![], state_dir: state, verify_timeout: Duration::from_secs(180) };
+    let shown = std::sync::Mutex::new(0usize);
+    let progress = |r: &Remediation| {
+        let mut n = shown.lock().unwrap();
+        let done: Vec<String> = r.steps.iter().filter_map(|s| s.outcome.as_ref().map(|o| format!("{:<10} {o}: {}", s.name, s.message))).collect();
+        for line in &done[(*n).min(done.len())..] {
+            p.step(&format!("  agent: {line}"));
+        }
+        *n = done.len();
+    };
+    let r = Engine { locator: &locator, opts, progress: &progress }.run("apisix", "apisix-etcd-1", None).await;
+    ensure!(r.phase == Phase::Succeeded, "the remediation ended {:?}: {:?}", r.phase, r.error);
     let members = etcd::member_list(&lab.set.endpoints()).await?;
     let new = members.iter().find(|m| m.name == "apisix-etcd-1").context("member rejoined")?;
     p.step(&format!(
-        "apisix-etcd-1 rejoined as member {} after {:.2}s; the image re-added it",
+        "apisix-etcd-1 rejoined as member {} — remediation {} Succeeded in {:.2}s",
         format_id(new.id),
+        r.id,
         heal.elapsed().as_secs_f64()
     ));
+    if let Some(q) = r.quarantine_path.as_ref().and_then(|q| q.file_name()) {
+        println!("           old data kept on the PVC at .etcd-medic/quarantine/{} (etcd-medic restore {})", q.to_string_lossy(), r.id);
+    }
 
     let c = etcd::check_consistency(&lab.set.endpoints()).await?;
     for (endpoint, keys, hash) in &c.members {
@@ -80,7 +92,6 @@ async fn main() -> Result<()> {
         "healed: {} started voting members, {KEYS} keys equal on all members",
         members.iter().filter(|m| m.started() && !m.is_learner).count()
     ));
-    println!("note: this build shows the heal as the procedure etcd-medic automates; the agent's own remediation lands with issue #4.");
     lab.shutdown().await;
     Ok(())
 }

@@ -169,7 +169,10 @@ pub fn find(volume_root: &Path, id: &str) -> Result<Option<PathBuf>> {
     let base = volume_root.join(QUARANTINE_DIR);
     let Ok(entries) = std::fs::read_dir(&base) else { return Ok(None) };
     let suffix = format!("-{id}");
-    Ok(entries.flatten().map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy() == id || n.to_string_lossy().ends_with(&suffix))))
+    Ok(entries
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy() == id || n.to_string_lossy().ends_with(&suffix))))
 }
 
 /// Puts every item back into `data_dir` (the data dir's path now: the pod, and so the host

@@ -267,6 +267,12 @@ impl Engine<'_> {
         } else {
             self.opts.etcd_endpoints.clone()
         };
+        if endpoints.is_empty() {
+            return Err(Error::new(
+                Code::SoleMember,
+                format!("pod {ns}/{name} has no sibling etcd members: a sole member has nothing to rejoin; restore it from a backup"),
+            ));
+        }
         let (cluster_id, members) = etcd::members(&endpoints).await?;
         let stale = members.iter().find(|m| m.peer_urls.contains(&peer_url)).map(|m| m.id);
         guard::check_quorum(&members.iter().map(etcd::Member::view).collect::<Vec<_>>(), stale, Change::ReplaceMember)?;

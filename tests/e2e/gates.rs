@@ -12,7 +12,7 @@ use etcd_medic_lab::{Lab, NODE_NAME};
 use k8s_openapi::api::core::v1::Pod;
 
 async fn plan(lab: &Lab) -> Result<etcd_medic::locate::Plan> {
-    let (l, _proc) = crate::support::locator(lab, None, std::time::Duration::from_secs(5)).await?;
+    let (l, _proc) = etcd_medic_lab::agent::locator(lab, None, std::time::Duration::from_secs(5)).await?;
     Ok(l.locate("apisix", "apisix-etcd-1", None).await?)
 }
 

@@ -20,7 +20,7 @@ fn shape(replicas: usize, storage: StorageKind) -> SetShape {
     s
 }
 
-use crate::support::locator;
+use etcd_medic_lab::agent::locator;
 
 async fn locate(lab: &Lab, ordinal: usize) -> Result<Plan, Error> {
     let (l, _proc) = locator(lab, None, Duration::from_secs(5)).await.expect("locator");

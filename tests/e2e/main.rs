@@ -9,7 +9,6 @@ mod kubelet;
 mod locate;
 mod reference_failure;
 mod remediate;
-mod support;
 
 use std::sync::Once;
 

@@ -86,3 +86,160 @@ async fn remediate_heals_member_not_found_with_every_key_and_a_restorable_quaran
     lab.shutdown().await;
     Ok(())
 }
+
+use etcd_medic::Code;
+use etcd_medic::remediation::Phase;
+use etcd_medic_lab::Lab;
+use etcd_medic_lab::objects::{SetShape, StartProfile};
+
+/// A refusal: phase Refused with `code`, and neither the volume nor the membership changed.
+async fn assert_refused(lab: &Lab, pod: usize, force: bool, code: Code) -> Result<()> {
+    let volume = lab.set.volume_path(pod)?;
+    let before = etcd_medic_lab::agent::tree(&volume);
+    let members_before = etcd::member_list(&lab.set.other_endpoints(pod)).await.map(|m| m.len()).ok();
+    let r = etcd_medic_lab::agent::remediate(lab, &lab.set.shape().pod_name(pod), force).await?;
+    assert_eq!(r.phase, Phase::Refused, "{r:?}");
+    assert_eq!(r.error.as_ref().map(|e| e.code), Some(code), "{:?}", r.error);
+    assert_eq!(etcd_medic_lab::agent::tree(&volume), before, "the volume changed on a refusal");
+    assert_eq!(etcd::member_list(&lab.set.other_endpoints(pod)).await.map(|m| m.len()).ok(), members_before);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refusals_change_nothing() -> Result<()> {
+    // A healthy, running member: PodRunning, with force too.
+    let lab = Lab::start(SetShape::apisix(3, NODE_NAME)).await?;
+    assert_refused(&lab, 1, false, Code::PodRunning).await?;
+    assert_refused(&lab, 1, true, Code::PodRunning).await?;
+    lab.shutdown().await;
+
+    let (lab, _) = crate::reference_failure::broken_lab().await?;
+    // A process that holds the data dir (its cwd), though the pod is failing.
+    let data = lab.set.data_dir(1)?;
+    let mut holder = std::process::Command::new("sleep").arg("60").current_dir(&data).spawn()?;
+    assert_refused(&lab, 1, false, Code::PodRunning).await?;
+    holder.kill()?;
+    holder.wait()?;
+    // Another node holds the cluster's lease.
+    let mut c = etcd::live_client(&lab.set.other_endpoints(1)).await?;
+    let cluster_id = c.member_list().await?.header().unwrap().cluster_id();
+    let lease: k8s_openapi::api::coordination::v1::Lease = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("etcd-medic-{cluster_id:016x}"), "namespace": "apisix"},
+        "spec": {"holderIdentity": "lab-node-b", "leaseDurationSeconds": 60, "renewTime": jiff::Timestamp::now().to_string()},
+    }))?;
+    lab.api.create(&lease)?;
+    let volume = lab.set.volume_path(1)?;
+    let before = etcd_medic_lab::agent::tree(&volume);
+    let r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
+    assert_eq!(r.error.as_ref().map(|e| e.code), Some(Code::ClusterLocked), "{r:?}");
+    assert!(r.error.as_ref().unwrap().message.contains("lab-node-b"));
+    assert_eq!(etcd_medic_lab::agent::tree(&volume), before);
+    // Two of three members down: the cluster has no quorum to take the member back.
+    lab.set.kill_container(2).await;
+    assert_refused(&lab, 1, false, Code::QuorumAtRisk).await?;
+    lab.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sole_member_is_refused() -> Result<()> {
+    let lab = Lab::start(SetShape::apisix(1, NODE_NAME)).await?;
+    lab.set.kill_container(0).await;
+    lab.api.modify::<k8s_openapi::api::core::v1::Pod>("apisix", "apisix-etcd-0", |p| {
+        p.status = Some(
+            serde_json::from_value(serde_json::json!({"phase": "Running", "containerStatuses": [{
+            "name": "etcd", "ready": false, "restartCount": 3, "image": "", "imageID": "",
+            "state": {"waiting": {"reason": "CrashLoopBackOff"}}, "lastState": {"terminated": {"exitCode": 1}}}]}))
+            .unwrap(),
+        );
+    })?;
+    assert_refused(&lab, 0, false, Code::SoleMember).await?;
+    lab.shutdown().await;
+    Ok(())
+}
+
+/// The image's single `member add` after the restart fails once: the dot-file the agent
+/// leaves keeps data/ from looking empty, the next start re-adds, and the heal succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_heal_survives_a_failed_first_add() -> Result<()> {
+    let (lab, _) = crate::reference_failure::broken_lab().await?;
+    if !lab.node.real_mounts {
+        return Ok(());
+    }
+    lab.set.switches().fail_next_member_add.store(true, std::sync::atomic::Ordering::SeqCst);
+    let r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
+    assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
+    assert!(!lab.set.switches().fail_next_member_add.load(std::sync::atomic::Ordering::SeqCst), "the add did fail once");
+    let c = etcd::check_consistency(&lab.set.endpoints()).await?;
+    assert!(c.consistent && c.members.len() == 3 && c.members.iter().all(|(_, n, _)| *n == crate::reference_failure::KEYS), "{c:?}");
+    lab.shutdown().await;
+    Ok(())
+}
+
+/// A plain StatefulSet that starts etcd with `existing`: the agent removes the stale member
+/// and adds it back before the restart. Fixed on `new`: refused, nothing changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_sets_are_healed_with_existing_and_refused_with_new() -> Result<()> {
+    for state in [etcd::ClusterState::Existing, etcd::ClusterState::New] {
+        let mut shape = SetShape::apisix(3, NODE_NAME);
+        shape.profile = StartProfile::Plain { state };
+        let lab = Lab::start(shape).await?;
+        if !lab.node.real_mounts {
+            return Ok(());
+        }
+        lab.write_keys(100).await?;
+        // A member removed while its old data stays: it crash-loops as removed.
+        let id = etcd::member_list(&lab.set.endpoints()).await?.into_iter().find(|m| m.name == "apisix-etcd-1").unwrap().id;
+        etcd::member_remove(&lab.set.other_endpoints(1), id).await?;
+        lab.set
+            .wait_pod(1, WAIT, "crash-looping", |p| {
+                p.pointer("/status/containerStatuses/0/state/waiting/reason").and_then(|r| r.as_str()) == Some("CrashLoopBackOff")
+            })
+            .await?;
+        if state == etcd::ClusterState::New {
+            assert_refused(&lab, 1, false, Code::UnsupportedProfile).await?;
+        } else {
+            let r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
+            assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
+            let c = etcd::check_consistency(&lab.set.endpoints()).await?;
+            assert!(c.consistent && c.members.len() == 3 && c.members.iter().all(|(_, n, _)| *n == 100), "{c:?}");
+        }
+        lab.shutdown().await;
+    }
+    Ok(())
+}
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// Two members of one cluster broken at once, two remediations started together: the
+/// cluster's lease lets exactly one proceed; the other is refused with ClusterLocked and
+/// changes nothing. Once the first is done, the second goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_remediation_per_cluster_at_a_time() -> Result<()> {
+    let lab = Lab::start(SetShape::apisix(5, NODE_NAME)).await?;
+    if !lab.node.real_mounts {
+        return Ok(());
+    }
+    lab.write_keys(100).await?;
+    crate::reference_failure::break_member(&lab, 1).await?;
+    crate::reference_failure::break_member(&lab, 3).await?;
+    let before = etcd_medic_lab::agent::tree(&lab.set.volume_path(3)?);
+    let (a, b) = tokio::join!(
+        etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false),
+        etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-3", false)
+    );
+    let (a, b) = (a?, b?);
+    let phases = [a.phase, b.phase];
+    assert!(phases.contains(&Phase::Succeeded) && phases.contains(&Phase::Refused), "{phases:?}");
+    let (loser, loser_pod) = if a.phase == Phase::Refused { (&a, 1) } else { (&b, 3) };
+    assert_eq!(loser.error.as_ref().map(|e| e.code), Some(Code::ClusterLocked), "{loser:?}");
+    if loser_pod == 3 {
+        assert_eq!(etcd_medic_lab::agent::tree(&lab.set.volume_path(3)?), before, "the refused one changed nothing");
+    }
+    let again = etcd_medic_lab::agent::remediate(&lab, &format!("apisix-etcd-{loser_pod}"), false).await?;
+    assert_eq!(again.phase, Phase::Succeeded, "{again:?}");
+    let c = etcd::check_consistency(&lab.set.endpoints()).await?;
+    assert!(c.consistent && c.members.len() == 5 && c.members.iter().all(|(_, n, _)| *n == 100), "{c:?}");
+    lab.shutdown().await;
+    Ok(())
+}

@@ -11,9 +11,6 @@ use etcd_medic_lab::kubelet::VolumeSource;
 use etcd_medic_lab::objects::{SetShape, StorageKind};
 use etcd_medic_lab::{Lab, NODE_NAME};
 
-#[path = "../e2e/support.rs"]
-mod support;
-
 const RUNS: usize = 300;
 
 fn stats(mut v: Vec<Duration>) -> (Duration, Duration, Duration) {
@@ -34,7 +31,7 @@ async fn node_with(pods: usize) -> Result<(Lab, Locator, tempfile::TempDir)> {
         let dir = lab.node.volume_path(&uid, &format!("pv-{i}"), &source);
         std::fs::create_dir_all(dir.join("data/member/snap"))?;
     }
-    let (locator, proc) = support::locator(&lab, None, Duration::from_secs(5)).await?;
+    let (locator, proc) = etcd_medic_lab::agent::locator(&lab, None, Duration::from_secs(5)).await?;
     Ok((lab, locator, proc))
 }
 

@@ -5,8 +5,10 @@
 //! - [`apiserver`]: a stand-in Kubernetes API server;
 //! - [`statefulset`]: a StatefulSet controller and kubelet that run the Bitnami image's
 //!   start-up rules ([`bitnami`]) or a plain etcd;
-//! - [`lab`]: all of it in one value.
+//! - [`lab`]: all of it in one value;
+//! - [`agent`]: etcd-medic's locator and engine on the lab's node.
 
+pub mod agent;
 pub mod apiserver;
 pub mod bitnami;
 pub mod etcd;

@@ -48,6 +48,8 @@ pub struct Switches {
     pub fail_next_member_add: AtomicBool,
     /// The preStop hook's `member_removal.log` is lost (not synced before the node went).
     pub lose_removal_log: AtomicBool,
+    /// Containers stop without their preStop hook (a node that lost power).
+    pub skip_pre_stop: AtomicBool,
 }
 
 fn res(plural: &str, group: &str) -> &'static ResourceDef {
@@ -226,6 +228,18 @@ impl StatefulSetSim {
     /// The log of the container's previous start (`kubectl logs --previous`).
     pub fn previous_container_log(&self, ordinal: usize) -> String {
         std::fs::read_to_string(self.inner.log_dir.join(format!("{}.previous.log", self.inner.shape.pod_name(ordinal)))).unwrap_or_default()
+    }
+
+    /// Stops the container of `ordinal` for good, without its preStop hook, as a node that
+    /// lost power does; the pod object stays as it was.
+    pub async fn kill_container(&self, ordinal: usize) {
+        self.inner.switches.skip_pre_stop.store(true, Ordering::SeqCst);
+        let run = self.inner.pods.lock().unwrap()[ordinal].take();
+        if let Some(run) = run {
+            let _ = run.stop.send(true);
+            let _ = run.task.await;
+        }
+        self.inner.switches.skip_pre_stop.store(false, Ordering::SeqCst);
     }
 
     /// Stops every container (no preStop hook) and detaches the volumes.
@@ -573,6 +587,9 @@ async fn store_member_id(inner: &Inner, ordinal: usize, uid: &str) -> bool {
 async fn pre_stop(inner: &Inner, ordinal: usize, uid: &str) {
     let s = &inner.shape;
     let StartProfile::Bitnami { remove_member_on_termination: true, .. } = s.profile else { return };
+    if inner.switches.skip_pre_stop.load(Ordering::SeqCst) {
+        return;
+    }
     let volume = inner.node.volume_path(uid, &s.pv_name(ordinal), &s.volume_source(ordinal));
     let Some(id) = std::fs::read_to_string(volume.join(s.profile.data_subdir()).join("member_id")).ok().and_then(|t| parse_id(&t)) else {
         return;

@@ -10,9 +10,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use etcd_medic::kubeapi::KubeApi;
-use etcd_medic::locate::{Locator, NodeLayout};
-use etcd_medic::remediation::{Engine, Options, Phase, Remediation};
+use etcd_medic::remediation::{Phase, Remediation};
 use etcd_medic_lab::etcd::{self, format_id};
 use etcd_medic_lab::objects::SetShape;
 use etcd_medic_lab::statefulset::container_state;
@@ -55,21 +53,17 @@ async fn main() -> Result<()> {
 
     p.step("asking the etcd-medic agent on the node to remediate apisix/apisix-etcd-1");
     let heal = Instant::now();
-    let proc = std::path::PathBuf::from("/proc");
-    let state = lab.dir.path().join("agent-state");
-    let layout = NodeLayout { node_name: NODE_NAME.into(), host_root: lab.node.root.clone(), kubelet_root: None, proc_root: proc, container: None };
-    let locator = Locator { api: KubeApi::new(lab.api.client().await?, Duration::from_secs(10)), layout };
-    let opts = Options { dry_run: false, force: false, etcd_endpoints: vec![], state_dir: state, verify_timeout: Duration::from_secs(180) };
     let shown = std::sync::Mutex::new(0usize);
     let progress = |r: &Remediation| {
         let mut n = shown.lock().unwrap();
-        let done: Vec<String> = r.steps.iter().filter_map(|s| s.outcome.as_ref().map(|o| format!("{:<10} {o}: {}", s.name, s.message))).collect();
+        let done: Vec<String> =
+            r.steps.iter().filter_map(|s| s.outcome.as_ref().map(|o| format!("{:<10} {o}: {}", s.name, s.message))).collect();
         for line in &done[(*n).min(done.len())..] {
             p.step(&format!("  agent: {line}"));
         }
         *n = done.len();
     };
-    let r = Engine { locator: &locator, opts, progress: &progress }.run("apisix", "apisix-etcd-1", None).await;
+    let r = etcd_medic_lab::agent::remediate_with(&lab, "apisix-etcd-1", false, &progress).await?;
     ensure!(r.phase == Phase::Succeeded, "the remediation ended {:?}: {:?}", r.phase, r.error);
     let members = etcd::member_list(&lab.set.endpoints()).await?;
     let new = members.iter().find(|m| m.name == "apisix-etcd-1").context("member rejoined")?;

@@ -6,7 +6,6 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Pod;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Code, Error, Result};
@@ -110,7 +109,6 @@ pub struct Engine<'a> {
 /// What the checks found, for the steps that act.
 struct Checked {
     plan: Plan,
-    pod: Pod,
     endpoints: Vec<String>,
     cluster_id: u64,
     peer_url: String,
@@ -121,6 +119,14 @@ struct Checked {
 impl Engine<'_> {
     /// Runs one remediation to its end (verification included) and returns it.
     pub async fn run(&self, namespace: &str, pod: &str, pod_uid: Option<&str>) -> Remediation {
+        // An agent that died after it changed something left a Running journal: finish that
+        // remediation instead of starting another (its destructive steps are not repeated).
+        if !self.opts.dry_run
+            && let Some(mut r) = unfinished(&self.opts.state_dir, namespace, pod)
+        {
+            let outcome = self.resume(&mut r).await;
+            return self.finish(r, outcome);
+        }
         let mut r = Remediation {
             id: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
             namespace: namespace.into(),
@@ -137,6 +143,10 @@ impl Engine<'_> {
             finished_at: None,
         };
         let outcome = self.steps(&mut r).await;
+        self.finish(r, outcome)
+    }
+
+    fn finish(&self, mut r: Remediation, outcome: std::result::Result<(), (Error, bool)>) -> Remediation {
         r.step = None;
         r.finished_at = Some(now());
         match outcome {
@@ -183,7 +193,57 @@ impl Engine<'_> {
         };
         let _ = journal(&self.opts.state_dir, r);
         (self.progress)(r);
+        failpoint(name).await;
         out
+    }
+
+    /// Finishes a remediation from its journal: the lock again, then the steps not yet done.
+    async fn resume(&self, r: &mut Remediation) -> std::result::Result<(), (Error, bool)> {
+        r.phase = Phase::Running;
+        let checked = self.step(r, "Resume", true, self.recheck(r.clone())).await?;
+        let (ns, me) = (r.namespace.clone(), self.locator.layout.node_name.clone());
+        let mut lock = self
+            .step(r, "Lock", true, async {
+                let l = ClusterLock::acquire(&self.locator.api, &ns, checked.cluster_id, &me).await?;
+                Ok((l, format!("lease etcd-medic-{:016x} held by {me}", checked.cluster_id)))
+            })
+            .await?;
+        let result = self.act(r, &checked, &mut lock).await;
+        let _ = lock.release().await;
+        result
+    }
+
+    /// What a resumed remediation needs, from its journal and the cluster as it is now. The
+    /// gates that guard the first destructive step are not asked again: it is done.
+    async fn recheck(&self, r: Remediation) -> Result<(Checked, String)> {
+        let plan = r.plan.clone().ok_or_else(|| Error::new(Code::NotReady, format!("journal {} has no plan to resume", r.id)))?;
+        let pod = self.locator.api.pod(&plan.namespace, &plan.pod).await?;
+        let c = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.iter().find(|c| c.name == plan.container))
+            .ok_or_else(|| Error::new(Code::NotReady, "the pod lost its etcd container"))?;
+        let env = container::environment(&pod, c);
+        let (peer_url, member_name, _) = start_flags(c, &env, &plan.pod);
+        let peer_url = peer_url.ok_or_else(|| Error::new(Code::UnsupportedProfile, "the pod names no peer URL"))?;
+        let endpoints = if self.opts.etcd_endpoints.is_empty() {
+            etcd::sibling_endpoints(&pod, &self.locator.api.pods(&plan.namespace).await?, &plan.container)
+        } else {
+            self.opts.etcd_endpoints.clone()
+        };
+        let (cluster_id, members) = etcd::members(&endpoints).await?;
+        // Only the entry the first run found stale may go; the member may have rejoined by
+        // itself in the meantime under a new id, and that one stays.
+        let old_id = r
+            .quarantine_path
+            .as_deref()
+            .and_then(|d| quarantine::read_manifest(d).ok())
+            .and_then(|m| m.member_id)
+            .and_then(|id| u64::from_str_radix(&id, 16).ok());
+        let stale = members.iter().find(|m| m.peer_urls.contains(&peer_url) && Some(m.id) == old_id).map(|m| m.id);
+        let done: Vec<&str> = r.steps.iter().filter(|s| s.outcome.as_deref() == Some("Done")).map(|s| s.name.as_str()).collect();
+        let msg = format!("resuming remediation {} after {}", r.id, done.last().copied().unwrap_or("nothing"));
+        Ok((Checked { plan, endpoints, cluster_id, peer_url, member_name, stale }, msg))
     }
 
     async fn steps(&self, r: &mut Remediation) -> std::result::Result<(), (Error, bool)> {
@@ -214,6 +274,11 @@ impl Engine<'_> {
         let member_id = c.stale.map(|i| format!("{i:x}")).or_else(|| {
             std::fs::read_to_string(plan.host_path.join("member_id")).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
         });
+        let done = |r: &Remediation, name: &str| r.steps.iter().any(|s| s.name == name && s.outcome.as_deref() == Some("Done"));
+        let resumed = r.steps.iter().any(|s| s.name == "Resume");
+        if done(r, "Quarantine") {
+            return self.act_after_quarantine(r, c, lock, resumed).await;
+        }
         let (dir, _) = self
             .step(r, "Quarantine", true, async {
                 // Proven again right before acting: nothing took the data since the check.
@@ -234,14 +299,36 @@ impl Engine<'_> {
             })
             .await?;
         r.quarantine_path = Some(dir);
+        self.act_after_quarantine(r, c, lock, resumed).await
+    }
+
+    async fn act_after_quarantine(
+        &self,
+        r: &mut Remediation,
+        c: &Checked,
+        lock: &mut ClusterLock,
+        resumed: bool,
+    ) -> std::result::Result<(), (Error, bool)> {
+        let plan = &c.plan;
+        let done = |r: &Remediation, name: &str| r.steps.iter().any(|s| s.name == name && s.outcome.as_deref() == Some("Done"));
         let _ = lock.renew().await;
-        self.step(r, "Membership", true, self.membership(c)).await?;
+        if !done(r, "Membership") {
+            self.step(r, "Membership", true, self.membership(c)).await?;
+        }
         let _ = lock.renew().await;
-        self.step(r, "Restart", true, async {
-            self.locator.api.delete_pod(&plan.namespace, &plan.pod, &plan.pod_uid).await?;
-            Ok(((), format!("deleted pod {}/{} (uid {})", plan.namespace, plan.pod, plan.pod_uid)))
-        })
-        .await?;
+        if !done(r, "Restart") {
+            self.step(r, "Restart", true, async {
+                match self.locator.api.delete_pod(&plan.namespace, &plan.pod, &plan.pod_uid).await {
+                    Ok(()) => Ok(((), format!("deleted pod {}/{} (uid {})", plan.namespace, plan.pod, plan.pod_uid))),
+                    // Resumed after the delete went through: the pod was already replaced.
+                    Err(e) if resumed && matches!(e.code, Code::PodUIDMismatch | Code::PodNotFound) => {
+                        Ok(((), format!("pod {}/{} was already replaced", plan.namespace, plan.pod)))
+                    }
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        }
         self.step(r, "Verify", true, self.verify(c, lock)).await
     }
 
@@ -286,7 +373,7 @@ impl Engine<'_> {
             members.iter().filter(|m| m.healthy).count(),
             members.len()
         );
-        Ok((Checked { plan, pod, endpoints, cluster_id, peer_url, member_name, stale }, msg))
+        Ok((Checked { plan, endpoints, cluster_id, peer_url, member_name, stale }, msg))
     }
 
     async fn membership(&self, c: &Checked) -> Result<((), String)> {
@@ -306,8 +393,15 @@ impl Engine<'_> {
                 done.push("left data/.etcd-medic; the image re-adds the member".into());
             }
             Profile::Plain => {
-                let (id, _) = etcd::add_member(&c.endpoints, &c.member_name, &c.peer_url).await?;
-                done.push(format!("added {} as member {id:x}", c.member_name));
+                let (_, members) = etcd::members(&c.endpoints).await?;
+                match members.iter().find(|m| m.peer_urls.contains(&c.peer_url) && Some(m.id) != c.stale) {
+                    // Added before an interruption: not added twice.
+                    Some(m) => done.push(format!("{} is already member {:x}", c.member_name, m.id)),
+                    None => {
+                        let (id, _) = etcd::add_member(&c.endpoints, &c.member_name, &c.peer_url).await?;
+                        done.push(format!("added {} as member {id:x}", c.member_name));
+                    }
+                }
             }
         }
         // etcd accepts the image's `member add` only once its leader has been connected to
@@ -320,7 +414,7 @@ impl Engine<'_> {
 
     async fn verify(&self, c: &Checked, lock: &mut ClusterLock) -> Result<((), String)> {
         let deadline = Instant::now() + self.opts.verify_timeout;
-        let old_uid = c.pod.metadata.uid.clone();
+        let old_uid = Some(c.plan.pod_uid.clone());
         let mut seen = String::from("nothing yet");
         while Instant::now() < deadline {
             if let Ok(p) = self.locator.api.pod(&c.plan.namespace, &c.plan.pod).await {
@@ -350,6 +444,30 @@ impl Engine<'_> {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
         Err(Error::new(Code::NotReady, format!("the member did not rejoin within {:?}: {seen}", self.opts.verify_timeout)))
+    }
+}
+
+/// The newest journal of `namespace/pod` that is still Running after something was changed.
+fn unfinished(state_dir: &Path, namespace: &str, pod: &str) -> Option<Remediation> {
+    let dir = state_dir.join("remediations");
+    let mut found: Vec<Remediation> = std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .filter_map(|e| serde_json::from_slice::<Remediation>(&std::fs::read(e.path()).ok()?).ok())
+        .filter(|r| r.phase == Phase::Running && r.namespace == namespace && r.pod == pod)
+        .filter(|r| r.steps.iter().any(|s| s.name == "Quarantine"))
+        .collect();
+    found.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+    found.pop()
+}
+
+/// Test hook: `ETCD_MEDIC_FAILPOINT=after:<Step>` stops the engine right after that step is
+/// journaled, so the lab can kill the agent there and check that it resumes correctly.
+async fn failpoint(step: &str) {
+    if std::env::var("ETCD_MEDIC_FAILPOINT").is_ok_and(|f| f == format!("after:{step}")) {
+        eprintln!("failpoint after:{step}: waiting to be killed");
+        tokio::time::sleep(Duration::from_secs(600)).await;
     }
 }
 

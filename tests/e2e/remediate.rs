@@ -243,3 +243,72 @@ async fn one_remediation_per_cluster_at_a_time() -> Result<()> {
     lab.shutdown().await;
     Ok(())
 }
+
+/// The agent is killed (SIGKILL) right after the quarantine, before the pod is restarted.
+/// Run again, it resumes the same remediation from its journal: nothing is moved twice, the
+/// pod is restarted once, and the member rejoins with every key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_after_quarantine_the_agent_resumes_without_moving_twice() -> Result<()> {
+    let (lab, _) = crate::reference_failure::broken_lab().await?;
+    if !lab.node.real_mounts {
+        return Ok(());
+    }
+    let state = tempfile::tempdir()?;
+    let command = || {
+        let mut cmd = std::process::Command::new(crate::locate::agent_binary());
+        cmd.args(["remediate", "apisix/apisix-etcd-1", "--node-name", NODE_NAME, "--verify-timeout", "120s"])
+            .arg("--host-root")
+            .arg(&lab.node.root)
+            .arg("--state-dir")
+            .arg(state.path())
+            .env("KUBECONFIG", &lab.api.kubeconfig)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        cmd
+    };
+    let uid_before = lab.set.pod_uid(1)?;
+    let volume = lab.set.volume_path(1)?;
+    let mut first = command().env("ETCD_MEDIC_FAILPOINT", "after:Quarantine").spawn()?;
+    // Wait for the journal to record the quarantine, then kill the agent without warning.
+    let journal_done = || {
+        std::fs::read_dir(state.path().join("remediations")).ok().into_iter().flatten().flatten().any(|e| {
+            std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("\"name\": \"Quarantine\"") && t.contains("\"outcome\": \"Done\""))
+        })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !journal_done() {
+        assert!(std::time::Instant::now() < deadline, "the agent never quarantined");
+        assert!(first.try_wait()?.is_none(), "the agent exited early");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    first.kill()?;
+    first.wait()?;
+    assert_eq!(lab.set.pod_uid(1)?, uid_before, "killed before the restart: the pod was not deleted");
+    let quarantines = || std::fs::read_dir(volume.join(".etcd-medic/quarantine")).map(|d| d.flatten().count()).unwrap_or(0);
+    assert_eq!(quarantines(), 1);
+
+    let second = tokio::task::block_in_place(|| command().output())?;
+    let out = String::from_utf8_lossy(&second.stdout);
+    assert!(second.status.success(), "{out}\n{}", String::from_utf8_lossy(&second.stderr));
+    assert!(out.contains("Resume") && out.contains("resuming remediation"), "{out}");
+    // One journal, one quarantine with every item in it, and the member back.
+    let journals: Vec<_> = std::fs::read_dir(state.path().join("remediations"))?
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
+        .collect();
+    assert_eq!(journals.len(), 1);
+    let j: serde_json::Value = serde_json::from_slice(&std::fs::read(journals[0].path())?)?;
+    assert_eq!(j["phase"], "Succeeded");
+    let steps: Vec<&str> =
+        j["steps"].as_array().unwrap().iter().filter(|s| s["outcome"] == "Done").map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(steps.iter().filter(|s| **s == "Quarantine").count(), 1, "{steps:?}");
+    assert_eq!(steps.iter().filter(|s| **s == "Restart").count(), 1, "{steps:?}");
+    let volume_now = lab.set.volume_path(1)?;
+    let q: Vec<_> = std::fs::read_dir(volume_now.join(".etcd-medic/quarantine"))?.flatten().collect();
+    assert_eq!(q.len(), 1);
+    assert!(q[0].path().join("data/member/snap/db").is_file() && q[0].path().join("data/member_id").is_file());
+    let c = etcd::check_consistency(&lab.set.endpoints()).await?;
+    assert!(c.consistent && c.members.len() == 3 && c.members.iter().all(|(_, n, _)| *n == crate::reference_failure::KEYS), "{c:?}");
+    lab.shutdown().await;
+    Ok(())
+}

@@ -272,7 +272,8 @@ async fn killed_after_quarantine_the_agent_resumes_without_moving_twice() -> Res
     // Wait for the journal to record the quarantine, then kill the agent without warning.
     let journal_done = || {
         std::fs::read_dir(state.path().join("remediations")).ok().into_iter().flatten().flatten().any(|e| {
-            std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("\"name\": \"Quarantine\"") && t.contains("\"outcome\": \"Done\""))
+            let j: serde_json::Value = std::fs::read(e.path()).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
+            j["steps"].as_array().is_some_and(|s| s.iter().any(|s| s["name"] == "Quarantine" && s["outcome"] == "Done"))
         })
     };
     let deadline = std::time::Instant::now() + Duration::from_secs(60);

@@ -115,14 +115,20 @@ where
 }
 
 /// Removes member `id` through the first healthy endpoint.
+/// A remove that was applied but whose answer was lost is retried and then answers `member
+/// not found`: that is success.
 pub async fn remove_member(endpoints: &[String], id: u64) -> Result<()> {
     let c = first_client(endpoints).await?;
-    retry_unhealthy(&format!("member remove {id:x}"), Duration::from_secs(30), || {
+    let r = retry_unhealthy(&format!("member remove {id:x}"), Duration::from_secs(30), || {
         let mut c = c.clone();
         async move { c.member_remove(id).await }
     })
-    .await?;
-    Ok(())
+    .await;
+    match r {
+        Ok(_) => Ok(()),
+        Err(e) if e.message.contains("member not found") => Ok(()),
+        Err(e) => Err(e),
+    }
 }
 
 /// Adds a voting member with `peer_url`; returns its id and the `--initial-cluster` the new

@@ -11,7 +11,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use crate::error::{Code, Error, Result};
 use crate::kubeapi::KubeApi;
 
-pub const DURATION: Duration = Duration::from_secs(60);
+/// Long enough for the longest step between renewals (membership retries and settling).
+pub const DURATION: Duration = Duration::from_secs(120);
 
 pub fn lease_name(cluster_id: u64) -> String {
     format!("etcd-medic-{cluster_id:016x}")

@@ -94,12 +94,20 @@ pub fn dir_name(created_at: &jiff::Timestamp, id: &str) -> String {
 /// `volume_root`. Idempotent: an item already in the quarantine is not moved again.
 pub fn quarantine(volume_root: &Path, data_dir: &Path, req: &Request, now: jiff::Timestamp) -> Result<(PathBuf, Manifest)> {
     let base = volume_root.join(QUARANTINE_DIR);
+    // The workload controls the volume: `.etcd-medic` or `quarantine` planted as links would
+    // lead the moves elsewhere. Refuse them; create what is missing, then prove the result.
+    for rel in [".etcd-medic", QUARANTINE_DIR] {
+        if crate::pathsafe::entry_beneath(volume_root, Path::new(rel))?.is_some_and(|m| !m.file_type().is_dir()) {
+            return Err(Error::new(Code::UnsafePath, format!("{} is not a directory (a link?)", volume_root.join(rel).display())));
+        }
+    }
     let existing = find(volume_root, req.id)?;
     let dir = existing.clone().unwrap_or_else(|| base.join(dir_name(&now, req.id)));
     let mut manifest = match &existing {
         Some(d) => read_manifest(d)?,
         None => {
             std::fs::create_dir_all(&dir).map_err(|e| io(format!("create {}", dir.display()), e))?;
+            crate::pathsafe::check_dir_beneath(volume_root, dir.strip_prefix(volume_root).unwrap_or(&dir))?;
             let same_fs = std::fs::metadata(&dir).map(|m| m.dev()).ok() == std::fs::metadata(data_dir).map(|m| m.dev()).ok();
             if !same_fs {
                 return Err(Error::new(
@@ -318,6 +326,19 @@ mod tests {
         assert_eq!(e.code, Code::UnsafePath);
         assert!(dir.join("data/member/snap/db").is_file(), "nothing moved on refusal");
         assert!(data.join("member/wal").symlink_metadata().is_err());
+    }
+
+    #[test]
+    fn a_planted_link_for_the_quarantine_dir_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        let data = member_dir(root.path());
+        std::os::unix::fs::symlink(elsewhere.path(), root.path().join(".etcd-medic")).unwrap();
+        let it = items();
+        let e = quarantine(root.path(), &data, &req("r4", &it), jiff::Timestamp::now()).unwrap_err();
+        assert_eq!(e.code, Code::UnsafePath);
+        assert!(data.join("member/snap/db").is_file(), "nothing moved");
+        assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
     }
 
     #[test]

@@ -201,7 +201,7 @@ impl Engine<'_> {
     async fn resume(&self, r: &mut Remediation) -> std::result::Result<(), (Error, bool)> {
         r.phase = Phase::Running;
         let checked = self.step(r, "Resume", true, self.recheck(r.clone())).await?;
-        let (ns, me) = (r.namespace.clone(), self.locator.layout.node_name.clone());
+        let (ns, me) = (r.namespace.clone(), holder(&self.locator.layout.node_name, &r.id));
         let mut lock = self
             .step(r, "Lock", true, async {
                 let l = ClusterLock::acquire(&self.locator.api, &ns, checked.cluster_id, &me).await?;
@@ -233,14 +233,15 @@ impl Engine<'_> {
         };
         let (cluster_id, members) = etcd::members(&endpoints).await?;
         // Only the entry the first run found stale may go; the member may have rejoined by
-        // itself in the meantime under a new id, and that one stays.
-        let old_id = r
-            .quarantine_path
-            .as_deref()
-            .and_then(|d| quarantine::read_manifest(d).ok())
-            .and_then(|m| m.member_id)
-            .and_then(|id| u64::from_str_radix(&id, 16).ok());
+        // itself in the meantime under a new id, and that one stays. The quarantine (found
+        // by the remediation's id on the volume as it is now) records that id.
+        let volume = self.locator.locate_volume(&plan.namespace, &plan.pod).await?;
+        let manifest = quarantine::find(&volume.volume.root, &r.id)?.and_then(|d| quarantine::read_manifest(&d).ok());
+        let old_id = manifest.and_then(|m| m.member_id).and_then(|id| u64::from_str_radix(&id, 16).ok());
         let stale = members.iter().find(|m| m.peer_urls.contains(&peer_url) && Some(m.id) == old_id).map(|m| m.id);
+        if !r.steps.iter().any(|s| s.name == "Membership" && s.outcome.as_deref() == Some("Done")) {
+            guard::check_quorum(&members.iter().map(etcd::Member::view).collect::<Vec<_>>(), stale, Change::ReplaceMember)?;
+        }
         let done: Vec<&str> = r.steps.iter().filter(|s| s.outcome.as_deref() == Some("Done")).map(|s| s.name.as_str()).collect();
         let msg = format!("resuming remediation {} after {}", r.id, done.last().copied().unwrap_or("nothing"));
         Ok((Checked { plan, endpoints, cluster_id, peer_url, member_name, stale }, msg))
@@ -255,7 +256,7 @@ impl Engine<'_> {
             return Ok(());
         }
         let api = &self.locator.api;
-        let me = self.locator.layout.node_name.clone();
+        let me = holder(&self.locator.layout.node_name, &r.id);
         let mut lock = self
             .step(r, "Lock", false, async {
                 let l = ClusterLock::acquire(api, &ns, checked.cluster_id, &me).await?;
@@ -283,6 +284,13 @@ impl Engine<'_> {
             .step(r, "Quarantine", true, async {
                 // Proven again right before acting: nothing took the data since the check.
                 guard::no_holders(&self.locator.layout.proc_root, &plan.volume.root, &plan.host_path)?;
+                if matches!(plan.profile, Profile::BitnamiMemberId | Profile::Bitnami) {
+                    // Before anything moves: the crash-looping container restarts on its own, and
+                    // the image empties data/ before its single `member add`; this dot-file keeps
+                    // data/ from ever looking empty, so a failed add is retried on the next start
+                    // instead of bootstrapping a new cluster (FIELD-NOTES.md).
+                    write_keep_file(&plan.host_path)?;
+                }
                 let items: Vec<(String, u64)> = plan.r#move.iter().map(|m| (m.path.clone(), m.bytes)).collect();
                 let req = quarantine::Request {
                     id: &id,
@@ -311,11 +319,11 @@ impl Engine<'_> {
     ) -> std::result::Result<(), (Error, bool)> {
         let plan = &c.plan;
         let done = |r: &Remediation, name: &str| r.steps.iter().any(|s| s.name == name && s.outcome.as_deref() == Some("Done"));
-        let _ = lock.renew().await;
+        lock.renew().await.map_err(|e| (e, true))?;
         if !done(r, "Membership") {
             self.step(r, "Membership", true, self.membership(c)).await?;
         }
-        let _ = lock.renew().await;
+        lock.renew().await.map_err(|e| (e, true))?;
         if !done(r, "Restart") {
             self.step(r, "Restart", true, async {
                 match self.locator.api.delete_pod(&plan.namespace, &plan.pod, &plan.pod_uid).await {
@@ -384,19 +392,19 @@ impl Engine<'_> {
         }
         match c.plan.profile {
             Profile::BitnamiMemberId | Profile::Bitnami => {
-                // The image empties data/ before its single `member add`; a dot-file keeps
-                // data/ from ever looking empty, so a failed add is retried on the next start
-                // instead of bootstrapping a new cluster (FIELD-NOTES.md).
-                let keep = c.plan.host_path.join(".etcd-medic");
-                std::fs::write(&keep, b"kept by etcd-medic so that data/ never looks empty to the start script\n")
-                    .map_err(|e| Error::new(Code::UnsafePath, format!("write {}: {e}", keep.display())))?;
-                done.push("left data/.etcd-medic; the image re-adds the member".into());
+                done.push(format!("data/{KEEP_FILE} keeps data/ non-empty; the image re-adds the member"));
             }
             Profile::Plain => {
                 let (_, members) = etcd::members(&c.endpoints).await?;
                 match members.iter().find(|m| m.peer_urls.contains(&c.peer_url) && Some(m.id) != c.stale) {
-                    // Added before an interruption: not added twice.
-                    Some(m) => done.push(format!("{} is already member {:x}", c.member_name, m.id)),
+                    // Added before an interruption (not started yet): not added twice.
+                    Some(m) if m.name.is_empty() => done.push(format!("{} is already member {:x}", c.member_name, m.id)),
+                    Some(m) => {
+                        return Err(Error::new(
+                            Code::UnsafePath,
+                            format!("a started member {:x} already has peer URL {}; not guessing which one to keep", m.id, c.peer_url),
+                        ));
+                    }
                     None => {
                         let (id, _) = etcd::add_member(&c.endpoints, &c.member_name, &c.peer_url).await?;
                         done.push(format!("added {} as member {id:x}", c.member_name));
@@ -447,6 +455,12 @@ impl Engine<'_> {
     }
 }
 
+/// The lease holder: this node and this remediation, so that two remediations on one node
+/// exclude each other too, and a resumed one is recognised as the same holder.
+fn holder(node: &str, id: &str) -> String {
+    format!("{node}/{id}")
+}
+
 /// The newest journal of `namespace/pod` that is still Running after something was changed.
 fn unfinished(state_dir: &Path, namespace: &str, pod: &str) -> Option<Remediation> {
     let dir = state_dir.join("remediations");
@@ -469,6 +483,26 @@ async fn failpoint(step: &str) {
         eprintln!("failpoint after:{step}: waiting to be killed");
         tokio::time::sleep(Duration::from_secs(600)).await;
     }
+}
+
+/// The dot-file that keeps the Bitnami image from ever seeing an empty data dir.
+pub const KEEP_FILE: &str = ".etcd-medic-keep";
+
+/// Created without following a link (the workload controls the data dir).
+fn write_keep_file(data: &Path) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = data.join(KEEP_FILE);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(&path)
+        .map_err(|e| Error::new(Code::UnsafePath, format!("create {}: {e}", path.display())))?;
+    f.write_all(b"kept by etcd-medic so that data/ never looks empty to the start script\n")
+        .and_then(|_| f.sync_all())
+        .map_err(|e| Error::new(Code::UnsafePath, format!("write {}: {e}", path.display())))
 }
 
 /// The peer URL, member name and initial cluster state the container starts etcd with.

@@ -65,7 +65,7 @@ async fn remediate_heals_member_not_found_with_every_key_and_a_restorable_quaran
         .find(|j| j["phase"] == "Succeeded")
         .expect("a Succeeded journal");
     assert_eq!(last["steps"].as_array().unwrap().len(), 6);
-    assert!(lab.set.data_dir(1)?.join(".etcd-medic").is_file(), "the dot-file keeps data/ from looking empty");
+    assert!(lab.set.data_dir(1)?.join(".etcd-medic-keep").is_file(), "the dot-file keeps data/ from looking empty");
 
     // Restoring while the rejoined member runs on that volume is refused, and changes nothing.
     let id = last["id"].as_str().unwrap();
@@ -96,12 +96,13 @@ use etcd_medic_lab::objects::{SetShape, StartProfile};
 async fn assert_refused(lab: &Lab, pod: usize, force: bool, code: Code) -> Result<()> {
     let volume = lab.set.volume_path(pod)?;
     let before = etcd_medic_lab::agent::tree(&volume);
-    let members_before = etcd::member_list(&lab.set.other_endpoints(pod)).await.map(|m| m.len()).ok();
+    let ids = |m: Vec<etcd::MemberInfo>| m.into_iter().map(|m| m.id).collect::<std::collections::BTreeSet<u64>>();
+    let members_before = etcd::member_list(&lab.set.other_endpoints(pod)).await.map(ids).ok();
     let r = etcd_medic_lab::agent::remediate(lab, &lab.set.shape().pod_name(pod), force).await?;
     assert_eq!(r.phase, Phase::Refused, "{r:?}");
     assert_eq!(r.error.as_ref().map(|e| e.code), Some(code), "{:?}", r.error);
     assert_eq!(etcd_medic_lab::agent::tree(&volume), before, "the volume changed on a refusal");
-    assert_eq!(etcd::member_list(&lab.set.other_endpoints(pod)).await.map(|m| m.len()).ok(), members_before);
+    assert_eq!(etcd::member_list(&lab.set.other_endpoints(pod)).await.map(ids).ok(), members_before, "membership changed on a refusal");
     Ok(())
 }
 

@@ -31,7 +31,11 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
 }
 
 async fn connect(endpoint: &str) -> Result<Client> {
-    let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(Duration::from_secs(5));
+    connect_with(endpoint, Duration::from_secs(5)).await
+}
+
+async fn connect_with(endpoint: &str, timeout: Duration) -> Result<Client> {
+    let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(timeout);
     Client::connect([endpoint], Some(opts)).await.map_err(|e| unavailable(&format!("connect to {endpoint}"), e))
 }
 
@@ -131,33 +135,38 @@ pub async fn remove_member(endpoints: &[String], id: u64) -> Result<()> {
     }
 }
 
-/// Adds a voting member with `peer_url`; returns its id and the `--initial-cluster` the new
-/// member must start with.
-pub async fn add_member(endpoints: &[String], name: &str, peer_url: &str) -> Result<(u64, String)> {
-    let c = first_client(endpoints).await?;
-    let resp = retry_unhealthy(&format!("member add {peer_url}"), Duration::from_secs(30), || {
-        let mut c = c.clone();
-        let url = peer_url.to_string();
-        async move { c.member_add([url], None).await }
-    })
-    .await?;
-    let id = resp.member().map(|m| m.id()).unwrap_or_default();
-    let ic = resp
-        .member_list()
-        .iter()
-        .flat_map(|m| {
-            let n = if m.id() == id { name.to_string() } else { m.name().to_string() };
-            m.peer_urls().iter().map(move |u| format!("{n}={u}")).collect::<Vec<_>>()
+/// Adds a voting member with `peer_url` and returns its id. An add whose answer was lost (a
+/// timeout on a busy cluster) may still have been applied: the member list decides, so the
+/// member is never added twice.
+pub async fn add_member(endpoints: &[String], peer_url: &str) -> Result<u64> {
+    let mut last = None;
+    for _ in 0..3 {
+        let c = first_client(endpoints).await?;
+        let added = retry_unhealthy(&format!("member add {peer_url}"), Duration::from_secs(30), || {
+            let mut c = c.clone();
+            let url = peer_url.to_string();
+            async move { c.member_add([url], None).await }
         })
-        .collect::<Vec<_>>()
-        .join(",");
-    Ok((id, ic))
+        .await;
+        match added {
+            Ok(resp) => return Ok(resp.member().map(|m| m.id()).unwrap_or_default()),
+            Err(e) => {
+                let (_, list) = members(endpoints).await?;
+                if let Some(m) = list.iter().find(|m| m.peer_urls.iter().any(|u| u == peer_url) && m.name.is_empty()) {
+                    return Ok(m.id);
+                }
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.expect("three attempts"))
 }
 
 async fn first_client(endpoints: &[String]) -> Result<Client> {
     for e in endpoints {
         if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(3), async {
-            let mut c = connect(e).await?;
+            // Membership changes wait for the change to apply: a busy cluster needs more than 5 s.
+            let mut c = connect_with(e, Duration::from_secs(15)).await?;
             c.status().await.map_err(|err| unavailable(e, err))?;
             Ok::<_, Error>(c)
         })

@@ -406,7 +406,7 @@ impl Engine<'_> {
                         ));
                     }
                     None => {
-                        let (id, _) = etcd::add_member(&c.endpoints, &c.member_name, &c.peer_url).await?;
+                        let id = etcd::add_member(&c.endpoints, &c.peer_url).await?;
                         done.push(format!("added {} as member {id:x}", c.member_name));
                     }
                 }

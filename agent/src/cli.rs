@@ -71,6 +71,9 @@ pub enum Command {
         /// How long to wait for the member to rejoin before the remediation is Failed.
         #[arg(long, env = "ETCD_MEDIC_VERIFY_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
         verify_timeout: std::time::Duration,
+        /// Quarantines kept per member; older ones are pruned after a remediation succeeds.
+        #[arg(long, env = "ETCD_MEDIC_KEEP_QUARANTINES", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+        keep_quarantines: u16,
     },
     /// Put a quarantine back where it came from (refuses while etcd runs on that data).
     Restore {

@@ -4,6 +4,7 @@ use clap::Parser;
 use etcd_medic::cli::{Cli, Command, NodeArgs, Output, PodRef};
 use etcd_medic::kubeapi::KubeApi;
 use etcd_medic::locate::Locator;
+use etcd_medic::remediation::Options;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -11,8 +12,16 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Serve(args) => args.validate().map_err(anyhow::Error::from).and_then(|_| not_yet("serve", 5)),
         Command::Locate { pod, node, output } => runtime().and_then(|rt| rt.block_on(locate(pod, node, *output))),
-        Command::Remediate { pod, node, dry_run, force, verify_timeout } => {
-            runtime().and_then(|rt| rt.block_on(remediate(pod, node, *dry_run, *force, *verify_timeout)))
+        Command::Remediate { pod, node, dry_run, force, verify_timeout, keep_quarantines } => {
+            let opts = Options {
+                dry_run: *dry_run,
+                force: *force,
+                etcd_endpoints: node.etcd_endpoints.clone(),
+                state_dir: node.state_dir.clone(),
+                verify_timeout: *verify_timeout,
+                keep_quarantines: *keep_quarantines as usize,
+            };
+            runtime().and_then(|rt| rt.block_on(remediate(pod, node, opts)))
         }
         Command::Restore { quarantine_id, node } => runtime().and_then(|rt| rt.block_on(restore(quarantine_id, node))),
     };
@@ -45,10 +54,9 @@ async fn locate(pod: &PodRef, node: &NodeArgs, output: Output) -> anyhow::Result
     Ok(())
 }
 
-async fn remediate(pod: &PodRef, node: &NodeArgs, dry_run: bool, force: bool, verify_timeout: std::time::Duration) -> anyhow::Result<()> {
-    use etcd_medic::remediation::{Engine, Options, Phase, Remediation};
+async fn remediate(pod: &PodRef, node: &NodeArgs, opts: Options) -> anyhow::Result<()> {
+    use etcd_medic::remediation::{Engine, Phase, Remediation};
     let locator = Locator { api: KubeApi::from_environment(node.api_timeout).await?, layout: node.layout()? };
-    let opts = Options { dry_run, force, etcd_endpoints: node.etcd_endpoints.clone(), state_dir: node.state_dir.clone(), verify_timeout };
     let start = std::time::Instant::now();
     let printed = std::sync::Mutex::new(0usize);
     // One line when a step starts and one when it ends, as a person on the node follows it.

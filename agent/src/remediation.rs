@@ -69,6 +69,8 @@ pub struct Options {
     pub etcd_endpoints: Vec<String>,
     pub state_dir: PathBuf,
     pub verify_timeout: Duration,
+    /// Quarantines kept per member; older ones go once a later remediation succeeded.
+    pub keep_quarantines: usize,
 }
 
 fn now() -> String {
@@ -337,7 +339,26 @@ impl Engine<'_> {
             })
             .await?;
         }
-        self.step(r, "Verify", true, self.verify(c, lock)).await
+        self.step(r, "Verify", true, self.verify(c, lock)).await?;
+        // The member is back: quarantines older than the newest `keep` may go. A failure to
+        // prune is reported, never a reason to call a healed member Failed.
+        let id = r.id.clone();
+        if let Err((e, _)) = self.step(r, "Retention", true, self.prune(&plan.namespace, &plan.pod, &id)).await {
+            tracing::warn!(code = %e.code, "retention: {}", e.message);
+        }
+        Ok(())
+    }
+
+    async fn prune(&self, ns: &str, pod: &str, id: &str) -> Result<((), String)> {
+        let volume = self.locator.locate_volume(ns, pod).await?.volume.root;
+        let all = quarantine::list(&volume);
+        let gone = quarantine::to_prune(&all, id, self.opts.keep_quarantines);
+        for dir in &gone {
+            let rel = dir.strip_prefix(&volume).unwrap_or(dir);
+            crate::pathsafe::check_dir_beneath(&volume, rel)?;
+            std::fs::remove_dir_all(dir).map_err(|e| Error::new(Code::UnsafePath, format!("remove {}: {e}", dir.display())))?;
+        }
+        Ok(((), format!("kept {} quarantine(s), pruned {}", all.len() - gone.len(), gone.len())))
     }
 
     async fn check(&self, ns: &str, name: &str, uid: Option<&str>) -> Result<(Checked, String)> {

@@ -37,7 +37,7 @@ async fn remediate_heals_member_not_found_with_every_key_and_a_restorable_quaran
     let out = String::from_utf8_lossy(&heal.stdout);
     assert!(heal.status.success(), "{out}\n{}", String::from_utf8_lossy(&heal.stderr));
     assert!(out.contains("Succeeded"), "{out}");
-    for step in ["Check", "Lock", "Quarantine", "Membership", "Restart", "Verify"] {
+    for step in ["Check", "Lock", "Quarantine", "Membership", "Restart", "Verify", "Retention"] {
         assert!(out.contains(&format!("{step:<11} Done")), "{step} missing in:\n{out}");
     }
 
@@ -64,7 +64,7 @@ async fn remediate_heals_member_not_found_with_every_key_and_a_restorable_quaran
         .map(|j| serde_json::from_slice::<serde_json::Value>(&std::fs::read(j.path()).unwrap()).unwrap())
         .find(|j| j["phase"] == "Succeeded")
         .expect("a Succeeded journal");
-    assert_eq!(last["steps"].as_array().unwrap().len(), 6);
+    assert_eq!(last["steps"].as_array().unwrap().len(), 7);
     assert!(lab.set.data_dir(1)?.join(".etcd-medic-keep").is_file(), "the dot-file keeps data/ from looking empty");
 
     // Restoring while the rejoined member runs on that volume is refused, and changes nothing.
@@ -311,6 +311,36 @@ async fn killed_after_quarantine_the_agent_resumes_without_moving_twice() -> Res
     assert!(q[0].path().join("data/member/snap/db").is_file() && q[0].path().join("data/member_id").is_file());
     let c = etcd::check_consistency(&lab.set.endpoints()).await?;
     assert!(c.consistent && c.members.len() == 3 && c.members.iter().all(|(_, n, _)| *n == crate::reference_failure::KEYS), "{c:?}");
+    lab.shutdown().await;
+    Ok(())
+}
+
+/// Retention: after a successful remediation the newest 3 quarantines of the member stay,
+/// older ones go; nothing is pruned when a remediation does not succeed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_keeps_the_newest_quarantines_after_a_success() -> Result<()> {
+    let (lab, _) = crate::reference_failure::broken_lab().await?;
+    if !lab.node.real_mounts {
+        return Ok(());
+    }
+    let volume = lab.set.volume_path(1)?;
+    for (i, day) in ["20250101", "20250201", "20250301"].iter().enumerate() {
+        let dir = volume.join(format!(".etcd-medic/quarantine/{day}T000000Z-old{i}"));
+        std::fs::create_dir_all(dir.join("data"))?;
+        let manifest = serde_json::json!({"id": format!("old{i}"), "createdAt": day, "namespace": "apisix", "pod": "apisix-etcd-1",
+            "podUID": "u", "memberId": null, "profile": "bitnami-member-id", "dataDir": "/x", "items": [], "state": "Quarantined"});
+        std::fs::write(dir.join("manifest.json"), manifest.to_string())?;
+    }
+    let r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
+    assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
+    let mut left: Vec<String> = std::fs::read_dir(lab.set.volume_path(1)?.join(".etcd-medic/quarantine"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left.len(), 3, "{left:?}");
+    assert!(!left.iter().any(|n| n.ends_with("-old0")), "the oldest went: {left:?}");
+    assert!(left.iter().any(|n| n.ends_with(&format!("-{}", r.id))), "the newest stays: {left:?}");
     lab.shutdown().await;
     Ok(())
 }

@@ -45,6 +45,7 @@ pub async fn remediate_with(
         etcd_endpoints: vec![],
         state_dir: lab.dir.path().join("agent-state"),
         verify_timeout: Duration::from_secs(120),
+        keep_quarantines: 3,
     };
     Ok(Engine { locator: &l, opts, progress }.run("apisix", pod, None).await)
 }

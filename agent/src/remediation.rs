@@ -364,11 +364,10 @@ impl Engine<'_> {
     async fn check(&self, ns: &str, name: &str, uid: Option<&str>) -> Result<(Checked, String)> {
         let plan = self.locator.locate(ns, name, uid).await?;
         let pod = self.locator.api.pod(ns, name).await?;
-        let failure = guard::pod_failure(&pod, &plan.container, self.opts.force)?;
-        guard::no_holders(&self.locator.layout.proc_root, &plan.volume.root, &plan.host_path)?;
         let c = pod.spec.as_ref().and_then(|s| s.containers.iter().find(|c| c.name == plan.container)).expect("located container");
         let env = container::environment(&pod, c);
         let (peer_url, member_name, state) = start_flags(c, &env, name);
+        // What the deployment is decides first: it does not change while the pod crash-loops.
         let peer_url = peer_url.ok_or_else(|| {
             Error::new(Code::UnsupportedProfile, "the pod names no --initial-advertise-peer-urls / ETCD_INITIAL_ADVERTISE_PEER_URLS")
         })?;
@@ -378,6 +377,8 @@ impl Engine<'_> {
                 "the pod starts etcd with --initial-cluster-state=new: with an empty data dir it comes back under its old, removed id; start it with `existing` (or a start script that decides) first",
             ));
         }
+        let failure = guard::pod_failure(&pod, &plan.container, self.opts.force)?;
+        guard::no_holders(&self.locator.layout.proc_root, &plan.volume.root, &plan.host_path)?;
         let endpoints = if self.opts.etcd_endpoints.is_empty() {
             etcd::sibling_endpoints(&pod, &self.locator.api.pods(ns).await?, &plan.container)
         } else {

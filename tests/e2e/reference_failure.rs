@@ -60,10 +60,10 @@ fn delete_by_hand(data: &std::path::Path, and_member_id: bool) -> Result<()> {
     Ok(())
 }
 
-/// Every member holds all `KEYS` keys and the same `HashKV` at one revision.
-async fn assert_every_key_on_every_member(lab: &Lab) -> Result<()> {
+/// All `members` members hold all `keys` keys and the same `HashKV` at one revision.
+pub(crate) async fn assert_every_key(lab: &Lab, members: usize, keys: usize) -> Result<()> {
     let c = etcd::check_consistency(&lab.set.endpoints()).await?;
-    assert!(c.consistent && c.members.len() == 3 && c.members.iter().all(|(_, n, _)| *n == KEYS), "{c:?}");
+    assert!(c.consistent && c.members.len() == members && c.members.iter().all(|(_, n, _)| *n == keys), "{c:?}");
     Ok(())
 }
 
@@ -131,7 +131,7 @@ async fn removing_member_id_too_lets_the_member_rejoin_with_every_key() -> Resul
     .await?;
     assert_eq!(stored.trim(), format_id(new_id));
 
-    assert_every_key_on_every_member(&lab).await?;
+    assert_every_key(&lab, 3, KEYS).await?;
     lab.shutdown().await;
     Ok(())
 }
@@ -167,7 +167,7 @@ async fn a_dot_file_in_data_keeps_the_member_on_the_re_add_path_after_a_failed_a
     lab.set.wait_crash_loop(1, WAIT, "Error: etcdserver: unhealthy cluster").await?;
     lab.set.wait_ready(1, WAIT).await?;
     assert!(!lab.set.container_log(1).contains("Bootstrapping a new cluster"));
-    assert_every_key_on_every_member(&lab).await?;
+    assert_every_key(&lab, 3, KEYS).await?;
     lab.shutdown().await;
     Ok(())
 }

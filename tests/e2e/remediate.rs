@@ -46,8 +46,7 @@ async fn remediate_heals_member_not_found_with_every_key_and_a_restorable_quaran
     assert_eq!(members.len(), 3);
     let new = members.iter().find(|m| m.name == "apisix-etcd-1").expect("rejoined");
     assert_ne!(new.id, old_id);
-    let c = etcd::check_consistency(&lab.set.endpoints()).await?;
-    assert!(c.consistent && c.members.iter().all(|(_, n, _)| *n == crate::reference_failure::KEYS), "{c:?}");
+    crate::reference_failure::assert_every_key(&lab, 3, crate::reference_failure::KEYS).await?;
 
     // The old data sits in a quarantine on the volume (the volume moved with the pod), with
     // its manifest; the journal says Succeeded.
@@ -177,8 +176,7 @@ async fn the_heal_survives_a_failed_first_add() -> Result<()> {
     let r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
     assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
     assert!(!lab.set.switches().fail_next_member_add.load(std::sync::atomic::Ordering::SeqCst), "the add did fail once");
-    let c = etcd::check_consistency(&lab.set.endpoints()).await?;
-    assert!(c.consistent && c.members.len() == 3 && c.members.iter().all(|(_, n, _)| *n == crate::reference_failure::KEYS), "{c:?}");
+    crate::reference_failure::assert_every_key(&lab, 3, crate::reference_failure::KEYS).await?;
     lab.shutdown().await;
     Ok(())
 }
@@ -217,8 +215,7 @@ async fn plain_sets_are_healed_with_existing_and_refused_with_new() -> Result<()
                 r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
             }
             assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
-            let c = etcd::check_consistency(&lab.set.endpoints()).await?;
-            assert!(c.consistent && c.members.len() == 3 && c.members.iter().all(|(_, n, _)| *n == 100), "{c:?}");
+            crate::reference_failure::assert_every_key(&lab, 3, 100).await?;
         }
         lab.shutdown().await;
     }
@@ -254,8 +251,7 @@ async fn one_remediation_per_cluster_at_a_time() -> Result<()> {
     }
     let again = etcd_medic_lab::agent::remediate(&lab, &format!("apisix-etcd-{loser_pod}"), false).await?;
     assert_eq!(again.phase, Phase::Succeeded, "{again:?}");
-    let c = etcd::check_consistency(&lab.set.endpoints()).await?;
-    assert!(c.consistent && c.members.len() == 5 && c.members.iter().all(|(_, n, _)| *n == 100), "{c:?}");
+    crate::reference_failure::assert_every_key(&lab, 5, 100).await?;
     lab.shutdown().await;
     Ok(())
 }
@@ -324,8 +320,7 @@ async fn killed_after_quarantine_the_agent_resumes_without_moving_twice() -> Res
     let q: Vec<_> = std::fs::read_dir(volume_now.join(".etcd-medic/quarantine"))?.flatten().collect();
     assert_eq!(q.len(), 1);
     assert!(q[0].path().join("data/member/snap/db").is_file() && q[0].path().join("data/member_id").is_file());
-    let c = etcd::check_consistency(&lab.set.endpoints()).await?;
-    assert!(c.consistent && c.members.len() == 3 && c.members.iter().all(|(_, n, _)| *n == crate::reference_failure::KEYS), "{c:?}");
+    crate::reference_failure::assert_every_key(&lab, 3, crate::reference_failure::KEYS).await?;
     lab.shutdown().await;
     Ok(())
 }

@@ -50,6 +50,12 @@ pub struct Switches {
     pub lose_removal_log: AtomicBool,
     /// Containers stop without their preStop hook (a node that lost power).
     pub skip_pre_stop: AtomicBool,
+    /// The kubelet holds crashed containers in back-off (its real back-off reaches 5 min):
+    /// no restart while set. Tests that compare a volume byte for byte need this, since
+    /// etcd 3.6 writes to its db even on a start that fails.
+    pub hold_restarts: AtomicBool,
+    /// Pods (by ordinal) whose container loop is parked by `hold_restarts`.
+    held: Mutex<std::collections::BTreeSet<usize>>,
 }
 
 fn res(plural: &str, group: &str) -> &'static ResourceDef {
@@ -242,6 +248,25 @@ impl StatefulSetSim {
         self.inner.switches.skip_pre_stop.store(false, Ordering::SeqCst);
     }
 
+    /// Holds every crashed container in back-off and waits until `ordinal`'s loop is
+    /// parked: from then on nothing runs on its volume until `release_restarts`.
+    pub async fn hold_restarts(&self, ordinal: usize, timeout: Duration) -> Result<()> {
+        let switches = &self.inner.switches;
+        switches.hold_restarts.store(true, Ordering::SeqCst);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while !switches.held.lock().unwrap().contains(&ordinal) {
+            if tokio::time::Instant::now() > deadline {
+                bail!("{} was not held in back-off within {timeout:?}", self.inner.shape.pod_name(ordinal));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    pub fn release_restarts(&self) {
+        self.inner.switches.hold_restarts.store(false, Ordering::SeqCst);
+    }
+
     /// Stops every container (no preStop hook) and detaches the volumes.
     pub async fn shutdown(&self) {
         let runs: Vec<PodRun> = self.inner.pods.lock().unwrap().iter_mut().filter_map(Option::take).collect();
@@ -393,6 +418,17 @@ async fn run_pod(inner: Arc<Inner>, ordinal: usize, uid: String, mut stop: watch
         tokio::select! {
             _ = tokio::time::sleep(backoff) => {}
             _ = stop.changed() => return,
+        }
+        while inner.switches.hold_restarts.load(Ordering::SeqCst) {
+            inner.switches.held.lock().unwrap().insert(ordinal);
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                _ = stop.changed() => break,
+            }
+        }
+        inner.switches.held.lock().unwrap().remove(&ordinal);
+        if *stop.borrow() {
+            return;
         }
         backoff = (backoff * 2).min(inner.opts.backoff_max);
     }

@@ -68,12 +68,8 @@ pub enum Command {
         /// safety or a running etcd process.
         #[arg(long)]
         force: bool,
-        /// How long to wait for the member to rejoin before the remediation is Failed.
-        #[arg(long, env = "ETCD_MEDIC_VERIFY_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
-        verify_timeout: std::time::Duration,
-        /// Quarantines kept per member; older ones are pruned after a remediation succeeds.
-        #[arg(long, env = "ETCD_MEDIC_KEEP_QUARANTINES", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
-        keep_quarantines: u16,
+        #[command(flatten)]
+        engine: EngineArgs,
     },
     /// Put a quarantine back where it came from (refuses while etcd runs on that data).
     Restore {
@@ -82,6 +78,30 @@ pub enum Command {
         #[command(flatten)]
         node: NodeArgs,
     },
+}
+
+/// How remediations run (the CLI's and the agent's alike).
+#[derive(Clone, Debug, Args)]
+pub struct EngineArgs {
+    /// How long to wait for the member to rejoin before the remediation is Failed.
+    #[arg(long, env = "ETCD_MEDIC_VERIFY_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub verify_timeout: std::time::Duration,
+    /// Quarantines kept per member; older ones are pruned after a remediation succeeds.
+    #[arg(long, env = "ETCD_MEDIC_KEEP_QUARANTINES", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
+    pub keep_quarantines: u16,
+}
+
+impl EngineArgs {
+    pub fn options(&self, node: &NodeArgs, dry_run: bool, force: bool) -> crate::remediation::Options {
+        crate::remediation::Options {
+            dry_run,
+            force,
+            etcd_endpoints: node.etcd_endpoints.clone(),
+            state_dir: node.state_dir.clone(),
+            verify_timeout: self.verify_timeout,
+            keep_quarantines: self.keep_quarantines as usize,
+        }
+    }
 }
 
 /// Where this node's things are.
@@ -135,6 +155,18 @@ pub struct ServeArgs {
     /// SubjectAccessReview (`kubernetes`), or not at all (`none`, loopback only).
     #[arg(long, env = "ETCD_MEDIC_AUTH", value_enum, default_value_t = AuthMode::Kubernetes)]
     pub auth: AuthMode,
+    /// Audiences a caller's token must be valid for (TokenReview `spec.audiences`); none
+    /// means the API server's own.
+    #[arg(long = "audience", env = "ETCD_MEDIC_AUDIENCES", value_delimiter = ',')]
+    pub audiences: Vec<String>,
+    /// Requests per second each client address may make to /v1 (bursts of twice that).
+    #[arg(long, env = "ETCD_MEDIC_RATE_LIMIT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rate_limit: u32,
+    /// Requests /v1 serves at once; more are answered 429.
+    #[arg(long, env = "ETCD_MEDIC_MAX_IN_FLIGHT", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight: u32,
+    #[command(flatten)]
+    pub engine: EngineArgs,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -5,7 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 /// Stable error codes of the contract (DESIGN.md). Never rename one: controllers match on them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum Code {
     InvalidRequest,
     Unauthenticated,
@@ -29,10 +29,17 @@ pub enum Code {
     UnsupportedProfile,
     TooManyRequests,
     NotReady,
+    /// No remediation with that id on this node.
+    RemediationNotFound,
+    /// No such path in the API.
+    NotFound,
+    MethodNotAllowed,
+    /// A bug in the agent; the request did nothing. Please report it.
+    Internal,
 }
 
 impl Code {
-    pub const ALL: [Code; 22] = [
+    pub const ALL: [Code; 26] = [
         Code::InvalidRequest,
         Code::Unauthenticated,
         Code::Forbidden,
@@ -55,6 +62,10 @@ impl Code {
         Code::UnsupportedProfile,
         Code::TooManyRequests,
         Code::NotReady,
+        Code::RemediationNotFound,
+        Code::NotFound,
+        Code::MethodNotAllowed,
+        Code::Internal,
     ];
 
     /// The HTTP status the API answers with.
@@ -64,7 +75,8 @@ impl Code {
             InvalidRequest => 400,
             Unauthenticated => 401,
             Forbidden => 403,
-            PodNotFound | PVCNotFound | PVNotFound => 404,
+            PodNotFound | PVCNotFound | PVNotFound | RemediationNotFound | NotFound => 404,
+            MethodNotAllowed => 405,
             PodUIDMismatch | ClusterLocked => 409,
             PayloadTooLarge => 413,
             WrongNode => 421,
@@ -72,6 +84,7 @@ impl Code {
             | InsufficientSpace | UnsupportedProfile => 422,
             TooManyRequests => 429,
             NotReady => 503,
+            Internal => 500,
         }
     }
 
@@ -100,6 +113,10 @@ impl Code {
             UnsupportedProfile => "UnsupportedProfile",
             TooManyRequests => "TooManyRequests",
             NotReady => "NotReady",
+            RemediationNotFound => "RemediationNotFound",
+            NotFound => "NotFound",
+            MethodNotAllowed => "MethodNotAllowed",
+            Internal => "Internal",
         }
     }
 
@@ -129,6 +146,10 @@ impl Code {
             UnsupportedProfile => "This etcd deployment cannot be healed this way",
             TooManyRequests => "Too many requests",
             NotReady => "The agent is not ready",
+            RemediationNotFound => "No such remediation on this node",
+            NotFound => "No such path",
+            MethodNotAllowed => "The path does not take this method",
+            Internal => "Internal error in the agent",
         }
     }
 }
@@ -164,6 +185,7 @@ impl Error {
             status: self.code.http_status(),
             detail: self.message.clone(),
             code: self.code,
+            id: None,
         }
     }
 
@@ -173,7 +195,7 @@ impl Error {
             400 | 413 => 2,
             401 | 403 => 3,
             404 => 4,
-            409 | 429 | 503 => 5,
+            409 | 429 | 500 | 503 => 5,
             _ => 6,
         }
     }
@@ -181,14 +203,17 @@ impl Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
-/// `application/problem+json` body.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// `application/problem+json` body (RFC 9457), with the contract's `code`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Problem {
     pub r#type: String,
     pub title: String,
     pub status: u16,
     pub detail: String,
     pub code: Code,
+    /// The remediation this refusal was recorded as (a refused dry run), if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 #[cfg(test)]
@@ -208,7 +233,7 @@ mod tests {
     #[test]
     fn statuses_follow_the_contract() {
         let by_status = |s: u16| Code::ALL.iter().filter(|c| c.http_status() == s).map(|c| c.as_str()).collect::<Vec<_>>();
-        assert_eq!(by_status(404), ["PodNotFound", "PVCNotFound", "PVNotFound"]);
+        assert_eq!(by_status(404), ["PodNotFound", "PVCNotFound", "PVNotFound", "RemediationNotFound", "NotFound"]);
         assert_eq!(by_status(409), ["PodUIDMismatch", "ClusterLocked"]);
         assert_eq!(by_status(421), ["WrongNode"]);
         assert_eq!(by_status(422).len(), 10);

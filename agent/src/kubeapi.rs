@@ -4,8 +4,11 @@
 
 use std::time::Duration;
 
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
+use k8s_openapi::api::authorization::v1::{SubjectAccessReview, SubjectAccessReviewSpec, SubjectAccessReviewStatus};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
+use k8s_openapi::api::events::v1::Event;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams, Preconditions};
 
@@ -111,5 +114,35 @@ impl KubeApi {
     pub async fn pv(&self, name: &str) -> Result<PersistentVolume> {
         let api: Api<PersistentVolume> = Api::all(self.client.clone());
         self.call(&format!("PersistentVolume {name}"), Code::PVNotFound, api.get(name)).await
+    }
+
+    /// The API server answers at all (readiness): `/version`, readable by every caller.
+    pub async fn ping(&self) -> Result<String> {
+        self.call("the API server's version", Code::NotReady, self.client.apiserver_version()).await.map(|v| v.git_version)
+    }
+
+    /// TokenReview of a caller's bearer token.
+    pub async fn token_review(&self, token: &str, audiences: &[String]) -> Result<TokenReviewStatus> {
+        let review = TokenReview {
+            spec: TokenReviewSpec { token: Some(token.to_string()), audiences: (!audiences.is_empty()).then(|| audiences.to_vec()) },
+            ..Default::default()
+        };
+        let api: Api<TokenReview> = Api::all(self.client.clone());
+        let r = self.call("a TokenReview", Code::NotReady, api.create(&PostParams::default(), &review)).await?;
+        Ok(r.status.unwrap_or_default())
+    }
+
+    /// SubjectAccessReview: may this user do `verb` on `resource` of `group` in `namespace`?
+    pub async fn subject_access_review(&self, spec: SubjectAccessReviewSpec) -> Result<SubjectAccessReviewStatus> {
+        let review = SubjectAccessReview { spec, ..Default::default() };
+        let api: Api<SubjectAccessReview> = Api::all(self.client.clone());
+        let r = self.call("a SubjectAccessReview", Code::NotReady, api.create(&PostParams::default(), &review)).await?;
+        Ok(r.status.unwrap_or_default())
+    }
+
+    /// Records an events.k8s.io/v1 Event in `namespace`.
+    pub async fn create_event(&self, namespace: &str, event: &Event) -> Result<()> {
+        let api: Api<Event> = Api::namespaced(self.client.clone(), namespace);
+        self.call("an Event", Code::NotReady, api.create(&PostParams::default(), event)).await.map(|_| ())
     }
 }

@@ -28,6 +28,21 @@ pub fn held_by_other(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Opti
     (now < expires).then_some(holder)
 }
 
+/// The lock gate of a dry run: refused as `acquire` would be, without writing anything.
+pub async fn check_free(api: &KubeApi, namespace: &str, cluster_id: u64, me: &str) -> Result<()> {
+    let name = lease_name(cluster_id);
+    if let Some(l) = api.lease(namespace, &name).await?
+        && let Some(holder) = held_by_other(l.spec.as_ref(), me, Timestamp::now())
+    {
+        return Err(busy(&holder, namespace, &name));
+    }
+    Ok(())
+}
+
+fn busy(holder: &str, namespace: &str, name: &str) -> Error {
+    Error::new(Code::ClusterLocked, format!("{holder} is remediating this etcd cluster (lease {namespace}/{name}); retry when it is done"))
+}
+
 pub struct ClusterLock {
     api: KubeApi,
     namespace: String,
@@ -54,10 +69,7 @@ impl ClusterLock {
             }
             Some(mut l) => {
                 if let Some(holder) = held_by_other(l.spec.as_ref(), me, now) {
-                    return Err(Error::new(
-                        Code::ClusterLocked,
-                        format!("{holder} is remediating this etcd cluster (lease {namespace}/{name}); retry when it is done"),
-                    ));
+                    return Err(busy(&holder, namespace, &name));
                 }
                 l.spec = Some(spec(None));
                 api.write_lease(namespace, &l, false).await?

@@ -1,6 +1,7 @@
 //! etcd-medic: a node-level agent that heals etcd members stuck in
 //! `etcdserver: member not found` crash loops. See the README and DESIGN.md.
 
+pub mod api;
 pub mod cli;
 pub mod error;
 pub mod etcd;

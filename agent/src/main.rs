@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use etcd_medic::cli::{Cli, Command, NodeArgs, Output, PodRef};
+use etcd_medic::cli::{Cli, Command, NodeArgs, Output, PodRef, ServeArgs};
 use etcd_medic::kubeapi::KubeApi;
 use etcd_medic::locate::Locator;
 use etcd_medic::remediation::Options;
@@ -10,17 +10,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     etcd_medic::telemetry::init(cli.log.log_format);
     let result = match &cli.command {
-        Command::Serve(args) => args.validate().map_err(anyhow::Error::from).and_then(|_| not_yet("serve", 5)),
+        Command::Serve(args) => {
+            args.validate().map_err(anyhow::Error::from).and_then(|_| runtime()).and_then(|rt| rt.block_on(serve(args)))
+        }
         Command::Locate { pod, node, output } => runtime().and_then(|rt| rt.block_on(locate(pod, node, *output))),
-        Command::Remediate { pod, node, dry_run, force, verify_timeout, keep_quarantines } => {
-            let opts = Options {
-                dry_run: *dry_run,
-                force: *force,
-                etcd_endpoints: node.etcd_endpoints.clone(),
-                state_dir: node.state_dir.clone(),
-                verify_timeout: *verify_timeout,
-                keep_quarantines: *keep_quarantines as usize,
-            };
+        Command::Remediate { pod, node, dry_run, force, engine } => {
+            let opts = engine.options(node, *dry_run, *force);
             runtime().and_then(|rt| rt.block_on(remediate(pod, node, opts)))
         }
         Command::Restore { quarantine_id, node } => runtime().and_then(|rt| rt.block_on(restore(quarantine_id, node))),
@@ -42,6 +37,21 @@ fn main() -> ExitCode {
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let agent = etcd_medic::api::Agent::new(etcd_medic::api::Config {
+        layout: args.node.layout()?,
+        api_timeout: args.node.api_timeout,
+        engine: args.engine.options(&args.node, false, false),
+        auth: args.auth,
+        audiences: args.audiences.clone(),
+        rate_limit: args.rate_limit,
+        max_in_flight: args.max_in_flight,
+    });
+    etcd_medic::api::serve(agent, listener).await
 }
 
 async fn locate(pod: &PodRef, node: &NodeArgs, output: Output) -> anyhow::Result<()> {
@@ -78,7 +88,16 @@ async fn remediate(pod: &PodRef, node: &NodeArgs, opts: Options) -> anyhow::Resu
         }
         *n = lines.len();
     };
-    let engine = Engine { locator: &locator, opts, progress: &progress };
+    // Ctrl-C or SIGTERM: the engine stops at the next safe point and says how to resume.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("interrupted: stopping at the next safe point (run the same command again to resume)");
+            flag.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    let engine = Engine { locator: &locator, opts, progress: &progress, stop: &stop };
     let r = engine.run(&pod.namespace, &pod.name, None).await;
     let took = start.elapsed().as_secs_f64();
     match (&r.phase, &r.error) {
@@ -96,6 +115,10 @@ async fn remediate(pod: &PodRef, node: &NodeArgs, opts: Options) -> anyhow::Resu
             }
             println!("dry run {}: every gate passed; nothing changed", r.id);
             Ok(())
+        }
+        (Phase::Running, _) => {
+            println!("remediation {} stopped at a safe point after {took:.1}s; run the same command again to resume it", r.id);
+            Err(etcd_medic::Error::new(etcd_medic::Code::NotReady, "interrupted").into())
         }
         (phase, Some(e)) => {
             println!("remediation {} {phase:?} after {took:.1}s", r.id);
@@ -120,10 +143,4 @@ async fn restore(id: &str, node: &NodeArgs) -> anyhow::Result<()> {
     let items = m.items.iter().filter(|i| i.present).map(|i| i.path.as_str()).collect::<Vec<_>>().join(", ");
     println!("restored {items} into {}", plan.host_path.display());
     Ok(())
-}
-
-/// The subcommands are defined (their flags are part of the contract) before their engine
-/// lands; until then they say so and exit non-zero rather than pretend.
-fn not_yet(what: &str, issue: u32) -> anyhow::Result<()> {
-    anyhow::bail!("`etcd-medic {what}` is not available in this build yet (tracked as issue #{issue})")
 }

@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Container;
 use serde::{Deserialize, Serialize};
 
 /// The start-up rules a pod follows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum Profile {
     /// Bitnami chart < 11 (APISIX's 9.7.3): stores `member_id`; its start script re-adds the
     /// member once `member_id`, `snap` and `wal` are gone.

@@ -4,6 +4,7 @@
 //! this same engine.
 
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -16,7 +17,7 @@ use crate::locate::{Locator, Plan, container};
 use crate::profile::Profile;
 use crate::quarantine;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum Phase {
     Planned,
     Pending,
@@ -26,7 +27,7 @@ pub enum Phase {
     Refused,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct StepRecord {
     pub name: String,
@@ -36,14 +37,14 @@ pub struct StepRecord {
     pub message: String,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorRecord {
     pub code: Code,
     pub message: String,
 }
 
 /// The Remediation object of the contract.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Remediation {
     pub id: String,
@@ -55,11 +56,41 @@ pub struct Remediation {
     pub phase: Phase,
     pub step: Option<String>,
     pub plan: Option<Plan>,
+    #[schema(value_type = Option<String>)]
     pub quarantine_path: Option<PathBuf>,
     pub steps: Vec<StepRecord>,
     pub error: Option<ErrorRecord>,
     pub created_at: String,
     pub finished_at: Option<String>,
+    /// Why the caller asked (free text from the request), for people reading it later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The etcd endpoints the caller gave instead of discovery (kept for a resume).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub etcd_endpoints: Vec<String>,
+}
+
+impl Remediation {
+    /// A new remediation, `Pending` until the engine runs it.
+    pub fn new(node: &str, namespace: &str, pod: &str, pod_uid: Option<&str>) -> Self {
+        Remediation {
+            id: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
+            namespace: namespace.into(),
+            pod: pod.into(),
+            pod_uid: pod_uid.map(String::from),
+            node: node.into(),
+            phase: Phase::Pending,
+            step: None,
+            plan: None,
+            quarantine_path: None,
+            steps: Vec::new(),
+            error: None,
+            created_at: now(),
+            finished_at: None,
+            reason: None,
+            etcd_endpoints: Vec::new(),
+        }
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -94,7 +125,17 @@ fn journal(state_dir: &Path, r: &Remediation) -> Result<()> {
     std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io)
 }
 
+/// A remediation id as the engine makes them: it names a file, so nothing else is taken.
+pub fn validate_id(id: &str) -> Result<()> {
+    if !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()) {
+        Ok(())
+    } else {
+        Err(Error::invalid(format!("{id:?} is not a remediation id (lower-case letters and digits)")))
+    }
+}
+
 pub fn read_journal(state_dir: &Path, id: &str) -> Result<Remediation> {
+    validate_id(id)?;
     let path = journal_path(state_dir, id);
     let text =
         std::fs::read(&path).map_err(|e| Error::new(Code::InvalidRequest, format!("no remediation {id} in {}: {e}", path.display())))?;
@@ -106,6 +147,10 @@ pub struct Engine<'a> {
     pub opts: Options,
     /// Called after every step starts and ends (progress on a terminal, events, metrics).
     pub progress: &'a (dyn Fn(&Remediation) + Send + Sync),
+    /// Set on shutdown: no step starts after it; a step that waits (Verify) stops waiting.
+    /// A remediation that had changed something stays `Running` in its journal, keeps the
+    /// cluster's lease until it expires, and is resumed by the next start.
+    pub stop: &'a AtomicBool,
 }
 
 /// What the checks found, for the steps that act.
@@ -121,34 +166,53 @@ struct Checked {
 impl Engine<'_> {
     /// Runs one remediation to its end (verification included) and returns it.
     pub async fn run(&self, namespace: &str, pod: &str, pod_uid: Option<&str>) -> Remediation {
+        self.run_as(Remediation::new(&self.locator.layout.node_name, namespace, pod, pod_uid)).await
+    }
+
+    /// Runs `r` (made by `Remediation::new`, so that its id is known before it runs).
+    pub async fn run_as(&self, mut r: Remediation) -> Remediation {
         // An agent that died after it changed something left a Running journal: finish that
         // remediation instead of starting another (its destructive steps are not repeated).
         if !self.opts.dry_run
-            && let Some(mut r) = unfinished(&self.opts.state_dir, namespace, pod)
+            && let Some(mut r) = unfinished(&self.opts.state_dir, &r.namespace, &r.pod)
         {
             let outcome = self.resume(&mut r).await;
             return self.finish(r, outcome);
         }
-        let mut r = Remediation {
-            id: uuid::Uuid::new_v4().simple().to_string()[..12].to_string(),
-            namespace: namespace.into(),
-            pod: pod.into(),
-            pod_uid: pod_uid.map(String::from),
-            node: self.locator.layout.node_name.clone(),
-            phase: Phase::Running,
-            step: None,
-            plan: None,
-            quarantine_path: None,
-            steps: Vec::new(),
-            error: None,
-            created_at: now(),
-            finished_at: None,
-        };
+        r.phase = Phase::Running;
+        r.etcd_endpoints = self.opts.etcd_endpoints.clone();
         let outcome = self.steps(&mut r).await;
         self.finish(r, outcome)
     }
 
+    /// Test hook: `ETCD_MEDIC_FAILPOINT=after:<Step>` holds the engine right after that step
+    /// is journaled (until it is killed, or stopped at this safe point), so the lab can
+    /// check that an interrupted remediation resumes correctly.
+    async fn failpoint(&self, step: &str) {
+        if std::env::var("ETCD_MEDIC_FAILPOINT").is_ok_and(|f| f == format!("after:{step}")) {
+            tracing::warn!("failpoint after:{step}: holding here until killed or stopped");
+            let until = Instant::now() + Duration::from_secs(600);
+            while !self.stopping() && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
     fn finish(&self, mut r: Remediation, outcome: std::result::Result<(), (Error, bool)>) -> Remediation {
+        if let Err((e, true)) = &outcome
+            && self.stopping()
+        {
+            // Stopped at a safe point after acting: the journal stays Running for the resume.
+            tracing::warn!(id = %r.id, "stopped at a safe point ({}); the next start resumes it", e.message);
+            r.step = None;
+            let _ = journal(&self.opts.state_dir, &r);
+            (self.progress)(&r);
+            return r;
+        }
         r.step = None;
         r.finished_at = Some(now());
         match outcome {
@@ -172,6 +236,9 @@ impl Engine<'_> {
         acted: bool,
         fut: impl Future<Output = Result<(T, String)>>,
     ) -> std::result::Result<T, (Error, bool)> {
+        if self.stopping() {
+            return Err((Error::new(Code::NotReady, format!("the agent is shutting down: stopped before {name}")), acted));
+        }
         r.step = Some(name.into());
         r.steps.push(StepRecord { name: name.into(), start: now(), end: None, outcome: None, message: String::new() });
         if !self.opts.dry_run || !acted {
@@ -195,7 +262,7 @@ impl Engine<'_> {
         };
         let _ = journal(&self.opts.state_dir, r);
         (self.progress)(r);
-        failpoint(name).await;
+        self.failpoint(name).await;
         out
     }
 
@@ -211,8 +278,16 @@ impl Engine<'_> {
             })
             .await?;
         let result = self.act(r, &checked, &mut lock).await;
-        let _ = lock.release().await;
+        self.release(lock, &result).await;
         result
+    }
+
+    /// Gives the cluster's lease back, unless the agent stops mid-way: then it stays held
+    /// (until it expires) so no other node starts on this cluster before the resume.
+    async fn release(&self, lock: ClusterLock, result: &std::result::Result<(), (Error, bool)>) {
+        if !(self.stopping() && matches!(result, Err((_, true)))) {
+            let _ = lock.release().await;
+        }
     }
 
     /// What a resumed remediation needs, from its journal and the cluster as it is now. The
@@ -228,10 +303,11 @@ impl Engine<'_> {
         let env = container::environment(&pod, c);
         let (peer_url, member_name, _) = start_flags(c, &env, &plan.pod);
         let peer_url = peer_url.ok_or_else(|| Error::new(Code::UnsupportedProfile, "the pod names no peer URL"))?;
-        let endpoints = if self.opts.etcd_endpoints.is_empty() {
+        let given = if r.etcd_endpoints.is_empty() { &self.opts.etcd_endpoints } else { &r.etcd_endpoints };
+        let endpoints = if given.is_empty() {
             etcd::sibling_endpoints(&pod, &self.locator.api.pods(&plan.namespace).await?, &plan.container)
         } else {
-            self.opts.etcd_endpoints.clone()
+            given.clone()
         };
         let (cluster_id, members) = etcd::members(&endpoints).await?;
         // Only the entry the first run found stale may go; the member may have rejoined by
@@ -254,11 +330,17 @@ impl Engine<'_> {
         let checked = self.step(r, "Check", false, self.check(&ns, &name, uid.as_deref())).await?;
         r.pod_uid = Some(checked.plan.pod_uid.clone());
         r.plan = Some(checked.plan.clone());
-        if self.opts.dry_run {
-            return Ok(());
-        }
         let api = &self.locator.api;
         let me = holder(&self.locator.layout.node_name, &r.id);
+        if self.opts.dry_run {
+            // Every gate's verdict, the cluster's lock included, without taking it.
+            return self
+                .step(r, "Lock", false, async {
+                    crate::lease::check_free(api, &ns, checked.cluster_id, &me).await?;
+                    Ok(((), format!("lease etcd-medic-{:016x} is free", checked.cluster_id)))
+                })
+                .await;
+        }
         let mut lock = self
             .step(r, "Lock", false, async {
                 let l = ClusterLock::acquire(api, &ns, checked.cluster_id, &me).await?;
@@ -266,7 +348,7 @@ impl Engine<'_> {
             })
             .await?;
         let result = self.act(r, &checked, &mut lock).await;
-        let _ = lock.release().await;
+        self.release(lock, &result).await;
         result
     }
 
@@ -447,6 +529,9 @@ impl Engine<'_> {
         let old_uid = Some(c.plan.pod_uid.clone());
         let mut seen = String::from("nothing yet");
         while Instant::now() < deadline {
+            if self.stopping() {
+                return Err(Error::new(Code::NotReady, format!("the agent is shutting down; verification resumes on restart ({seen})")));
+            }
             if let Ok(p) = self.locator.api.pod(&c.plan.namespace, &c.plan.pod).await {
                 let ready = p
                     .status
@@ -483,28 +568,37 @@ fn holder(node: &str, id: &str) -> String {
     format!("{node}/{id}")
 }
 
-/// The newest journal of `namespace/pod` that is still Running after something was changed.
-fn unfinished(state_dir: &Path, namespace: &str, pod: &str) -> Option<Remediation> {
-    let dir = state_dir.join("remediations");
-    let mut found: Vec<Remediation> = std::fs::read_dir(dir)
-        .ok()?
+/// Every journal in the state dir, newest first (unreadable files are skipped: a torn
+/// temporary file never replaces a journal, see `journal`).
+pub fn list_journals(state_dir: &Path) -> Vec<Remediation> {
+    let Ok(dir) = std::fs::read_dir(state_dir.join("remediations")) else { return Vec::new() };
+    let mut all: Vec<Remediation> = dir
         .flatten()
         .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
         .filter_map(|e| serde_json::from_slice::<Remediation>(&std::fs::read(e.path()).ok()?).ok())
-        .filter(|r| r.phase == Phase::Running && r.namespace == namespace && r.pod == pod)
-        .filter(|r| r.steps.iter().any(|s| s.name == "Quarantine"))
         .collect();
-    found.sort_by(|a, b| a.created_at.cmp(&b.created_at));
-    found.pop()
+    all.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.id.cmp(&a.id)));
+    all
 }
 
-/// Test hook: `ETCD_MEDIC_FAILPOINT=after:<Step>` stops the engine right after that step is
-/// journaled, so the lab can kill the agent there and check that it resumes correctly.
-async fn failpoint(step: &str) {
-    if std::env::var("ETCD_MEDIC_FAILPOINT").is_ok_and(|f| f == format!("after:{step}")) {
-        eprintln!("failpoint after:{step}: waiting to be killed");
-        tokio::time::sleep(Duration::from_secs(600)).await;
-    }
+/// Still Running after something was changed: the agent stopped mid-way and must resume it.
+pub fn needs_resume(r: &Remediation) -> bool {
+    r.phase == Phase::Running && r.steps.iter().any(|s| s.name == "Quarantine")
+}
+
+/// The newest journal of `namespace/pod` that needs resuming.
+fn unfinished(state_dir: &Path, namespace: &str, pod: &str) -> Option<Remediation> {
+    list_journals(state_dir).into_iter().find(|r| needs_resume(r) && r.namespace == namespace && r.pod == pod)
+}
+
+/// A journal left Running before anything was changed (the agent stopped during its
+/// checks) is closed as Refused: nothing happened, and it says so.
+pub fn close_abandoned(state_dir: &Path, r: &mut Remediation) -> Result<()> {
+    r.phase = Phase::Refused;
+    r.step = None;
+    r.finished_at = Some(now());
+    r.error = Some(ErrorRecord { code: Code::NotReady, message: "the agent stopped before acting; nothing was changed".into() });
+    journal(state_dir, r)
 }
 
 /// The dot-file that keeps the Bitnami image from ever seeing an empty data dir.

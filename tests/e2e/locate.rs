@@ -1,7 +1,7 @@
 //! `locate` against the lab: real pods in the stand-in API server, the kubelet tree with
 //! real mounts (as root), and every refusal a hostile or broken node can provoke.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
@@ -347,20 +347,13 @@ async fn an_api_server_that_fails_or_hangs_is_a_clear_error() -> Result<()> {
 }
 
 /// The `etcd-medic` binary next to this test binary (the test command builds it).
-pub(crate) fn agent_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().and_then(Path::parent).unwrap();
-    let bin = dir.join("etcd-medic");
-    assert!(bin.exists(), "{} is missing: build it with `cargo build --workspace --bins`", bin.display());
-    bin
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_prints_the_plan_and_exits_with_the_refusal_class() -> Result<()> {
     let lab = Lab::start(shape(1, StorageKind::HostPath)).await?;
     let proc = tempfile::tempdir()?;
     let run = |node: &str, output: &str| {
-        std::process::Command::new(agent_binary())
+        std::process::Command::new(etcd_medic_lab::agent::agent_binary())
             .args(["locate", "apisix/apisix-etcd-0", "-o", output, "--node-name", node])
             .arg("--host-root")
             .arg(&lab.node.root)

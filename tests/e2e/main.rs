@@ -2,6 +2,7 @@
 //! Mount tests need root (CI runs as root); without it they check the plain-directory
 //! layout and say so.
 
+mod api;
 mod apiserver;
 mod cluster;
 mod gates;

@@ -15,7 +15,7 @@ async fn remediate_heals_member_not_found_with_every_key_and_a_restorable_quaran
     }
     let state = tempfile::tempdir()?;
     let run = |extra: &[&str]| {
-        let mut cmd = std::process::Command::new(crate::locate::agent_binary());
+        let mut cmd = std::process::Command::new(etcd_medic_lab::agent::agent_binary());
         cmd.args(["remediate", "apisix/apisix-etcd-1", "--node-name", NODE_NAME, "--verify-timeout", "120s"])
             .args(extra)
             .arg("--host-root")
@@ -69,7 +69,7 @@ async fn remediate_heals_member_not_found_with_every_key_and_a_restorable_quaran
     // Restoring while the rejoined member runs on that volume is refused, and changes nothing.
     let id = last["id"].as_str().unwrap();
     let restore = tokio::task::block_in_place(|| {
-        std::process::Command::new(crate::locate::agent_binary())
+        std::process::Command::new(etcd_medic_lab::agent::agent_binary())
             .args(["restore", id, "--node-name", NODE_NAME])
             .arg("--host-root")
             .arg(&lab.node.root)
@@ -281,7 +281,7 @@ async fn killed_after_quarantine_the_agent_resumes_without_moving_twice() -> Res
     }
     let state = tempfile::tempdir()?;
     let command = || {
-        let mut cmd = std::process::Command::new(crate::locate::agent_binary());
+        let mut cmd = std::process::Command::new(etcd_medic_lab::agent::agent_binary());
         cmd.args(["remediate", "apisix/apisix-etcd-1", "--node-name", NODE_NAME, "--verify-timeout", "120s"])
             .arg("--host-root")
             .arg(&lab.node.root)

@@ -47,7 +47,8 @@ pub async fn remediate_with(
         verify_timeout: Duration::from_secs(120),
         keep_quarantines: 3,
     };
-    Ok(Engine { locator: &l, opts, progress }.run("apisix", pod, None).await)
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    Ok(Engine { locator: &l, opts, progress, stop: &stop }.run("apisix", pod, None).await)
 }
 
 /// Every path under `dir` with its size: what "nothing changed on disk" compares.
@@ -69,4 +70,130 @@ fn walk(dir: &std::path::Path) -> Vec<(PathBuf, u64)> {
         }
     }
     out
+}
+
+/// The path of the `etcd-medic` binary built beside the running test or lab binary.
+pub fn agent_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the running binary's path");
+    exe.ancestors()
+        .skip(1)
+        .take(2)
+        .map(|d| d.join("etcd-medic"))
+        .find(|b| b.exists())
+        .unwrap_or_else(|| panic!("no etcd-medic binary beside {}: build it with `cargo build --workspace --bins`", exe.display()))
+}
+
+/// The real agent, `etcd-medic serve`, as a process on the lab's node, on loopback.
+pub struct ServedAgent {
+    child: tokio::process::Child,
+    pub addr: std::net::SocketAddr,
+    pub state_dir: PathBuf,
+    pub log: PathBuf,
+}
+
+/// How to start a [`ServedAgent`].
+#[derive(Clone, Debug)]
+pub struct Serve {
+    /// `kubernetes` or `none`.
+    pub auth: &'static str,
+    pub state_dir: PathBuf,
+    /// A kubeconfig other than the lab's (an API server that is not there yet).
+    pub kubeconfig: Option<PathBuf>,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+}
+
+impl Serve {
+    pub fn new(lab: &Lab) -> Self {
+        Serve { auth: "kubernetes", state_dir: lab.dir.path().join("agent-state"), kubeconfig: None, args: vec![], env: vec![] }
+    }
+}
+
+impl ServedAgent {
+    pub async fn start(lab: &Lab, how: Serve) -> anyhow::Result<Self> {
+        let port = crate::process::free_port();
+        let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
+        let log = lab.dir.path().join(format!("agent-{port}.log"));
+        let mut cmd = tokio::process::Command::new(agent_binary());
+        cmd.arg("serve")
+            .args(["--listen", &addr.to_string(), "--auth", how.auth, "--node-name", NODE_NAME, "--log-format", "json"])
+            .arg("--host-root")
+            .arg(&lab.node.root)
+            // The real /proc: the holder check must see the lab's etcd processes.
+            .args(["--proc-root", "/proc", "--verify-timeout", "120s"])
+            .arg("--state-dir")
+            .arg(&how.state_dir)
+            .args(&how.args)
+            .env("KUBECONFIG", how.kubeconfig.as_ref().unwrap_or(&lab.api.kubeconfig))
+            .env("RUST_LOG", "info,etcd_medic=debug")
+            .envs(how.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(std::fs::File::create(&log)?)
+            .stderr(std::fs::OpenOptions::new().append(true).open(&log)?);
+        let child = crate::process::spawn_tied(cmd)?;
+        let agent = ServedAgent { child, addr, state_dir: how.state_dir, log };
+        agent.wait_serving().await?;
+        Ok(agent)
+    }
+
+    async fn wait_serving(&self) -> anyhow::Result<()> {
+        for _ in 0..200 {
+            if self.get("/healthz", None).await.is_ok_and(|r| r.status == 200) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        anyhow::bail!("the agent did not serve /healthz; its log:\n{}", self.log_text())
+    }
+
+    /// Waits until `/readyz` answers 200.
+    pub async fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        while tokio::time::Instant::now() < deadline {
+            if self.get("/readyz", None).await.is_ok_and(|r| r.status == 200) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::bail!("the agent was not ready within {timeout:?}; its log:\n{}", self.log_text())
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn get(&self, path: &str, token: Option<&str>) -> anyhow::Result<crate::http::Response> {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let headers: Vec<(&str, &str)> = auth.as_deref().map(|a| vec![("Authorization", a)]).unwrap_or_default();
+        crate::http::request(self.addr, "GET", path, &headers, None).await
+    }
+
+    pub async fn post(&self, token: Option<&str>, body: &serde_json::Value) -> anyhow::Result<crate::http::Response> {
+        let auth = token.map(|t| format!("Bearer {t}"));
+        let mut headers = vec![("Content-Type", "application/json")];
+        if let Some(a) = auth.as_deref() {
+            headers.push(("Authorization", a));
+        }
+        crate::http::request(self.addr, "POST", "/v1/remediations", &headers, Some(body.to_string().as_bytes())).await
+    }
+
+    /// Polls `GET /v1/remediations/{id}` until the remediation has finished (or stays
+    /// `Running` after a stop) and returns it.
+    pub async fn wait_finished(&self, id: &str, token: Option<&str>, timeout: Duration) -> anyhow::Result<serde_json::Value> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut last = serde_json::Value::Null;
+        while tokio::time::Instant::now() < deadline {
+            let r = self.get(&format!("/v1/remediations/{id}"), token).await?;
+            last = r.json();
+            if r.status == 200 && !last["finishedAt"].is_null() {
+                return Ok(last);
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+        anyhow::bail!("remediation {id} did not finish within {timeout:?}: {last}\nagent log:\n{}", self.log_text())
+    }
+
+    /// SIGTERM, as the kubelet stops a pod; the exit status (SIGKILL after `grace`).
+    pub async fn terminate(&mut self, grace: Duration) -> Option<std::process::ExitStatus> {
+        crate::process::terminate(&mut self.child, grace).await
+    }
 }

@@ -6,12 +6,14 @@
 //! - [`statefulset`]: a StatefulSet controller and kubelet that run the Bitnami image's
 //!   start-up rules ([`bitnami`]) or a plain etcd;
 //! - [`lab`]: all of it in one value;
-//! - [`agent`]: etcd-medic's locator and engine on the lab's node.
+//! - [`agent`]: etcd-medic's locator and engine on the lab's node, and the real agent
+//!   (`etcd-medic serve`) as a process, reached with [`http`].
 
 pub mod agent;
 pub mod apiserver;
 pub mod bitnami;
 pub mod etcd;
+pub mod http;
 pub mod kubelet;
 pub mod lab;
 pub mod objects;

@@ -33,7 +33,7 @@ pub struct NodeLayout {
 }
 
 /// The volume that holds the data.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeInfo {
     /// The pod's volume name.
@@ -44,11 +44,12 @@ pub struct VolumeInfo {
     pub mount_path: String,
     pub sub_path: Option<String>,
     /// The volume's root on the host, as the agent reaches it.
+    #[schema(value_type = String)]
     pub root: PathBuf,
 }
 
 /// One entry a remediation would move.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MoveItem {
     /// Relative to the data dir.
@@ -58,7 +59,7 @@ pub struct MoveItem {
 }
 
 /// The resolved plan: where the data is and what would move.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Plan {
     pub namespace: String,
@@ -71,8 +72,10 @@ pub struct Plan {
     /// The data dir as the container sees it.
     pub data_dir: String,
     /// The data dir on the host, as the agent reaches it.
+    #[schema(value_type = String)]
     pub host_path: PathBuf,
     pub volume: VolumeInfo,
+    #[schema(value_type = Option<String>)]
     pub kubelet_root: Option<PathBuf>,
     pub r#move: Vec<MoveItem>,
     pub bytes: u64,
@@ -96,8 +99,9 @@ impl Locator {
         self.resolve(namespace, name, None, false).await
     }
 
-    async fn resolve(&self, namespace: &str, name: &str, expected_uid: Option<&str>, require_data: bool) -> Result<Plan> {
-        let pod = self.api.pod(namespace, name).await?;
+    /// The pod is the one asked for (`expected_uid`) and runs on this node; returns its UID.
+    pub fn admit(&self, pod: &Pod, expected_uid: Option<&str>) -> Result<String> {
+        let (namespace, name) = (pod.metadata.namespace.as_deref().unwrap_or_default(), pod.metadata.name.as_deref().unwrap_or_default());
         let uid = pod.metadata.uid.clone().unwrap_or_default();
         if let Some(want) = expected_uid
             && want != uid
@@ -113,6 +117,12 @@ impl Locator {
             };
             return Err(Error::new(Code::WrongNode, detail));
         }
+        Ok(uid)
+    }
+
+    async fn resolve(&self, namespace: &str, name: &str, expected_uid: Option<&str>, require_data: bool) -> Result<Plan> {
+        let pod = self.api.pod(namespace, name).await?;
+        let uid = self.admit(&pod, expected_uid)?;
         let c = container::etcd_container(&pod, self.layout.container.as_deref())?;
         let env = container::environment(&pod, c);
         let bitnami = profile::is_bitnami(c, &env);
@@ -148,7 +158,7 @@ impl Locator {
             namespace: namespace.to_string(),
             pod: name.to_string(),
             pod_uid: uid,
-            node,
+            node: self.layout.node_name.clone(),
             container: c.name.clone(),
             profile,
             data_dir,

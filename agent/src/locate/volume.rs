@@ -94,7 +94,7 @@ pub fn check_binding(pvc: &k8s_openapi::api::core::v1::PersistentVolumeClaim, pv
 }
 
 /// How the volume reaches the node.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", tag = "type")]
 pub enum VolumeKind {
     /// CSI filesystem volume (also in-tree plugins migrated to CSI).

@@ -1,0 +1,541 @@
+//! `etcd-medic serve`: the HTTP API of DESIGN.md's contract over the remediation engine.
+//!
+//! A POST is admitted at once (authenticated, authorized, validated, the pod read to learn
+//! its UID and node) and answered 202; the engine runs in the background and every step
+//! lands in the journal, which stays the source of truth: GET reads the journal (and the
+//! in-memory snapshot of what is running), so history survives restarts. A dry run runs
+//! the checks inline and answers with the plan or the refusal.
+
+pub mod auth;
+pub mod limit;
+pub mod metrics;
+pub mod openapi;
+pub mod report;
+pub mod request;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::cli::AuthMode;
+use crate::error::{Code, Error, Result};
+use crate::kubeapi::KubeApi;
+use crate::locate::{Locator, NodeLayout};
+use crate::remediation::{self, Engine, Options, Phase, Remediation};
+use auth::Auth;
+use limit::RateLimiter;
+use metrics::{HttpLabels, Metrics};
+use report::Reporter;
+use request::CreateRequest;
+
+/// Request bodies above this are refused with 413 before they are read whole.
+pub const BODY_LIMIT: usize = 64 * 1024;
+/// A request (a dry run included) that takes longer is answered 503.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct Config {
+    pub layout: NodeLayout,
+    pub api_timeout: Duration,
+    /// The engine's options; each request sets `dry_run`, `force` and endpoints on a copy.
+    pub engine: Options,
+    pub auth: AuthMode,
+    pub audiences: Vec<String>,
+    pub rate_limit: u32,
+    pub max_in_flight: u32,
+}
+
+/// What needs the API server: there once it answered and the state dir is writable.
+struct Ready {
+    locator: Arc<Locator>,
+    auth: Auth,
+}
+
+pub struct Agent {
+    cfg: Config,
+    ready: OnceLock<Ready>,
+    not_ready_why: Mutex<String>,
+    /// Snapshots of the remediations running now, by id.
+    runs: Mutex<HashMap<String, Remediation>>,
+    /// Serialises admission: two POSTs for one pod UID start one remediation.
+    admission: tokio::sync::Mutex<()>,
+    metrics: Metrics,
+    stop: AtomicBool,
+    tasks: TaskTracker,
+    limiter: RateLimiter,
+    slots: Arc<Semaphore>,
+}
+
+type Answer = std::result::Result<Response, Failure>;
+
+/// An error answer: the problem document, and the remediation it was recorded as, if any.
+pub struct Failure {
+    error: Error,
+    id: Option<String>,
+}
+
+impl From<Error> for Failure {
+    fn from(error: Error) -> Self {
+        Failure { error, id: None }
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        let mut p = self.error.problem();
+        p.id = self.id;
+        let status = StatusCode::from_u16(p.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut resp = (status, Json(p)).into_response();
+        resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        resp
+    }
+}
+
+impl Agent {
+    pub fn new(cfg: Config) -> Arc<Self> {
+        Arc::new(Agent {
+            limiter: RateLimiter::new(cfg.rate_limit),
+            slots: Arc::new(Semaphore::new(cfg.max_in_flight as usize)),
+            cfg,
+            ready: OnceLock::new(),
+            not_ready_why: Mutex::new("starting".into()),
+            runs: Mutex::new(HashMap::new()),
+            admission: tokio::sync::Mutex::new(()),
+            metrics: Metrics::default(),
+            stop: AtomicBool::new(false),
+            tasks: TaskTracker::new(),
+        })
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn ready(&self) -> Result<&Ready> {
+        if self.stopping() {
+            return Err(Error::new(Code::NotReady, "the agent is shutting down"));
+        }
+        self.ready
+            .get()
+            .ok_or_else(|| Error::new(Code::NotReady, format!("the agent is not ready: {}", self.not_ready_why.lock().unwrap())))
+    }
+
+    /// Waits (with back-off) for the API server and the state dir, then resumes what the
+    /// journal says was left unfinished.
+    pub async fn become_ready(self: Arc<Self>) {
+        let mut wait = Duration::from_millis(500);
+        while !self.stopping() {
+            match self.try_ready().await {
+                Ok((ready, version)) => {
+                    let _ = self.ready.set(ready);
+                    tracing::info!(apiserver = %version, node = %self.cfg.layout.node_name, "ready");
+                    self.resume_all().await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(code = %e.code, retry_in = ?wait, "not ready: {}", e.message);
+                    *self.not_ready_why.lock().unwrap() = e.message;
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(15));
+                }
+            }
+        }
+    }
+
+    async fn try_ready(&self) -> Result<(Ready, String)> {
+        check_state_dir(&self.cfg.engine.state_dir)?;
+        let api = KubeApi::from_environment(self.cfg.api_timeout).await?;
+        let version = api.ping().await?;
+        let auth = match self.cfg.auth {
+            AuthMode::Kubernetes => Auth::kubernetes(api.clone(), self.cfg.audiences.clone()),
+            AuthMode::None => Auth::none(),
+        };
+        Ok((Ready { locator: Arc::new(Locator { api, layout: self.cfg.layout.clone() }), auth }, version))
+    }
+
+    /// Every remediation the journal shows Running: resumed if it had changed something,
+    /// closed as Refused (nothing changed) otherwise.
+    async fn resume_all(self: &Arc<Self>) {
+        let _admitting = self.admission.lock().await;
+        for mut r in remediation::list_journals(&self.cfg.engine.state_dir).into_iter().filter(|r| r.phase == Phase::Running) {
+            if remediation::needs_resume(&r) {
+                tracing::warn!(id = %r.id, namespace = %r.namespace, pod = %r.pod, "resuming a remediation the agent left unfinished");
+                let opts = self.options(false, false, None);
+                self.runs.lock().unwrap().insert(r.id.clone(), r.clone());
+                self.spawn(opts, r);
+            } else if let Err(e) = remediation::close_abandoned(&self.cfg.engine.state_dir, &mut r) {
+                tracing::error!(id = %r.id, "could not close an abandoned journal: {}", e.message);
+            }
+        }
+    }
+
+    fn options(&self, dry_run: bool, force: bool, endpoints: Option<Vec<String>>) -> Options {
+        let mut o = self.cfg.engine.clone();
+        o.dry_run = dry_run;
+        o.force = force;
+        if let Some(e) = endpoints {
+            o.etcd_endpoints = e;
+        }
+        o
+    }
+
+    fn spawn(self: &Arc<Self>, opts: Options, r: Remediation) {
+        let agent = self.clone();
+        let span = tracing::info_span!("remediation", id = %r.id, namespace = %r.namespace, pod = %r.pod);
+        self.tasks.spawn(
+            async move {
+                agent.metrics.in_flight.inc();
+                let id = r.id.clone();
+                let done = agent.run(opts, r).await;
+                let mut runs = agent.runs.lock().unwrap();
+                runs.remove(&id);
+                runs.remove(&done.id);
+                agent.metrics.in_flight.dec();
+            }
+            .instrument(span),
+        );
+    }
+
+    /// Runs the engine on `r`, reporting each snapshot (logs, metrics, Events) in order.
+    async fn run(self: &Arc<Self>, opts: Options, r: Remediation) -> Remediation {
+        let ready = self.ready.get().expect("runs only once ready");
+        let dry = opts.dry_run;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Remediation>();
+        let agent = self.clone();
+        let progress = move |snap: &Remediation| {
+            if !dry {
+                agent.runs.lock().unwrap().insert(snap.id.clone(), snap.clone());
+            }
+            let _ = tx.send(snap.clone());
+        };
+        let engine_run = async {
+            let progress = progress;
+            let engine = Engine { locator: &ready.locator, opts, progress: &progress, stop: &self.stop };
+            engine.run_as(r).await
+        };
+        let mut reporter = Reporter::new(&ready.locator.api, &self.metrics, !dry);
+        let reporting = async {
+            while let Some(snap) = rx.recv().await {
+                reporter.report(snap).await;
+            }
+        };
+        tokio::join!(engine_run, reporting).0
+    }
+
+    /// A remediation of this pod instance that acted or is acting: asking again returns it.
+    fn existing(&self, pod_uid: &str) -> Option<Remediation> {
+        let counts = |r: &Remediation| {
+            r.pod_uid.as_deref() == Some(pod_uid) && matches!(r.phase, Phase::Pending | Phase::Running | Phase::Succeeded | Phase::Failed)
+        };
+        if let Some(r) = self.runs.lock().unwrap().values().find(|r| counts(r)) {
+            return Some(r.clone());
+        }
+        remediation::list_journals(&self.cfg.engine.state_dir).into_iter().find(counts)
+    }
+
+    async fn create(self: &Arc<Self>, headers: &HeaderMap, body: std::result::Result<Bytes, BytesRejection>) -> Answer {
+        let ready = self.ready()?;
+        let user = ready.auth.authenticate(headers).await?;
+        let body = body.map_err(|rej| {
+            if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                Error::new(Code::PayloadTooLarge, format!("the body is larger than {BODY_LIMIT} bytes"))
+            } else {
+                Error::invalid(format!("the body could not be read: {}", rej.body_text()))
+            }
+        })?;
+        if let Some(ct) = headers.get(header::CONTENT_TYPE) {
+            let json =
+                ct.to_str().ok().and_then(|v| v.split(';').next()).is_some_and(|m| m.trim().eq_ignore_ascii_case("application/json"));
+            if !json {
+                return Err(Error::invalid("Content-Type must be application/json").into());
+            }
+        }
+        let req = CreateRequest::parse(&body)?;
+        ready.auth.authorize(&user, "create", &req.namespace).await?;
+        let pod = ready.locator.api.pod(&req.namespace, &req.pod).await?;
+        let uid = ready.locator.admit(&pod, req.pod_uid.as_deref())?;
+        let mut r = Remediation::new(&self.cfg.layout.node_name, &req.namespace, &req.pod, Some(&uid));
+        r.reason = req.reason.clone();
+        tracing::info!(user = %user.name, namespace = %req.namespace, pod = %req.pod, dry_run = req.dry_run, force = req.force, id = %r.id, "remediation requested");
+        let opts = self.options(req.dry_run, req.force, req.etcd_endpoints);
+        if req.dry_run {
+            let span = tracing::info_span!("remediation", id = %r.id, namespace = %r.namespace, pod = %r.pod, dry_run = true);
+            let done = self.run(opts, r).instrument(span).await;
+            return match &done.error {
+                None => Ok((StatusCode::OK, Json(done)).into_response()),
+                Some(e) => Err(Failure { error: Error::new(e.code, e.message.clone()), id: Some(done.id.clone()) }),
+            };
+        }
+        let _admitting = self.admission.lock().await;
+        if self.stopping() {
+            return Err(Error::new(Code::NotReady, "the agent is shutting down").into());
+        }
+        if let Some(existing) = self.existing(&uid) {
+            return Ok((StatusCode::OK, Json(existing)).into_response());
+        }
+        self.runs.lock().unwrap().insert(r.id.clone(), r.clone());
+        self.spawn(opts, r.clone());
+        let location = format!("/v1/remediations/{}", r.id);
+        Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(r)).into_response())
+    }
+
+    async fn show(&self, headers: &HeaderMap, id: &str) -> Answer {
+        let ready = self.ready()?;
+        let user = ready.auth.authenticate(headers).await?;
+        let not_found = || Error::new(Code::RemediationNotFound, format!("no remediation {id:?} on node {}", self.cfg.layout.node_name));
+        remediation::validate_id(id).map_err(|_| not_found())?;
+        let running = self.runs.lock().unwrap().get(id).cloned();
+        let r = match running {
+            Some(r) => r,
+            None => remediation::read_journal(&self.cfg.engine.state_dir, id).map_err(|_| not_found())?,
+        };
+        ready.auth.authorize(&user, "get", &r.namespace).await?;
+        Ok(Json(r).into_response())
+    }
+
+    async fn list(&self, headers: &HeaderMap, q: ListQuery) -> Answer {
+        let ready = self.ready()?;
+        let user = ready.auth.authenticate(headers).await?;
+        if let Some(ns) = &q.namespace {
+            crate::cli::validate_namespace(ns)?;
+        }
+        let limit = q.limit.unwrap_or(100);
+        if !(1..=1000).contains(&limit) {
+            return Err(Error::invalid("limit must be 1 to 1000").into());
+        }
+        ready.auth.authorize(&user, "get", q.namespace.as_deref().unwrap_or_default()).await?;
+        let mut all: HashMap<String, Remediation> =
+            remediation::list_journals(&self.cfg.engine.state_dir).into_iter().map(|r| (r.id.clone(), r)).collect();
+        all.extend(self.runs.lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())));
+        let mut items: Vec<Remediation> = all.into_values().filter(|r| q.namespace.as_ref().is_none_or(|ns| &r.namespace == ns)).collect();
+        items.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.id.cmp(&a.id)));
+        items.truncate(limit as usize);
+        Ok(Json(RemediationList { items }).into_response())
+    }
+}
+
+/// The state dir takes a durable write (the journal depends on it).
+fn check_state_dir(dir: &std::path::Path) -> Result<()> {
+    let io = |e: std::io::Error| Error::new(Code::NotReady, format!("state dir {} is not writable: {e}", dir.display()));
+    let sub = dir.join("remediations");
+    std::fs::create_dir_all(&sub).map_err(io)?;
+    let probe = sub.join(".ready-probe");
+    std::fs::write(&probe, b"ok").and_then(|_| std::fs::File::open(&probe)?.sync_all()).map_err(io)?;
+    std::fs::remove_file(&probe).map_err(io)
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Only remediations of pods in this namespace (and only this namespace's access is
+    /// checked); without it, the caller needs access in every namespace.
+    namespace: Option<String>,
+    /// At most this many, newest first (1 to 1000, default 100).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<u32>,
+}
+
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+pub struct RemediationList {
+    /// Newest first.
+    pub items: Vec<Remediation>,
+}
+
+/// The whole HTTP surface.
+pub fn router(agent: Arc<Agent>) -> axum::Router {
+    let v1 = axum::Router::new()
+        .route("/v1/remediations", post(create).get(list))
+        .route("/v1/remediations/{id}", get(show))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(agent.clone(), limits))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, REQUEST_TIMEOUT));
+    axum::Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .route("/openapi.json", get(openapi_json))
+        .merge(v1)
+        .fallback(fallback)
+        .layer(middleware::from_fn_with_state(agent.clone(), observe))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
+            Failure::from(Error::new(Code::Internal, "the agent hit a bug handling this request; nothing was done")).into_response()
+        }))
+        .with_state(agent)
+}
+
+/// Binds nothing itself: serves `listener` until SIGTERM/SIGINT, then stops accepting,
+/// lets each running remediation reach a safe point (journaled), and returns.
+pub async fn serve(agent: Arc<Agent>, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
+    tracing::info!(listen = %listener.local_addr()?, auth = ?agent.cfg.auth, "serving");
+    tokio::spawn(agent.clone().become_ready());
+    let stopper = agent.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        tracing::info!("shutting down: no new requests; running remediations stop at a safe point");
+        stopper.stop.store(true, Ordering::SeqCst);
+    };
+    axum::serve(listener, router(agent.clone()).into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    agent.tasks.close();
+    agent.tasks.wait().await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Per-client rate and a bound on requests served at once; both answer 429.
+async fn limits(State(a): State<Arc<Agent>>, req: Request, next: Next) -> Response {
+    let client = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+    if !a.limiter.allow(client, Instant::now()) {
+        return too_many(format!("{client} sends more than {} requests per second", a.cfg.rate_limit));
+    }
+    let Ok(_slot) = a.slots.clone().try_acquire_owned() else {
+        return too_many(format!("the agent is serving {} requests already", a.cfg.max_in_flight));
+    };
+    next.run(req).await
+}
+
+fn too_many(why: String) -> Response {
+    let mut resp = Failure::from(Error::new(Code::TooManyRequests, format!("{why}; retry shortly"))).into_response();
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
+}
+
+/// Counts every answer, and turns any error answer that is not problem+json yet (axum's own
+/// 405, a timeout, a body rejection) into one with the contract's code.
+async fn observe(State(a): State<Arc<Agent>>, req: Request, next: Next) -> Response {
+    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_string()).unwrap_or_else(|| "unmatched".into());
+    let mut resp = next.run(req).await;
+    let problem = resp.headers().get(header::CONTENT_TYPE).is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if resp.status().as_u16() >= 400 && !problem {
+        let code = match resp.status().as_u16() {
+            404 => Code::NotFound,
+            405 => Code::MethodNotAllowed,
+            413 => Code::PayloadTooLarge,
+            429 => Code::TooManyRequests,
+            408 | 503 => Code::NotReady,
+            500.. => Code::Internal,
+            _ => Code::InvalidRequest,
+        };
+        let allow = resp.headers().get(header::ALLOW).cloned();
+        resp = Failure::from(Error::new(code, format!("{} ({})", code.title(), resp.status()))).into_response();
+        if let Some(allow) = allow {
+            resp.headers_mut().insert(header::ALLOW, allow);
+        }
+    }
+    a.metrics.http.get_or_create(&HttpLabels { route, status: resp.status().as_u16() }).inc();
+    resp
+}
+
+#[utoipa::path(post, path = "/v1/remediations", tag = "remediations", request_body = CreateRequest,
+    description = "Asks this node's agent to remediate one pod. Answered at once: 202 with the new remediation (phase Pending) and its Location; 200 with the existing one when this pod instance (UID) already has one running or finished (Refused ones excepted: nothing was changed, so asking again is safe); 200 with phase Planned for a dry run, which runs every gate inline. Refusals of a remediation that runs in the background show in its phase (Refused) and error.code.",
+    responses(
+        (status = 202, description = "Accepted; runs in the background", body = Remediation, headers(("Location" = String, description = "/v1/remediations/{id}"))),
+        (status = 200, description = "The existing remediation of this pod instance, or a dry run's plan (phase Planned)", body = Remediation),
+        (status = 400, description = "InvalidRequest", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Forbidden", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "PodNotFound, PVCNotFound, PVNotFound", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "PodUIDMismatch, ClusterLocked (dry run)", body = Problem, content_type = "application/problem+json"),
+        (status = 413, description = "PayloadTooLarge", body = Problem, content_type = "application/problem+json"),
+        (status = 421, description = "WrongNode: detail names the pod's node", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A gate refused (dry run): PodHealthy, PodRunning, QuorumAtRisk, SoleMember, DataDirNotFound, NotEtcdData, UnsafePath, NotAMount, InsufficientSpace, UnsupportedProfile", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "TooManyRequests", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "NotReady", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+async fn create(State(a): State<Arc<Agent>>, headers: HeaderMap, body: std::result::Result<Bytes, BytesRejection>) -> Answer {
+    a.create(&headers, body).await
+}
+
+#[utoipa::path(get, path = "/v1/remediations/{id}", tag = "remediations",
+    params(("id" = String, Path, description = "The remediation's id")),
+    responses(
+        (status = 200, description = "The remediation: phase, step, steps with timings, error", body = Remediation),
+        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Forbidden", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "RemediationNotFound", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "TooManyRequests", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "NotReady", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+async fn show(State(a): State<Arc<Agent>>, headers: HeaderMap, Path(id): Path<String>) -> Answer {
+    a.show(&headers, &id).await
+}
+
+#[utoipa::path(get, path = "/v1/remediations", tag = "remediations", params(ListQuery),
+    responses(
+        (status = 200, description = "This node's remediations, newest first", body = RemediationList),
+        (status = 400, description = "InvalidRequest", body = Problem, content_type = "application/problem+json"),
+        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
+        (status = 403, description = "Forbidden", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "TooManyRequests", body = Problem, content_type = "application/problem+json"),
+        (status = 503, description = "NotReady", body = Problem, content_type = "application/problem+json"),
+    ),
+    security(("bearer" = [])))]
+async fn list(
+    State(a): State<Arc<Agent>>,
+    headers: HeaderMap,
+    q: std::result::Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Answer {
+    let Query(q) = q.map_err(|e| Error::invalid(format!("bad query: {}", e.body_text())))?;
+    a.list(&headers, q).await
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "probes", responses((status = 200, description = "The process serves", body = String, content_type = "text/plain")))]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "probes", responses(
+    (status = 200, description = "The API server answers and the state dir is writable", body = String, content_type = "text/plain"),
+    (status = 503, description = "NotReady, with why", body = Problem, content_type = "application/problem+json"),
+))]
+async fn readyz(State(a): State<Arc<Agent>>) -> Answer {
+    a.ready()?;
+    Ok("ok".into_response())
+}
+
+#[utoipa::path(get, path = "/metrics", tag = "probes", responses((status = 200, description = "OpenMetrics text", body = String, content_type = "application/openmetrics-text")))]
+async fn metrics_text(State(a): State<Arc<Agent>>) -> Response {
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], a.metrics.encode()).into_response()
+}
+
+#[utoipa::path(get, path = "/openapi.json", tag = "probes", responses((status = 200, description = "This document", content_type = "application/json")))]
+async fn openapi_json() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], openapi::document()).into_response()
+}
+
+async fn fallback(req: Request) -> Failure {
+    Error::new(Code::NotFound, format!("no such path: {} {}", req.method(), req.uri().path())).into()
+}
+
+use crate::error::Problem;

@@ -1,0 +1,381 @@
+//! The real agent (`etcd-medic serve`) as a controller meets it: every status and code of
+//! the contract from a real request, authentication and authorization through the lab's
+//! TokenReview/SubjectAccessReview tables, a heal over HTTP after a flood of bad requests,
+//! Events, metrics, history across restarts, and a graceful stop that the next start
+//! resumes.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use etcd_medic_lab::agent::{Serve, ServedAgent};
+use etcd_medic_lab::apiserver::{AccessRule, Fault, FaultKind, TokenIdentity};
+use etcd_medic_lab::http::request;
+use etcd_medic_lab::objects::SetShape;
+use etcd_medic_lab::{Lab, NODE_NAME};
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
+use serde_json::{Value, json};
+
+/// May create and get remediations in `apisix`.
+const CONTROLLER: &str = "controller-token";
+/// May only get them.
+const READER: &str = "reader-token";
+/// A valid token with no access at all.
+const NOBODY: &str = "nobody-token";
+
+fn grant(lab: &Lab) {
+    for (token, user) in [(CONTROLLER, "system:serviceaccount:ops:healer"), (READER, "jane"), (NOBODY, "mallory")] {
+        lab.api
+            .add_identity(token, TokenIdentity { username: user.into(), groups: vec!["system:authenticated".into()], audiences: vec![] });
+    }
+    let rule = |subject: &str, verb: &str| AccessRule {
+        subject: subject.into(),
+        verb: verb.into(),
+        group: "etcd-medic.io".into(),
+        resource: "remediations".into(),
+        namespace: Some("apisix".into()),
+    };
+    lab.api.allow(rule("system:serviceaccount:ops:healer", "create"));
+    lab.api.allow(rule("system:serviceaccount:ops:healer", "get"));
+    lab.api.allow(rule("jane", "get"));
+}
+
+#[track_caller]
+fn assert_problem(r: &etcd_medic_lab::http::Response, status: u16, code: &str) {
+    assert_eq!(r.status, status, "{}", r.text());
+    assert_eq!(r.header("content-type"), Some("application/problem+json"), "{}", r.text());
+    let p = r.json();
+    assert_eq!(p["code"], code, "{p}");
+    assert_eq!(p["status"], status, "{p}");
+    assert!(p["title"].is_string() && p["type"].is_string() && p["detail"].as_str().is_some_and(|d| !d.is_empty()), "{p}");
+}
+
+/// A copy of pod `from` named `name` on `node`, whose data volume claims `claim`.
+fn pod_copy(lab: &Lab, from: &str, name: &str, node: &str, claim: &str) -> Result<()> {
+    let mut p: Value = serde_json::to_value(lab.api.get::<Pod>("apisix", from).expect("the pod"))?;
+    p["metadata"] = json!({"name": name, "namespace": "apisix", "labels": p["metadata"]["labels"]});
+    p["spec"]["nodeName"] = json!(node);
+    for v in p["spec"]["volumes"].as_array_mut().unwrap() {
+        if v.get("persistentVolumeClaim").is_some() {
+            v["persistentVolumeClaim"]["claimName"] = json!(claim);
+        }
+    }
+    lab.api.create::<Pod>(&serde_json::from_value(p)?)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_status_of_the_contract_comes_with_its_code() -> Result<()> {
+    let lab = Lab::start(SetShape::apisix(3, NODE_NAME)).await?;
+    grant(&lab);
+    let mut how = Serve::new(&lab);
+    how.args = vec!["--rate-limit".into(), "1000".into()];
+    let agent = ServedAgent::start(&lab, how).await?;
+    agent.wait_ready(Duration::from_secs(30)).await?;
+    let ok = |pod: &str| json!({"namespace": "apisix", "pod": pod, "dryRun": true});
+
+    // Probes, metrics and the document need no token.
+    assert_eq!(agent.get("/healthz", None).await?.text(), "ok");
+    assert_eq!(agent.get("/readyz", None).await?.status, 200);
+    let doc = agent.get("/openapi.json", None).await?;
+    assert!(doc.json()["paths"]["/v1/remediations"]["post"]["responses"]["202"]["description"].is_string());
+
+    // 401: no token, a malformed header, a token the API server does not know.
+    let r = agent.post(None, &ok("apisix-etcd-1")).await?;
+    assert_problem(&r, 401, "Unauthenticated");
+    assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+    let r = request(agent.addr, "GET", "/v1/remediations", &[("Authorization", "Basic YTpi")], None).await?;
+    assert_problem(&r, 401, "Unauthenticated");
+    assert_problem(&agent.post(Some("forged"), &ok("apisix-etcd-1")).await?, 401, "Unauthenticated");
+    // 403: a reader may not create; nobody may read; the controller only in its namespace.
+    assert_problem(&agent.post(Some(READER), &ok("apisix-etcd-1")).await?, 403, "Forbidden");
+    assert_problem(&agent.get("/v1/remediations?namespace=apisix", Some(NOBODY)).await?, 403, "Forbidden");
+    assert_problem(&agent.get("/v1/remediations", Some(CONTROLLER)).await?, 403, "Forbidden");
+    let r = agent.post(Some(CONTROLLER), &json!({"namespace": "kube-system", "pod": "etcd-0"})).await?;
+    assert_problem(&r, 403, "Forbidden");
+    assert!(r.json()["detail"].as_str().unwrap().contains("etcd-medic-caller"), "says what to bind");
+
+    // 400: whatever is not a valid request, each saying why.
+    let auth = format!("Bearer {CONTROLLER}");
+    let raw = |body: &'static str, ct: &'static str| {
+        let auth = auth.clone();
+        async move {
+            request(agent.addr, "POST", "/v1/remediations", &[("Authorization", &auth), ("Content-Type", ct)], Some(body.as_bytes())).await
+        }
+    };
+    for body in [
+        "",
+        "{",
+        "[]",
+        "null",
+        r#"{"namespace":"apisix"}"#,
+        r#"{"namespace":"apisix","pod":"apisix-etcd-1","dryrun":true}"#,
+        r#"{"namespace":"apisix","pod":1}"#,
+        r#"{"namespace":"apisix","pod":"apisix-etcd-1","force":"yes"}"#,
+        r#"{"namespace":"","pod":"apisix-etcd-1"}"#,
+        r#"{"namespace":"apisix","pod":""}"#,
+        r#"{"namespace":"APISIX","pod":"apisix-etcd-1"}"#,
+        r#"{"namespace":"apisix","pod":"../../etc"}"#,
+        r#"{"namespace":"apisix","pod":"apisix-etcd-1","etcdEndpoints":["file:///etc/passwd"]}"#,
+    ] {
+        assert_problem(&raw(body, "application/json").await?, 400, "InvalidRequest");
+    }
+    assert_problem(&raw(r#"{"namespace":"apisix","pod":"apisix-etcd-1"}"#, "text/plain").await?, 400, "InvalidRequest");
+    assert_problem(&agent.get("/v1/remediations?limit=0&namespace=apisix", Some(CONTROLLER)).await?, 400, "InvalidRequest");
+    assert_problem(&agent.get("/v1/remediations?namespace=No_Such", Some(CONTROLLER)).await?, 400, "InvalidRequest");
+    // 413: over 64 KiB, refused before it is read whole.
+    let big = json!({"namespace": "apisix", "pod": "apisix-etcd-1", "reason": "x".repeat(70 * 1024)});
+    assert_problem(&agent.post(Some(CONTROLLER), &big).await?, 413, "PayloadTooLarge");
+    // 404: no such pod, claim, volume, remediation or path; 405: no such method.
+    assert_problem(&agent.post(Some(CONTROLLER), &ok("apisix-etcd-9")).await?, 404, "PodNotFound");
+    pod_copy(&lab, "apisix-etcd-0", "apisix-etcd-7", NODE_NAME, "data-apisix-etcd-7")?;
+    assert_problem(&agent.post(Some(CONTROLLER), &ok("apisix-etcd-7")).await?, 404, "PVCNotFound");
+    let claim: PersistentVolumeClaim = serde_json::from_value(json!({
+        "metadata": {"name": "data-apisix-etcd-8", "namespace": "apisix"},
+        "spec": {"volumeName": "pv-that-is-gone", "accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}},
+        "status": {"phase": "Bound"}}))?;
+    lab.api.create(&claim)?;
+    pod_copy(&lab, "apisix-etcd-0", "apisix-etcd-8", NODE_NAME, "data-apisix-etcd-8")?;
+    assert_problem(&agent.post(Some(CONTROLLER), &ok("apisix-etcd-8")).await?, 404, "PVNotFound");
+    assert_problem(&agent.get("/v1/remediations/0123456789ab", Some(CONTROLLER)).await?, 404, "RemediationNotFound");
+    assert_problem(&agent.get("/v1/remediations/..", Some(CONTROLLER)).await?, 404, "RemediationNotFound");
+    assert_problem(&agent.get("/v2/remediations", Some(CONTROLLER)).await?, 404, "NotFound");
+    let r = request(agent.addr, "DELETE", "/v1/remediations", &[("Authorization", &auth)], None).await?;
+    assert_problem(&r, 405, "MethodNotAllowed");
+    // 409: the pod was replaced since the caller looked.
+    let r = agent.post(Some(CONTROLLER), &json!({"namespace": "apisix", "pod": "apisix-etcd-1", "podUID": "0000-gone"})).await?;
+    assert_problem(&r, 409, "PodUIDMismatch");
+    // 421: the pod is another node's; the detail says which.
+    pod_copy(&lab, "apisix-etcd-0", "apisix-etcd-6", "lab-node-b", "data-apisix-etcd-0")?;
+    let r = agent.post(Some(CONTROLLER), &ok("apisix-etcd-6")).await?;
+    assert_problem(&r, 421, "WrongNode");
+    assert!(r.json()["detail"].as_str().unwrap().contains("lab-node-b"));
+    if lab.node.real_mounts {
+        // 422: etcd runs on the member's data, forced or not.
+        let r = agent.post(Some(CONTROLLER), &ok("apisix-etcd-1")).await?;
+        assert_problem(&r, 422, "PodRunning");
+        let forced = json!({"namespace": "apisix", "pod": "apisix-etcd-1", "dryRun": true, "force": true});
+        assert_problem(&agent.post(Some(CONTROLLER), &forced).await?, 422, "PodRunning");
+        // A stopped container that has not failed: PodHealthy; the refused dry run is
+        // recorded, and readable by id. Forced, every gate passes: 200 with the plan.
+        lab.set.kill_container(2).await;
+        lab.api.modify::<Pod>("apisix", "apisix-etcd-2", |p| {
+            p.status = Some(
+                serde_json::from_value(json!({"phase": "Pending", "containerStatuses": [{
+                    "name": "etcd", "ready": false, "restartCount": 0, "image": "", "imageID": "",
+                    "state": {"waiting": {"reason": "PodInitializing"}}}]}))
+                .unwrap(),
+            );
+        })?;
+        let r = agent.post(Some(CONTROLLER), &ok("apisix-etcd-2")).await?;
+        assert_problem(&r, 422, "PodHealthy");
+        let id = r.json()["id"].as_str().expect("a refused dry run names its record").to_string();
+        let shown = agent.get(&format!("/v1/remediations/{id}"), Some(READER)).await?;
+        assert_eq!((shown.status, shown.json()["phase"].clone()), (200, json!("Refused")));
+        let forced = json!({"namespace": "apisix", "pod": "apisix-etcd-2", "dryRun": true, "force": true});
+        let planned = agent.post(Some(CONTROLLER), &forced).await?;
+        assert_eq!(planned.status, 200, "{}", planned.text());
+        let plan = planned.json();
+        assert_eq!(plan["phase"], "Planned");
+        assert!(plan["plan"]["hostPath"].as_str().unwrap().ends_with("/data"), "{plan}");
+        assert!(plan["plan"]["move"].as_array().unwrap().iter().any(|m| m["path"] == "member/wal"), "{plan}");
+        assert!(etcd_medic_lab::agent::tree(&lab.set.volume_path(2)?).iter().all(|(p, _)| !p.to_string_lossy().contains(".etcd-medic")));
+    }
+    // No Events for dry runs: they change nothing.
+    assert!(
+        lab.api
+            .list::<k8s_openapi::api::events::v1::Event>(Some("apisix"))
+            .iter()
+            .all(|e| e.reporting_controller.as_deref() != Some("etcd-medic.io/agent"))
+    );
+    let metrics = agent.get("/metrics", None).await?.text();
+    assert!(metrics.contains(r#"etcd_medic_http_requests_total{route="/v1/remediations",status="401"}"#), "{metrics}");
+    assert!(!agent.log_text().contains(CONTROLLER), "tokens never reach the log");
+    drop(agent);
+    lab.shutdown().await;
+    Ok(())
+}
+
+/// Not ready while the API server does not answer (POSTs get 503 NotReady); ready, and
+/// serving, once it does, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_waits_for_the_api_server_and_refuses_tokens_for_other_audiences() -> Result<()> {
+    let lab = Lab::start(SetShape::apisix(1, NODE_NAME)).await?;
+    grant(&lab);
+    lab.api.add_identity(
+        "scoped",
+        TokenIdentity { username: "system:serviceaccount:ops:healer".into(), groups: vec![], audiences: vec!["etcd-medic".into()] },
+    );
+    lab.api.inject(Fault { path_prefix: "/version".into(), kind: FaultKind::Status(503) });
+    let mut how = Serve::new(&lab);
+    how.args = vec!["--audience".into(), "etcd-medic".into()];
+    let agent = ServedAgent::start(&lab, how).await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_problem(&agent.get("/readyz", None).await?, 503, "NotReady");
+    assert_problem(
+        &agent.post(Some("scoped"), &json!({"namespace": "apisix", "pod": "apisix-etcd-0", "dryRun": true})).await?,
+        503,
+        "NotReady",
+    );
+    assert_eq!(agent.get("/healthz", None).await?.status, 200, "alive while not ready");
+    lab.api.clear_faults();
+    agent.wait_ready(Duration::from_secs(30)).await?;
+    // A token for the API server's own audience is not one for the agent.
+    assert_problem(&agent.get("/v1/remediations?namespace=apisix", Some(CONTROLLER)).await?, 401, "Unauthenticated");
+    let r = agent.get("/v1/remediations?namespace=apisix", Some("scoped")).await?;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["items"], json!([]));
+    drop(agent);
+    lab.shutdown().await;
+    Ok(())
+}
+
+/// 1,000 concurrent bad requests: every one answered with a 4xx and a code, /healthz
+/// answers throughout, and then a controller heals the reference failure over HTTP: 202
+/// and Location at once, the same remediation for a repeated POST, Events on the pod,
+/// metrics, and the history still there after the agent restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_heals_over_http_after_a_flood_of_bad_requests() -> Result<()> {
+    let (lab, old_id) = crate::reference_failure::broken_lab().await?;
+    if !lab.node.real_mounts {
+        return Ok(());
+    }
+    grant(&lab);
+    let mut agent = ServedAgent::start(&lab, Serve::new(&lab)).await?;
+    agent.wait_ready(Duration::from_secs(30)).await?;
+
+    let addr = agent.addr;
+    let big = vec![b'x'; 80 * 1024];
+    let flood: Vec<_> = (0..1000)
+        .map(|i| {
+            let big = big.clone();
+            tokio::spawn(async move {
+                let auth = format!("Bearer {CONTROLLER}");
+                let (body, headers): (Vec<u8>, Vec<(&str, &str)>) = match i % 4 {
+                    0 => (b"{not json".to_vec(), vec![("Authorization", auth.as_str()), ("Content-Type", "application/json")]),
+                    1 => (big, vec![("Authorization", auth.as_str())]),
+                    2 => (br#"{"namespace":"apisix","pod":"apisix-etcd-1"}"#.to_vec(), vec![]),
+                    _ => (br#"{"namespace":"a b","pod":"x"}"#.to_vec(), vec![("Authorization", auth.as_str())]),
+                };
+                request(addr, "POST", "/v1/remediations", &headers, Some(&body)).await
+            })
+        })
+        .collect();
+    let health = agent.get("/healthz", None).await?;
+    assert_eq!(health.status, 200, "answers while flooded");
+    let mut by_status = std::collections::BTreeMap::<u16, usize>::new();
+    for f in flood {
+        let r = f.await??;
+        assert!((400..500).contains(&r.status) && r.code().is_some(), "{} {}", r.status, r.text());
+        *by_status.entry(r.status).or_default() += 1;
+    }
+    assert!(by_status.contains_key(&429), "one client flooding is rate limited: {by_status:?}");
+    eprintln!("1000 bad requests answered: {by_status:?}");
+    assert_eq!(agent.get("/healthz", None).await?.status, 200);
+    assert_eq!(
+        etcd_medic_lab::agent::tree(&lab.set.volume_path(1)?).iter().filter(|(p, _)| p.to_string_lossy().contains(".etcd-medic")).count(),
+        0
+    );
+
+    // The controller's call, once its bucket refilled.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let uid = lab.set.pod_uid(1)?;
+    let ask = json!({"namespace": "apisix", "pod": "apisix-etcd-1", "podUID": uid, "reason": "alert EtcdMemberCrashLooping"});
+    let started = agent.post(Some(CONTROLLER), &ask).await?;
+    assert_eq!(started.status, 202, "{}", started.text());
+    let id = started.json()["id"].as_str().unwrap().to_string();
+    assert_eq!(started.header("location"), Some(format!("/v1/remediations/{id}").as_str()));
+    assert_eq!(started.json()["phase"], "Pending");
+    let again = agent.post(Some(CONTROLLER), &ask).await?;
+    assert_eq!((again.status, again.json()["id"].as_str()), (200, Some(id.as_str())), "one remediation per pod instance");
+    let done = agent.wait_finished(&id, Some(READER), Duration::from_secs(240)).await?;
+    assert_eq!(done["phase"], "Succeeded", "{done:#}\n{}", agent.log_text());
+    let steps: Vec<&str> = done["steps"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(steps, ["Check", "Lock", "Quarantine", "Membership", "Restart", "Verify", "Retention"]);
+    assert!(done["steps"].as_array().unwrap().iter().all(|s| s["outcome"] == "Done" && s["end"].is_string()));
+    assert_eq!(done["reason"], "alert EtcdMemberCrashLooping");
+    crate::reference_failure::assert_every_key(&lab, 3, crate::reference_failure::KEYS).await?;
+    let members = etcd_medic_lab::etcd::member_list(&lab.set.endpoints()).await?;
+    assert!(members.iter().all(|m| m.id != old_id), "the stale id is gone");
+
+    // What a person watching sees: Events on the pod and the metrics.
+    let reasons: Vec<String> = lab
+        .api
+        .list::<k8s_openapi::api::events::v1::Event>(Some("apisix"))
+        .into_iter()
+        .filter(|e| e.reporting_controller.as_deref() == Some("etcd-medic.io/agent"))
+        .filter_map(|e| e.reason)
+        .collect();
+    for want in ["RemediationStarted", "DataQuarantined", "PodRestarted", "MemberRejoined"] {
+        assert!(reasons.iter().any(|r| r == want), "{want} missing from {reasons:?}");
+    }
+    let metrics = agent.get("/metrics", None).await?.text();
+    for want in
+        [r#"etcd_medic_remediations_total{outcome="Succeeded",code=""} 1"#, "etcd_medic_remediations_in_flight 0", r#"step="Quarantine""#]
+    {
+        assert!(metrics.contains(want), "{want} missing from\n{metrics}");
+    }
+    assert!(!metrics.contains("etcd_medic_last_success_timestamp_seconds 0.0"), "{metrics}");
+    // The log is JSON, and each line of the remediation carries its id.
+    assert!(agent.log_text().lines().filter(|l| l.contains("step started")).all(|l| l.contains(&id)), "{}", agent.log_text());
+
+    // History survives a restart: the journal is the source of truth.
+    assert!(agent.terminate(Duration::from_secs(20)).await.is_some_and(|s| s.success()), "SIGTERM: a clean exit");
+    let agent = ServedAgent::start(&lab, Serve::new(&lab)).await?;
+    agent.wait_ready(Duration::from_secs(30)).await?;
+    let list = agent.get("/v1/remediations?namespace=apisix", Some(READER)).await?;
+    assert_eq!(list.json()["items"][0]["id"], id.as_str(), "newest first: {}", list.text());
+    assert_eq!(list.json()["items"][0]["phase"], "Succeeded");
+    drop(agent);
+    lab.shutdown().await;
+    Ok(())
+}
+
+/// SIGTERM while a remediation is under way: the agent stops at the next safe point, keeps
+/// the journal Running (and the cluster's lease), exits cleanly; the next start resumes
+/// it without a new request, and it succeeds with nothing done twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_at_a_safe_point_and_the_next_start_resumes() -> Result<()> {
+    let (lab, _) = crate::reference_failure::broken_lab().await?;
+    if !lab.node.real_mounts {
+        return Ok(());
+    }
+    grant(&lab);
+    let mut how = Serve::new(&lab);
+    how.env = vec![("ETCD_MEDIC_FAILPOINT".into(), "after:Quarantine".into())];
+    let mut agent = ServedAgent::start(&lab, how).await?;
+    agent.wait_ready(Duration::from_secs(30)).await?;
+    let uid_before = lab.set.pod_uid(1)?;
+    let started = agent.post(Some(CONTROLLER), &json!({"namespace": "apisix", "pod": "apisix-etcd-1"})).await?;
+    assert_eq!(started.status, 202, "{}", started.text());
+    let id = started.json()["id"].as_str().unwrap().to_string();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = agent.get(&format!("/v1/remediations/{id}"), Some(CONTROLLER)).await?.json();
+        if r["steps"].as_array().is_some_and(|s| s.iter().any(|s| s["name"] == "Quarantine" && s["outcome"] == "Done")) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "never quarantined: {r}\n{}", agent.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let exit = agent.terminate(Duration::from_secs(20)).await;
+    assert!(exit.is_some_and(|s| s.success()), "a clean exit on SIGTERM: {exit:?}\n{}", agent.log_text());
+    let journal = etcd_medic::remediation::read_journal(&agent.state_dir, &id)?;
+    assert_eq!(journal.phase, etcd_medic::remediation::Phase::Running, "left for the resume");
+    assert_eq!(lab.set.pod_uid(1)?, uid_before, "stopped before the restart");
+    let leases = lab.api.list::<k8s_openapi::api::coordination::v1::Lease>(Some("apisix"));
+    assert!(
+        leases.iter().any(|l| l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(&format!("{NODE_NAME}/{id}"))),
+        "the cluster stays locked for the resume"
+    );
+
+    let agent = ServedAgent::start(&lab, Serve::new(&lab)).await?;
+    let done = agent.wait_finished(&id, Some(CONTROLLER), Duration::from_secs(240)).await?;
+    assert_eq!(done["phase"], "Succeeded", "{done:#}\n{}", agent.log_text());
+    let names: Vec<&str> = done["steps"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
+    assert_eq!(names.iter().filter(|n| **n == "Quarantine").count(), 1, "{names:?}");
+    assert!(names.contains(&"Resume"), "{names:?}");
+    crate::reference_failure::assert_every_key(&lab, 3, crate::reference_failure::KEYS).await?;
+    drop(agent);
+    lab.shutdown().await;
+    Ok(())
+}

@@ -347,6 +347,7 @@ fn check_state_dir(dir: &std::path::Path) -> Result<()> {
 pub struct ListQuery {
     /// Only remediations of pods in this namespace (and only this namespace's access is
     /// checked); without it, the caller needs access in every namespace.
+    #[param(max_length = 63, pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
     namespace: Option<String>,
     /// At most this many, newest first (1 to 1000, default 100).
     #[param(minimum = 1, maximum = 1000)]

@@ -10,14 +10,20 @@ use crate::error::{Error, Result};
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateRequest {
     /// The pod's namespace.
-    #[schema(example = "apisix")]
+    #[schema(example = "apisix", min_length = 1, max_length = 63, pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")]
     pub namespace: String,
     /// The failing etcd pod.
-    #[schema(example = "apisix-etcd-1")]
+    #[schema(
+        example = "apisix-etcd-1",
+        min_length = 1,
+        max_length = 253,
+        pattern = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+    )]
     pub pod: String,
     /// Act only on this instance of the pod (its `metadata.uid`): a replacement is refused
     /// with PodUIDMismatch.
     #[serde(rename = "podUID", default)]
+    #[schema(pattern = "^[A-Za-z0-9-]{1,128}$")]
     pub pod_uid: Option<String>,
     /// Check every gate and answer with the plan (200, phase Planned); change nothing.
     #[serde(default)]
@@ -28,9 +34,12 @@ pub struct CreateRequest {
     pub force: bool,
     /// Why the caller asks, kept with the remediation and in its Events.
     #[serde(default)]
+    #[schema(max_length = 1024)]
     pub reason: Option<String>,
-    /// etcd client URLs of the cluster instead of discovering them from the sibling pods.
+    /// etcd client URLs (`http(s)://host:port`) of the cluster instead of discovering them
+    /// from the sibling pods.
     #[serde(default)]
+    #[schema(min_items = 1, max_items = 16)]
     pub etcd_endpoints: Option<Vec<String>>,
 }
 

@@ -135,17 +135,18 @@ pub async fn remove_member(endpoints: &[String], id: u64) -> Result<()> {
     }
 }
 
-/// Adds a voting member with `peer_url` and returns its id. An add whose answer was lost (a
-/// timeout on a busy cluster) may still have been applied: the member list decides, so the
-/// member is never added twice.
-pub async fn add_member(endpoints: &[String], peer_url: &str) -> Result<u64> {
+/// Adds a member with `peer_url` (a learner when `learner`) and returns its id. An add whose
+/// answer was lost (a timeout on a busy cluster) may still have been applied: the member
+/// list decides, so the member is never added twice.
+pub async fn add_member(endpoints: &[String], peer_url: &str, learner: bool) -> Result<u64> {
     let mut last = None;
     for _ in 0..3 {
         let c = first_client(endpoints).await?;
         let added = retry_unhealthy(&format!("member add {peer_url}"), Duration::from_secs(30), || {
             let mut c = c.clone();
             let url = peer_url.to_string();
-            async move { c.member_add([url], None).await }
+            let opts = learner.then(|| etcd_client::MemberAddOptions::new().with_is_learner());
+            async move { c.member_add([url], opts).await }
         })
         .await;
         match added {
@@ -160,6 +161,36 @@ pub async fn add_member(endpoints: &[String], peer_url: &str) -> Result<u64> {
         }
     }
     Err(last.expect("three attempts"))
+}
+
+/// Promotes learner `id` to a voting member: `Ok(false)` while it has not caught up with
+/// the leader yet (etcd refuses until then), `Ok(true)` once it votes.
+pub async fn promote_member(endpoints: &[String], id: u64) -> Result<bool> {
+    let mut c = first_client(endpoints).await?;
+    match c.member_promote(id).await {
+        Ok(_) => Ok(true),
+        Err(e) if e.to_string().contains("not in sync") || e.to_string().contains("unhealthy cluster") => Ok(false),
+        // A promotion applied whose answer was lost.
+        Err(e) if e.to_string().contains("not a learner") => Ok(true),
+        Err(e) => Err(unavailable(&format!("member promote {id:x}"), e)),
+    }
+}
+
+/// Whether the cluster's version has learners (etcd 3.4 and later), from the first member
+/// that answers a status request.
+pub async fn supports_learners(endpoints: &[String]) -> Result<bool> {
+    let mut c = first_client(endpoints).await?;
+    let status = c.status().await.map_err(|e| unavailable("status", e))?;
+    Ok(learners_in(status.version()))
+}
+
+/// `3.4.0` and later have learners; anything unparsable is treated as older (a voter).
+pub fn learners_in(version: &str) -> bool {
+    let mut parts = version.trim_start_matches('v').split('.').map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= (3, 4),
+        _ => false,
+    }
 }
 
 async fn first_client(endpoints: &[String]) -> Result<Client> {
@@ -190,6 +221,22 @@ mod tests {
             "status": {"podIP": ip},
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn learners_arrived_in_3_4() {
+        for (v, yes) in [
+            ("3.5.34", true),
+            ("3.6.15", true),
+            ("3.4.0", true),
+            ("v3.4.27", true),
+            ("3.3.27", false),
+            ("4.0.0", true),
+            ("", false),
+            ("x.y", false),
+        ] {
+            assert_eq!(learners_in(v), yes, "{v}");
+        }
     }
 
     #[test]

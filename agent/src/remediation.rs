@@ -68,6 +68,9 @@ pub struct Remediation {
     /// The etcd endpoints the caller gave instead of discovery (kept for a resume).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub etcd_endpoints: Vec<String>,
+    /// A dry run: it checks, never acts, and never stands in for a real remediation.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 impl Remediation {
@@ -89,6 +92,7 @@ impl Remediation {
             finished_at: None,
             reason: None,
             etcd_endpoints: Vec::new(),
+            dry_run: false,
         }
     }
 }
@@ -181,6 +185,7 @@ impl Engine<'_> {
         }
         r.phase = Phase::Running;
         r.etcd_endpoints = self.opts.etcd_endpoints.clone();
+        r.dry_run = self.opts.dry_run;
         let outcome = self.steps(&mut r).await;
         self.finish(r, outcome)
     }
@@ -237,7 +242,9 @@ impl Engine<'_> {
         fut: impl Future<Output = Result<(T, String)>>,
     ) -> std::result::Result<T, (Error, bool)> {
         if self.stopping() {
-            return Err((Error::new(Code::NotReady, format!("the agent is shutting down: stopped before {name}")), acted));
+            // Whether anything was changed is what the journal says, not what this step would do.
+            let changed = needs_resume(r);
+            return Err((Error::new(Code::NotReady, format!("the agent is shutting down: stopped before {name}")), changed));
         }
         r.step = Some(name.into());
         r.steps.push(StepRecord { name: name.into(), start: now(), end: None, outcome: None, message: String::new() });
@@ -461,11 +468,8 @@ impl Engine<'_> {
         }
         let failure = guard::pod_failure(&pod, &plan.container, self.opts.force)?;
         guard::no_holders(&self.locator.layout.proc_root, &plan.volume.root, &plan.host_path)?;
-        let endpoints = if self.opts.etcd_endpoints.is_empty() {
-            etcd::sibling_endpoints(&pod, &self.locator.api.pods(ns).await?, &plan.container)
-        } else {
-            self.opts.etcd_endpoints.clone()
-        };
+        let discovered = etcd::sibling_endpoints(&pod, &self.locator.api.pods(ns).await?, &plan.container);
+        let endpoints = if self.opts.etcd_endpoints.is_empty() { discovered.clone() } else { self.opts.etcd_endpoints.clone() };
         if endpoints.is_empty() {
             return Err(Error::new(
                 Code::SoleMember,
@@ -473,6 +477,16 @@ impl Engine<'_> {
             ));
         }
         let (cluster_id, members) = etcd::members(&endpoints).await?;
+        // Endpoints a caller gave must be the pod's own cluster: the quorum check and the
+        // cluster's lock would otherwise guard another one.
+        if endpoints != discovered && !discovered.is_empty() {
+            let (siblings_id, _) = etcd::members(&discovered).await?;
+            if siblings_id != cluster_id {
+                return Err(Error::invalid(format!(
+                    "the etcd endpoints given ({endpoints:?}) serve cluster {cluster_id:016x}, but the pod's sibling members serve cluster {siblings_id:016x}"
+                )));
+            }
+        }
         let stale = members.iter().find(|m| m.peer_urls.contains(&peer_url)).map(|m| m.id);
         guard::check_quorum(&members.iter().map(etcd::Member::view).collect::<Vec<_>>(), stale, Change::ReplaceMember)?;
         check_space(&plan)?;
@@ -510,8 +524,12 @@ impl Engine<'_> {
                         ));
                     }
                     None => {
-                        let id = etcd::add_member(&c.endpoints, &c.peer_url).await?;
-                        done.push(format!("added {} as member {id:x}", c.member_name));
+                        // A learner does not count for quorum until it caught up; it is
+                        // promoted during verification.
+                        let learner = etcd::supports_learners(&c.endpoints).await?;
+                        let id = etcd::add_member(&c.endpoints, &c.peer_url, learner).await?;
+                        let what = if learner { "learner" } else { "voting member" };
+                        done.push(format!("added {} as {what} {id:x}", c.member_name));
                     }
                 }
             }
@@ -528,11 +546,24 @@ impl Engine<'_> {
         let deadline = Instant::now() + self.opts.verify_timeout;
         let old_uid = Some(c.plan.pod_uid.clone());
         let mut seen = String::from("nothing yet");
+        let mut promoted = None;
         while Instant::now() < deadline {
             if self.stopping() {
                 return Err(Error::new(Code::NotReady, format!("the agent is shutting down; verification resumes on restart ({seen})")));
             }
-            if let Ok(p) = self.locator.api.pod(&c.plan.namespace, &c.plan.pod).await {
+            // A member added as a learner is promoted once it has caught up with the leader.
+            let (_, members) = etcd::members(&c.endpoints).await.unwrap_or_default();
+            let mine = members.iter().find(|m| m.peer_urls.contains(&c.peer_url) && Some(m.id) != c.stale && !m.name.is_empty());
+            if let Some(m) = mine.filter(|m| m.is_learner) {
+                match etcd::promote_member(&c.endpoints, m.id).await {
+                    Ok(true) => {
+                        promoted = Some(m.id);
+                        continue;
+                    }
+                    Ok(false) => seen = format!("learner {:x} started, catching up before its promotion", m.id),
+                    Err(e) => seen = e.message,
+                }
+            } else if let Ok(p) = self.locator.api.pod(&c.plan.namespace, &c.plan.pod).await {
                 let ready = p
                     .status
                     .as_ref()
@@ -540,11 +571,9 @@ impl Engine<'_> {
                     .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
                 let replaced = p.metadata.uid != old_uid;
                 if replaced && ready {
-                    let (_, members) = etcd::members(&c.endpoints).await.unwrap_or_default();
-                    if let Some(m) =
-                        members.iter().find(|m| m.peer_urls.contains(&c.peer_url) && !m.name.is_empty() && !m.is_learner && m.healthy)
-                    {
-                        return Ok(((), format!("pod Ready and member {:x} started and voting", m.id)));
+                    if let Some(m) = mine.filter(|m| !m.is_learner && m.healthy) {
+                        let how = if promoted == Some(m.id) { "promoted from learner, " } else { "" };
+                        return Ok(((), format!("pod Ready and member {:x} started and voting ({how}healthy)", m.id)));
                     }
                     seen = "pod Ready, member not yet started and voting".into();
                 } else {
@@ -583,7 +612,14 @@ pub fn list_journals(state_dir: &Path) -> Vec<Remediation> {
 
 /// Still Running after something was changed: the agent stopped mid-way and must resume it.
 pub fn needs_resume(r: &Remediation) -> bool {
-    r.phase == Phase::Running && r.steps.iter().any(|s| s.name == "Quarantine")
+    r.phase == Phase::Running && !r.dry_run && r.steps.iter().any(|s| s.name == "Quarantine")
+}
+
+/// Keeps the newest `keep` finished journals; journals still Running are never removed.
+pub fn prune_journals(state_dir: &Path, keep: usize) {
+    for r in list_journals(state_dir).into_iter().filter(|r| r.finished_at.is_some()).skip(keep) {
+        let _ = std::fs::remove_file(journal_path(state_dir, &r.id));
+    }
 }
 
 /// The newest journal of `namespace/pod` that needs resuming.

@@ -149,6 +149,7 @@ async fn every_status_of_the_contract_comes_with_its_code() -> Result<()> {
     let r = agent.post(Some(CONTROLLER), &ok("apisix-etcd-6")).await?;
     assert_problem(&r, 421, "WrongNode");
     assert!(r.json()["detail"].as_str().unwrap().contains("lab-node-b"));
+    let mut real_ids: Vec<String> = Vec::new();
     if lab.node.real_mounts {
         // 422: etcd runs on the member's data, forced or not.
         let r = agent.post(Some(CONTROLLER), &ok("apisix-etcd-1")).await?;
@@ -179,14 +180,57 @@ async fn every_status_of_the_contract_comes_with_its_code() -> Result<()> {
         assert!(plan["plan"]["hostPath"].as_str().unwrap().ends_with("/data"), "{plan}");
         assert!(plan["plan"]["move"].as_array().unwrap().iter().any(|m| m["path"] == "member/wal"), "{plan}");
         assert!(etcd_medic_lab::agent::tree(&lab.set.volume_path(2)?).iter().all(|(p, _)| !p.to_string_lossy().contains(".etcd-medic")));
+        // A dry run never stands in for a real remediation: the POST starts one (202), whose
+        // refusal shows in its phase; a refusal changed nothing, so asking again starts anew.
+        let real = agent.post(Some(CONTROLLER), &json!({"namespace": "apisix", "pod": "apisix-etcd-2"})).await?;
+        assert_eq!(real.status, 202, "{}", real.text());
+        let real_id = real.json()["id"].as_str().unwrap().to_string();
+        assert_ne!(real_id, plan["id"].as_str().unwrap());
+        let refused = agent.wait_finished(&real_id, Some(CONTROLLER), Duration::from_secs(60)).await?;
+        assert_eq!((refused["phase"].as_str(), refused["error"]["code"].as_str()), (Some("Refused"), Some("PodHealthy")), "{refused}");
+        let anew = agent.post(Some(CONTROLLER), &json!({"namespace": "apisix", "pod": "apisix-etcd-2"})).await?;
+        assert_eq!(anew.status, 202);
+        real_ids.push(real_id);
+        real_ids.push(anew.json()["id"].as_str().unwrap().to_string());
+        agent.wait_finished(real_ids.last().unwrap(), Some(CONTROLLER), Duration::from_secs(60)).await?;
+        // Endpoints of another etcd cluster: the gates would guard the wrong cluster.
+        let mut other = etcd_medic_lab::etcd::EtcdCluster::start(1).await?;
+        let elsewhere =
+            json!({"namespace": "apisix", "pod": "apisix-etcd-2", "dryRun": true, "force": true, "etcdEndpoints": other.endpoints()});
+        let r = agent.post(Some(CONTROLLER), &elsewhere).await?;
+        assert_problem(&r, 400, "InvalidRequest");
+        assert!(r.json()["detail"].as_str().unwrap().contains("sibling members serve cluster"), "{}", r.text());
+        drop(other);
+        // The volume shrunk to what it holds plus 4 MiB: no room for the member to fetch a
+        // snapshot while the quarantine keeps the old data. InsufficientSpace.
+        let volume = lab.set.volume_path(2)?;
+        let st = nix::sys::statvfs::statvfs(&volume)?;
+        let used = (st.blocks() - st.blocks_free()) as u64 * st.fragment_size() as u64;
+        let size = format!("size={}", used + 4 * 1024 * 1024);
+        nix::mount::mount(None::<&str>, &volume, None::<&str>, nix::mount::MsFlags::MS_REMOUNT, Some(size.as_str()))?;
+        assert_problem(&agent.post(Some(CONTROLLER), &forced).await?, 422, "InsufficientSpace");
     }
-    // No Events for dry runs: they change nothing.
+    // Events only for the real remediations, none for dry runs: they change nothing.
+    let ours: Vec<_> = lab
+        .api
+        .list::<k8s_openapi::api::events::v1::Event>(Some("apisix"))
+        .into_iter()
+        .filter(|e| e.reporting_controller.as_deref() == Some("etcd-medic.io/agent"))
+        .collect();
     assert!(
-        lab.api
-            .list::<k8s_openapi::api::events::v1::Event>(Some("apisix"))
-            .iter()
-            .all(|e| e.reporting_controller.as_deref() != Some("etcd-medic.io/agent"))
+        ours.iter().all(|e| real_ids.iter().any(|id| e.metadata.name.as_deref().unwrap_or_default().contains(id.as_str()))),
+        "{ours:?}"
     );
+    assert_eq!(real_ids.is_empty(), ours.is_empty());
+    if let Some(first) = real_ids.first() {
+        let refused = ours
+            .iter()
+            .find(|e| e.reason.as_deref() == Some("RemediationRefused") && e.metadata.name.as_deref().unwrap().contains(first.as_str()));
+        let refused = refused.expect("a RemediationRefused Event");
+        assert_eq!(refused.type_.as_deref(), Some("Warning"));
+        assert!(refused.note.as_deref().unwrap().starts_with("PodHealthy:"), "{refused:?}");
+        assert_eq!(refused.regarding.as_ref().and_then(|r| r.name.as_deref()), Some("apisix-etcd-2"));
+    }
     let metrics = agent.get("/metrics", None).await?.text();
     assert!(metrics.contains(r#"etcd_medic_http_requests_total{route="/v1/remediations",status="401"}"#), "{metrics}");
     assert!(!agent.log_text().contains(CONTROLLER), "tokens never reach the log");
@@ -287,6 +331,22 @@ async fn a_controller_heals_over_http_after_a_flood_of_bad_requests() -> Result<
     assert_eq!(started.json()["phase"], "Pending");
     let again = agent.post(Some(CONTROLLER), &ask).await?;
     assert_eq!((again.status, again.json()["id"].as_str()), (200, Some(id.as_str())), "one remediation per pod instance");
+    // Once the pod was replaced (a new UID), asking for the pod while the remediation still
+    // verifies is answered with it too: one remediation per pod at a time.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    while agent.get(&format!("/v1/remediations/{id}"), Some(CONTROLLER)).await?.json()["step"] != "Verify" {
+        assert!(tokio::time::Instant::now() < deadline, "never reached Verify");
+        // Under the agent's default rate limit (10 per second per client).
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let during = agent.post(Some(CONTROLLER), &json!({"namespace": "apisix", "pod": "apisix-etcd-1"})).await?;
+    if during.status == 202 {
+        // Only if it had finished in between.
+        let first = agent.get(&format!("/v1/remediations/{id}"), Some(CONTROLLER)).await?.json();
+        assert!(first["finishedAt"].is_string(), "a second remediation beside a running one: {}", during.text());
+    } else {
+        assert_eq!((during.status, during.json()["id"].as_str()), (200, Some(id.as_str())), "{}", during.text());
+    }
     let done = agent.wait_finished(&id, Some(READER), Duration::from_secs(240)).await?;
     assert_eq!(done["phase"], "Succeeded", "{done:#}\n{}", agent.log_text());
     let steps: Vec<&str> = done["steps"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();

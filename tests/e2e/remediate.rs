@@ -199,7 +199,7 @@ async fn the_heal_survives_a_failed_first_add() -> Result<()> {
 }
 
 /// A plain StatefulSet that starts etcd with `existing`: the agent removes the stale member
-/// and adds it back before the restart. Fixed on `new`: refused, nothing changed.
+/// and adds it back as a learner before the restart, and promotes it once it caught up. Fixed on `new`: refused, nothing changed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_sets_are_healed_with_existing_and_refused_with_new() -> Result<()> {
     for state in [etcd::ClusterState::Existing, etcd::ClusterState::New] {
@@ -232,6 +232,10 @@ async fn plain_sets_are_healed_with_existing_and_refused_with_new() -> Result<()
                 r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
             }
             assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
+            // etcd 3.4+: back as a learner first, promoted once it caught up.
+            let said = |step: &str| r.steps.iter().find(|s| s.name == step).map(|s| s.message.clone()).unwrap_or_default();
+            assert!(said("Membership").contains("as learner"), "{}", said("Membership"));
+            assert!(said("Verify").contains("promoted from learner"), "{}", said("Verify"));
             crate::reference_failure::assert_every_key(&lab, 3, 100).await?;
         }
         lab.shutdown().await;

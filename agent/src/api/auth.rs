@@ -104,7 +104,12 @@ impl Auth {
             Some(v) => v,
             None => {
                 let status = r.api.token_review(token, &r.audiences).await?;
+                // An API server that ignored the audiences asked for must not pass a token
+                // issued for someone else (as kube-apiserver's own webhook client checks).
+                let audience_ok =
+                    r.audiences.is_empty() || status.audiences.as_ref().is_some_and(|a| a.iter().any(|x| r.audiences.contains(x)));
                 let v = match (status.authenticated, status.user) {
+                    (Some(true), _) if !audience_ok => Err(format!("the token is not for audience {:?}", r.audiences)),
                     (Some(true), Some(u)) => Ok(User {
                         name: u.username.unwrap_or_default(),
                         uid: u.uid,
@@ -123,7 +128,8 @@ impl Auth {
     /// May `user` do `verb` on remediations in `namespace` ("" for every namespace)? 403 if not.
     pub async fn authorize(&self, user: &User, verb: &'static str, namespace: &str) -> Result<()> {
         let Some(r) = &self.reviews else { return Ok(()) };
-        let key = (format!("{}\u{0}{}", user.name, user.uid.as_deref().unwrap_or_default()), namespace.to_string(), verb);
+        // The whole identity: two users of one name with other groups are not one user.
+        let key = (format!("{user:?}"), namespace.to_string(), verb);
         let verdict = match r.access.get(&key) {
             Some(v) => v,
             None => {

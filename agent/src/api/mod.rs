@@ -45,6 +45,9 @@ use request::CreateRequest;
 
 /// Request bodies above this are refused with 413 before they are read whole.
 pub const BODY_LIMIT: usize = 64 * 1024;
+/// Finished remediations whose journals are kept (newest first; dry runs and refusals
+/// included). Running ones are never pruned.
+const JOURNALS_KEPT: usize = 1000;
 /// A request (a dry run included) that takes longer is answered 503.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -204,9 +207,11 @@ impl Agent {
                 agent.metrics.in_flight.inc();
                 let id = r.id.clone();
                 let done = agent.run(opts, r).await;
-                let mut runs = agent.runs.lock().unwrap();
-                runs.remove(&id);
-                runs.remove(&done.id);
+                {
+                    let mut runs = agent.runs.lock().unwrap();
+                    runs.remove(&id);
+                    runs.remove(&done.id);
+                }
                 agent.metrics.in_flight.dec();
             }
             .instrument(span),
@@ -215,6 +220,13 @@ impl Agent {
 
     /// Runs the engine on `r`, reporting each snapshot (logs, metrics, Events) in order.
     async fn run(self: &Arc<Self>, opts: Options, r: Remediation) -> Remediation {
+        let done = self.run_engine(opts, r).await;
+        let state_dir = self.cfg.engine.state_dir.clone();
+        let _ = tokio::task::spawn_blocking(move || remediation::prune_journals(&state_dir, JOURNALS_KEPT)).await;
+        done
+    }
+
+    async fn run_engine(self: &Arc<Self>, opts: Options, r: Remediation) -> Remediation {
         let ready = self.ready.get().expect("runs only once ready");
         let dry = opts.dry_run;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Remediation>();
@@ -239,15 +251,23 @@ impl Agent {
         tokio::join!(engine_run, reporting).0
     }
 
-    /// A remediation of this pod instance that acted or is acting: asking again returns it.
-    fn existing(&self, pod_uid: &str) -> Option<Remediation> {
+    /// What a new request for this pod must not run beside: a remediation of this pod that
+    /// is running (or left unfinished in the journal: it is being resumed), whatever the
+    /// pod's UID is now, or one of this pod instance that ended after acting. Dry runs never
+    /// count, nor do refusals (they changed nothing; asking again is safe).
+    fn existing(&self, namespace: &str, pod: &str, pod_uid: &str) -> Option<Remediation> {
+        let same_pod = |r: &Remediation| !r.dry_run && r.namespace == namespace && r.pod == pod;
         let counts = |r: &Remediation| {
-            r.pod_uid.as_deref() == Some(pod_uid) && matches!(r.phase, Phase::Pending | Phase::Running | Phase::Succeeded | Phase::Failed)
+            same_pod(r)
+                && (matches!(r.phase, Phase::Pending | Phase::Running)
+                    || (r.pod_uid.as_deref() == Some(pod_uid) && matches!(r.phase, Phase::Succeeded | Phase::Failed)))
         };
         if let Some(r) = self.runs.lock().unwrap().values().find(|r| counts(r)) {
             return Some(r.clone());
         }
-        remediation::list_journals(&self.cfg.engine.state_dir).into_iter().find(counts)
+        remediation::list_journals(&self.cfg.engine.state_dir)
+            .into_iter()
+            .find(|r| counts(r) && (r.phase != Phase::Running || remediation::needs_resume(r)))
     }
 
     async fn create(self: &Arc<Self>, headers: &HeaderMap, body: std::result::Result<Bytes, BytesRejection>) -> Answer {
@@ -276,8 +296,15 @@ impl Agent {
         tracing::info!(user = %user.name, namespace = %req.namespace, pod = %req.pod, dry_run = req.dry_run, force = req.force, id = %r.id, "remediation requested");
         let opts = self.options(req.dry_run, req.force, req.etcd_endpoints);
         if req.dry_run {
+            // Its own task: a caller that hangs up (or the request timeout) cannot cut a dry
+            // run off before its journal says how it ended.
             let span = tracing::info_span!("remediation", id = %r.id, namespace = %r.namespace, pod = %r.pod, dry_run = true);
-            let done = self.run(opts, r).instrument(span).await;
+            let agent = self.clone();
+            let done = self
+                .tasks
+                .spawn(async move { agent.run(opts, r).await }.instrument(span))
+                .await
+                .map_err(|e| Error::new(Code::Internal, format!("the dry run did not complete: {e}")))?;
             return match &done.error {
                 None => Ok((StatusCode::OK, Json(done)).into_response()),
                 Some(e) => Err(Failure { error: Error::new(e.code, e.message.clone()), id: Some(done.id.clone()) }),
@@ -287,7 +314,7 @@ impl Agent {
         if self.stopping() {
             return Err(Error::new(Code::NotReady, "the agent is shutting down").into());
         }
-        if let Some(existing) = self.existing(&uid) {
+        if let Some(existing) = self.existing(&req.namespace, &req.pod, &uid) {
             return Ok((StatusCode::OK, Json(existing)).into_response());
         }
         self.runs.lock().unwrap().insert(r.id.clone(), r.clone());

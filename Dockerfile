@@ -1,20 +1,30 @@
 # syntax=docker/dockerfile:1
-# Build stage: Rust toolchain plus protoc, which etcd-client needs to compile etcd's protos.
+# Build stage: the Rust toolchain plus protoc (etcd-client compiles etcd's protos), then the
+# same static release binary CI builds (scripts/build-release).
 FROM rust:1-bookworm AS build
 RUN apt-get update \
  && apt-get install -y --no-install-recommends protobuf-compiler \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-RUN cargo build --release --locked -p etcd-medic \
- && cp target/release/etcd-medic /etcd-medic
+RUN cp "$(./scripts/build-release)" /etcd-medic \
+ && mkdir -p /rootfs/var/lib/etcd-medic /rootfs/tmp
 
-# Final stage: a slim Debian with the binary only (issue #6 makes it smaller still).
-FROM debian:bookworm-slim
+# Final stage: nothing but the static binary (no shell, no libc, no package manager).
+FROM scratch
+ARG VERSION=0.1.0
+ARG REVISION=unknown
 LABEL org.opencontainers.image.title="etcd-medic" \
       org.opencontainers.image.description="Node agent that heals etcd members stuck in 'member not found' crash loops" \
-      org.opencontainers.image.licenses="Apache-2.0"
-COPY --from=build /etcd-medic /usr/local/bin/etcd-medic
-# The agent acts on the kubelet's volumes, which needs root on the node (deploy/README.md).
-ENTRYPOINT ["/usr/local/bin/etcd-medic"]
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.documentation="README.md and deploy/README.md in the source"
+COPY --from=build /rootfs/ /
+COPY --from=build /etcd-medic /etcd-medic
+# Root, by necessity: the agent renames files on volumes owned by the workloads' users. The
+# DaemonSet drops every capability but DAC_OVERRIDE and SYS_PTRACE (deploy/README.md).
+USER 0:0
+EXPOSE 9464
+ENTRYPOINT ["/etcd-medic"]
 CMD ["serve"]

@@ -1,22 +1,27 @@
 //! The demo: a real 3-member etcd cluster deployed like the APISIX chart's Bitnami etcd,
 //! broken the way users see it (`etcdserver: member not found`), then healed.
 //!
-//! The heal is etcd-medic's own engine, as `etcd-medic remediate` runs it on the node: it
-//! locates the pod's volume, checks every gate, takes the cluster's lease, moves the stale
-//! `member/snap`, `member/wal` and `member_id` into a quarantine on the volume, restarts the
-//! pod with a UID precondition, and verifies that the member rejoined. (Over HTTP, as a
-//! controller calls it, once `serve` lands.)
+//! The heal is the real agent, `etcd-medic serve`, asked over HTTP as a controller asks it
+//! (a bearer token checked by TokenReview and SubjectAccessReview against the lab's API
+//! server): it locates the pod's volume, checks every gate, takes the cluster's lease,
+//! moves the stale `member/snap`, `member/wal` and `member_id` into a quarantine on the
+//! volume, restarts the pod with a UID precondition, and verifies that the member rejoined.
+//! The demo streams the steps as the agent reports them.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use etcd_medic::remediation::{Phase, Remediation};
+use etcd_medic_lab::agent::{Serve, ServedAgent};
+use etcd_medic_lab::apiserver::{AccessRule, TokenIdentity};
 use etcd_medic_lab::etcd::{self, format_id};
 use etcd_medic_lab::objects::SetShape;
 use etcd_medic_lab::statefulset::container_state;
 use etcd_medic_lab::{Lab, NODE_NAME};
+use serde_json::json;
 
 const KEYS: usize = 1000;
+/// The controller's ServiceAccount token.
+const TOKEN: &str = "etcd-healer-token";
 
 struct Progress(Instant);
 
@@ -51,31 +56,76 @@ async fn main() -> Result<()> {
         println!("           | {line}");
     }
 
-    p.step("asking the etcd-medic agent on the node to remediate apisix/apisix-etcd-1");
+    // The controller's identity, as the API server's TokenReview and RBAC would know it.
+    lab.api.add_identity(TOKEN, TokenIdentity { username: "system:serviceaccount:apisix:etcd-healer".into(), ..Default::default() });
+    for verb in ["create", "get"] {
+        lab.api.allow(AccessRule {
+            subject: "system:serviceaccount:apisix:etcd-healer".into(),
+            verb: verb.into(),
+            group: "etcd-medic.io".into(),
+            resource: "remediations".into(),
+            namespace: Some("apisix".into()),
+        });
+    }
+    let agent = ServedAgent::start(&lab, Serve::new(&lab)).await?;
+    agent.wait_ready(Duration::from_secs(30)).await?;
+    p.step(&format!("etcd-medic serve is ready on http://{} (auth: TokenReview + SubjectAccessReview)", agent.addr));
+
     let heal = Instant::now();
-    let shown = std::sync::Mutex::new(0usize);
-    let progress = |r: &Remediation| {
-        let mut n = shown.lock().unwrap();
-        let done: Vec<String> =
-            r.steps.iter().filter_map(|s| s.outcome.as_ref().map(|o| format!("{:<10} {o}: {}", s.name, s.message))).collect();
-        for line in &done[(*n).min(done.len())..] {
+    let uid = lab.set.pod_uid(1)?;
+    let ask = json!({"namespace": "apisix", "pod": "apisix-etcd-1", "podUID": uid, "reason": "demo: member not found"});
+    p.step(&format!("POST /v1/remediations {ask}"));
+    let accepted = agent.post(Some(TOKEN), &ask).await?;
+    ensure!(accepted.status == 202, "the agent answered {}: {}", accepted.status, accepted.text());
+    let id = accepted.json()["id"].as_str().context("an id")?.to_string();
+    p.step(&format!("  → 202 Accepted, Location: {}", accepted.header("location").unwrap_or_default()));
+
+    // Follow it as a controller does: GET the Location until it has finished.
+    let mut shown = 0;
+    let r = loop {
+        let r = agent.get(&format!("/v1/remediations/{id}"), Some(TOKEN)).await?.json();
+        let lines: Vec<String> = r["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|s| {
+                let mut v = vec![format!("{:<10} ...", s["name"].as_str().unwrap_or_default())];
+                if let Some(o) = s["outcome"].as_str() {
+                    v.push(format!("{:<10} {o}: {}", s["name"].as_str().unwrap_or_default(), s["message"].as_str().unwrap_or_default()));
+                }
+                v
+            })
+            .collect();
+        for line in &lines[shown.min(lines.len())..] {
             p.step(&format!("  agent: {line}"));
         }
-        *n = done.len();
+        shown = lines.len();
+        if !r["finishedAt"].is_null() {
+            break r;
+        }
+        ensure!(heal.elapsed() < Duration::from_secs(300), "no end after 300 s: {r}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    let r = etcd_medic_lab::agent::remediate_with(&lab, "apisix-etcd-1", false, &progress).await?;
-    ensure!(r.phase == Phase::Succeeded, "the remediation ended {:?}: {:?}", r.phase, r.error);
+    ensure!(r["phase"] == "Succeeded", "the remediation ended {}: {}\nagent log:\n{}", r["phase"], r["error"], agent.log_text());
     let members = etcd::member_list(&lab.set.endpoints()).await?;
     let new = members.iter().find(|m| m.name == "apisix-etcd-1").context("member rejoined")?;
     p.step(&format!(
-        "apisix-etcd-1 rejoined as member {} — remediation {} Succeeded in {:.2}s",
+        "apisix-etcd-1 rejoined as member {} (was {}) — remediation {id} Succeeded in {:.2}s",
         format_id(new.id),
-        r.id,
+        format_id(old_id),
         heal.elapsed().as_secs_f64()
     ));
-    if let Some(q) = r.quarantine_path.as_ref().and_then(|q| q.file_name()) {
-        println!("           old data kept on the PVC at .etcd-medic/quarantine/{} (etcd-medic restore {})", q.to_string_lossy(), r.id);
+    if let Some(q) = r["quarantinePath"].as_str().and_then(|q| q.rsplit('/').next()) {
+        println!("           old data kept on the PVC at .etcd-medic/quarantine/{q} (etcd-medic restore {id})");
     }
+    let events: Vec<String> = lab
+        .api
+        .list::<k8s_openapi::api::events::v1::Event>(Some("apisix"))
+        .into_iter()
+        .filter(|e| e.reporting_controller.as_deref() == Some("etcd-medic.io/agent"))
+        .filter_map(|e| e.reason)
+        .collect();
+    println!("           Events on the pod: {}", events.join(", "));
 
     let c = etcd::check_consistency(&lab.set.endpoints()).await?;
     for (endpoint, keys, hash) in &c.members {
@@ -86,6 +136,8 @@ async fn main() -> Result<()> {
         "healed: {} started voting members, {KEYS} keys equal on all members",
         members.iter().filter(|m| m.started() && !m.is_learner).count()
     ));
+    p.step(&format!("done in {:.1}s", p.0.elapsed().as_secs_f64()));
+    drop(agent);
     lab.shutdown().await;
     Ok(())
 }

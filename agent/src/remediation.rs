@@ -547,6 +547,7 @@ impl Engine<'_> {
         let old_uid = Some(c.plan.pod_uid.clone());
         let mut seen = String::from("nothing yet");
         let mut promoted = None;
+        let mut next_renewal = Instant::now();
         while Instant::now() < deadline {
             if self.stopping() {
                 return Err(Error::new(Code::NotReady, format!("the agent is shutting down; verification resumes on restart ({seen})")));
@@ -584,8 +585,13 @@ impl Engine<'_> {
                     );
                 }
             }
-            let _ = lock.renew().await;
-            tokio::time::sleep(Duration::from_millis(500)).await;
+            // Renewed once a second, polled five times as often: a member that is back is seen
+            // back within 0.2 s.
+            if Instant::now() >= next_renewal {
+                let _ = lock.renew().await;
+                next_renewal = Instant::now() + Duration::from_secs(1);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
         Err(Error::new(Code::NotReady, format!("the member did not rejoin within {:?}: {seen}", self.opts.verify_timeout)))
     }

@@ -14,7 +14,7 @@ use serde_json::Value;
 
 pub(crate) const KEYS: usize = 300;
 const WAIT: Duration = Duration::from_secs(90);
-const MEMBER_NOT_FOUND: &str = "Error: etcdserver: member not found";
+use etcd_medic_lab::lab::MEMBER_NOT_FOUND;
 
 fn restarts(p: &Value) -> u64 {
     p.pointer("/status/containerStatuses/0/restartCount").and_then(Value::as_u64).unwrap_or(0)
@@ -27,26 +27,8 @@ pub(crate) async fn broken_lab() -> Result<(Lab, u64)> {
     crate::init_tracing();
     let lab = Lab::start(SetShape::apisix(3, NODE_NAME)).await?;
     lab.write_keys(KEYS).await?;
-    let old_id = break_member(&lab, 1).await?;
+    let old_id = lab.break_member(1).await?;
     Ok((lab, old_id))
-}
-
-/// Drains member `ordinal` with its removal log lost, and waits for the crash loop on
-/// `member not found`. Returns the removed id.
-pub(crate) async fn break_member(lab: &Lab, ordinal: usize) -> Result<u64> {
-    let id_file = lab.set.data_dir(ordinal)?.join("member_id");
-    let old_id = etcd::parse_id(&std::fs::read_to_string(&id_file)?).expect("member_id holds a hex id");
-    lab.set.switches().lose_removal_log.store(true, std::sync::atomic::Ordering::SeqCst);
-    lab.set.delete_pod(ordinal)?;
-    // The preStop hook removed the member before the container stopped.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while etcd::member_list(&lab.set.other_endpoints(ordinal)).await?.iter().any(|m| m.id == old_id) {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the preStop hook did not remove {}", format_id(old_id));
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let message = lab.set.wait_crash_loop(ordinal, WAIT, MEMBER_NOT_FOUND).await?;
-    assert!(message.contains("Updating member in existing cluster"), "termination message: {message}");
-    Ok(old_id)
 }
 
 /// The manual fix users try: delete `member/snap` and `member/wal`, and `member_id` too when

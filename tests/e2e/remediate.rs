@@ -255,8 +255,8 @@ async fn one_remediation_per_cluster_at_a_time() -> Result<()> {
         return Ok(());
     }
     lab.write_keys(100).await?;
-    crate::reference_failure::break_member(&lab, 1).await?;
-    crate::reference_failure::break_member(&lab, 3).await?;
+    lab.break_member(1).await?;
+    lab.break_member(3).await?;
     let (a, b) = tokio::join!(
         etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false),
         etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-3", false)
@@ -369,6 +369,57 @@ async fn retention_keeps_the_newest_quarantines_after_a_success() -> Result<()> 
     assert_eq!(left.len(), 3, "{left:?}");
     assert!(!left.iter().any(|n| n.ends_with("-old0")), "the oldest went: {left:?}");
     assert!(left.iter().any(|n| n.ends_with(&format!("-{}", r.id))), "the newest stays: {left:?}");
+    lab.shutdown().await;
+    Ok(())
+}
+
+/// The DaemonSet grants root only `DAC_OVERRIDE` and `SYS_PTRACE` (deploy/README.md). With
+/// the member's data owned by the image's user (1001, mode 0700) and the agent's bounding
+/// set cut to those two, the heal succeeds; without `DAC_OVERRIDE` it cannot even look.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemonsets_capabilities_suffice() -> Result<()> {
+    let (lab, _) = crate::reference_failure::broken_lab().await?;
+    if !lab.node.real_mounts || !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (capabilities and ownership)");
+        return Ok(());
+    }
+    lab.set.hold_restarts(1, WAIT).await?;
+    let volume = lab.set.volume_path(1)?;
+    for (p, _) in etcd_medic_lab::agent::tree(&volume).into_iter().chain([(volume.clone(), 0)]) {
+        nix::unistd::chown(&p, Some(1001.into()), Some(1001.into()))?;
+        if p.is_dir() {
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o700))?;
+        }
+    }
+    let state = tempfile::tempdir()?;
+    let run = |caps: &str| {
+        let mut cmd = std::process::Command::new("setpriv");
+        cmd.args(["--bounding-set", caps, "--inh-caps=-all", "--no-new-privs", "--"])
+            .arg(etcd_medic_lab::agent::agent_binary())
+            .args(["remediate", "apisix/apisix-etcd-1", "--node-name", NODE_NAME, "--verify-timeout", "120s"])
+            .arg("--host-root")
+            .arg(&lab.node.root)
+            .arg("--state-dir")
+            .arg(state.path())
+            .env("KUBECONFIG", &lab.api.kubeconfig);
+        tokio::task::block_in_place(|| cmd.output())
+    };
+    let denied = run("-all,+sys_ptrace")?;
+    assert!(!denied.status.success(), "the ownership must matter: {}", String::from_utf8_lossy(&denied.stdout));
+    assert!(!etcd_medic_lab::agent::tree(&volume).iter().any(|(p, _)| p.to_string_lossy().contains(".etcd-medic")));
+    lab.set.release_restarts();
+    let mut healed = run("-all,+dac_override,+sys_ptrace")?;
+    for _ in 0..20 {
+        // etcd may run for a moment between back-offs: the agent refuses then (PodRunning).
+        if healed.status.success() || !String::from_utf8_lossy(&healed.stderr).contains("(PodRunning)") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        healed = run("-all,+dac_override,+sys_ptrace")?;
+    }
+    let out = String::from_utf8_lossy(&healed.stdout);
+    assert!(healed.status.success(), "{out}\n{}", String::from_utf8_lossy(&healed.stderr));
+    crate::reference_failure::assert_every_key(&lab, 3, crate::reference_failure::KEYS).await?;
     lab.shutdown().await;
     Ok(())
 }

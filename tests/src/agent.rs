@@ -72,8 +72,12 @@ fn walk(dir: &std::path::Path) -> Vec<(PathBuf, u64)> {
     out
 }
 
-/// The path of the `etcd-medic` binary built beside the running test or lab binary.
+/// The path of the `etcd-medic` binary: `ETCD_MEDIC_AGENT_BIN` (the benchmarks run the
+/// release build), else the one built beside the running test or lab binary.
 pub fn agent_binary() -> PathBuf {
+    if let Some(bin) = std::env::var_os("ETCD_MEDIC_AGENT_BIN") {
+        return bin.into();
+    }
     let exe = std::env::current_exe().expect("the running binary's path");
     exe.ancestors()
         .skip(1)
@@ -155,6 +159,10 @@ impl ServedAgent {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         anyhow::bail!("the agent was not ready within {timeout:?}; its log:\n{}", self.log_text())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the agent runs")
     }
 
     pub fn log_text(&self) -> String {

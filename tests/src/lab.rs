@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::apiserver::ApiServer;
 use crate::kubelet::NodeTree;
@@ -13,6 +13,10 @@ use crate::statefulset::{SimOptions, StatefulSetSim};
 
 /// The node the lab's pods run on.
 pub const NODE_NAME: &str = "lab-node-a";
+
+/// The last line of the crash-looping member's termination message.
+pub const MEMBER_NOT_FOUND: &str = "Error: etcdserver: member not found";
+const BREAK_WAIT: Duration = Duration::from_secs(90);
 
 /// etcd's `HealthInterval` plus a margin.
 const SETTLE: Duration = Duration::from_millis(5500);
@@ -68,6 +72,26 @@ impl Lab {
             c.put(format!("/apisix/routes/{i:05}"), format!("{{\"id\":\"{i}\",\"uri\":\"/r/{i}\"}}"), None).await?;
         }
         Ok(())
+    }
+
+    /// Drains member `ordinal` as users see it fail: the pod is deleted, the preStop hook
+    /// removes the member, the removal log is lost, and the replacement crash-loops on
+    /// `member not found`. Returns the removed member's id.
+    pub async fn break_member(&self, ordinal: usize) -> Result<u64> {
+        use crate::etcd::{self, format_id};
+        let id_file = self.set.data_dir(ordinal)?.join("member_id");
+        let old_id = etcd::parse_id(&std::fs::read_to_string(&id_file)?).context("member_id holds a hex id")?;
+        self.set.switches().lose_removal_log.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.set.delete_pod(ordinal)?;
+        // The preStop hook removed the member before the container stopped.
+        let deadline = tokio::time::Instant::now() + BREAK_WAIT;
+        while etcd::member_list(&self.set.other_endpoints(ordinal)).await?.iter().any(|m| m.id == old_id) {
+            anyhow::ensure!(tokio::time::Instant::now() < deadline, "the preStop hook did not remove {}", format_id(old_id));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let message = self.set.wait_crash_loop(ordinal, BREAK_WAIT, MEMBER_NOT_FOUND).await?;
+        anyhow::ensure!(message.contains("Updating member in existing cluster"), "termination message: {message}");
+        Ok(old_id)
     }
 
     /// Stops every container and unmounts everything, before the directory goes.

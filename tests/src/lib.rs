@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod apiserver;
+pub mod bench;
 pub mod bitnami;
 pub mod etcd;
 pub mod http;

@@ -47,9 +47,8 @@ async fn main() -> Result<()> {
 
     let old_id = etcd::parse_id(&std::fs::read_to_string(lab.set.data_dir(1)?.join("member_id"))?).context("member_id")?;
     p.step(&format!("draining apisix-etcd-1 (member {}): the preStop hook removes it; its removal log is lost", format_id(old_id)));
-    lab.set.switches().lose_removal_log.store(true, std::sync::atomic::Ordering::SeqCst);
-    lab.set.delete_pod(1)?;
-    let message = lab.set.wait_crash_loop(1, Duration::from_secs(90), "Error: etcdserver: member not found").await?;
+    lab.break_member(1).await?;
+    let message = etcd_medic_lab::statefulset::termination_message(&lab.set.pod(1)?);
     let pod = lab.set.pod(1)?;
     p.step(&format!("apisix-etcd-1 is {}; last termination message:", container_state(&pod)));
     for line in message.lines() {

@@ -27,16 +27,14 @@ fn grant(lab: &Lab) {
         lab.api
             .add_identity(token, TokenIdentity { username: user.into(), groups: vec!["system:authenticated".into()], audiences: vec![] });
     }
-    let rule = |subject: &str, verb: &str| AccessRule {
-        subject: subject.into(),
-        verb: verb.into(),
+    lab.api.allow_remediations("system:serviceaccount:ops:healer", Some("apisix"));
+    lab.api.allow(AccessRule {
+        subject: "jane".into(),
+        verb: "get".into(),
         group: "etcd-medic.io".into(),
         resource: "remediations".into(),
         namespace: Some("apisix".into()),
-    };
-    lab.api.allow(rule("system:serviceaccount:ops:healer", "create"));
-    lab.api.allow(rule("system:serviceaccount:ops:healer", "get"));
-    lab.api.allow(rule("jane", "get"));
+    });
 }
 
 #[track_caller]
@@ -211,12 +209,7 @@ async fn every_status_of_the_contract_comes_with_its_code() -> Result<()> {
         assert_problem(&agent.post(Some(CONTROLLER), &forced).await?, 422, "InsufficientSpace");
     }
     // Events only for the real remediations, none for dry runs: they change nothing.
-    let ours: Vec<_> = lab
-        .api
-        .list::<k8s_openapi::api::events::v1::Event>(Some("apisix"))
-        .into_iter()
-        .filter(|e| e.reporting_controller.as_deref() == Some("etcd-medic.io/agent"))
-        .collect();
+    let ours = etcd_medic_lab::agent::events(&lab, "apisix");
     assert!(
         ours.iter().all(|e| real_ids.iter().any(|id| e.metadata.name.as_deref().unwrap_or_default().contains(id.as_str()))),
         "{ours:?}"
@@ -358,13 +351,7 @@ async fn a_controller_heals_over_http_after_a_flood_of_bad_requests() -> Result<
     assert!(members.iter().all(|m| m.id != old_id), "the stale id is gone");
 
     // What a person watching sees: Events on the pod and the metrics.
-    let reasons: Vec<String> = lab
-        .api
-        .list::<k8s_openapi::api::events::v1::Event>(Some("apisix"))
-        .into_iter()
-        .filter(|e| e.reporting_controller.as_deref() == Some("etcd-medic.io/agent"))
-        .filter_map(|e| e.reason)
-        .collect();
+    let reasons: Vec<String> = etcd_medic_lab::agent::events(&lab, "apisix").into_iter().filter_map(|e| e.reason).collect();
     for want in ["RemediationStarted", "DataQuarantined", "PodRestarted", "MemberRejoined"] {
         assert!(reasons.iter().any(|r| r == want), "{want} missing from {reasons:?}");
     }

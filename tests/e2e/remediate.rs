@@ -16,13 +16,7 @@ async fn remediate_heals_member_not_found_with_every_key_and_a_restorable_quaran
     let state = tempfile::tempdir()?;
     let run = |extra: &[&str]| {
         let mut cmd = std::process::Command::new(etcd_medic_lab::agent::agent_binary());
-        cmd.args(["remediate", "apisix/apisix-etcd-1", "--node-name", NODE_NAME, "--verify-timeout", "120s"])
-            .args(extra)
-            .arg("--host-root")
-            .arg(&lab.node.root)
-            .arg("--state-dir")
-            .arg(state.path())
-            .env("KUBECONFIG", &lab.api.kubeconfig);
+        cmd.args(etcd_medic_lab::agent::remediate_args(&lab, state.path())).args(extra).env("KUBECONFIG", &lab.api.kubeconfig);
         tokio::task::block_in_place(|| cmd.output())
     };
     let data = lab.set.data_dir(1)?;
@@ -286,11 +280,7 @@ async fn killed_after_quarantine_the_agent_resumes_without_moving_twice() -> Res
     let state = tempfile::tempdir()?;
     let command = || {
         let mut cmd = std::process::Command::new(etcd_medic_lab::agent::agent_binary());
-        cmd.args(["remediate", "apisix/apisix-etcd-1", "--node-name", NODE_NAME, "--verify-timeout", "120s"])
-            .arg("--host-root")
-            .arg(&lab.node.root)
-            .arg("--state-dir")
-            .arg(state.path())
+        cmd.args(etcd_medic_lab::agent::remediate_args(&lab, state.path()))
             .env("KUBECONFIG", &lab.api.kubeconfig)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
@@ -396,11 +386,7 @@ async fn the_daemonsets_capabilities_suffice() -> Result<()> {
         let mut cmd = std::process::Command::new("setpriv");
         cmd.args(["--bounding-set", caps, "--inh-caps=-all", "--no-new-privs", "--"])
             .arg(etcd_medic_lab::agent::agent_binary())
-            .args(["remediate", "apisix/apisix-etcd-1", "--node-name", NODE_NAME, "--verify-timeout", "120s"])
-            .arg("--host-root")
-            .arg(&lab.node.root)
-            .arg("--state-dir")
-            .arg(state.path())
+            .args(etcd_medic_lab::agent::remediate_args(&lab, state.path()))
             .env("KUBECONFIG", &lab.api.kubeconfig);
         tokio::task::block_in_place(|| cmd.output())
     };

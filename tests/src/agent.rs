@@ -205,3 +205,24 @@ impl ServedAgent {
         crate::process::terminate(&mut self.child, grace).await
     }
 }
+
+/// The Events etcd-medic's agent recorded in `namespace` (reporting controller
+/// `etcd-medic.io/agent`), as `kubectl get events` would list them.
+pub fn events(lab: &Lab, namespace: &str) -> Vec<k8s_openapi::api::events::v1::Event> {
+    lab.api
+        .list::<k8s_openapi::api::events::v1::Event>(Some(namespace))
+        .into_iter()
+        .filter(|e| e.reporting_controller.as_deref() == Some("etcd-medic.io/agent"))
+        .collect()
+}
+
+/// The arguments of `etcd-medic remediate apisix/apisix-etcd-1` on the lab's node, with the
+/// journal in `state_dir` (set `KUBECONFIG` to the lab's too).
+pub fn remediate_args(lab: &Lab, state_dir: &std::path::Path) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<std::ffi::OsString> =
+        ["remediate", "apisix/apisix-etcd-1", "--node-name", NODE_NAME, "--verify-timeout", "120s", "--host-root"].map(Into::into).to_vec();
+    v.push(lab.node.root.clone().into());
+    v.push("--state-dir".into());
+    v.push(state_dir.into());
+    v
+}

@@ -153,6 +153,20 @@ impl ApiServer {
         self.shared.rules.lock().unwrap().push(rule);
     }
 
+    /// Lets `subject` create and get `remediations.etcd-medic.io` (what the
+    /// `etcd-medic-caller` ClusterRole grants), in `namespace` or everywhere.
+    pub fn allow_remediations(&self, subject: &str, namespace: Option<&str>) {
+        for verb in ["create", "get"] {
+            self.allow(AccessRule {
+                subject: subject.into(),
+                verb: verb.into(),
+                group: "etcd-medic.io".into(),
+                resource: "remediations".into(),
+                namespace: namespace.map(String::from),
+            });
+        }
+    }
+
     pub fn inject(&self, fault: Fault) {
         self.shared.faults.lock().unwrap().push(fault);
     }

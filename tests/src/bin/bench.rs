@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use etcd_medic_lab::agent::{Serve, ServedAgent, agent_binary};
-use etcd_medic_lab::apiserver::{AccessRule, TokenIdentity};
+use etcd_medic_lab::apiserver::TokenIdentity;
 use etcd_medic_lab::bench::{self, Load, human, summary, triple, usage};
 use etcd_medic_lab::objects::SetShape;
 use etcd_medic_lab::{Lab, NODE_NAME};
@@ -56,15 +56,7 @@ fn args() -> Result<Args> {
 
 fn grant(lab: &Lab) {
     lab.api.add_identity(TOKEN, TokenIdentity { username: "bench".into(), ..Default::default() });
-    for verb in ["create", "get"] {
-        lab.api.allow(AccessRule {
-            subject: "bench".into(),
-            verb: verb.into(),
-            group: "etcd-medic.io".into(),
-            resource: "remediations".into(),
-            namespace: None,
-        });
-    }
+    lab.api.allow_remediations("bench", None);
 }
 
 #[derive(Default)]

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use etcd_medic_lab::agent::{Serve, ServedAgent};
-use etcd_medic_lab::apiserver::{AccessRule, TokenIdentity};
+use etcd_medic_lab::apiserver::TokenIdentity;
 use etcd_medic_lab::etcd::{self, format_id};
 use etcd_medic_lab::objects::SetShape;
 use etcd_medic_lab::statefulset::container_state;
@@ -57,15 +57,7 @@ async fn main() -> Result<()> {
 
     // The controller's identity, as the API server's TokenReview and RBAC would know it.
     lab.api.add_identity(TOKEN, TokenIdentity { username: "system:serviceaccount:apisix:etcd-healer".into(), ..Default::default() });
-    for verb in ["create", "get"] {
-        lab.api.allow(AccessRule {
-            subject: "system:serviceaccount:apisix:etcd-healer".into(),
-            verb: verb.into(),
-            group: "etcd-medic.io".into(),
-            resource: "remediations".into(),
-            namespace: Some("apisix".into()),
-        });
-    }
+    lab.api.allow_remediations("system:serviceaccount:apisix:etcd-healer", Some("apisix"));
     let agent = ServedAgent::start(&lab, Serve::new(&lab)).await?;
     agent.wait_ready(Duration::from_secs(30)).await?;
     p.step(&format!("etcd-medic serve is ready on http://{} (auth: TokenReview + SubjectAccessReview)", agent.addr));
@@ -117,13 +109,7 @@ async fn main() -> Result<()> {
     if let Some(q) = r["quarantinePath"].as_str().and_then(|q| q.rsplit('/').next()) {
         println!("           old data kept on the PVC at .etcd-medic/quarantine/{q} (etcd-medic restore {id})");
     }
-    let events: Vec<String> = lab
-        .api
-        .list::<k8s_openapi::api::events::v1::Event>(Some("apisix"))
-        .into_iter()
-        .filter(|e| e.reporting_controller.as_deref() == Some("etcd-medic.io/agent"))
-        .filter_map(|e| e.reason)
-        .collect();
+    let events: Vec<String> = etcd_medic_lab::agent::events(&lab, "apisix").into_iter().filter_map(|e| e.reason).collect();
     println!("           Events on the pod: {}", events.join(", "));
 
     let c = etcd::check_consistency(&lab.set.endpoints()).await?;

@@ -165,6 +165,12 @@ pub struct ServeArgs {
     /// Requests /v1 serves at once; more are answered 429.
     #[arg(long, env = "ETCD_MEDIC_MAX_IN_FLIGHT", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,
+    /// Serve HTTPS with this certificate (PEM, chain first); read again when it changes.
+    #[arg(long, env = "ETCD_MEDIC_TLS_CERT_FILE", requires = "tls_key_file")]
+    pub tls_cert_file: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "ETCD_MEDIC_TLS_KEY_FILE", requires = "tls_cert_file")]
+    pub tls_key_file: Option<PathBuf>,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -326,6 +332,16 @@ mod tests {
         assert_eq!(parse("0.0.0.0:9464").unwrap_err().code, Code::InvalidRequest);
         assert!(parse("127.0.0.1:9464").is_ok());
         assert!(parse("[::1]:9464").is_ok());
+    }
+
+    #[test]
+    fn tls_needs_both_files() {
+        let parse = |args: &[&str]| Cli::try_parse_from([&["etcd-medic", "serve", "--node-name", "n1"], args].concat());
+        assert!(parse(&["--tls-cert-file", "c.pem"]).is_err());
+        assert!(parse(&["--tls-key-file", "k.pem"]).is_err());
+        let cli = parse(&["--tls-cert-file", "c.pem", "--tls-key-file", "k.pem"]).unwrap();
+        let Command::Serve(s) = cli.command else { panic!() };
+        assert_eq!((s.tls_cert_file, s.tls_key_file), (Some("c.pem".into()), Some("k.pem".into())));
     }
 
     #[test]

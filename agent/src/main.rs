@@ -50,6 +50,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         audiences: args.audiences.clone(),
         rate_limit: args.rate_limit,
         max_in_flight: args.max_in_flight,
+        tls: args.tls_cert_file.clone().zip(args.tls_key_file.clone()),
     });
     etcd_medic::api::serve(agent, listener).await
 }

@@ -472,3 +472,59 @@ fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
+
+/// HTTPS from a certificate and key on disk, and a rotated pair served without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_serves_the_rotated_certificate_without_a_restart() -> Result<()> {
+    let lab = Lab::start(SetShape::apisix(1, NODE_NAME)).await?;
+    let dir = lab.dir.path().join("tls");
+    std::fs::create_dir_all(&dir)?;
+    let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
+    // A self-signed pair for 127.0.0.1, written as a rotation writes it: aside, then renamed.
+    let issue = |name: &str| -> Result<std::path::PathBuf> {
+        let (c, k) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+        let out = std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
+            .args(["-subj", &format!("/CN={name}"), "-addext", "subjectAltName=IP:127.0.0.1"])
+            .arg("-keyout")
+            .arg(&k)
+            .arg("-out")
+            .arg(&c)
+            .output()?;
+        anyhow::ensure!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::copy(&k, dir.join("tls.key.new"))?;
+        std::fs::copy(&c, dir.join("tls.crt.new"))?;
+        std::fs::rename(dir.join("tls.key.new"), &key)?;
+        std::fs::rename(dir.join("tls.crt.new"), &cert)?;
+        Ok(c)
+    };
+    let first = issue("first")?;
+    let mut how = Serve::new(&lab);
+    how.args = vec!["--tls-cert-file".into(), cert.to_string_lossy().into(), "--tls-key-file".into(), key.to_string_lossy().into()];
+    let agent = ServedAgent::start(&lab, how).await?;
+    let curl = |ca: &std::path::Path| {
+        let out = std::process::Command::new("curl")
+            .args(["-sS", "--max-time", "5", "--cacert"])
+            .arg(ca)
+            .arg(format!("https://{}/healthz", agent.addr))
+            .output()
+            .expect("curl runs");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    assert_eq!(curl(&first), (true, "ok".to_string()), "served with the first certificate");
+    let plain = request(agent.addr, "GET", "/healthz", &[], None).await;
+    assert!(plain.is_err() || plain.is_ok_and(|r| r.status != 200), "no plain HTTP on a TLS port");
+
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let second = issue("second")?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !curl(&second).0 {
+        assert!(tokio::time::Instant::now() < deadline, "the rotated certificate was not served:\n{}", agent.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!curl(&first).0, "the first certificate is no longer served");
+    assert!(agent.log_text().contains("TLS certificate reloaded"));
+    drop(agent);
+    lab.shutdown().await;
+    Ok(())
+}

@@ -133,15 +133,22 @@ impl ServedAgent {
             .envs(how.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .stdout(std::fs::File::create(&log)?)
             .stderr(std::fs::OpenOptions::new().append(true).open(&log)?);
+        let tls = how.args.iter().any(|a| a == "--tls-cert-file");
         let child = crate::process::spawn_tied(cmd)?;
         let agent = ServedAgent { child, addr, state_dir: how.state_dir, log };
-        agent.wait_serving().await?;
+        agent.wait_serving(tls).await?;
         Ok(agent)
     }
 
-    async fn wait_serving(&self) -> anyhow::Result<()> {
+    /// Until `/healthz` answers (over TLS: until the port takes connections).
+    async fn wait_serving(&self, tls: bool) -> anyhow::Result<()> {
         for _ in 0..200 {
-            if self.get("/healthz", None).await.is_ok_and(|r| r.status == 200) {
+            let up = if tls {
+                tokio::net::TcpStream::connect(self.addr).await.is_ok()
+            } else {
+                self.get("/healthz", None).await.is_ok_and(|r| r.status == 200)
+            };
+            if up {
                 return Ok(());
             }
             tokio::time::sleep(Duration::from_millis(50)).await;

@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod openapi;
 pub mod report;
 pub mod request;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -60,6 +61,8 @@ pub struct Config {
     pub audiences: Vec<String>,
     pub rate_limit: u32,
     pub max_in_flight: u32,
+    /// Serve HTTPS with this certificate and key (PEM files, read again when they change).
+    pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 /// What needs the API server: there once it answered and the state dir is writable.
@@ -412,7 +415,12 @@ pub fn router(agent: Arc<Agent>) -> axum::Router {
 /// Binds nothing itself: serves `listener` until SIGTERM/SIGINT, then stops accepting,
 /// lets each running remediation reach a safe point (journaled), and returns.
 pub async fn serve(agent: Arc<Agent>, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
-    tracing::info!(listen = %listener.local_addr()?, auth = ?agent.cfg.auth, "serving");
+    // A certificate that cannot be read fails the start, not the first client.
+    let tls = match &agent.cfg.tls {
+        Some((cert, key)) => Some(tls::server_config(Arc::new(tls::ReloadingCert::load(cert, key)?))?),
+        None => None,
+    };
+    tracing::info!(listen = %listener.local_addr()?, auth = ?agent.cfg.auth, tls = tls.is_some(), "serving");
     tokio::spawn(agent.clone().become_ready());
     let stopper = agent.clone();
     let shutdown = async move {
@@ -420,9 +428,14 @@ pub async fn serve(agent: Arc<Agent>, listener: tokio::net::TcpListener) -> anyh
         tracing::info!("shutting down: no new requests; running remediations stop at a safe point");
         stopper.stop.store(true, Ordering::SeqCst);
     };
-    axum::serve(listener, router(agent.clone()).into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    match tls {
+        Some(config) => tls::serve(listener, router(agent.clone()), config, shutdown).await?,
+        None => {
+            axum::serve(listener, router(agent.clone()).into_make_service_with_connect_info::<SocketAddr>())
+                .with_graceful_shutdown(shutdown)
+                .await?
+        }
+    }
     agent.tasks.close();
     agent.tasks.wait().await;
     tracing::info!("stopped");

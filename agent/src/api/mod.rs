@@ -496,21 +496,32 @@ async fn observe(State(a): State<Arc<Agent>>, req: Request, next: Next) -> Respo
     resp
 }
 
+/// The answers every `/v1` operation may give a caller, whatever it asked.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum CallerErrors {
+    #[response(status = 401, description = "Unauthenticated", content_type = "application/problem+json")]
+    Unauthenticated(Problem),
+    #[response(status = 403, description = "Forbidden", content_type = "application/problem+json")]
+    Forbidden(Problem),
+    #[response(status = 429, description = "TooManyRequests", content_type = "application/problem+json")]
+    TooManyRequests(Problem),
+    #[response(status = 503, description = "NotReady", content_type = "application/problem+json")]
+    NotReady(Problem),
+}
+
 #[utoipa::path(post, path = "/v1/remediations", tag = "remediations", request_body = CreateRequest,
     description = "Asks this node's agent to remediate one pod. Answered at once: 202 with the new remediation (phase Pending) and its Location; 200 with the existing one when this pod instance (UID) already has one running or finished (Refused ones excepted: nothing was changed, so asking again is safe); 200 with phase Planned for a dry run, which runs every gate inline. Refusals of a remediation that runs in the background show in its phase (Refused) and error.code.",
     responses(
         (status = 202, description = "Accepted; runs in the background", body = Remediation, headers(("Location" = String, description = "/v1/remediations/{id}"))),
         (status = 200, description = "The existing remediation of this pod instance, or a dry run's plan (phase Planned)", body = Remediation),
         (status = 400, description = "InvalidRequest", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Forbidden", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "PodNotFound, PVCNotFound, PVNotFound", body = Problem, content_type = "application/problem+json"),
         (status = 409, description = "PodUIDMismatch, ClusterLocked (dry run)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "PayloadTooLarge", body = Problem, content_type = "application/problem+json"),
         (status = 421, description = "WrongNode: detail names the pod's node", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "A gate refused (dry run): PodHealthy, PodRunning, QuorumAtRisk, SoleMember, DataDirNotFound, NotEtcdData, UnsafePath, NotAMount, InsufficientSpace, UnsupportedProfile", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "TooManyRequests", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "NotReady", body = Problem, content_type = "application/problem+json"),
+        CallerErrors,
     ),
     security(("bearer" = [])))]
 async fn create(State(a): State<Arc<Agent>>, headers: HeaderMap, body: std::result::Result<Bytes, BytesRejection>) -> Answer {
@@ -521,11 +532,8 @@ async fn create(State(a): State<Arc<Agent>>, headers: HeaderMap, body: std::resu
     params(("id" = String, Path, description = "The remediation's id")),
     responses(
         (status = 200, description = "The remediation: phase, step, steps with timings, error", body = Remediation),
-        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Forbidden", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "RemediationNotFound", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "TooManyRequests", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "NotReady", body = Problem, content_type = "application/problem+json"),
+        CallerErrors,
     ),
     security(("bearer" = [])))]
 async fn show(State(a): State<Arc<Agent>>, headers: HeaderMap, Path(id): Path<String>) -> Answer {
@@ -536,10 +544,7 @@ async fn show(State(a): State<Arc<Agent>>, headers: HeaderMap, Path(id): Path<St
     responses(
         (status = 200, description = "This node's remediations, newest first", body = RemediationList),
         (status = 400, description = "InvalidRequest", body = Problem, content_type = "application/problem+json"),
-        (status = 401, description = "Unauthenticated", body = Problem, content_type = "application/problem+json"),
-        (status = 403, description = "Forbidden", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "TooManyRequests", body = Problem, content_type = "application/problem+json"),
-        (status = 503, description = "NotReady", body = Problem, content_type = "application/problem+json"),
+        CallerErrors,
     ),
     security(("bearer" = [])))]
 async fn list(

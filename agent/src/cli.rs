@@ -89,6 +89,10 @@ pub struct EngineArgs {
     /// Quarantines kept per member; older ones are pruned after a remediation succeeds.
     #[arg(long, env = "ETCD_MEDIC_KEEP_QUARANTINES", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
     pub keep_quarantines: u16,
+    /// The namespace of the clusters' Leases (one remediation per etcd cluster); by default
+    /// the etcd pod's own. Every agent of a cluster must use the same one.
+    #[arg(long, env = "ETCD_MEDIC_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
 }
 
 impl EngineArgs {
@@ -100,6 +104,7 @@ impl EngineArgs {
             state_dir: node.state_dir.clone(),
             verify_timeout: self.verify_timeout,
             keep_quarantines: self.keep_quarantines as usize,
+            lease_namespace: self.lease_namespace.clone(),
         }
     }
 }
@@ -200,6 +205,11 @@ pub fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, Strin
 }
 
 impl NodeArgs {
+    /// Reads the etcd client TLS files (used for `https://` endpoints).
+    pub fn configure_etcd_tls(&self) -> Result<()> {
+        crate::etcd::configure_tls(self.etcd_cacert.as_deref(), self.etcd_cert.as_deref(), self.etcd_key.as_deref())
+    }
+
     /// The node layout the locator needs; the node name is required to act on a pod.
     pub fn layout(&self) -> Result<crate::locate::NodeLayout> {
         let node_name = self

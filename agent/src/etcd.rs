@@ -2,9 +2,11 @@
 //! each member's health, and the membership changes a remediation makes (retrying
 //! `etcdserver: unhealthy cluster`, which etcd answers for seconds after any change).
 
+use std::path::Path;
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, ConnectOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use k8s_openapi::api::core::v1::Pod;
 
 use crate::error::{Code, Error, Result};
@@ -34,17 +36,59 @@ async fn connect(endpoint: &str) -> Result<Client> {
     connect_with(endpoint, Duration::from_secs(5)).await
 }
 
+/// The client TLS of `--etcd-cacert`, `--etcd-cert` and `--etcd-key`, for `https://` endpoints.
+static TLS: OnceLock<TlsOptions> = OnceLock::new();
+
+/// Reads the etcd client TLS files once at start (a missing file is an error then, not at the
+/// first remediation). Only `https://` endpoints use them.
+pub fn configure_tls(ca: Option<&Path>, cert: Option<&Path>, key: Option<&Path>) -> Result<()> {
+    if ca.is_none() && cert.is_none() && key.is_none() {
+        return Ok(());
+    }
+    let read = |p: &Path| std::fs::read(p).map_err(|e| Error::invalid(format!("etcd TLS: {}: {e}", p.display())));
+    let mut tls = TlsOptions::new();
+    if let Some(ca) = ca {
+        tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+    }
+    match (cert, key) {
+        (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(read(c)?, read(k)?)),
+        (None, None) => {}
+        _ => return Err(Error::invalid("--etcd-cert and --etcd-key go together")),
+    }
+    let _ = TLS.set(tls);
+    Ok(())
+}
+
 async fn connect_with(endpoint: &str, timeout: Duration) -> Result<Client> {
-    let opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(timeout);
+    let mut opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(timeout);
+    if endpoint.starts_with("https://")
+        && let Some(tls) = TLS.get()
+    {
+        opts = opts.with_tls(tls.clone());
+    }
     Client::connect([endpoint], Some(opts)).await.map_err(|e| unavailable(&format!("connect to {endpoint}"), e))
 }
 
+/// The scheme the pod's etcd serves clients with: that of the first URL it advertises
+/// (`--advertise-client-urls` or `ETCD_ADVERTISE_CLIENT_URLS`), else `http`.
+fn client_scheme(pod: &Pod, container: &str) -> &'static str {
+    let Some(c) = pod.spec.as_ref().and_then(|s| s.containers.iter().find(|c| c.name == container)) else { return "http" };
+    let from_env = c.env.iter().flatten().find(|e| e.name == "ETCD_ADVERTISE_CLIENT_URLS").and_then(|e| e.value.clone());
+    let from_args =
+        c.command.iter().chain(c.args.iter()).flatten().find_map(|w| w.strip_prefix("--advertise-client-urls=").map(String::from));
+    match from_args.or(from_env) {
+        Some(u) if u.trim_start().starts_with("https://") => "https",
+        _ => "http",
+    }
+}
+
 /// Client URLs of the other pods of the same StatefulSet: `status.podIP` and the container
-/// port named `client`.
+/// port named `client`, with the scheme the pod advertises.
 pub fn sibling_endpoints(pod: &Pod, siblings: &[Pod], container: &str) -> Vec<String> {
     let owner =
         |p: &Pod| p.metadata.owner_references.as_ref().and_then(|o| o.iter().find(|r| r.controller == Some(true)).map(|r| r.name.clone()));
     let mine = owner(pod);
+    let scheme = client_scheme(pod, container);
     siblings
         .iter()
         .filter(|p| p.metadata.name != pod.metadata.name && owner(p) == mine && mine.is_some())
@@ -52,7 +96,7 @@ pub fn sibling_endpoints(pod: &Pod, siblings: &[Pod], container: &str) -> Vec<St
             let ip = p.status.as_ref()?.pod_ip.clone()?;
             let c = p.spec.as_ref()?.containers.iter().find(|c| c.name == container)?;
             let port = c.ports.as_ref()?.iter().find(|p| p.name.as_deref() == Some("client"))?.container_port;
-            Some(format!("http://{ip}:{port}"))
+            Some(format!("{scheme}://{ip}:{port}"))
         })
         .collect()
 }
@@ -249,5 +293,13 @@ mod tests {
             pod("other-0", "other", "10.0.0.9", 2379),
         ];
         assert_eq!(sibling_endpoints(&me, &all, "etcd"), ["http://10.0.0.1:2379", "http://10.0.0.3:2379"]);
+        // A member that advertises https is reached over https.
+        let mut tls = me.clone();
+        tls.spec.as_mut().unwrap().containers[0].env = Some(vec![k8s_openapi::api::core::v1::EnvVar {
+            name: "ETCD_ADVERTISE_CLIENT_URLS".into(),
+            value: Some("https://$(MY_POD_NAME):2379".into()),
+            ..Default::default()
+        }]);
+        assert_eq!(sibling_endpoints(&tls, &all, "etcd"), ["https://10.0.0.1:2379", "https://10.0.0.3:2379"]);
     }
 }

@@ -40,6 +40,7 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    args.node.configure_etcd_tls()?;
     let listener =
         tokio::net::TcpListener::bind(args.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
     let agent = etcd_medic::api::Agent::new(etcd_medic::api::Config {
@@ -66,6 +67,7 @@ async fn locate(pod: &PodRef, node: &NodeArgs, output: Output) -> anyhow::Result
 }
 
 async fn remediate(pod: &PodRef, node: &NodeArgs, opts: Options) -> anyhow::Result<()> {
+    node.configure_etcd_tls()?;
     use etcd_medic::remediation::{Engine, Phase, Remediation};
     let locator = Locator { api: KubeApi::from_environment(node.api_timeout).await?, layout: node.layout()? };
     let start = std::time::Instant::now();

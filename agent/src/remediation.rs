@@ -106,6 +106,8 @@ pub struct Options {
     pub verify_timeout: Duration,
     /// Quarantines kept per member; older ones go once a later remediation succeeded.
     pub keep_quarantines: usize,
+    /// Where the clusters' Leases live; `None`: in the etcd pod's own namespace.
+    pub lease_namespace: Option<String>,
 }
 
 fn now() -> String {
@@ -203,6 +205,10 @@ impl Engine<'_> {
         }
     }
 
+    fn lease_namespace<'n>(&'n self, pod_namespace: &'n str) -> &'n str {
+        self.opts.lease_namespace.as_deref().unwrap_or(pod_namespace)
+    }
+
     fn stopping(&self) -> bool {
         self.stop.load(Ordering::SeqCst)
     }
@@ -280,7 +286,7 @@ impl Engine<'_> {
         let (ns, me) = (r.namespace.clone(), holder(&self.locator.layout.node_name, &r.id));
         let mut lock = self
             .step(r, "Lock", true, async {
-                let l = ClusterLock::acquire(&self.locator.api, &ns, checked.cluster_id, &me).await?;
+                let l = ClusterLock::acquire(&self.locator.api, self.lease_namespace(&ns), checked.cluster_id, &me).await?;
                 Ok((l, format!("lease etcd-medic-{:016x} held by {me}", checked.cluster_id)))
             })
             .await?;
@@ -343,14 +349,14 @@ impl Engine<'_> {
             // Every gate's verdict, the cluster's lock included, without taking it.
             return self
                 .step(r, "Lock", false, async {
-                    crate::lease::check_free(api, &ns, checked.cluster_id, &me).await?;
+                    crate::lease::check_free(api, self.lease_namespace(&ns), checked.cluster_id, &me).await?;
                     Ok(((), format!("lease etcd-medic-{:016x} is free", checked.cluster_id)))
                 })
                 .await;
         }
         let mut lock = self
             .step(r, "Lock", false, async {
-                let l = ClusterLock::acquire(api, &ns, checked.cluster_id, &me).await?;
+                let l = ClusterLock::acquire(api, self.lease_namespace(&ns), checked.cluster_id, &me).await?;
                 Ok((l, format!("lease etcd-medic-{:016x} held by {me}", checked.cluster_id)))
             })
             .await?;
@@ -548,7 +554,7 @@ impl Engine<'_> {
         let mut seen = String::from("nothing yet");
         let mut promoted = None;
         let mut next_renewal = Instant::now();
-        let mut poll = Duration::from_millis(50);
+        let started = Instant::now();
         while Instant::now() < deadline {
             if self.stopping() {
                 return Err(Error::new(Code::NotReady, format!("the agent is shutting down; verification resumes on restart ({seen})")));
@@ -586,14 +592,14 @@ impl Engine<'_> {
                     );
                 }
             }
-            // Polled often at first (a member usually rejoins within a second: it is seen back
-            // within 50 ms), then less and less, up to once a second; the lease renewed each second.
+            // Every 50 ms for the first 10 s (a member usually rejoins within a second, and is
+            // seen back within 50 ms), then once a second; the lease renewed each second.
             if Instant::now() >= next_renewal {
                 let _ = lock.renew().await;
                 next_renewal = Instant::now() + Duration::from_secs(1);
             }
-            tokio::time::sleep(poll).await;
-            poll = (poll * 3 / 2).min(Duration::from_secs(1));
+            let fast = started.elapsed() < Duration::from_secs(10);
+            tokio::time::sleep(if fast { Duration::from_millis(50) } else { Duration::from_secs(1) }).await;
         }
         Err(Error::new(Code::NotReady, format!("the member did not rejoin within {:?}: {seen}", self.opts.verify_timeout)))
     }

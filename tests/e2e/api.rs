@@ -387,7 +387,9 @@ async fn sigterm_stops_at_a_safe_point_and_the_next_start_resumes() -> Result<()
         return Ok(());
     }
     grant(&lab);
+    // The leases in the agent's own namespace, as the DaemonSet of deploy/ keeps them.
     let mut how = Serve::new(&lab);
+    how.args = vec!["--lease-namespace".into(), "etcd-medic".into()];
     how.env = vec![("ETCD_MEDIC_FAILPOINT".into(), "after:Quarantine".into())];
     let mut agent = ServedAgent::start(&lab, how).await?;
     agent.wait_ready(Duration::from_secs(30)).await?;
@@ -409,13 +411,15 @@ async fn sigterm_stops_at_a_safe_point_and_the_next_start_resumes() -> Result<()
     let journal = etcd_medic::remediation::read_journal(&agent.state_dir, &id)?;
     assert_eq!(journal.phase, etcd_medic::remediation::Phase::Running, "left for the resume");
     assert_eq!(lab.set.pod_uid(1)?, uid_before, "stopped before the restart");
-    let leases = lab.api.list::<k8s_openapi::api::coordination::v1::Lease>(Some("apisix"));
+    let leases = lab.api.list::<k8s_openapi::api::coordination::v1::Lease>(Some("etcd-medic"));
     assert!(
         leases.iter().any(|l| l.spec.as_ref().and_then(|s| s.holder_identity.as_deref()) == Some(&format!("{NODE_NAME}/{id}"))),
         "the cluster stays locked for the resume"
     );
 
-    let agent = ServedAgent::start(&lab, Serve::new(&lab)).await?;
+    let mut how = Serve::new(&lab);
+    how.args = vec!["--lease-namespace".into(), "etcd-medic".into()];
+    let agent = ServedAgent::start(&lab, how).await?;
     let done = agent.wait_finished(&id, Some(CONTROLLER), Duration::from_secs(240)).await?;
     assert_eq!(done["phase"], "Succeeded", "{done:#}\n{}", agent.log_text());
     let names: Vec<&str> = done["steps"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();

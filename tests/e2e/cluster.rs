@@ -84,3 +84,77 @@ async fn a_panicking_test_leaves_no_etcd_behind() -> Result<()> {
     assert!(!alive, "etcd {pids} survived the panic");
     Ok(())
 }
+
+/// The agent's etcd client over TLS (`--etcd-cacert`, `--etcd-cert`, `--etcd-key`) against a
+/// real etcd that requires client certificates: before the files are configured the agent
+/// cannot reach it; with them, the member list and each member's status answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_reaches_an_etcd_that_requires_client_certificates() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let p = |name: &str| dir.path().join(name);
+    let openssl = |args: &[&str]| -> Result<()> {
+        let out = std::process::Command::new("openssl").args(args).current_dir(dir.path()).output()?;
+        anyhow::ensure!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(())
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"];
+    openssl(&[&["req", "-x509"][..], &ec, &["-days", "1", "-subj", "/CN=lab-ca", "-keyout", "ca.key", "-out", "ca.crt"]].concat())?;
+    for (name, usage) in [("server", "serverAuth"), ("client", "clientAuth")] {
+        std::fs::write(p(&format!("{name}.ext")), format!("subjectAltName=IP:127.0.0.1\nextendedKeyUsage={usage}\n"))?;
+        let (key, csr, crt, ext) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.crt"), format!("{name}.ext"));
+        openssl(&[&["req"][..], &ec, &["-subj", &format!("/CN={name}"), "-keyout", &key, "-out", &csr]].concat())?;
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            &crt,
+            "-extfile",
+            &ext,
+        ])?;
+    }
+    let (client, peer) = (etcd_medic_lab::process::free_port(), etcd_medic_lab::process::free_port());
+    let url = format!("https://127.0.0.1:{client}");
+    let mut cmd = tokio::process::Command::new(etcd::etcd_binary());
+    cmd.arg("--name=tls")
+        .arg(format!("--data-dir={}", p("data").display()))
+        .arg(format!("--listen-client-urls={url}"))
+        .arg(format!("--advertise-client-urls={url}"))
+        .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer}"))
+        .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer}"))
+        .arg(format!("--initial-cluster=tls=http://127.0.0.1:{peer}"))
+        .arg(format!("--cert-file={}", p("server.crt").display()))
+        .arg(format!("--key-file={}", p("server.key").display()))
+        .arg(format!("--trusted-ca-file={}", p("ca.crt").display()))
+        .args(["--client-cert-auth", "--unsafe-no-fsync"])
+        .stdout(std::fs::File::create(p("etcd.log"))?)
+        .stderr(std::fs::File::create(p("etcd.err"))?);
+    let _etcd = etcd_medic_lab::process::spawn_tied(cmd)?;
+    let endpoints = [url.clone()];
+    // Not configured yet: no TLS, no answer.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(etcd_medic::etcd::members(&endpoints).await.is_err(), "an https etcd answered a client without TLS");
+    etcd_medic::etcd::configure_tls(Some(&p("ca.crt")), Some(&p("client.crt")), Some(&p("client.key")))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let (cluster_id, members) = loop {
+        match etcd_medic::etcd::members(&endpoints).await {
+            Ok(m) => break m,
+            Err(e) => {
+                anyhow::ensure!(tokio::time::Instant::now() < deadline, "{}\n{}", e.message, std::fs::read_to_string(p("etcd.err"))?);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert_ne!(cluster_id, 0);
+    assert_eq!(members.len(), 1);
+    assert!(members[0].healthy && members[0].client_urls == [url], "{members:?}");
+    Ok(())
+}

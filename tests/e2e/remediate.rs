@@ -365,7 +365,8 @@ async fn retention_keeps_the_newest_quarantines_after_a_success() -> Result<()> 
 
 /// The DaemonSet grants root only `DAC_OVERRIDE` and `SYS_PTRACE` (deploy/README.md). With
 /// the member's data owned by the image's user (1001, mode 0700) and the agent's bounding
-/// set cut to those two, the heal succeeds; without `DAC_OVERRIDE` it cannot even look.
+/// set cut to those two, the heal succeeds; without `DAC_OVERRIDE` it cannot even look, and
+/// without `SYS_PTRACE` it cannot inspect another user's process and refuses.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemonsets_capabilities_suffice() -> Result<()> {
     let (lab, _) = crate::reference_failure::broken_lab().await?;
@@ -393,6 +394,16 @@ async fn the_daemonsets_capabilities_suffice() -> Result<()> {
     let denied = run("-all,+sys_ptrace")?;
     assert!(!denied.status.success(), "the ownership must matter: {}", String::from_utf8_lossy(&denied.stdout));
     assert!(!etcd_medic_lab::agent::tree(&volume).iter().any(|(p, _)| p.to_string_lossy().contains(".etcd-medic")));
+    // An etcd of another user that the agent may not inspect without SYS_PTRACE: it cannot
+    // prove that process leaves the volume alone, so it refuses (fail closed, not open).
+    let mut bystander = std::process::Command::new("setpriv")
+        .args(["--reuid", "1001", "--regid", "1001", "--clear-groups", "bash", "-c", "exec -a etcd sleep 60"])
+        .spawn()?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let blind = run("-all,+dac_override")?;
+    let said = String::from_utf8_lossy(&blind.stderr);
+    assert!(!blind.status.success() && said.contains("could not be inspected") && said.contains("(PodRunning)"), "{said}");
+    assert!(!etcd_medic_lab::agent::tree(&volume).iter().any(|(p, _)| p.to_string_lossy().contains(".etcd-medic")));
     lab.set.release_restarts();
     let mut healed = run("-all,+dac_override,+sys_ptrace")?;
     for _ in 0..20 {
@@ -404,7 +415,15 @@ async fn the_daemonsets_capabilities_suffice() -> Result<()> {
         healed = run("-all,+dac_override,+sys_ptrace")?;
     }
     let out = String::from_utf8_lossy(&healed.stdout);
-    assert!(healed.status.success(), "{out}\n{}", String::from_utf8_lossy(&healed.stderr));
+    assert!(
+        healed.status.success(),
+        "{out}\n{}\nlast container log:\n{}\nprevious:\n{}",
+        String::from_utf8_lossy(&healed.stderr),
+        lab.set.container_log(1),
+        lab.set.previous_container_log(1)
+    );
+    bystander.kill()?;
+    bystander.wait()?;
     crate::reference_failure::assert_every_key(&lab, 3, crate::reference_failure::KEYS).await?;
     lab.shutdown().await;
     Ok(())

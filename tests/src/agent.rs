@@ -46,6 +46,7 @@ pub async fn remediate_with(
         state_dir: lab.dir.path().join("agent-state"),
         verify_timeout: Duration::from_secs(120),
         keep_quarantines: 3,
+        lease_namespace: None,
     };
     let stop = std::sync::atomic::AtomicBool::new(false);
     Ok(Engine { locator: &l, opts, progress, stop: &stop }.run("apisix", pod, None).await)

@@ -167,6 +167,7 @@ impl Agent {
 
     async fn try_ready(&self) -> Result<(Ready, String)> {
         check_state_dir(&self.cfg.engine.state_dir)?;
+        crate::guard::can_inspect(&self.cfg.layout.proc_root)?;
         let api = KubeApi::from_environment(self.cfg.api_timeout).await?;
         let version = api.ping().await?;
         let auth = match self.cfg.auth {

@@ -74,6 +74,11 @@ pub struct Remediation {
 }
 
 impl Remediation {
+    /// Whether step `name` ran to its end ("Done") in this remediation.
+    pub fn step_done(&self, name: &str) -> bool {
+        self.steps.iter().any(|s| s.name == name && s.outcome.as_deref() == Some("Done"))
+    }
+
     /// A new remediation, `Pending` until the engine runs it.
     pub fn new(node: &str, namespace: &str, pod: &str, pod_uid: Option<&str>) -> Self {
         Remediation {
@@ -283,14 +288,20 @@ impl Engine<'_> {
     async fn resume(&self, r: &mut Remediation) -> std::result::Result<(), (Error, bool)> {
         r.phase = Phase::Running;
         let checked = self.step(r, "Resume", true, self.recheck(r.clone())).await?;
+        // Something was changed already: a failure to take the lock again is Failed, not Refused.
+        self.lock_and_act(r, &checked, true).await
+    }
+
+    /// Takes the cluster's lease (step Lock), acts, and gives the lease back (see `release`).
+    async fn lock_and_act(&self, r: &mut Remediation, checked: &Checked, acted: bool) -> std::result::Result<(), (Error, bool)> {
         let (ns, me) = (r.namespace.clone(), holder(&self.locator.layout.node_name, &r.id));
         let mut lock = self
-            .step(r, "Lock", true, async {
+            .step(r, "Lock", acted, async {
                 let l = ClusterLock::acquire(&self.locator.api, self.lease_namespace(&ns), checked.cluster_id, &me).await?;
                 Ok((l, format!("lease etcd-medic-{:016x} held by {me}", checked.cluster_id)))
             })
             .await?;
-        let result = self.act(r, &checked, &mut lock).await;
+        let result = self.act(r, checked, &mut lock).await;
         self.release(lock, &result).await;
         result
     }
@@ -330,7 +341,7 @@ impl Engine<'_> {
         let manifest = quarantine::find(&volume.volume.root, &r.id)?.and_then(|d| quarantine::read_manifest(&d).ok());
         let old_id = manifest.and_then(|m| m.member_id).and_then(|id| u64::from_str_radix(&id, 16).ok());
         let stale = members.iter().find(|m| m.peer_urls.contains(&peer_url) && Some(m.id) == old_id).map(|m| m.id);
-        if !r.steps.iter().any(|s| s.name == "Membership" && s.outcome.as_deref() == Some("Done")) {
+        if !r.step_done("Membership") {
             guard::check_quorum(&members.iter().map(etcd::Member::view).collect::<Vec<_>>(), stale, Change::ReplaceMember)?;
         }
         let done: Vec<&str> = r.steps.iter().filter(|s| s.outcome.as_deref() == Some("Done")).map(|s| s.name.as_str()).collect();
@@ -343,26 +354,17 @@ impl Engine<'_> {
         let checked = self.step(r, "Check", false, self.check(&ns, &name, uid.as_deref())).await?;
         r.pod_uid = Some(checked.plan.pod_uid.clone());
         r.plan = Some(checked.plan.clone());
-        let api = &self.locator.api;
-        let me = holder(&self.locator.layout.node_name, &r.id);
         if self.opts.dry_run {
             // Every gate's verdict, the cluster's lock included, without taking it.
+            let me = holder(&self.locator.layout.node_name, &r.id);
             return self
                 .step(r, "Lock", false, async {
-                    crate::lease::check_free(api, self.lease_namespace(&ns), checked.cluster_id, &me).await?;
+                    crate::lease::check_free(&self.locator.api, self.lease_namespace(&ns), checked.cluster_id, &me).await?;
                     Ok(((), format!("lease etcd-medic-{:016x} is free", checked.cluster_id)))
                 })
                 .await;
         }
-        let mut lock = self
-            .step(r, "Lock", false, async {
-                let l = ClusterLock::acquire(api, self.lease_namespace(&ns), checked.cluster_id, &me).await?;
-                Ok((l, format!("lease etcd-medic-{:016x} held by {me}", checked.cluster_id)))
-            })
-            .await?;
-        let result = self.act(r, &checked, &mut lock).await;
-        self.release(lock, &result).await;
-        result
+        self.lock_and_act(r, &checked, false).await
     }
 
     async fn act(&self, r: &mut Remediation, c: &Checked, lock: &mut ClusterLock) -> std::result::Result<(), (Error, bool)> {
@@ -372,9 +374,8 @@ impl Engine<'_> {
         let member_id = c.stale.map(|i| format!("{i:x}")).or_else(|| {
             std::fs::read_to_string(plan.host_path.join("member_id")).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
         });
-        let done = |r: &Remediation, name: &str| r.steps.iter().any(|s| s.name == name && s.outcome.as_deref() == Some("Done"));
         let resumed = r.steps.iter().any(|s| s.name == "Resume");
-        if done(r, "Quarantine") {
+        if r.step_done("Quarantine") {
             return self.act_after_quarantine(r, c, lock, resumed).await;
         }
         let (dir, _) = self
@@ -415,13 +416,12 @@ impl Engine<'_> {
         resumed: bool,
     ) -> std::result::Result<(), (Error, bool)> {
         let plan = &c.plan;
-        let done = |r: &Remediation, name: &str| r.steps.iter().any(|s| s.name == name && s.outcome.as_deref() == Some("Done"));
         lock.renew().await.map_err(|e| (e, true))?;
-        if !done(r, "Membership") {
+        if !r.step_done("Membership") {
             self.step(r, "Membership", true, self.membership(c)).await?;
         }
         lock.renew().await.map_err(|e| (e, true))?;
-        if !done(r, "Restart") {
+        if !r.step_done("Restart") {
             self.step(r, "Restart", true, async {
                 match self.locator.api.delete_pod(&plan.namespace, &plan.pod, &plan.pod_uid).await {
                     Ok(()) => Ok(((), format!("deleted pod {}/{} (uid {})", plan.namespace, plan.pod, plan.pod_uid))),
@@ -631,6 +631,11 @@ pub fn needs_resume(r: &Remediation) -> bool {
 
 /// Keeps the newest `keep` finished journals; journals still Running are never removed.
 pub fn prune_journals(state_dir: &Path, keep: usize) {
+    // Counting names is cheap; reading and parsing every journal is not worth it below `keep`.
+    let count = std::fs::read_dir(state_dir.join("remediations")).map(|d| d.count()).unwrap_or(0);
+    if count <= keep {
+        return;
+    }
     for r in list_journals(state_dir).into_iter().filter(|r| r.finished_at.is_some()).skip(keep) {
         let _ = std::fs::remove_file(journal_path(state_dir, &r.id));
     }

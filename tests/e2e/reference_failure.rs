@@ -31,17 +31,6 @@ pub(crate) async fn broken_lab() -> Result<(Lab, u64)> {
     Ok((lab, old_id))
 }
 
-/// The manual fix users try: delete `member/snap` and `member/wal`, and `member_id` too when
-/// `and_member_id`.
-fn delete_by_hand(data: &std::path::Path, and_member_id: bool) -> Result<()> {
-    std::fs::remove_dir_all(data.join("member/snap"))?;
-    std::fs::remove_dir_all(data.join("member/wal"))?;
-    if and_member_id {
-        std::fs::remove_file(data.join("member_id"))?;
-    }
-    Ok(())
-}
-
 /// All `members` members hold all `keys` keys and the same `HashKV` at one revision.
 pub(crate) async fn assert_every_key(lab: &Lab, members: usize, keys: usize) -> Result<()> {
     let c = etcd::check_consistency(&lab.set.endpoints()).await?;
@@ -79,7 +68,7 @@ async fn removed_member_with_stale_member_id_crash_loops_on_member_not_found() -
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_only_snap_and_wal_still_fails_while_member_id_stays() -> Result<()> {
     let (lab, _) = broken_lab().await?;
-    delete_by_hand(&lab.set.data_dir(1)?, false)?;
+    etcd_medic_lab::lab::delete_member_data(&lab.set.data_dir(1)?, false)?;
     let before = restarts(&lab.set.pod(1)?);
     let p = lab.set.wait_pod(1, WAIT, "restarted twice more", |p| restarts(p) >= before + 2).await?;
     assert_eq!(termination_message(&p).lines().last(), Some(MEMBER_NOT_FOUND));
@@ -92,7 +81,7 @@ async fn deleting_only_snap_and_wal_still_fails_while_member_id_stays() -> Resul
 async fn removing_member_id_too_lets_the_member_rejoin_with_every_key() -> Result<()> {
     let (lab, old_id) = broken_lab().await?;
     let data = lab.set.data_dir(1)?;
-    delete_by_hand(&data, true)?;
+    etcd_medic_lab::lab::delete_member_data(&data, true)?;
     lab.set.wait_ready(1, WAIT).await?;
     assert!(lab.set.container_log(1).contains("Adding new member to existing cluster"));
 
@@ -126,7 +115,7 @@ async fn a_failed_first_add_leaves_data_empty_and_the_member_bootstraps_apart_fo
     let (lab, _) = broken_lab().await?;
     let data = lab.set.data_dir(1)?;
     lab.set.switches().fail_next_member_add.store(true, std::sync::atomic::Ordering::SeqCst);
-    delete_by_hand(&data, true)?;
+    etcd_medic_lab::lab::delete_member_data(&data, true)?;
     lab.set.wait_crash_loop(1, WAIT, "Error: etcdserver: unhealthy cluster").await?;
     lab.set.wait_pod(1, WAIT, "bootstrapping apart", |_| lab.set.container_log(1).contains("Bootstrapping a new cluster")).await?;
     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -145,7 +134,7 @@ async fn a_dot_file_in_data_keeps_the_member_on_the_re_add_path_after_a_failed_a
     let data = lab.set.data_dir(1)?;
     std::fs::write(data.join(".etcd-medic-keep"), "")?;
     lab.set.switches().fail_next_member_add.store(true, std::sync::atomic::Ordering::SeqCst);
-    delete_by_hand(&data, true)?;
+    etcd_medic_lab::lab::delete_member_data(&data, true)?;
     lab.set.wait_crash_loop(1, WAIT, "Error: etcdserver: unhealthy cluster").await?;
     lab.set.wait_ready(1, WAIT).await?;
     assert!(!lab.set.container_log(1).contains("Bootstrapping a new cluster"));

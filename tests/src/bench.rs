@@ -112,9 +112,7 @@ pub async fn wait_rejoined(lab: &Lab, ordinal: usize, old_uid: &str, timeout: Du
 pub fn delete_by_hand(lab: &Lab, ordinal: usize) -> Result<f64> {
     let data = lab.set.data_dir(ordinal)?;
     let t = Instant::now();
-    std::fs::remove_dir_all(data.join("member/snap"))?;
-    std::fs::remove_dir_all(data.join("member/wal"))?;
-    std::fs::remove_file(data.join("member_id"))?;
+    crate::lab::delete_member_data(&data, true)?;
     Ok(t.elapsed().as_secs_f64())
 }
 

@@ -14,6 +14,17 @@ use crate::statefulset::{SimOptions, StatefulSetSim};
 /// The node the lab's pods run on.
 pub const NODE_NAME: &str = "lab-node-a";
 
+/// What users delete by hand today: `member/snap` and `member/wal`, and `member_id` too when
+/// `and_member_id`.
+pub fn delete_member_data(data: &std::path::Path, and_member_id: bool) -> Result<()> {
+    std::fs::remove_dir_all(data.join("member/snap"))?;
+    std::fs::remove_dir_all(data.join("member/wal"))?;
+    if and_member_id {
+        std::fs::remove_file(data.join("member_id"))?;
+    }
+    Ok(())
+}
+
 /// The last line of the crash-looping member's termination message.
 pub const MEMBER_NOT_FOUND: &str = "Error: etcdserver: member not found";
 const BREAK_WAIT: Duration = Duration::from_secs(90);

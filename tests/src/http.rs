@@ -34,24 +34,49 @@ impl Response {
     }
 }
 
+/// Bodies above this are sent as curl sends them: `Expect: 100-continue`, and the body only
+/// once the server asks for it. A server that refuses early (413) then closes no connection
+/// with unread data, whose reset could lose its answer.
+const EXPECT_CONTINUE_ABOVE: usize = 16 * 1024;
+
 /// One request on its own connection (`Connection: close`); `extra` headers go as given.
 pub async fn request(addr: SocketAddr, method: &str, path: &str, extra: &[(&str, &str)], body: Option<&[u8]>) -> Result<Response> {
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in extra {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
+    let expect = body.is_some_and(|b| b.len() > EXPECT_CONTINUE_ABOVE);
     if let Some(b) = body {
         head.push_str(&format!("Content-Length: {}\r\n", b.len()));
+    }
+    if expect {
+        head.push_str("Expect: 100-continue\r\n");
     }
     head.push_str("\r\n");
     let io = async {
         let mut s = tokio::net::TcpStream::connect(addr).await?;
         s.write_all(head.as_bytes()).await?;
-        if let Some(b) = body {
-            // The server may answer (413) and close before it read everything: not an error.
-            let _ = s.write_all(b).await;
-        }
         let mut raw = Vec::new();
+        if let Some(b) = body {
+            if expect {
+                // Until the end of the first answer's head: `100 Continue`, or the final answer.
+                let mut buf = [0u8; 4096];
+                while !raw.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await? {
+                        0 => break,
+                        n => raw.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if raw.starts_with(b"HTTP/1.1 100") {
+                    let end = raw.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+                    raw.drain(..end);
+                    let _ = s.write_all(b).await;
+                }
+            } else {
+                // The server may answer (413) and close before it read everything: not an error.
+                let _ = s.write_all(b).await;
+            }
+        }
         let _ = s.read_to_end(&mut raw).await;
         anyhow::Ok(raw)
     };

@@ -462,6 +462,12 @@ async fn limits(State(a): State<Arc<Agent>>, req: Request, next: Next) -> Respon
     let Ok(_slot) = a.slots.clone().try_acquire_owned() else {
         return too_many(format!("the agent is serving {} requests already", a.cfg.max_in_flight));
     };
+    // A declared length over the limit is refused before the body is touched: a client that
+    // sent `Expect: 100-continue` never sends it, and the answer is not lost to a reset.
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
+        return Failure::from(Error::new(Code::PayloadTooLarge, format!("the body is larger than {BODY_LIMIT} bytes"))).into_response();
+    }
     next.run(req).await
 }
 

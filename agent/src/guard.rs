@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use k8s_openapi::api::core::v1::Pod;
 
 use crate::error::{Code, Error, Result};
+use crate::volume::{Limits, Volume};
 
 /// What the pod's status says about its etcd container.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,18 +64,6 @@ pub struct Holder {
     pub how: String,
 }
 
-/// `(st_dev, st_ino)` of every entry in the tree at `root`, links not followed. Device and
-/// inode together, because the device alone proves nothing on hostPath volumes that share
-/// the node's filesystem.
-pub fn inodes_of(root: &Path) -> HashSet<(u64, u64)> {
-    walkdir::WalkDir::new(root)
-        .follow_links(false)
-        .into_iter()
-        .flatten()
-        .filter_map(|e| e.metadata().ok().map(|m| (m.dev(), m.ino())))
-        .collect()
-}
-
 /// What the process scan found: the processes that use the volume, and those the agent
 /// was not allowed to look into (it cannot prove they do not).
 #[derive(Debug, Default)]
@@ -89,13 +78,14 @@ pub struct Scan {
 }
 
 /// The processes under `proc_root` (the host's `/proc`, with `hostPID`) whose cwd or open
-/// files are inside the tree whose inodes are `tree`, or whose etcd data dir (flag or
-/// `ETCD_DATA_DIR`, seen through the process's own root) is `data_dir`. A process that
+/// files are inside the tree whose (device, inode) pairs are `tree` (device and inode
+/// together: the device alone proves nothing on hostPath volumes that share the node's
+/// filesystem), or whose etcd data dir (flag or `ETCD_DATA_DIR`, seen through the
+/// process's own root) is the directory `data_id`. A process that
 /// exits meanwhile is skipped. One the agent may not inspect (no `SYS_PTRACE`, or an LSM
 /// such as AppArmor confining the agent) is reported as hidden when its name or command
 /// line says etcd, never taken as harmless; others are counted.
-pub fn holders(proc_root: &Path, tree: &HashSet<(u64, u64)>, data_dir: &Path) -> Scan {
-    let data_id = std::fs::metadata(data_dir).ok().map(|m| (m.dev(), m.ino()));
+pub fn holders(proc_root: &Path, tree: &HashSet<(u64, u64)>, data_id: Option<(u64, u64)>) -> Scan {
     let me = std::process::id();
     let mut scan = Scan::default();
     let Ok(entries) = std::fs::read_dir(proc_root) else { return scan };
@@ -158,7 +148,7 @@ pub fn holders(proc_root: &Path, tree: &HashSet<(u64, u64)>, data_dir: &Path) ->
 /// The agent can look into the node's processes at all (readiness): a DaemonSet without
 /// `SYS_PTRACE`, or confined by AppArmor, sees into none but its own.
 pub fn can_inspect(proc_root: &Path) -> Result<()> {
-    let scan = holders(proc_root, &HashSet::new(), Path::new("/nonexistent"));
+    let scan = holders(proc_root, &HashSet::new(), None);
     let others = scan.inspected.saturating_sub(scan.uninspected + scan.hidden.len());
     if scan.inspected > 1 && others == 0 {
         return Err(Error::new(
@@ -195,9 +185,13 @@ fn declared_data_dir(proc_dir: &Path) -> Option<String> {
     env.iter().find_map(|kv| kv.strip_prefix("ETCD_DATA_DIR=").map(String::from)).filter(|d| d.starts_with('/'))
 }
 
-/// Refuses with `PodRunning` when any process holds the data.
-pub fn no_holders(proc_root: &Path, volume_root: &Path, data_dir: &Path) -> Result<()> {
-    let scan = holders(proc_root, &inodes_of(volume_root), data_dir);
+/// Refuses with `PodRunning` when any process holds the volume (the data dir `data`
+/// relative to it); the volume's tree is walked through its proven descriptor, bounded.
+pub fn no_holders(proc_root: &Path, vol: &Volume, data: &Path) -> Result<()> {
+    let tree = vol.inodes(Limits::default())?;
+    let data_id = vol.entry(data)?.map(|e| (e.dev, e.ino));
+    let volume_root = vol.path();
+    let scan = holders(proc_root, &tree, data_id);
     let list = |v: &[Holder]| v.iter().map(|h| format!("pid {} ({}) by {}", h.pid, h.command, h.how)).collect::<Vec<_>>().join(", ");
     if !scan.holders.is_empty() {
         return Err(Error::new(
@@ -352,14 +346,15 @@ mod tests {
         std::fs::create_dir_all(vol.path().join("data/member/wal")).unwrap();
         std::fs::write(vol.path().join("data/member/wal/0.wal"), "x").unwrap();
         let proc = std::path::Path::new("/proc");
-        let tree = inodes_of(vol.path());
-        assert!(holders(proc, &tree, &vol.path().join("data")).holders.is_empty());
+        let v = Volume::open(vol.path(), Path::new("")).unwrap();
+        let tree = v.inodes(Limits::default()).unwrap();
+        assert!(holders(proc, &tree, None).holders.is_empty());
         let mut child = std::process::Command::new("sleep").arg("30").current_dir(vol.path().join("data/member")).spawn().unwrap();
-        let found = holders(proc, &tree, &vol.path().join("data")).holders;
+        let found = holders(proc, &tree, None).holders;
         child.kill().unwrap();
         child.wait().unwrap();
         let h = found.iter().find(|h| h.pid == child.id()).expect("the sleeping process holds the volume");
         assert_eq!(h.how, "cwd");
-        assert_eq!(no_holders(proc, vol.path(), &vol.path().join("data")).map(|_| ()), Ok(()));
+        assert_eq!(no_holders(proc, &v, Path::new("data")).map(|_| ()), Ok(()));
     }
 }

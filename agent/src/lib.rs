@@ -6,6 +6,7 @@ pub mod cli;
 pub mod error;
 pub mod etcd;
 pub mod guard;
+pub mod journal;
 pub mod kubeapi;
 pub mod lease;
 pub mod locate;
@@ -14,5 +15,6 @@ pub mod profile;
 pub mod quarantine;
 pub mod remediation;
 pub mod telemetry;
+pub mod volume;
 
 pub use error::{Code, Error, Result};

@@ -134,16 +134,7 @@ async fn remediate(pod: &PodRef, node: &NodeArgs, opts: Options) -> anyhow::Resu
 /// Puts the quarantine of remediation `id` back into the pod's data dir as it is now,
 /// refusing while any process holds it.
 async fn restore(id: &str, node: &NodeArgs) -> anyhow::Result<()> {
-    // A quarantine is named `<timestamp>-<remediation id>`; either names it.
-    let id = id.rsplit('-').next().unwrap_or(id);
-    let r = etcd_medic::remediation::read_journal(&node.state_dir, id)?;
     let locator = Locator { api: KubeApi::from_environment(node.api_timeout).await?, layout: node.layout()? };
-    let plan = locator.locate_volume(&r.namespace, &r.pod).await?;
-    let dir = etcd_medic::quarantine::find(&plan.volume.root, id)?
-        .ok_or_else(|| etcd_medic::Error::invalid(format!("no quarantine {id} on the volume of {}/{}", r.namespace, r.pod)))?;
-    etcd_medic::guard::no_holders(&node.proc_root, &plan.volume.root, &plan.host_path)?;
-    let m = etcd_medic::quarantine::restore(&dir, &plan.host_path)?;
-    let items = m.items.iter().filter(|i| i.present).map(|i| i.path.as_str()).collect::<Vec<_>>().join(", ");
-    println!("restored {items} into {}", plan.host_path.display());
+    println!("{}", etcd_medic::remediation::restore(&locator, &node.state_dir, id).await?);
     Ok(())
 }

@@ -2,7 +2,6 @@
 //! a remediation moves and how membership is repaired.
 
 use std::collections::BTreeMap;
-use std::path::Path;
 
 use k8s_openapi::api::core::v1::Container;
 use serde::{Deserialize, Serialize};
@@ -51,6 +50,9 @@ impl Profile {
     }
 }
 
+/// Every path any profile moves (relative to the data dir): what a journal may name.
+pub const ALL_MOVED: &[&str] = &["member/snap", "member/wal", "member_id", "new_member_envs"];
+
 /// Is this the Bitnami image (by image name, or by the variables only its scripts read)?
 pub fn is_bitnami(c: &Container, env: &BTreeMap<String, String>) -> bool {
     let image = c.image.as_deref().unwrap_or_default();
@@ -69,7 +71,7 @@ pub fn detect(
     c: &Container,
     env: &BTreeMap<String, String>,
     labels: Option<&BTreeMap<String, String>>,
-    data_dir: Option<&Path>,
+    has_member_id: Option<bool>,
 ) -> Profile {
     if !is_bitnami(c, env) {
         return Profile::Plain;
@@ -79,10 +81,7 @@ pub fn detect(
         Some(_) => return Profile::Bitnami,
         None => {}
     }
-    match data_dir {
-        Some(d) if d.join("member_id").symlink_metadata().is_ok_and(|m| m.file_type().is_file()) => Profile::BitnamiMemberId,
-        _ => Profile::Bitnami,
-    }
+    if has_member_id == Some(true) { Profile::BitnamiMemberId } else { Profile::Bitnami }
 }
 
 #[cfg(test)]
@@ -96,24 +95,21 @@ mod tests {
 
     #[test]
     fn detects_bitnami_with_and_without_member_id() {
-        let d = tempfile::tempdir().unwrap();
         let env = BTreeMap::new();
-        assert_eq!(detect(&c("bitnami/etcd:3.5.10"), &env, None, Some(d.path())), Profile::Bitnami);
-        std::fs::write(d.path().join("member_id"), "abc").unwrap();
-        assert_eq!(detect(&c("bitnami/etcd:3.5.10"), &env, None, Some(d.path())), Profile::BitnamiMemberId);
+        assert_eq!(detect(&c("bitnami/etcd:3.5.10"), &env, None, Some(false)), Profile::Bitnami);
+        assert_eq!(detect(&c("bitnami/etcd:3.5.10"), &env, None, Some(true)), Profile::BitnamiMemberId);
         let k8s_env: BTreeMap<String, String> = [("ETCD_ON_K8S".to_string(), "yes".to_string())].into();
-        assert_eq!(detect(&c("my-mirror/etcd:3.5"), &k8s_env, None, Some(d.path())), Profile::BitnamiMemberId);
-        assert_eq!(detect(&c("quay.io/coreos/etcd:v3.5.9"), &env, None, Some(d.path())), Profile::Plain);
+        assert_eq!(detect(&c("my-mirror/etcd:3.5"), &k8s_env, None, Some(true)), Profile::BitnamiMemberId);
+        assert_eq!(detect(&c("quay.io/coreos/etcd:v3.5.9"), &env, None, Some(true)), Profile::Plain);
     }
 
     #[test]
     fn the_chart_version_decides_over_the_files() {
-        let empty = tempfile::tempdir().unwrap();
         let label = |v: &str| -> BTreeMap<String, String> { [("helm.sh/chart".to_string(), v.to_string())].into() };
         let env = BTreeMap::new();
         // APISIX's chart whose member_id got lost is still the member_id profile.
-        assert_eq!(detect(&c("bitnami/etcd:3.5.10"), &env, Some(&label("etcd-9.7.3")), Some(empty.path())), Profile::BitnamiMemberId);
-        assert_eq!(detect(&c("bitnami/etcd:3.5.17"), &env, Some(&label("etcd-11.0.2")), Some(empty.path())), Profile::Bitnami);
+        assert_eq!(detect(&c("bitnami/etcd:3.5.10"), &env, Some(&label("etcd-9.7.3")), Some(false)), Profile::BitnamiMemberId);
+        assert_eq!(detect(&c("bitnami/etcd:3.5.17"), &env, Some(&label("etcd-11.0.2")), Some(false)), Profile::Bitnami);
         assert_eq!(chart_major(Some(&label("apisix-2.8.0"))), None);
     }
 

@@ -4,6 +4,7 @@
 //! this same engine.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -13,9 +14,10 @@ use crate::error::{Code, Error, Result};
 use crate::etcd;
 use crate::guard::{self, Change};
 use crate::lease::ClusterLock;
-use crate::locate::{Locator, Plan, container};
+use crate::locate::{Locator, Plan, blocking, container};
 use crate::profile::Profile;
 use crate::quarantine;
+use crate::volume::Volume;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub enum Phase {
@@ -71,6 +73,24 @@ pub struct Remediation {
     /// A dry run: it checks, never acts, and never stands in for a real remediation.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub dry_run: bool,
+    /// The quarantine this remediation made on the pod's volume, as the agent named it
+    /// before moving anything: resume, restore and retention act on this record, never on
+    /// what they find on the volume.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub quarantine: Option<QuarantineRecord>,
+}
+
+/// Where a remediation put the member's files, recorded in the node's journal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct QuarantineRecord {
+    /// `<timestamp>-<id>` under `.etcd-medic/quarantine/` on the volume.
+    pub name: String,
+    /// What was moved, relative to the data dir.
+    pub items: Vec<String>,
+    /// The stale member id (hex) the member had: the entry a resume may still remove.
+    pub member_id: Option<String>,
+    pub state: quarantine::State,
 }
 
 impl Remediation {
@@ -98,6 +118,7 @@ impl Remediation {
             reason: None,
             etcd_endpoints: Vec::new(),
             dry_run: false,
+            quarantine: None,
         }
     }
 }
@@ -119,39 +140,9 @@ fn now() -> String {
     jiff::Timestamp::now().to_string()
 }
 
-/// `<state dir>/remediations/<id>.json`, written whole and fsynced.
-pub fn journal_path(state_dir: &Path, id: &str) -> PathBuf {
-    state_dir.join("remediations").join(format!("{id}.json"))
-}
-
-fn journal(state_dir: &Path, r: &Remediation) -> Result<()> {
-    let path = journal_path(state_dir, &r.id);
-    let dir = path.parent().unwrap();
-    let io = |e: std::io::Error| Error::new(Code::NotReady, format!("state dir {}: {e}", dir.display()));
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(r).expect("serializes")).map_err(io)?;
-    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
-    std::fs::rename(&tmp, &path).map_err(io)?;
-    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io)
-}
-
-/// A remediation id as the engine makes them: it names a file, so nothing else is taken.
-pub fn validate_id(id: &str) -> Result<()> {
-    if !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()) {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!("{id:?} is not a remediation id (lower-case letters and digits)")))
-    }
-}
-
-pub fn read_journal(state_dir: &Path, id: &str) -> Result<Remediation> {
-    validate_id(id)?;
-    let path = journal_path(state_dir, id);
-    let text =
-        std::fs::read(&path).map_err(|e| Error::new(Code::InvalidRequest, format!("no remediation {id} in {}: {e}", path.display())))?;
-    serde_json::from_slice(&text).map_err(|e| Error::invalid(format!("{} is not a remediation journal: {e}", path.display())))
-}
+use crate::journal::write as journal;
+pub use crate::journal::{close_abandoned, needs_resume, validate_id};
+pub use crate::journal::{list as list_journals, path as journal_path, prune as prune_journals, read as read_journal};
 
 pub struct Engine<'a> {
     pub locator: &'a Locator,
@@ -167,6 +158,10 @@ pub struct Engine<'a> {
 /// What the checks found, for the steps that act.
 struct Checked {
     plan: Plan,
+    /// The volume root proven by the check: every action on the volume goes through it.
+    vol: Arc<Volume>,
+    /// The data dir, relative to the volume root.
+    data: PathBuf,
     endpoints: Vec<String>,
     cluster_id: u64,
     peer_url: String,
@@ -185,8 +180,17 @@ impl Engine<'_> {
         // An agent that died after it changed something left a Running journal: finish that
         // remediation instead of starting another (its destructive steps are not repeated).
         if !self.opts.dry_run
-            && let Some(mut r) = unfinished(&self.opts.state_dir, &r.namespace, &r.pod)
+            && let Some(mut r) = crate::journal::unfinished(&self.opts.state_dir, &r.namespace, &r.pod)
         {
+            let resumes = r.steps.iter().filter(|s| s.name == "Resume").count();
+            if resumes >= crate::journal::MAX_RESUMES {
+                // A step that cannot finish is not retried on every start for ever.
+                let e = Error::new(
+                    Code::NotReady,
+                    format!("resumed {resumes} times without finishing; a person must look (restore with `etcd-medic restore {}`)", r.id),
+                );
+                return self.finish(r, Err((e, true)));
+            }
             let outcome = self.resume(&mut r).await;
             return self.finish(r, outcome);
         }
@@ -335,18 +339,18 @@ impl Engine<'_> {
         };
         let (cluster_id, members) = etcd::members(&endpoints).await?;
         // Only the entry the first run found stale may go; the member may have rejoined by
-        // itself in the meantime under a new id, and that one stays. The quarantine (found
-        // by the remediation's id on the volume as it is now) records that id.
-        let volume = self.locator.locate_volume(&plan.namespace, &plan.pod).await?;
-        let manifest = quarantine::find(&volume.volume.root, &r.id)?.and_then(|d| quarantine::read_manifest(&d).ok());
-        let old_id = manifest.and_then(|m| m.member_id).and_then(|id| u64::from_str_radix(&id, 16).ok());
+        // itself in the meantime under a new id, and that one stays. The journal records
+        // that id (never the volume: the tenant writes there).
+        let located = self.locator.open(&plan.namespace, &plan.pod, None, false).await?;
+        let old_id = r.quarantine.as_ref().and_then(|q| q.member_id.as_deref()).and_then(|id| u64::from_str_radix(id, 16).ok());
         let stale = members.iter().find(|m| m.peer_urls.contains(&peer_url) && Some(m.id) == old_id).map(|m| m.id);
         if !r.step_done("Membership") {
             guard::check_quorum(&members.iter().map(etcd::Member::view).collect::<Vec<_>>(), stale, Change::ReplaceMember)?;
         }
         let done: Vec<&str> = r.steps.iter().filter(|s| s.outcome.as_deref() == Some("Done")).map(|s| s.name.as_str()).collect();
         let msg = format!("resuming remediation {} after {}", r.id, done.last().copied().unwrap_or("nothing"));
-        Ok((Checked { plan, endpoints, cluster_id, peer_url, member_name, stale }, msg))
+        let (vol, data) = (located.volume, located.data);
+        Ok((Checked { plan, vol, data, endpoints, cluster_id, peer_url, member_name, stale }, msg))
     }
 
     async fn steps(&self, r: &mut Remediation) -> std::result::Result<(), (Error, bool)> {
@@ -369,41 +373,69 @@ impl Engine<'_> {
 
     async fn act(&self, r: &mut Remediation, c: &Checked, lock: &mut ClusterLock) -> std::result::Result<(), (Error, bool)> {
         let plan = &c.plan;
-        let id = r.id.clone();
-        // The listed stale entry, else the id the image stored (the entry may be gone already).
-        let member_id = c.stale.map(|i| format!("{i:x}")).or_else(|| {
-            std::fs::read_to_string(plan.host_path.join("member_id")).ok().map(|t| t.trim().to_string()).filter(|t| !t.is_empty())
-        });
         let resumed = r.steps.iter().any(|s| s.name == "Resume");
         if r.step_done("Quarantine") {
             return self.act_after_quarantine(r, c, lock, resumed).await;
         }
-        let (dir, _) = self
-            .step(r, "Quarantine", true, async {
-                // Proven again right before acting: nothing took the data since the check.
-                guard::no_holders(&self.locator.layout.proc_root, &plan.volume.root, &plan.host_path)?;
-                if matches!(plan.profile, Profile::BitnamiMemberId | Profile::Bitnami) {
+        if r.quarantine.is_none() {
+            // Named and journaled before anything moves: a resume, a restore and retention
+            // find it by this record, never by what is on the volume.
+            let member_id = match c.stale {
+                Some(i) => Some(format!("{i:x}")),
+                None => stored_member_id(&c.vol, &c.data).await,
+            };
+            r.quarantine = Some(QuarantineRecord {
+                name: quarantine::dir_name(&jiff::Timestamp::now(), &r.id),
+                items: plan.r#move.iter().map(|m| m.path.clone()).collect(),
+                member_id,
+                state: quarantine::State::Moving,
+            });
+        }
+        let record = r.quarantine.clone().expect("set above");
+        let (vol, data, proc_root) = (c.vol.clone(), c.data.clone(), self.locator.layout.proc_root.clone());
+        let (id, ns, pod, uid, profile) = (r.id.clone(), plan.namespace.clone(), plan.pod.clone(), plan.pod_uid.clone(), plan.profile);
+        let sizes: Vec<(String, u64)> =
+            record.items.iter().map(|i| (i.clone(), plan.r#move.iter().find(|m| &m.path == i).map_or(0, |m| m.bytes))).collect();
+        let dir = vol.shown(&quarantine::rel_dir(&record.name));
+        self.step(
+            r,
+            "Quarantine",
+            true,
+            blocking(move || {
+                if matches!(profile, Profile::BitnamiMemberId | Profile::Bitnami) {
                     // Before anything moves: the crash-looping container restarts on its own, and
                     // the image empties data/ before its single `member add`; this dot-file keeps
                     // data/ from ever looking empty, so a failed add is retried on the next start
                     // instead of bootstrapping a new cluster (FIELD-NOTES.md).
-                    write_keep_file(&plan.host_path)?;
+                    vol.write_file(&data.join(KEEP_FILE), KEEP_TEXT)?;
                 }
-                let items: Vec<(String, u64)> = plan.r#move.iter().map(|m| (m.path.clone(), m.bytes)).collect();
+                // etcd's own locks first, then the process scan: an etcd that starts from here on
+                // cannot open the data, and one that runs already holds a lock or shows in /proc.
+                let locks = vol.lock(&vol.etcd_lock_files(&data)?)?;
+                guard::no_holders(&proc_root, &vol, &data)?;
                 let req = quarantine::Request {
                     id: &id,
-                    namespace: &plan.namespace,
-                    pod: &plan.pod,
-                    pod_uid: &plan.pod_uid,
-                    member_id: member_id.as_deref(),
-                    profile: plan.profile.as_str(),
-                    items: &items,
+                    name: &record.name,
+                    namespace: &ns,
+                    pod: &pod,
+                    pod_uid: &uid,
+                    member_id: record.member_id.as_deref(),
+                    profile: profile.as_str(),
+                    data: &data,
+                    items: &sizes,
                 };
-                let (dir, m) = quarantine::quarantine(&plan.volume.root, &plan.host_path, &req, jiff::Timestamp::now())?;
+                let m = quarantine::quarantine(&vol, &req, jiff::Timestamp::now())?;
+                let held = locks.count();
+                drop(locks);
                 let moved = m.items.iter().filter(|i| i.present).map(|i| i.path.as_str()).collect::<Vec<_>>().join(", ");
-                Ok(((dir.clone(), m), format!("moved {moved} into {}", dir.display())))
-            })
-            .await?;
+                let into = vol.shown(&quarantine::rel_dir(&record.name));
+                Ok(((), format!("moved {moved} into {} ({held} of etcd's locks held through the moves)", into.display())))
+            }),
+        )
+        .await?;
+        if let Some(q) = r.quarantine.as_mut() {
+            q.state = quarantine::State::Quarantined;
+        }
         r.quarantine_path = Some(dir);
         self.act_after_quarantine(r, c, lock, resumed).await
     }
@@ -444,22 +476,60 @@ impl Engine<'_> {
         Ok(())
     }
 
+    /// Retention: this pod's quarantines as its journals recorded them, oldest first; those
+    /// `to_prune` picks are removed, each only if it is, on the volume, a real directory
+    /// named exactly as recorded. Names on the volume are never taken from the volume.
     async fn prune(&self, ns: &str, pod: &str, id: &str) -> Result<((), String)> {
-        let volume = self.locator.locate_volume(ns, pod).await?.volume.root;
-        let all = quarantine::list(&volume);
-        let gone = quarantine::to_prune(&all, id, self.opts.keep_quarantines);
-        for dir in &gone {
-            let rel = dir.strip_prefix(&volume).unwrap_or(dir);
-            crate::pathsafe::check_dir_beneath(&volume, rel)?;
-            std::fs::remove_dir_all(dir).map_err(|e| Error::new(Code::UnsafePath, format!("remove {}: {e}", dir.display())))?;
-        }
-        Ok(((), format!("kept {} quarantine(s), pruned {}", all.len() - gone.len(), gone.len())))
+        let located = self.locator.open(ns, pod, None, false).await?;
+        let state_dir = self.opts.state_dir.clone();
+        let keep = self.opts.keep_quarantines;
+        let (ns, pod, id) = (ns.to_string(), pod.to_string(), id.to_string());
+        blocking(move || {
+            let mut mine: Vec<Remediation> = crate::journal::list(&state_dir)
+                .into_iter()
+                .filter(|j| j.namespace == ns && j.pod == pod)
+                .filter(|j| j.quarantine.as_ref().is_some_and(|q| q.state == quarantine::State::Quarantined || j.id == id))
+                .collect();
+            mine.sort_by(|a, b| a.quarantine.as_ref().map(|q| &q.name).cmp(&b.quarantine.as_ref().map(|q| &q.name)));
+            let names: Vec<String> = mine.iter().filter_map(|j| j.quarantine.as_ref().map(|q| q.name.clone())).collect();
+            let Some(succeeded) = mine.iter().find(|j| j.id == id).and_then(|j| j.quarantine.as_ref()).map(|q| q.name.clone()) else {
+                return Ok(((), "no quarantine recorded; nothing to prune".into()));
+            };
+            let gone = quarantine::to_prune(&names, &succeeded, keep);
+            let vol = &located.volume;
+            let mut pruned = 0;
+            for mut j in mine.into_iter().filter(|j| j.quarantine.as_ref().is_some_and(|q| gone.contains(&q.name))) {
+                let name = j.quarantine.as_ref().map(|q| q.name.clone()).unwrap_or_default();
+                match quarantine::check_exists(vol, &name) {
+                    Ok(()) => {
+                        vol.remove_tree(&quarantine::rel_dir(&name), crate::volume::Limits::default())?;
+                        pruned += 1;
+                    }
+                    // Gone already (a person removed it): the record says so from now on.
+                    Err(e) if e.code == Code::DataDirNotFound => {}
+                    Err(e) => return Err(e),
+                }
+                if let Some(q) = j.quarantine.as_mut() {
+                    q.state = quarantine::State::Pruned;
+                }
+                journal(&state_dir, &j)?;
+            }
+            Ok(((), format!("kept {} quarantine(s), pruned {pruned}", names.len() - gone.len())))
+        })
+        .await
     }
 
     async fn check(&self, ns: &str, name: &str, uid: Option<&str>) -> Result<(Checked, String)> {
-        let plan = self.locator.locate(ns, name, uid).await?;
+        let located = self.locator.open(ns, name, uid, true).await?;
+        let plan = located.plan;
+        // Read again, and only the instance that was located: a replacement is another pod.
         let pod = self.locator.api.pod(ns, name).await?;
-        let c = pod.spec.as_ref().and_then(|s| s.containers.iter().find(|c| c.name == plan.container)).expect("located container");
+        self.locator.admit(&pod, Some(&plan.pod_uid))?;
+        let c = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.containers.iter().find(|c| c.name == plan.container))
+            .ok_or_else(|| Error::new(Code::PodUIDMismatch, format!("pod {ns}/{name} changed while it was checked")))?;
         let env = container::environment(&pod, c);
         let (peer_url, member_name, state) = start_flags(c, &env, name);
         // What the deployment is decides first: it does not change while the pod crash-loops.
@@ -473,7 +543,11 @@ impl Engine<'_> {
             ));
         }
         let failure = guard::pod_failure(&pod, &plan.container, self.opts.force)?;
-        guard::no_holders(&self.locator.layout.proc_root, &plan.volume.root, &plan.host_path)?;
+        let (vol, data) = (located.volume, located.data);
+        {
+            let (vol, data, proc_root) = (vol.clone(), data.clone(), self.locator.layout.proc_root.clone());
+            blocking(move || guard::no_holders(&proc_root, &vol, &data)).await?;
+        }
         let discovered = etcd::sibling_endpoints(&pod, &self.locator.api.pods(ns).await?, &plan.container);
         let endpoints = if self.opts.etcd_endpoints.is_empty() { discovered.clone() } else { self.opts.etcd_endpoints.clone() };
         if endpoints.is_empty() {
@@ -495,7 +569,7 @@ impl Engine<'_> {
         }
         let stale = members.iter().find(|m| m.peer_urls.contains(&peer_url)).map(|m| m.id);
         guard::check_quorum(&members.iter().map(etcd::Member::view).collect::<Vec<_>>(), stale, Change::ReplaceMember)?;
-        check_space(&plan)?;
+        check_space(&plan, &vol)?;
         let why =
             failure.map(|f| format!("{}: {}", f.reason, f.message.lines().last().unwrap_or_default())).unwrap_or_else(|| "forced".into());
         let msg = format!(
@@ -505,7 +579,7 @@ impl Engine<'_> {
             members.iter().filter(|m| m.healthy).count(),
             members.len()
         );
-        Ok((Checked { plan, endpoints, cluster_id, peer_url, member_name, stale }, msg))
+        Ok((Checked { plan, vol, data, endpoints, cluster_id, peer_url, member_name, stale }, msg))
     }
 
     async fn membership(&self, c: &Checked) -> Result<((), String)> {
@@ -605,75 +679,68 @@ impl Engine<'_> {
     }
 }
 
+/// Puts the quarantine of remediation `id` (or of its quarantine's name) back into the
+/// pod's data dir as it is now, refusing while any process holds the data. What is put back
+/// and from where comes from the journal; the volume is only checked to hold it.
+pub async fn restore(locator: &Locator, state_dir: &Path, id: &str) -> Result<String> {
+    let id = id.rsplit('-').next().unwrap_or(id);
+    let mut r = read_journal(state_dir, id)?;
+    let q =
+        r.quarantine.clone().ok_or_else(|| Error::invalid(format!("remediation {id} moved nothing: there is no quarantine to restore")))?;
+    match q.state {
+        quarantine::State::Restored => return Ok(format!("quarantine {} was restored already", q.name)),
+        quarantine::State::Pruned => return Err(Error::invalid(format!("quarantine {} was removed by retention", q.name))),
+        _ => {}
+    }
+    let located = locator.open(&r.namespace, &r.pod, None, false).await?;
+    let (vol, data, proc_root) = (located.volume.clone(), located.data.clone(), locator.layout.proc_root.clone());
+    let (name, items) = (q.name.clone(), q.items.clone());
+    let back = blocking(move || {
+        let locks = vol.lock(&vol.etcd_lock_files(&data)?)?;
+        guard::no_holders(&proc_root, &vol, &data)?;
+        let back = quarantine::restore(&vol, &name, &data, &items)?;
+        drop(locks);
+        Ok(back)
+    })
+    .await?;
+    if let Some(q) = r.quarantine.as_mut() {
+        q.state = quarantine::State::Restored;
+    }
+    journal(state_dir, &r)?;
+    Ok(format!("restored {} into {}", back.join(", "), located.plan.host_path.display()))
+}
+
 /// The lease holder: this node and this remediation, so that two remediations on one node
 /// exclude each other too, and a resumed one is recognised as the same holder.
 fn holder(node: &str, id: &str) -> String {
     format!("{node}/{id}")
 }
 
-/// Every journal in the state dir, newest first (unreadable files are skipped: a torn
-/// temporary file never replaces a journal, see `journal`).
-pub fn list_journals(state_dir: &Path) -> Vec<Remediation> {
-    let Ok(dir) = std::fs::read_dir(state_dir.join("remediations")) else { return Vec::new() };
-    let mut all: Vec<Remediation> = dir
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-        .filter_map(|e| serde_json::from_slice::<Remediation>(&std::fs::read(e.path()).ok()?).ok())
-        .collect();
-    all.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.id.cmp(&a.id)));
-    all
-}
-
-/// Still Running after something was changed: the agent stopped mid-way and must resume it.
-pub fn needs_resume(r: &Remediation) -> bool {
-    r.phase == Phase::Running && !r.dry_run && r.steps.iter().any(|s| s.name == "Quarantine")
-}
-
-/// Keeps the newest `keep` finished journals; journals still Running are never removed.
-pub fn prune_journals(state_dir: &Path, keep: usize) {
-    // Counting names is cheap; reading and parsing every journal is not worth it below `keep`.
-    let count = std::fs::read_dir(state_dir.join("remediations")).map(|d| d.count()).unwrap_or(0);
-    if count <= keep {
-        return;
-    }
-    for r in list_journals(state_dir).into_iter().filter(|r| r.finished_at.is_some()).skip(keep) {
-        let _ = std::fs::remove_file(journal_path(state_dir, &r.id));
-    }
-}
-
-/// The newest journal of `namespace/pod` that needs resuming.
-fn unfinished(state_dir: &Path, namespace: &str, pod: &str) -> Option<Remediation> {
-    list_journals(state_dir).into_iter().find(|r| needs_resume(r) && r.namespace == namespace && r.pod == pod)
-}
-
-/// A journal left Running before anything was changed (the agent stopped during its
-/// checks) is closed as Refused: nothing happened, and it says so.
-pub fn close_abandoned(state_dir: &Path, r: &mut Remediation) -> Result<()> {
-    r.phase = Phase::Refused;
-    r.step = None;
-    r.finished_at = Some(now());
-    r.error = Some(ErrorRecord { code: Code::NotReady, message: "the agent stopped before acting; nothing was changed".into() });
-    journal(state_dir, r)
-}
-
 /// The dot-file that keeps the Bitnami image from ever seeing an empty data dir.
 pub const KEEP_FILE: &str = ".etcd-medic-keep";
 
-/// Created without following a link (the workload controls the data dir).
-fn write_keep_file(data: &Path) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = data.join(KEEP_FILE);
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
-        .open(&path)
-        .map_err(|e| Error::new(Code::UnsafePath, format!("create {}: {e}", path.display())))?;
-    f.write_all(b"kept by etcd-medic so that data/ never looks empty to the start script\n")
-        .and_then(|_| f.sync_all())
-        .map_err(|e| Error::new(Code::UnsafePath, format!("write {}: {e}", path.display())))
+const KEEP_TEXT: &[u8] = b"kept by etcd-medic so that data/ never looks empty to the start script\n";
+
+/// The member id the image stored in `data/member_id`, if it is one (1-16 hex digits in a
+/// small regular file); anything else is ignored with the reason, never copied anywhere.
+async fn stored_member_id(vol: &Arc<Volume>, data: &Path) -> Option<String> {
+    let (vol, file) = (vol.clone(), data.join("member_id"));
+    let read = blocking(move || match vol.read_small(&file, 64)? {
+        None => Ok(None),
+        Some(bytes) => {
+            Ok(crate::volume::parse_member_id(&bytes).map(|id| format!("{id:x}")).map_err(|why| (file, why)).map(Some).unwrap_or_else(
+                |(f, why)| {
+                    tracing::warn!("ignoring {}: {why}", f.display());
+                    None
+                },
+            ))
+        }
+    })
+    .await;
+    read.unwrap_or_else(|e| {
+        tracing::warn!(code = %e.code, "ignoring member_id: {}", e.message);
+        None
+    })
 }
 
 /// The peer URL, member name and initial cluster state the container starts etcd with.
@@ -701,11 +768,9 @@ fn start_flags(
 
 /// The new member fetches a full snapshot while the quarantine keeps the old one on the same
 /// filesystem: room for the db again plus a WAL segment.
-fn check_space(plan: &Plan) -> Result<()> {
+fn check_space(plan: &Plan, vol: &Volume) -> Result<()> {
     let need = plan.r#move.iter().find(|m| m.path == "member/snap").map(|m| m.bytes).unwrap_or(0) + 64 * 1024 * 1024;
-    let st = nix::sys::statvfs::statvfs(&plan.volume.root)
-        .map_err(|e| Error::new(Code::InsufficientSpace, format!("statvfs {}: {e}", plan.volume.root.display())))?;
-    let free = st.blocks_available() as u64 * st.fragment_size() as u64;
+    let free = vol.free_bytes().map_err(|e| Error::new(Code::InsufficientSpace, e.message))?;
     if free < need {
         return Err(Error::new(
             Code::InsufficientSpace,

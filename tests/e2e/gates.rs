@@ -11,9 +11,9 @@ use etcd_medic_lab::objects::SetShape;
 use etcd_medic_lab::{Lab, NODE_NAME};
 use k8s_openapi::api::core::v1::Pod;
 
-async fn plan(lab: &Lab) -> Result<etcd_medic::locate::Plan> {
+async fn plan(lab: &Lab) -> Result<etcd_medic::locate::Located> {
     let (l, _proc) = etcd_medic_lab::agent::locator(lab, None, std::time::Duration::from_secs(5)).await?;
-    Ok(l.locate("apisix", "apisix-etcd-1", None).await?)
+    Ok(l.open("apisix", "apisix-etcd-1", None, true).await?)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -24,9 +24,15 @@ async fn a_running_member_holds_its_volume_and_a_crash_looping_one_does_not() ->
         return Ok(());
     }
     let p = plan(&lab).await?;
-    let e = guard::no_holders(Path::new("/proc"), &p.volume.root, &p.host_path).unwrap_err();
+    let e = guard::no_holders(Path::new("/proc"), &p.volume, &p.data).unwrap_err();
     assert_eq!(e.code, Code::PodRunning);
     assert!(e.message.contains("etcd"), "{e}");
+    // etcd's own locks on its WAL and db (fcntl and flock) are seen too: the agent cannot
+    // take them while the member runs, whatever the process scan says.
+    let files = p.volume.etcd_lock_files(&p.data)?;
+    assert!(files.len() >= 2, "the db and at least one WAL: {files:?}");
+    let e = p.volume.lock(&files).err().expect("a running etcd holds its locks");
+    assert_eq!(e.code, Code::PodRunning, "{e}");
     let pod: Pod = lab.api.get("apisix", "apisix-etcd-1").unwrap();
     assert_eq!(guard::pod_failure(&pod, "etcd", true).unwrap_err().code, Code::PodRunning);
     lab.shutdown().await;
@@ -35,13 +41,13 @@ async fn a_running_member_holds_its_volume_and_a_crash_looping_one_does_not() ->
     let p = plan(&lab).await?;
     // Between restarts nothing holds it. (A restart that finds the cluster busy may start
     // etcd briefly on the old data; then the gate rightly refuses, and a retry passes.)
-    let mut free = guard::no_holders(Path::new("/proc"), &p.volume.root, &p.host_path);
+    let mut free = guard::no_holders(Path::new("/proc"), &p.volume, &p.data);
     for _ in 0..20 {
         if free.is_ok() {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(250)).await;
-        free = guard::no_holders(Path::new("/proc"), &p.volume.root, &p.host_path);
+        free = guard::no_holders(Path::new("/proc"), &p.volume, &p.data);
     }
     free?;
     let pod: Pod = lab.api.get("apisix", "apisix-etcd-1").unwrap();

@@ -6,6 +6,7 @@ mod api;
 mod apiserver;
 mod cluster;
 mod gates;
+mod hostile;
 mod kubelet;
 mod locate;
 mod reference_failure;

@@ -337,27 +337,46 @@ async fn killed_after_quarantine_the_agent_resumes_without_moving_twice() -> Res
 /// older ones go; nothing is pruned when a remediation does not succeed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_keeps_the_newest_quarantines_after_a_success() -> Result<()> {
+    const NODE_NAME_FOR_JOURNALS: &str = etcd_medic_lab::NODE_NAME;
     let (lab, _) = crate::reference_failure::broken_lab().await?;
     if !lab.node.real_mounts {
         return Ok(());
     }
     let volume = lab.set.volume_path(1)?;
+    // Three earlier remediations of this member, as their journals on the node recorded
+    // them, and one quarantine-shaped dir that no journal made (a tenant's forgery).
+    let state = lab.dir.path().join("agent-state");
     for (i, day) in ["20250101", "20250201", "20250301"].iter().enumerate() {
-        let dir = volume.join(format!(".etcd-medic/quarantine/{day}T000000Z-old{i}"));
-        std::fs::create_dir_all(dir.join("data"))?;
-        let manifest = serde_json::json!({"id": format!("old{i}"), "createdAt": day, "namespace": "apisix", "pod": "apisix-etcd-1",
-            "podUID": "u", "memberId": null, "profile": "bitnami-member-id", "dataDir": "/x", "items": [], "state": "Quarantined"});
-        std::fs::write(dir.join("manifest.json"), manifest.to_string())?;
+        let mut j = etcd_medic::remediation::Remediation::new(NODE_NAME_FOR_JOURNALS, "apisix", "apisix-etcd-1", None);
+        j.id = format!("old{i}");
+        j.phase = Phase::Succeeded;
+        j.created_at = format!("{}-{}-{}T00:00:00Z", &day[..4], &day[4..6], &day[6..]);
+        j.finished_at = Some(j.created_at.clone());
+        let name = format!("{day}T000000Z-old{i}");
+        j.quarantine = Some(etcd_medic::remediation::QuarantineRecord {
+            name: name.clone(),
+            items: vec!["member/snap".into()],
+            member_id: None,
+            state: etcd_medic::quarantine::State::Quarantined,
+        });
+        etcd_medic::journal::write(&state, &j)?;
+        std::fs::create_dir_all(volume.join(".etcd-medic/quarantine").join(&name).join("data/member/snap"))?;
     }
+    std::fs::create_dir_all(volume.join(".etcd-medic/quarantine/20240101T000000Z-forged/data"))?;
     let r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
     assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
+    let retention = r.steps.iter().find(|s| s.name == "Retention").expect("a Retention step");
+    assert_eq!(retention.outcome.as_deref(), Some("Done"), "{retention:?}");
     let mut left: Vec<String> = std::fs::read_dir(lab.set.volume_path(1)?.join(".etcd-medic/quarantine"))?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .collect();
     left.sort();
-    assert_eq!(left.len(), 3, "{left:?}");
+    assert_eq!(left.len(), 4, "{left:?}");
     assert!(!left.iter().any(|n| n.ends_with("-old0")), "the oldest went: {left:?}");
+    assert!(left.iter().any(|n| n.ends_with("-forged")), "what no journal made is never pruned: {left:?}");
+    let old0 = etcd_medic::remediation::read_journal(&state, "old0")?;
+    assert_eq!(old0.quarantine.map(|q| q.state), Some(etcd_medic::quarantine::State::Pruned));
     assert!(left.iter().any(|n| n.ends_with(&format!("-{}", r.id))), "the newest stays: {left:?}");
     lab.shutdown().await;
     Ok(())
@@ -404,15 +423,31 @@ async fn the_daemonsets_capabilities_suffice() -> Result<()> {
     let said = String::from_utf8_lossy(&blind.stderr);
     assert!(!blind.status.success() && said.contains("could not be inspected") && said.contains("(PodRunning)"), "{said}");
     assert!(!etcd_medic_lab::agent::tree(&volume).iter().any(|(p, _)| p.to_string_lossy().contains(".etcd-medic")));
-    lab.set.release_restarts();
-    let mut healed = run("-all,+dac_override,+sys_ptrace")?;
+    // The crashed container stays parked until the agent has replaced the pod: a restart of
+    // the old one racing the moves can leave an unstarted `member add` behind (see the
+    // closing note of issue 10), which this test is not about.
+    let old_uid = lab.set.pod_uid(1)?;
+    let heal = || {
+        std::thread::scope(|scope| {
+            let agent = scope.spawn(|| run("-all,+dac_override,+sys_ptrace"));
+            while !agent.is_finished() {
+                if lab.set.pod_uid(1).is_ok_and(|u| u != old_uid) {
+                    lab.set.release_restarts();
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            lab.set.release_restarts();
+            agent.join().expect("the agent's run")
+        })
+    };
+    let mut healed = heal()?;
     for _ in 0..20 {
         // etcd may run for a moment between back-offs: the agent refuses then (PodRunning).
         if healed.status.success() || !String::from_utf8_lossy(&healed.stderr).contains("(PodRunning)") {
             break;
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
-        healed = run("-all,+dac_override,+sys_ptrace")?;
+        healed = heal()?;
     }
     let out = String::from_utf8_lossy(&healed.stdout);
     assert!(

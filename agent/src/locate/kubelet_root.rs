@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::volume::under_host_root;
+use crate::error::{Code, Error, Result};
 
 /// Where distributions put the kubelet root (FIELD-NOTES.md), most common first.
 pub const DISTRIBUTION_ROOTS: &[&str] = &[
@@ -79,6 +80,60 @@ pub fn discover(explicit: Option<&Path>, host_root: &Path, proc_root: &Path, pod
         .map(|r| under_host_root(host_root, Path::new(r)))
         .find(|p| p.join("pods").join(pod_uid).is_dir())
         .map(|path| Found { path, how: "a distribution default holding the pod" })
+}
+
+/// The kubelet's own files beside a volume (never on it): `vol_data.json` beside a CSI
+/// `mount` names the driver and handle the kubelet mounted. The kubelet writes it for every
+/// CSI volume; its absence means this is not the kubelet's mount of that volume. Migrated
+/// in-tree volumes carry a translated handle, so only the driver and the PV name are
+/// compared for them.
+pub fn cross_check_vol_data(mount: &Path, pv: &str, driver: &str, handle: &str, migrated: bool) -> Result<()> {
+    let dir = mount.parent().unwrap_or(mount);
+    let file = dir.join("vol_data.json");
+    let text = std::fs::read_to_string(&file).map_err(|e| {
+        Error::new(Code::UnsafePath, format!("{} cannot be read ({e}): not the kubelet's CSI mount of {pv}", file.display()))
+    })?;
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_string();
+    if field("driverName") != driver || field("specVolID") != pv || (!migrated && field("volumeHandle") != handle) {
+        return Err(Error::new(
+            Code::UnsafePath,
+            format!(
+                "{} names volume {:?}, driver {:?} and handle {:?}, but the PersistentVolume is {pv:?} with {driver:?} and {handle:?}",
+                file.display(),
+                field("specVolID"),
+                field("driverName"),
+                field("volumeHandle")
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `pods/<uid>/volumes/*/<name>` under the kubelet root (the kubelet's own directories):
+/// exactly one match is accepted, relative to the kubelet root.
+pub fn search_volume(kubelet_root: &Path, uid: &str, name: &str) -> Result<PathBuf> {
+    let vols = Path::new("pods").join(uid).join("volumes");
+    let base = kubelet_root.join(&vols);
+    crate::volume::open_dir_beneath(kubelet_root, &vols)?;
+    let mut found = Vec::new();
+    for plugin in std::fs::read_dir(&base).map_err(|e| Error::new(Code::DataDirNotFound, format!("{}: {e}", base.display())))?.flatten() {
+        if plugin.path().join(name).symlink_metadata().is_ok() {
+            found.push(vols.join(plugin.file_name()).join(name));
+        }
+    }
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(Error::new(Code::DataDirNotFound, format!("no directory {name:?} under {} (is the pod being deleted?)", base.display()))),
+        n => Err(Error::new(
+            Code::UnsafePath,
+            format!(
+                "{n} directories named {name:?} under {}: {}; the agent acts only on an exact match",
+                base.display(),
+                found.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            ),
+        )),
+    }
 }
 
 #[cfg(test)]

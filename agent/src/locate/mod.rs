@@ -8,14 +8,15 @@ pub mod kubelet_root;
 pub mod volume;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Code, Error, Result};
 use crate::kubeapi::KubeApi;
-use crate::pathsafe::{check_dir_beneath, entry_beneath, is_mount_point};
 use crate::profile::{self, Profile};
+use crate::volume::{Kind, Limits, Volume};
 use volume::{Expected, VolumeKind};
 
 /// Where this node's things are.
@@ -86,17 +87,26 @@ pub struct Locator {
     pub layout: NodeLayout,
 }
 
+/// A plan with the volume root it was proven on: the descriptor every later action on the
+/// volume goes through (see `crate::volume`).
+pub struct Located {
+    pub plan: Plan,
+    pub volume: Arc<Volume>,
+    /// The data dir, relative to the volume root.
+    pub data: PathBuf,
+}
+
 impl Locator {
     /// Resolves and proves the plan for `namespace/name`; `expected_uid` guards against
     /// acting on a replacement pod.
     pub async fn locate(&self, namespace: &str, name: &str, expected_uid: Option<&str>) -> Result<Plan> {
-        self.resolve(namespace, name, expected_uid, true).await
+        Ok(self.open(namespace, name, expected_uid, true).await?.plan)
     }
 
-    /// The same resolution without requiring etcd data in the data dir (for `restore`, when
-    /// the data is in quarantine and the member has not rejoined).
-    pub async fn locate_volume(&self, namespace: &str, name: &str) -> Result<Plan> {
-        self.resolve(namespace, name, None, false).await
+    /// The plan and its proven volume. Without `require_data`, etcd data need not be in the
+    /// data dir (for `restore` and retention, when the data is in quarantine).
+    pub async fn open(&self, namespace: &str, name: &str, expected_uid: Option<&str>, require_data: bool) -> Result<Located> {
+        self.resolve(namespace, name, expected_uid, require_data).await
     }
 
     /// The pod is the one asked for (`expected_uid`) and runs on this node; returns its UID.
@@ -120,62 +130,78 @@ impl Locator {
         Ok(uid)
     }
 
-    async fn resolve(&self, namespace: &str, name: &str, expected_uid: Option<&str>, require_data: bool) -> Result<Plan> {
+    async fn resolve(&self, namespace: &str, name: &str, expected_uid: Option<&str>, require_data: bool) -> Result<Located> {
         let pod = self.api.pod(namespace, name).await?;
         let uid = self.admit(&pod, expected_uid)?;
-        let c = container::etcd_container(&pod, self.layout.container.as_deref())?;
-        let env = container::environment(&pod, c);
-        let bitnami = profile::is_bitnami(c, &env);
+        let c = container::etcd_container(&pod, self.layout.container.as_deref())?.clone();
+        let env = container::environment(&pod, &c);
+        let bitnami = profile::is_bitnami(&c, &env);
         let default_dir = if bitnami { Profile::Bitnami.default_data_dir() } else { None };
-        let (data_dir, _) = container::data_dir(&pod, c, default_dir)?;
-        container::no_separate_wal(c, &env, &data_dir)?;
-        let mm = volume::mount_for(c, &data_dir, &env)?;
+        let (data_dir, _) = container::data_dir(&pod, &c, default_dir)?;
+        container::no_separate_wal(&c, &env, &data_dir)?;
+        let mm = volume::mount_for(&c, &data_dir, &env)?;
         let (volume_name, claim, pv_name, kind) = self.volume_of(&pod, &mm.volume, namespace).await?;
+        let labels = pod.metadata.labels.clone();
 
-        let expected = volume::expected_path(&uid, &volume_name, &kind);
-        let kubelet_root = match expected {
-            Expected::Host(_) => None,
-            _ => Some(
-                kubelet_root::discover(self.layout.kubelet_root.as_deref(), &self.layout.host_root, &self.layout.proc_root, &uid)
-                    .ok_or_else(|| {
-                        Error::new(
-                            Code::DataDirNotFound,
-                            format!("no kubelet root on this node holds pods/{uid}; pass --kubelet-root (KUBELET_ROOT_DIR)"),
-                        )
-                    })?
-                    .path,
-            ),
-        };
-        let root = self.volume_root(&expected, kubelet_root.as_deref(), &kind, &uid)?;
-        let rel = mm.sub_path.as_deref().map(PathBuf::from).unwrap_or_default().join(&mm.rel);
-        let host_path = check_dir_beneath(&root, &rel)?;
-        if require_data {
-            check_etcd_data(&host_path)?;
-        }
-        let profile = if bitnami { profile::detect(c, &env, pod.metadata.labels.as_ref(), Some(&host_path)) } else { Profile::Plain };
-        let moves = planned_moves(&host_path, profile)?;
-        Ok(Plan {
-            namespace: namespace.to_string(),
-            pod: name.to_string(),
-            pod_uid: uid,
-            node: self.layout.node_name.clone(),
-            container: c.name.clone(),
-            profile,
-            data_dir,
-            host_path,
-            volume: VolumeInfo {
-                name: mm.volume,
-                claim,
-                persistent_volume: pv_name,
-                kind,
-                mount_path: mm.mount_path,
-                sub_path: mm.sub_path,
-                root,
-            },
-            kubelet_root,
-            bytes: moves.iter().map(|m| m.bytes).sum(),
-            r#move: moves,
+        // Everything below touches the node's disk and the tenant's tree: off the async
+        // workers, so that a slow or hostile volume cannot stall the agent.
+        let layout = self.layout.clone();
+        let (namespace, name) = (namespace.to_string(), name.to_string());
+        blocking(move || {
+            let expected = volume::expected_path(&uid, &volume_name, &kind);
+            let kubelet_root = match expected {
+                Expected::Host(_) => None,
+                _ => Some(
+                    kubelet_root::discover(layout.kubelet_root.as_deref(), &layout.host_root, &layout.proc_root, &uid)
+                        .ok_or_else(|| {
+                            Error::new(
+                                Code::DataDirNotFound,
+                                format!("no kubelet root on this node holds pods/{uid}; pass --kubelet-root (KUBELET_ROOT_DIR)"),
+                            )
+                        })?
+                        .path,
+                ),
+            };
+            let vol = open_volume(&layout, &expected, kubelet_root.as_deref(), &kind, &uid)?;
+            let data: PathBuf = mm.sub_path.as_deref().map(PathBuf::from).unwrap_or_default().join(&mm.rel);
+            match vol.entry(&data)? {
+                Some(e) if e.kind == Kind::Dir => {}
+                Some(e) => {
+                    return Err(Error::new(Code::UnsafePath, format!("{} is not a directory ({:?})", vol.shown(&data).display(), e.kind)));
+                }
+                None => return Err(Error::new(Code::DataDirNotFound, format!("{} does not exist", vol.shown(&data).display()))),
+            }
+            if require_data {
+                check_etcd_data(&vol, &data)?;
+            }
+            let has_member_id = vol.entry(&data.join("member_id"))?.map(|e| e.kind == Kind::File);
+            let profile = if bitnami { profile::detect(&c, &env, labels.as_ref(), has_member_id) } else { Profile::Plain };
+            let moves = planned_moves(&vol, &data, profile)?;
+            let plan = Plan {
+                namespace,
+                pod: name,
+                pod_uid: uid,
+                node: layout.node_name.clone(),
+                container: c.name.clone(),
+                profile,
+                data_dir,
+                host_path: vol.shown(&data),
+                volume: VolumeInfo {
+                    name: mm.volume,
+                    claim,
+                    persistent_volume: pv_name,
+                    kind,
+                    mount_path: mm.mount_path,
+                    sub_path: mm.sub_path,
+                    root: vol.path().to_path_buf(),
+                },
+                kubelet_root,
+                bytes: moves.iter().map(|m| m.bytes).sum(),
+                r#move: moves,
+            };
+            Ok(Located { plan, volume: Arc::new(vol), data })
         })
+        .await
     }
 
     /// (name under the kubelet's volumes dir, claim, PV, kind) of the pod volume `vol`.
@@ -210,144 +236,92 @@ impl Locator {
         });
         Ok((v.name.clone(), None, None, kind))
     }
+}
 
-    fn volume_root(&self, expected: &Expected, kubelet_root: Option<&Path>, kind: &VolumeKind, uid: &str) -> Result<PathBuf> {
-        match expected {
-            Expected::Host(p) => {
-                // hostPath: the PV's own path on the host, reached from the host root without
-                // links. It is not a mount point and need not be; but it must be a volume's
-                // own directory, never a system one.
-                volume::check_host_path_pv(p)?;
-                check_dir_beneath(&self.layout.host_root, p.strip_prefix("/").unwrap_or(p))
+/// Runs blocking disk work on tokio's blocking pool; a panic there is `Internal`.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| Err(Error::new(Code::Internal, format!("disk work failed: {e}"))))
+}
+
+/// Opens and proves the volume root where the kubelet (or the PV) puts it.
+fn open_volume(layout: &NodeLayout, expected: &Expected, kubelet_root: Option<&Path>, kind: &VolumeKind, uid: &str) -> Result<Volume> {
+    let no_root = || Error::new(Code::Internal, "kubelet root not resolved for a kubelet path");
+    match expected {
+        Expected::Host(p) => {
+            // hostPath: the PV's own path on the host, reached from the host root without
+            // links. It is not a mount point and need not be; but it must be a volume's
+            // own directory, never a system one.
+            volume::check_host_path_pv(p)?;
+            Volume::open(&layout.host_root, p.strip_prefix("/").unwrap_or(p))
+        }
+        Expected::Kubelet(rel) => {
+            let kr = kubelet_root.ok_or_else(no_root)?;
+            let vol = Volume::open(kr, rel)?;
+            if let VolumeKind::Csi { driver, volume_handle, migrated_from } = kind {
+                let pv = rel.parent().and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                kubelet_root::cross_check_vol_data(vol.path(), &pv, driver, volume_handle, migrated_from.is_some())?;
             }
-            Expected::Kubelet(rel) => {
-                let kr = kubelet_root.expect("kubelet root resolved for kubelet paths");
-                let path = check_dir_beneath(kr, rel)?;
-                if let VolumeKind::Csi { driver, volume_handle, migrated_from } = kind {
-                    let pv = rel.parent().and_then(Path::file_name).map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                    cross_check_vol_data(&path, &pv, driver, volume_handle, migrated_from.is_some())?;
-                }
-                if !matches!(kind, VolumeKind::EmptyDir) {
-                    require_mount(&path)?;
-                }
-                Ok(path)
+            if !matches!(kind, VolumeKind::EmptyDir) {
+                require_mount(&vol, &layout.proc_root)?;
             }
-            Expected::Search { name } => {
-                let kr = kubelet_root.expect("kubelet root resolved for kubelet paths");
-                let vols = Path::new("pods").join(uid).join("volumes");
-                let base = check_dir_beneath(kr, &vols)?;
-                let mut found = Vec::new();
-                for plugin in
-                    std::fs::read_dir(&base).map_err(|e| Error::new(Code::DataDirNotFound, format!("{}: {e}", base.display())))?.flatten()
-                {
-                    let candidate = plugin.path().join(name);
-                    if candidate.symlink_metadata().is_ok() {
-                        found.push(vols.join(plugin.file_name()).join(name));
-                    }
-                }
-                match found.as_slice() {
-                    [one] => {
-                        let path = check_dir_beneath(kr, one)?;
-                        require_mount(&path)?;
-                        Ok(path)
-                    }
-                    [] => Err(Error::new(
-                        Code::DataDirNotFound,
-                        format!("no directory {name:?} under {} (is the pod being deleted?)", base.display()),
-                    )),
-                    many => Err(Error::new(
-                        Code::UnsafePath,
-                        format!(
-                            "{} directories named {name:?} under {}: {}; the agent acts only on an exact match",
-                            many.len(),
-                            base.display(),
-                            many.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-                        ),
-                    )),
-                }
-            }
+            Ok(vol)
+        }
+        Expected::Search { name } => {
+            let kr = kubelet_root.ok_or_else(no_root)?;
+            let one = kubelet_root::search_volume(kr, uid, name)?;
+            let vol = Volume::open(kr, &one)?;
+            require_mount(&vol, &layout.proc_root)?;
+            Ok(vol)
         }
     }
 }
 
-fn require_mount(path: &Path) -> Result<()> {
-    if is_mount_point(path) {
+/// The descriptor is the root of a mount: asked of the descriptor itself where the kernel
+/// can say, else of the mount table of the agent's mount namespace.
+fn require_mount(vol: &Volume, proc_root: &Path) -> Result<()> {
+    let mounted = vol.is_mount_root().unwrap_or_else(|| crate::pathsafe::is_mount_point(proc_root, vol.path()));
+    if mounted {
         Ok(())
     } else {
         Err(Error::new(
             Code::NotAMount,
             format!(
                 "{} is not a mount point in the agent's view: the volume is not mounted (or the kubelet dir is not shared with mountPropagation: HostToContainer)",
-                path.display()
+                vol.path().display()
             ),
         ))
     }
 }
 
-/// `vol_data.json` beside a CSI `mount` names the driver and handle the kubelet mounted.
-/// The kubelet writes it for every CSI volume; its absence means this is not the kubelet's
-/// mount of that volume. Migrated in-tree volumes carry a translated handle, so only the
-/// driver and the PV name are compared for them.
-fn cross_check_vol_data(mount: &Path, pv: &str, driver: &str, handle: &str, migrated: bool) -> Result<()> {
-    let dir = mount.parent().unwrap_or(mount);
-    let file = dir.join("vol_data.json");
-    let text = std::fs::read_to_string(&file).map_err(|e| {
-        Error::new(Code::UnsafePath, format!("{} cannot be read ({e}): not the kubelet's CSI mount of {pv}", file.display()))
-    })?;
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-    let field = |k: &str| v.get(k).and_then(|x| x.as_str()).unwrap_or_default().to_string();
-    if field("driverName") != driver || field("specVolID") != pv || (!migrated && field("volumeHandle") != handle) {
-        return Err(Error::new(
-            Code::UnsafePath,
-            format!(
-                "{} names volume {:?}, driver {:?} and handle {:?}, but the PersistentVolume is {pv:?} with {driver:?} and {handle:?}",
-                file.display(),
-                field("specVolID"),
-                field("driverName"),
-                field("volumeHandle")
-            ),
-        ));
-    }
-    Ok(())
-}
-
 /// An etcd member dir has `member/snap/db` or WAL files in `member/wal`.
 /// Links are not followed anywhere below the data dir: a `member` that points at another
 /// volume's member dir is `UnsafePath`, not a match.
-fn check_etcd_data(data: &Path) -> Result<()> {
-    let has_db = entry_beneath(data, Path::new("member/snap/db"))?.is_some_and(|m| m.file_type().is_file());
-    let has_wal = entry_beneath(data, Path::new("member/wal"))?.is_some_and(|m| m.file_type().is_dir())
-        && std::fs::read_dir(data.join("member/wal"))
-            .map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().ends_with(".wal")))
-            .unwrap_or(false);
+fn check_etcd_data(vol: &Volume, data: &Path) -> Result<()> {
+    let has_db = vol.entry(&data.join("member/snap/db"))?.is_some_and(|e| e.kind == Kind::File);
+    let wal = data.join("member/wal");
+    let has_wal = vol.entry(&wal)?.is_some_and(|e| e.kind == Kind::Dir)
+        && vol.list(&wal, 100_000)?.iter().any(|(n, k)| *k == Kind::File && n.to_string_lossy().ends_with(".wal"));
     if has_db || has_wal {
         Ok(())
     } else {
         Err(Error::new(
             Code::NotEtcdData,
-            format!("{} has neither member/snap/db nor member/wal/*.wal: not an etcd member's data", data.display()),
+            format!("{} has neither member/snap/db nor member/wal/*.wal: not an etcd member's data", vol.shown(data).display()),
         ))
     }
 }
 
 /// The profile's files that exist, with sizes. A link among them is refused: moving it
 /// would leave the data it points to behind, outside the volume.
-fn planned_moves(data: &Path, profile: Profile) -> Result<Vec<MoveItem>> {
+fn planned_moves(vol: &Volume, data: &Path, profile: Profile) -> Result<Vec<MoveItem>> {
     let mut out = Vec::new();
     for rel in profile.files_to_move() {
         let p = data.join(rel);
-        let Some(meta) = entry_beneath(data, Path::new(rel))? else { continue };
-        if meta.file_type().is_symlink() {
-            return Err(Error::new(Code::UnsafePath, format!("{} is a symlink; the agent never moves links", p.display())));
+        let Some(e) = vol.entry(&p)? else { continue };
+        if e.kind == Kind::Symlink {
+            return Err(Error::new(Code::UnsafePath, format!("{} is a symlink; the agent never moves links", vol.shown(&p).display())));
         }
-        let (mut bytes, mut files) = (0, 0);
-        for e in walkdir::WalkDir::new(&p).follow_links(false) {
-            let e = e.map_err(|e| Error::new(Code::UnsafePath, format!("cannot read {}: {e}", p.display())))?;
-            if e.file_type().is_file() {
-                bytes += e.metadata().map(|m| m.len()).unwrap_or(0);
-                files += 1;
-            }
-        }
+        let (bytes, files) = vol.tree_size(&p, Limits::default())?;
         out.push(MoveItem { path: rel.to_string(), bytes, files });
     }
     Ok(out)

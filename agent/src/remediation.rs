@@ -629,6 +629,8 @@ impl Engine<'_> {
         let mut promoted = None;
         let mut next_renewal = Instant::now();
         let started = Instant::now();
+        let mut orphan: Option<(u64, Instant)> = None;
+        let mut cleaned = String::new();
         while Instant::now() < deadline {
             if self.stopping() {
                 return Err(Error::new(Code::NotReady, format!("the agent is shutting down; verification resumes on restart ({seen})")));
@@ -646,6 +648,26 @@ impl Engine<'_> {
                     Err(e) => seen = e.message,
                 }
             } else if let Ok(p) = self.locator.api.pod(&c.plan.namespace, &c.plan.pod).await {
+                // An entry the image's own `member add` left when a restart interrupted it
+                // (the crash-looping container may start between the moves and the delete):
+                // its next add fails on the taken peer URL for ever. Once it has stayed
+                // unstarted for 3 s with the container not running, it goes.
+                let running = container_running(&p, &c.plan.container);
+                match orphaned_entry(c.plan.profile, &members, &c.peer_url, c.stale, running) {
+                    Some(id) if orphan.is_some_and(|(o, since)| o == id && since.elapsed() >= Duration::from_secs(3)) => {
+                        cleaned = match etcd::remove_member(&c.endpoints, id).await {
+                            Ok(()) => {
+                                tracing::warn!("removed member {id:x}: added by an interrupted start of the image, never started");
+                                format!("; removed unstarted member {id:x} left by an interrupted `member add`")
+                            }
+                            Err(e) => format!("; unstarted member {id:x} left by an interrupted `member add`: {}", e.message),
+                        };
+                        orphan = None;
+                    }
+                    Some(id) if orphan.is_none_or(|(o, _)| o != id) => orphan = Some((id, Instant::now())),
+                    Some(_) => {}
+                    None => orphan = None,
+                }
                 let ready = p
                     .status
                     .as_ref()
@@ -655,7 +677,7 @@ impl Engine<'_> {
                 if replaced && ready {
                     if let Some(m) = mine.filter(|m| !m.is_learner && m.healthy) {
                         let how = if promoted == Some(m.id) { "promoted from learner, " } else { "" };
-                        return Ok(((), format!("pod Ready and member {:x} started and voting ({how}healthy)", m.id)));
+                        return Ok(((), format!("pod Ready and member {:x} started and voting ({how}healthy){cleaned}", m.id)));
                     }
                     seen = "pod Ready, member not yet started and voting".into();
                 } else {
@@ -675,7 +697,7 @@ impl Engine<'_> {
             let fast = started.elapsed() < Duration::from_secs(10);
             tokio::time::sleep(if fast { Duration::from_millis(50) } else { Duration::from_secs(1) }).await;
         }
-        Err(Error::new(Code::NotReady, format!("the member did not rejoin within {:?}: {seen}", self.opts.verify_timeout)))
+        Err(Error::new(Code::NotReady, format!("the member did not rejoin within {:?}: {seen}{cleaned}", self.opts.verify_timeout)))
     }
 }
 
@@ -708,6 +730,26 @@ pub async fn restore(locator: &Locator, state_dir: &Path, id: &str) -> Result<St
     }
     journal(state_dir, &r)?;
     Ok(format!("restored {} into {}", back.join(", "), located.plan.host_path.display()))
+}
+
+/// The etcd container of `pod` runs now.
+fn container_running(pod: &k8s_openapi::api::core::v1::Pod, container: &str) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.name == container))
+        .is_some_and(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+}
+
+/// An entry with the pod's peer URL that never started (no name) while the pod's etcd
+/// container is not running: the image added it and was stopped before etcd started. Only
+/// for Bitnami profiles, whose image adds the member itself (a plain set's entry is the
+/// agent's own, added before the restart, and stays). Pure.
+fn orphaned_entry(profile: Profile, members: &[etcd::Member], peer_url: &str, stale: Option<u64>, running: bool) -> Option<u64> {
+    if running || profile == Profile::Plain {
+        return None;
+    }
+    members.iter().find(|m| m.name.is_empty() && Some(m.id) != stale && m.peer_urls.iter().any(|u| u == peer_url)).map(|m| m.id)
 }
 
 /// The lease holder: this node and this remediation, so that two remediations on one node
@@ -778,4 +820,25 @@ fn check_space(plan: &Plan, vol: &Volume) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(id: u64, name: &str, peer: &str) -> etcd::Member {
+        etcd::Member { id, name: name.into(), peer_urls: vec![peer.into()], client_urls: vec![], is_learner: false, healthy: true }
+    }
+
+    #[test]
+    fn only_an_unstarted_entry_of_a_stopped_bitnami_member_is_an_orphan() {
+        let peer = "http://apisix-etcd-1.apisix-etcd-headless.apisix.svc.cluster.local:2380";
+        let members = [member(1, "apisix-etcd-0", "http://other:2380"), member(7, "", peer)];
+        assert_eq!(orphaned_entry(Profile::BitnamiMemberId, &members, peer, None, false), Some(7));
+        assert_eq!(orphaned_entry(Profile::BitnamiMemberId, &members, peer, None, true), None, "the image is starting it");
+        assert_eq!(orphaned_entry(Profile::Plain, &members, peer, None, false), None, "the agent's own learner stays");
+        assert_eq!(orphaned_entry(Profile::Bitnami, &members, peer, Some(7), false), None, "the stale entry is Membership's");
+        let started = [member(7, "apisix-etcd-1", peer)];
+        assert_eq!(orphaned_entry(Profile::Bitnami, &started, peer, None, false), None, "a started member is never an orphan");
+    }
 }

@@ -66,64 +66,62 @@ enum Target {
 }
 
 /// A tenant that exchanges `target` with a symlink to the canary (`renameat2(RENAME_EXCHANGE)`)
-/// in a tight loop until stopped, then puts the real entry back.
+/// in a tight loop from the moment `go` is set until stopped, then puts the real entry back.
+/// The thread runs from the start, spinning on `go`, so that it strikes within microseconds
+/// of the step that sets it.
 struct Swapper {
+    go: Arc<AtomicBool>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<u64>>,
 }
 
-fn real_path(volume: &Path, t: Target) -> Option<PathBuf> {
-    match t {
-        Target::Path(p) => Some(volume.join(p)),
-        Target::Quarantine => {
-            let base = volume.join(".etcd-medic/quarantine");
-            let mut names: Vec<_> = std::fs::read_dir(&base)
-                .ok()?
-                .flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| !n.ends_with(".evil"))
-                .collect();
-            names.sort();
-            names.pop().map(|n| base.join(n))
-        }
-    }
+fn quarantines(volume: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(volume.join(".etcd-medic/quarantine"))
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| !n.ends_with(".evil")).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
 }
 
 impl Swapper {
     fn start(volume: PathBuf, target: Target, canary: PathBuf) -> Swapper {
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = stop.clone();
+        let (go, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (go_flag, stop_flag) = (go.clone(), stop.clone());
+        // A `<timestamp>-<id>` target is the quarantine this remediation makes, not an older one.
+        let before = quarantines(&volume);
         let thread = std::thread::spawn(move || {
             let mut swaps = 0u64;
             let mut armed: Option<(PathBuf, PathBuf)> = None;
-            while !flag.load(Ordering::SeqCst) {
-                if armed.is_none()
-                    && let Some(real) = real_path(&volume, target)
-                    && real.symlink_metadata().is_ok()
-                {
-                    let evil = PathBuf::from(format!("{}.evil", real.display()));
-                    let to =
-                        if real.symlink_metadata().is_ok_and(|m| m.is_file()) { canary.join("secret.pem") } else { canary.join("member") };
-                    let _ = std::fs::remove_file(&evil);
-                    if std::os::unix::fs::symlink(&to, &evil).is_ok() {
-                        armed = Some((real, evil));
+            while !stop_flag.load(Ordering::SeqCst) {
+                if armed.is_none() {
+                    let real = match target {
+                        Target::Path(p) => Some(volume.join(p)),
+                        Target::Quarantine => quarantines(&volume)
+                            .into_iter()
+                            .find(|n| !before.contains(n))
+                            .map(|n| volume.join(".etcd-medic/quarantine").join(n)),
+                    };
+                    if let Some(real) = real.filter(|r| r.symlink_metadata().is_ok()) {
+                        let evil = PathBuf::from(format!("{}.evil", real.display()));
+                        let to = if real.symlink_metadata().is_ok_and(|m| m.is_file()) {
+                            canary.join("secret.pem")
+                        } else {
+                            canary.join("member")
+                        };
+                        let _ = std::fs::remove_file(&evil);
+                        if std::os::unix::fs::symlink(&to, &evil).is_ok() {
+                            armed = Some((real, evil));
+                        }
                     }
                 }
                 match &armed {
-                    Some((real, evil)) => {
-                        if nix::fcntl::renameat2(
-                            nix::fcntl::AT_FDCWD,
-                            real,
-                            nix::fcntl::AT_FDCWD,
-                            evil,
-                            nix::fcntl::RenameFlags::RENAME_EXCHANGE,
-                        )
-                        .is_ok()
-                        {
+                    Some((real, evil)) if go_flag.load(Ordering::SeqCst) => {
+                        let flags = nix::fcntl::RenameFlags::RENAME_EXCHANGE;
+                        if nix::fcntl::renameat2(nix::fcntl::AT_FDCWD, real, nix::fcntl::AT_FDCWD, evil, flags).is_ok() {
                             swaps += 1;
                         }
                     }
-                    None => std::thread::yield_now(),
+                    _ => std::hint::spin_loop(),
                 }
             }
             // Put the real entry back where it was.
@@ -141,7 +139,11 @@ impl Swapper {
             }
             swaps
         });
-        Swapper { stop, thread: Some(thread) }
+        Swapper { go, stop, thread: Some(thread) }
+    }
+
+    fn strike(&self) {
+        self.go.store(true, Ordering::SeqCst);
     }
 
     fn stop(&mut self) -> u64 {
@@ -179,6 +181,14 @@ impl Bench {
         let canary = lab.dir.path().join("canary");
         make_canary(&canary)?;
         Ok(Some(Bench { lab, locator, state: tempfile::tempdir()?, canary }))
+    }
+
+    /// The member's volume where the CSI driver stages it: the same filesystem as every pod's
+    /// mount of it, and it stays while the agent replaces the pod (a tenant in the new pod
+    /// goes on where it left off).
+    fn backing(&self) -> PathBuf {
+        let shape = self.lab.set.shape();
+        self.lab.node.backing_path(&shape.pv_name(1), &shape.volume_source(1))
     }
 
     /// The member's volume as the kubelet exposes it now (the path names the pod's UID,
@@ -263,30 +273,46 @@ async fn links_swapped_in_at_every_step_never_lead_outside_the_volume() -> Resul
         Target::Quarantine,
     ];
     let mut outcomes = Vec::new();
-    for target in targets {
-        // From the step on which the tenant starts (Lock: in full swing when the Quarantine
-        // step moves the data), a tight RENAME_EXCHANGE loop until the data has moved.
-        for trigger in ["Check", "Lock"] {
+    let only = std::env::var("HOSTILE_ONLY").ok();
+    for target in targets.into_iter().filter(|t| only.as_ref().is_none_or(|o| format!("{t:?}").contains(o.as_str()))) {
+        // The tenant strikes when a step starts, with a tight RENAME_EXCHANGE loop until the
+        // data has moved or the remediation ended: from Lock it is in full swing when the
+        // Quarantine step moves the data; from Verify, when Retention removes old quarantines.
+        let triggers: &[&str] = match target {
+            Target::Path(p) if p.starts_with(".etcd-medic") => &["Check", "Lock", "Verify"],
+            Target::Quarantine => &["Lock", "Verify"],
+            Target::Path(_) => &["Check", "Lock"],
+        };
+        for &trigger in triggers {
             b.lab.set.hold_restarts(1, Duration::from_secs(60)).await?;
-            let swapper = std::sync::Mutex::new(None::<Swapper>);
-            let (volume, canary) = (b.volume(), b.canary.clone());
+            let swapper = std::sync::Mutex::new(Some(Swapper::start(b.backing(), target, b.canary.clone())));
+            let swapped = std::sync::atomic::AtomicU64::new(0);
             let on_step = |step: &str| {
                 let mut s = swapper.lock().unwrap();
-                if step == trigger && s.is_none() {
-                    *s = Some(Swapper::start(volume.clone(), target, canary.clone()));
+                if step == trigger
+                    && let Some(sw) = s.as_ref()
+                {
+                    sw.strike();
                 }
                 if step == "Membership" {
-                    // The data has moved: the tenant stops, its entries are put back, and the
-                    // member may start again to rejoin.
-                    if let Some(mut sw) = s.take() {
-                        sw.stop();
+                    // The data has moved: a tenant striking the data stops and its entries
+                    // are put back; the member may start again to rejoin.
+                    if trigger != "Verify"
+                        && let Some(mut sw) = s.take()
+                    {
+                        swapped.fetch_add(sw.stop(), Ordering::SeqCst);
                     }
                     b.lab.set.release_restarts();
                 }
             };
-            let r = b.remediate(3, &on_step).await;
-            let swaps = swapper.lock().unwrap().take().map(|mut s| s.stop()).unwrap_or(0);
-            let what = format!("{target:?} from {trigger}: {:?} {:?} after {swaps} swaps", r.phase, r.error);
+            // Retention prunes only when there is an older quarantine beyond the one kept.
+            let keep = if trigger == "Verify" { 1 } else { 3 };
+            let r = b.remediate(keep, &on_step).await;
+            let swaps = swapper.lock().unwrap().take().map(|mut s| s.stop()).unwrap_or(0) + swapped.load(Ordering::SeqCst);
+            let retention =
+                r.steps.iter().find(|s| s.name == "Retention").map(|s| format!(" (Retention: {})", s.message)).unwrap_or_default();
+            let what =
+                format!("{target:?} from {trigger}: {:?} {:?} after {swaps} swaps{retention}", r.phase, r.error.as_ref().map(|e| e.code));
             b.assert_canary(&before, &what);
             outcomes.push(what.clone());
             match r.phase {
@@ -296,7 +322,22 @@ async fn links_swapped_in_at_every_step_never_lead_outside_the_volume() -> Resul
                     b.break_again().await?;
                 }
                 Phase::Refused | Phase::Failed => {
-                    assert!(refused_for_a_reason(&r), "{what}");
+                    assert!(refused_for_a_reason(&r), "{what}: {:?}", r.error);
+                    // `restore` under attack: the quarantine, `data/member` and `data/` swapped
+                    // in a loop while it puts the data back.
+                    if let Some(q) = r.quarantine.as_ref().filter(|_| r.phase == Phase::Failed) {
+                        let qdir: &'static str = Box::leak(format!(".etcd-medic/quarantine/{}", q.name).into_boxed_str());
+                        for t in [Target::Path(qdir), Target::Path("data/member"), Target::Path("data")] {
+                            let mut sw = Swapper::start(b.backing(), t, b.canary.clone());
+                            sw.strike();
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                            let res = etcd_medic::remediation::restore(&b.locator, b.state.path(), &r.id).await;
+                            let n = sw.stop();
+                            let what = format!("restore under {t:?}: {:?} after {n} swaps", res.as_ref().map_err(|e| e.code));
+                            b.assert_canary(&before, &what);
+                            outcomes.push(what);
+                        }
+                    }
                     // Put back (restarts still held) what it moved, then let it crash-loop on.
                     b.undo(&r).await?;
                     b.lab.set.release_restarts();

@@ -463,3 +463,40 @@ async fn the_daemonsets_capabilities_suffice() -> Result<()> {
     lab.shutdown().await;
     Ok(())
 }
+
+/// The crash-looping container may start between the moves and the pod's deletion; the
+/// image's `member add` then goes through and its etcd never starts. The replacement's own
+/// add fails on the taken peer URL for ever, unless the agent, seeing an entry with the
+/// pod's peer URL that stays unstarted while the container is not running, removes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_add_interrupted_by_the_restart_is_cleaned_up() -> Result<()> {
+    let (lab, _) = crate::reference_failure::broken_lab().await?;
+    if !lab.node.real_mounts {
+        eprintln!("SKIPPED: needs root for real mounts");
+        return Ok(());
+    }
+    let peer = lab.set.members()[1].peer_url();
+    let others = lab.set.other_endpoints(1);
+    let added = std::sync::Mutex::new(false);
+    let progress = |r: &etcd_medic::remediation::Remediation| {
+        let mut done = added.lock().unwrap();
+        if !*done && r.steps.last().is_some_and(|s| s.name == "Restart" && s.outcome.is_none()) {
+            // What the interrupted start of the image left: an entry with the pod's peer URL.
+            let (peer, others) = (peer.clone(), others.clone());
+            let joined = std::thread::spawn(move || {
+                tokio::runtime::Runtime::new().unwrap().block_on(etcd::member_add(&others, &peer, false)).map(|(m, _)| m.id)
+            });
+            let id = joined.join().unwrap().expect("the image's add goes through");
+            eprintln!("planted unstarted member {id:x}");
+            *done = true;
+        }
+    };
+    let r = etcd_medic_lab::agent::remediate_with(&lab, "apisix-etcd-1", false, &progress).await?;
+    assert!(*added.lock().unwrap());
+    assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
+    let verify = r.steps.iter().find(|s| s.name == "Verify").unwrap();
+    assert!(verify.message.contains("removed unstarted member"), "{}", verify.message);
+    crate::reference_failure::assert_every_key(&lab, 3, crate::reference_failure::KEYS).await?;
+    lab.shutdown().await;
+    Ok(())
+}

@@ -89,10 +89,11 @@ pub struct EngineArgs {
     /// Quarantines kept per member; older ones are pruned after a remediation succeeds.
     #[arg(long, env = "ETCD_MEDIC_KEEP_QUARANTINES", default_value_t = 3, value_parser = clap::value_parser!(u16).range(1..))]
     pub keep_quarantines: u16,
-    /// The namespace of the clusters' Leases (one remediation per etcd cluster); by default
-    /// the etcd pod's own. Every agent of a cluster must use the same one.
-    #[arg(long, env = "ETCD_MEDIC_LEASE_NAMESPACE")]
-    pub lease_namespace: Option<String>,
+    /// The namespace of the clusters' Leases (one remediation per etcd cluster). Every entry
+    /// point, the DaemonSet's agents and `remediate` from a node's shell alike, must use the
+    /// same one to exclude each other: the agent's own namespace.
+    #[arg(long, env = "ETCD_MEDIC_LEASE_NAMESPACE", default_value = "etcd-medic")]
+    pub lease_namespace: String,
 }
 
 impl EngineArgs {
@@ -104,7 +105,7 @@ impl EngineArgs {
             state_dir: node.state_dir.clone(),
             verify_timeout: self.verify_timeout,
             keep_quarantines: self.keep_quarantines as usize,
-            lease_namespace: self.lease_namespace.clone(),
+            lease_namespace: Some(self.lease_namespace.clone()),
         }
     }
 }

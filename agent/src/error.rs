@@ -177,6 +177,14 @@ impl Error {
         Error::new(Code::InvalidRequest, message)
     }
 
+    /// Says how often the failing call was tried, when more than once.
+    pub fn with_tries(mut self, tries: u32) -> Self {
+        if tries > 1 {
+            self.message.push_str(&format!(" (tried {tries} times)"));
+        }
+        self
+    }
+
     /// The RFC 9457 problem document the API answers with.
     pub fn problem(&self) -> Problem {
         Problem {

@@ -1,6 +1,12 @@
 //! Access to the Kubernetes API, with each failure mapped to a code of the contract: a
 //! missing object is its own `…NotFound`; an API server that errors or does not answer in
 //! time is `NotReady` (the agent cannot act safely without it).
+//!
+//! The engine's calls survive blips: a transient failure (429, 500, 502, 503, 504, no
+//! answer in time, a broken connection) is retried with exponential back-off, honouring the
+//! server's `Retry-After` (`details.retryAfterSeconds` of its `Status`), until
+//! [`KubeApi::retry_for`] has passed. Probes and the caller's authentication are asked
+//! once: they must answer now or say why.
 
 use std::time::Duration;
 
@@ -18,11 +24,50 @@ use crate::error::{Code, Error, Result};
 pub struct KubeApi {
     client: kube::Client,
     timeout: Duration,
+    /// How long a transient failure is retried (twice the timeout, at least 10 s).
+    retry_for: Duration,
+}
+
+/// What one failed attempt means.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Attempt {
+    /// Worth asking again, after at least this long (the server's `Retry-After`), if given.
+    Transient(Option<Duration>),
+    /// An answer: asking again would get the same.
+    Final,
+}
+
+/// Whether an attempt's failure is a blip. Pure.
+pub fn classify(e: &kube::Error) -> Attempt {
+    match e {
+        kube::Error::Api(s) if matches!(s.code, 429 | 500 | 502 | 503 | 504) => {
+            let after = s.details.as_ref().map(|d| d.retry_after_seconds).filter(|s| *s > 0).map(|s| Duration::from_secs(s as u64));
+            Attempt::Transient(after)
+        }
+        kube::Error::Api(_) => Attempt::Final,
+        // No answer, a reset connection, a body cut short: the request may be retried.
+        kube::Error::HyperError(_) | kube::Error::Service(_) | kube::Error::ReadEvents(_) | kube::Error::HttpError(_) => {
+            Attempt::Transient(None)
+        }
+        _ => Attempt::Final,
+    }
+}
+
+/// The next wait: the server's `Retry-After` (at most 30 s) or the back-off, doubling to 2 s.
+fn next_wait(backoff: &mut Duration, retry_after: Option<Duration>) -> Duration {
+    let wait = retry_after.map(|a| a.min(Duration::from_secs(30))).unwrap_or(*backoff);
+    *backoff = (*backoff * 2).min(Duration::from_secs(2));
+    wait
 }
 
 impl KubeApi {
     pub fn new(client: kube::Client, timeout: Duration) -> Self {
-        KubeApi { client, timeout }
+        KubeApi { client, timeout, retry_for: (timeout * 2).max(Duration::from_secs(10)) }
+    }
+
+    /// How long the engine's calls retry transient failures.
+    pub fn retry_for(&self) -> Duration {
+        self.retry_for
     }
 
     /// The usual in-cluster config, or `KUBECONFIG` / `~/.kube/config`.
@@ -37,64 +82,141 @@ impl KubeApi {
         &self.client
     }
 
+    /// One attempt, asked once (probes, authentication).
     async fn call<T>(&self, what: &str, not_found: Code, fut: impl Future<Output = kube::Result<T>>) -> Result<T> {
         match tokio::time::timeout(self.timeout, fut).await {
-            Err(_) => {
-                Err(Error::new(Code::NotReady, format!("the Kubernetes API server did not answer for {what} within {:?}", self.timeout)))
-            }
+            Err(_) => Err(self.no_answer(what)),
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(kube::Error::Api(s))) if s.code == 404 => Err(Error::new(not_found, format!("{what} not found"))),
-            Ok(Err(kube::Error::Api(s))) => Err(Error::new(
+            Ok(Err(e)) => Err(self.failed(what, not_found, &e)),
+        }
+    }
+
+    fn no_answer(&self, what: &str) -> Error {
+        Error::new(Code::NotReady, format!("the Kubernetes API server did not answer for {what} within {:?}", self.timeout))
+    }
+
+    fn failed(&self, what: &str, not_found: Code, e: &kube::Error) -> Error {
+        match e {
+            kube::Error::Api(s) if s.code == 404 => Error::new(not_found, format!("{what} not found")),
+            kube::Error::Api(s) => Error::new(
                 Code::NotReady,
                 format!("the Kubernetes API server answered {} for {what}: {} ({})", s.code, s.message, s.reason),
-            )),
-            Ok(Err(e)) => Err(Error::new(Code::NotReady, format!("the Kubernetes API server failed for {what}: {e}"))),
+            ),
+            e => Error::new(Code::NotReady, format!("the Kubernetes API server failed for {what}: {e}")),
+        }
+    }
+
+    /// `op` until it answers, retrying transient failures for [`Self::retry_for`]; the
+    /// error is the last attempt's, with how often it was tried.
+    async fn retrying<T, F, Fut>(&self, what: &str, not_found: Code, mut op: F) -> Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = kube::Result<T>>,
+    {
+        self.retrying_raw(what, &mut op).await.map_err(|(e, tries)| match e {
+            None => self.no_answer(what).with_tries(tries),
+            Some(e) => self.failed(what, not_found, &e).with_tries(tries),
+        })
+    }
+
+    /// The retry loop: `Err((None, n))` when the last attempt got no answer in time.
+    async fn retrying_raw<T, F, Fut>(&self, what: &str, op: &mut F) -> std::result::Result<T, (Option<kube::Error>, u32)>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = kube::Result<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.retry_for;
+        let mut backoff = Duration::from_millis(100);
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let (err, after) = match tokio::time::timeout(self.timeout, op()).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(e)) => match classify(&e) {
+                    Attempt::Final => return Err((Some(e), tries)),
+                    Attempt::Transient(after) => (Some(e), after),
+                },
+                Err(_) => (None, None),
+            };
+            let wait = next_wait(&mut backoff, after);
+            if tokio::time::Instant::now() + wait > deadline {
+                return Err((err, tries));
+            }
+            tracing::debug!(tries, "transient failure of the API server for {what}; again in {wait:?}");
+            tokio::time::sleep(wait).await;
         }
     }
 
     pub async fn pod(&self, namespace: &str, name: &str) -> Result<Pod> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        self.call(&format!("pod {namespace}/{name}"), Code::PodNotFound, api.get(name)).await
+        self.retrying(&format!("pod {namespace}/{name}"), Code::PodNotFound, || api.get(name)).await
     }
 
     pub async fn pvc(&self, namespace: &str, name: &str) -> Result<PersistentVolumeClaim> {
         let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), namespace);
-        self.call(&format!("PersistentVolumeClaim {namespace}/{name}"), Code::PVCNotFound, api.get(name)).await
+        self.retrying(&format!("PersistentVolumeClaim {namespace}/{name}"), Code::PVCNotFound, || api.get(name)).await
     }
 
     pub async fn pods(&self, namespace: &str) -> Result<Vec<Pod>> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
-        Ok(self.call(&format!("pods in {namespace}"), Code::PodNotFound, api.list(&ListParams::default())).await?.items)
+        let lp = ListParams::default();
+        Ok(self.retrying(&format!("pods in {namespace}"), Code::PodNotFound, || api.list(&lp)).await?.items)
     }
 
-    /// Deletes the pod only if it still has `uid`: a replacement is never hit.
-    pub async fn delete_pod(&self, namespace: &str, name: &str, uid: &str) -> Result<()> {
+    /// Deletes the pod only if it still has `uid`: a replacement is never hit. A transient
+    /// failure is retried; once an attempt may have gone through without its answer, a pod
+    /// that is then gone or replaced means the delete was done (the precondition keeps a
+    /// retry from ever deleting the replacement).
+    pub async fn delete_pod(&self, namespace: &str, name: &str, uid: &str) -> Result<Deleted> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         let dp = DeleteParams {
             preconditions: Some(Preconditions { uid: Some(uid.to_string()), resource_version: None }),
             ..Default::default()
         };
-        match tokio::time::timeout(self.timeout, api.delete(name, &dp)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(kube::Error::Api(s))) if s.code == 409 => {
+        let what = format!("deleting pod {namespace}/{name}");
+        let mut attempts = 0u32;
+        let mut op = || {
+            attempts += 1;
+            api.delete(name, &dp)
+        };
+        match self.retrying_raw(&what, &mut op).await {
+            Ok(_) => Ok(Deleted::Now),
+            Err((Some(kube::Error::Api(s)), tries)) if matches!(s.code, 404 | 409) && tries > 1 => {
+                Ok(Deleted::Earlier(format!("an earlier attempt went through (its answer was lost; now {})", s.code)))
+            }
+            Err((Some(kube::Error::Api(s)), _)) if s.code == 409 => {
                 Err(Error::new(Code::PodUIDMismatch, format!("pod {namespace}/{name} is no longer {uid}: it was replaced; not deleting")))
             }
-            Ok(Err(kube::Error::Api(s))) if s.code == 404 => Err(Error::new(Code::PodNotFound, format!("pod {namespace}/{name} is gone"))),
-            Ok(Err(e)) => Err(Error::new(Code::NotReady, format!("deleting pod {namespace}/{name}: {e}"))),
-            Err(_) => Err(Error::new(Code::NotReady, format!("deleting pod {namespace}/{name} timed out"))),
+            Err((Some(kube::Error::Api(s)), _)) if s.code == 404 => {
+                Err(Error::new(Code::PodNotFound, format!("pod {namespace}/{name} is gone")))
+            }
+            Err((e, tries)) => {
+                // Out of retries: the pod itself says whether one of them went through.
+                match self.pod(namespace, name).await {
+                    Ok(p) if p.metadata.uid.as_deref() != Some(uid) => Ok(Deleted::Earlier("the pod was replaced".into())),
+                    Ok(p) if p.metadata.deletion_timestamp.is_some() => Ok(Deleted::Earlier("the pod is terminating".into())),
+                    Err(pe) if pe.code == Code::PodNotFound => Ok(Deleted::Earlier("the pod is gone".into())),
+                    _ => Err(match e {
+                        None => self.no_answer(&what).with_tries(tries),
+                        Some(e) => self.failed(&what, Code::PodNotFound, &e).with_tries(tries),
+                    }),
+                }
+            }
         }
     }
 
     pub async fn lease(&self, namespace: &str, name: &str) -> Result<Option<Lease>> {
         let api: Api<Lease> = Api::namespaced(self.client.clone(), namespace);
-        match self.call(&format!("lease {namespace}/{name}"), Code::ClusterLocked, api.get(name)).await {
+        match self.retrying(&format!("lease {namespace}/{name}"), Code::ClusterLocked, || api.get(name)).await {
             Ok(l) => Ok(Some(l)),
             Err(e) if e.code == Code::ClusterLocked => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    /// Creates or replaces (with its resourceVersion) a lease; a conflict is `ClusterLocked`.
+    /// Creates or replaces (with its resourceVersion) a lease, asked once: the lease's
+    /// owner decides what a failure means (a write whose answer was lost may have gone
+    /// through). A conflict is `ClusterLocked`.
     pub async fn write_lease(&self, namespace: &str, lease: &Lease, create: bool) -> Result<Lease> {
         let api: Api<Lease> = Api::namespaced(self.client.clone(), namespace);
         let name = lease.metadata.name.clone().unwrap_or_default();
@@ -113,7 +235,7 @@ impl KubeApi {
 
     pub async fn pv(&self, name: &str) -> Result<PersistentVolume> {
         let api: Api<PersistentVolume> = Api::all(self.client.clone());
-        self.call(&format!("PersistentVolume {name}"), Code::PVNotFound, api.get(name)).await
+        self.retrying(&format!("PersistentVolume {name}"), Code::PVNotFound, || api.get(name)).await
     }
 
     /// The API server answers at all (readiness): `/version`, readable by every caller.
@@ -144,5 +266,50 @@ impl KubeApi {
     pub async fn create_event(&self, namespace: &str, event: &Event) -> Result<()> {
         let api: Api<Event> = Api::namespaced(self.client.clone(), namespace);
         self.call("an Event", Code::NotReady, api.create(&PostParams::default(), event)).await.map(|_| ())
+    }
+}
+
+/// How a pod delete ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Deleted {
+    /// This call deleted it.
+    Now,
+    /// An earlier attempt did (its answer was lost): why the agent knows.
+    Earlier(String),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(code: u16, retry_after: u32) -> kube::Error {
+        let mut s = kube::core::Status::failure("x", "y");
+        s.code = code;
+        if retry_after > 0 {
+            s.details = Some(serde_json::from_value(serde_json::json!({"retryAfterSeconds": retry_after})).unwrap());
+        }
+        kube::Error::Api(Box::new(s))
+    }
+
+    #[test]
+    fn blips_are_retried_answers_are_not() {
+        for code in [429, 500, 502, 503, 504] {
+            assert!(matches!(classify(&status(code, 0)), Attempt::Transient(None)), "{code}");
+        }
+        for code in [400, 401, 403, 404, 409, 422] {
+            assert_eq!(classify(&status(code, 0)), Attempt::Final, "{code}");
+        }
+        assert_eq!(classify(&status(429, 3)), Attempt::Transient(Some(Duration::from_secs(3))));
+    }
+
+    #[test]
+    fn back_off_doubles_to_two_seconds_and_retry_after_wins() {
+        let mut b = Duration::from_millis(100);
+        let waits: Vec<_> = (0..7).map(|_| next_wait(&mut b, None)).collect();
+        assert_eq!(waits[0], Duration::from_millis(100));
+        assert_eq!(waits[4], Duration::from_millis(1600));
+        assert_eq!(waits[6], Duration::from_secs(2));
+        assert_eq!(next_wait(&mut b, Some(Duration::from_secs(7))), Duration::from_secs(7));
+        assert_eq!(next_wait(&mut b, Some(Duration::from_secs(600))), Duration::from_secs(30));
     }
 }

@@ -1,8 +1,12 @@
 //! One remediation per etcd cluster across all nodes: a coordination.k8s.io Lease named for
-//! the cluster id, taken with optimistic concurrency, renewed while working, released at the
-//! end, and taken over only once it has expired (a holder that died does not lock forever).
+//! the cluster id, taken with optimistic concurrency, renewed in the background while
+//! working, released at the end, and taken over only once it has stayed unchanged for its
+//! whole duration as this node observed it (a holder that died does not lock forever, and a
+//! skewed clock never takes over a live holder).
 
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -18,7 +22,9 @@ pub fn lease_name(cluster_id: u64) -> String {
     format!("etcd-medic-{cluster_id:016x}")
 }
 
-/// Is the lease held by someone other than `me` and not expired at `now`?
+/// Is the lease held by someone other than `me` and, by its holder's own `renewTime`, not
+/// expired at `now`? (A lease that looks expired this way is only a candidate: see
+/// [`ClusterLock::acquire`], which takes it over only after watching it unchanged.)
 pub fn held_by_other(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Option<String> {
     let spec = spec?;
     let holder = spec.holder_identity.clone().filter(|h| !h.is_empty() && h != me)?;
@@ -43,48 +49,191 @@ fn busy(holder: &str, namespace: &str, name: &str) -> Error {
     Error::new(Code::ClusterLocked, format!("{holder} is remediating this etcd cluster (lease {namespace}/{name}); retry when it is done"))
 }
 
+/// How often a held lease is renewed: a dozen chances before it would expire.
+pub const RENEW_EVERY: Duration = Duration::from_secs(10);
+/// A renewal that keeps failing gives up this long before the lease would expire.
+const RENEW_MARGIN: Duration = Duration::from_secs(15);
+
 pub struct ClusterLock {
     api: KubeApi,
     namespace: String,
     lease: Lease,
     me: String,
+    /// When the lease was last written by us, on this node's monotonic clock.
+    renewed: Instant,
+}
+
+/// Whether a lease that another holder has not renewed (by its own clock) has also stayed
+/// unchanged here for its whole duration, measured on this node's monotonic clock, as
+/// client-go's leader election decides. Clocks of other nodes are never compared with ours.
+pub fn expired_locally(first_seen: Instant, now: Instant, duration: Duration) -> bool {
+    now.saturating_duration_since(first_seen) >= duration
+}
+
+fn lease_duration(l: &Lease) -> Duration {
+    Duration::from_secs(l.spec.as_ref().and_then(|s| s.lease_duration_seconds).unwrap_or(DURATION.as_secs() as i32).max(1) as u64)
+}
+
+fn holder_of(l: &Lease) -> Option<String> {
+    l.spec.as_ref().and_then(|s| s.holder_identity.clone()).filter(|h| !h.is_empty())
 }
 
 impl ClusterLock {
-    pub async fn acquire(api: &KubeApi, namespace: &str, cluster_id: u64, me: &str) -> Result<Self> {
+    /// Takes the cluster's lease. A lease another holder renewed recently (by its clock) is
+    /// `ClusterLocked` at once. One that looks expired is watched: taken over only once its
+    /// resourceVersion has not changed for the lease's duration on this node's clock (a
+    /// holder alive with a skewed clock renews meanwhile, and keeps it); `stop` ends the wait.
+    pub async fn acquire(api: &KubeApi, namespace: &str, cluster_id: u64, me: &str, stop: &AtomicBool) -> Result<Self> {
         let name = lease_name(cluster_id);
-        let now = Timestamp::now();
-        let spec = |acquire: Option<MicroTime>| LeaseSpec {
+        let spec = || LeaseSpec {
             holder_identity: Some(me.to_string()),
             lease_duration_seconds: Some(DURATION.as_secs() as i32),
-            acquire_time: acquire.or(Some(MicroTime(now))),
-            renew_time: Some(MicroTime(now)),
+            acquire_time: Some(MicroTime(Timestamp::now())),
+            renew_time: Some(MicroTime(Timestamp::now())),
             ..Default::default()
         };
-        let lease = match api.lease(namespace, &name).await? {
-            None => {
-                let l =
-                    Lease { metadata: kube::api::ObjectMeta { name: Some(name.clone()), ..Default::default() }, spec: Some(spec(None)) };
-                api.write_lease(namespace, &l, true).await.map_err(|e| locked(e, &name))?
-            }
-            Some(mut l) => {
-                if let Some(holder) = held_by_other(l.spec.as_ref(), me, now) {
-                    return Err(busy(&holder, namespace, &name));
+        let mut watched: Option<(String, Instant)> = None;
+        // A write that failed without an answer may have gone through: the lease is read
+        // again (ours now, it is simply written again) until the API server's retry budget.
+        let deadline = Instant::now() + api.retry_for();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let written = match api.lease(namespace, &name).await? {
+                None => {
+                    let l =
+                        Lease { metadata: kube::api::ObjectMeta { name: Some(name.clone()), ..Default::default() }, spec: Some(spec()) };
+                    api.write_lease(namespace, &l, true).await
                 }
-                l.spec = Some(spec(None));
-                api.write_lease(namespace, &l, false).await?
+                Some(mut l) => {
+                    if let Some(holder) = holder_of(&l).filter(|h| h != me) {
+                        if held_by_other(l.spec.as_ref(), me, Timestamp::now()).is_some() {
+                            return Err(busy(&holder, namespace, &name));
+                        }
+                        let rv = l.metadata.resource_version.clone().unwrap_or_default();
+                        match &watched {
+                            Some((seen, since)) if *seen == rv => {
+                                if !expired_locally(*since, Instant::now(), lease_duration(&l)) {
+                                    if stop.load(Ordering::SeqCst) {
+                                        return Err(Error::new(
+                                            Code::NotReady,
+                                            "the agent is shutting down: stopped while waiting for a lease",
+                                        ));
+                                    }
+                                    tokio::time::sleep(Duration::from_secs(1)).await;
+                                    continue;
+                                }
+                                tracing::warn!(
+                                    "taking over lease {namespace}/{name}: {holder} left it unchanged for {:?}",
+                                    lease_duration(&l)
+                                );
+                            }
+                            Some(_) => return Err(busy(&holder, namespace, &name)),
+                            None => {
+                                tracing::info!(
+                                    "lease {namespace}/{name} of {holder} looks expired; watching it for {:?}",
+                                    lease_duration(&l)
+                                );
+                                watched = Some((rv, Instant::now()));
+                                continue;
+                            }
+                        }
+                    }
+                    l.spec = Some(spec());
+                    api.write_lease(namespace, &l, false).await
+                }
+            };
+            match written {
+                Ok(lease) => {
+                    return Ok(ClusterLock {
+                        api: api.clone(),
+                        namespace: namespace.to_string(),
+                        lease,
+                        me: me.to_string(),
+                        renewed: Instant::now(),
+                    });
+                }
+                Err(e) if e.code == Code::ClusterLocked || Instant::now() + backoff > deadline => return Err(locked(e, &name)),
+                Err(e) => {
+                    tracing::debug!("writing lease {namespace}/{name} failed ({}); reading it again", e.message);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
             }
-        };
-        Ok(ClusterLock { api: api.clone(), namespace: namespace.to_string(), lease, me: me.to_string() })
+        }
     }
 
+    fn name(&self) -> String {
+        self.lease.metadata.name.clone().unwrap_or_default()
+    }
+
+    /// Renews the lease. A failure is retried with back-off until the lease would expire
+    /// (on this node's clock); a conflict is settled by reading the lease: still ours (a
+    /// renewal whose answer was lost) is renewed again, another holder's is `ClusterLocked`.
     pub async fn renew(&mut self) -> Result<()> {
-        let mut l = self.lease.clone();
-        if let Some(s) = l.spec.as_mut() {
-            s.renew_time = Some(MicroTime(Timestamp::now()));
+        let until = self.renewed + lease_duration(&self.lease).saturating_sub(RENEW_MARGIN);
+        let mut backoff = Duration::from_millis(200);
+        loop {
+            let mut l = self.lease.clone();
+            if let Some(s) = l.spec.as_mut() {
+                s.renew_time = Some(MicroTime(Timestamp::now()));
+            }
+            let last = match self.api.write_lease(&self.namespace, &l, false).await {
+                Ok(l) => {
+                    self.lease = l;
+                    self.renewed = Instant::now();
+                    return Ok(());
+                }
+                Err(e) if e.code == Code::ClusterLocked => match self.api.lease(&self.namespace, &self.name()).await {
+                    Ok(Some(cur)) if holder_of(&cur).as_deref() == Some(self.me.as_str()) => {
+                        self.lease = cur;
+                        continue;
+                    }
+                    Ok(Some(cur)) => {
+                        let who = holder_of(&cur).unwrap_or_else(|| "nobody".into());
+                        return Err(Error::new(
+                            Code::ClusterLocked,
+                            format!("lease {}/{} is now held by {who}", self.namespace, self.name()),
+                        ));
+                    }
+                    Ok(None) => {
+                        return Err(Error::new(Code::ClusterLocked, format!("lease {}/{} was deleted", self.namespace, self.name())));
+                    }
+                    Err(e) => e,
+                },
+                Err(e) => e,
+            };
+            if Instant::now() + backoff > until {
+                return Err(Error::new(
+                    Code::NotReady,
+                    format!("could not renew lease {}/{} before it would expire: {}", self.namespace, self.name(), last.message),
+                ));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
-        self.lease = self.api.write_lease(&self.namespace, &l, false).await?;
-        Ok(())
+    }
+
+    /// Keeps the lease renewed in the background every [`RENEW_EVERY`] while the engine
+    /// works, so that no step, however long, outlives it; a renewal that fails for good is
+    /// reported by [`Kept::check`] at the engine's next safe point.
+    pub fn keep(mut self) -> Kept {
+        let lost = Arc::new(Mutex::new(None));
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let report = lost.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(RENEW_EVERY) => {}
+                    _ = stopped.changed() => return self,
+                }
+                if let Err(e) = self.renew().await {
+                    tracing::error!(code = %e.code, "lost the cluster's lease: {}", e.message);
+                    *report.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    return self;
+                }
+            }
+        });
+        Kept { lost, stop, task }
     }
 
     /// Gives the lease up (holder cleared), so the next remediation need not wait for expiry.
@@ -98,6 +247,30 @@ impl ClusterLock {
             s.acquire_time = None;
         }
         self.api.write_lease(&self.namespace, &l, false).await.map(|_| ())
+    }
+}
+
+/// A lease held and renewed in the background (see [`ClusterLock::keep`]).
+pub struct Kept {
+    lost: Arc<Mutex<Option<Error>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<ClusterLock>,
+}
+
+impl Kept {
+    /// `Err` once the lease could not be renewed (taken by another holder, or the API
+    /// server unreachable until it would expire): the engine stops at its next safe point.
+    pub fn check(&self) -> Result<()> {
+        match self.lost.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Stops the renewals and gives the lock back (to release it, or keep it until expiry).
+    pub async fn into_lock(self) -> Option<ClusterLock> {
+        let _ = self.stop.send(true);
+        self.task.await.ok()
     }
 }
 
@@ -117,6 +290,15 @@ mod tests {
             lease_duration_seconds: Some(ttl),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn expiry_is_measured_on_this_nodes_clock_only() {
+        let seen = Instant::now();
+        assert!(!expired_locally(seen, seen + Duration::from_secs(119), DURATION));
+        assert!(expired_locally(seen, seen + Duration::from_secs(120), DURATION));
+        // A clock that went backwards (or a first sight after now) never expires anything.
+        assert!(!expired_locally(seen + Duration::from_secs(5), seen, DURATION));
     }
 
     #[test]

@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Code, Error, Result};
 use crate::etcd;
 use crate::guard::{self, Change};
-use crate::lease::ClusterLock;
+use crate::kubeapi::Deleted;
+use crate::lease::{ClusterLock, Kept};
 use crate::locate::{Locator, Plan, blocking, container};
 use crate::profile::Profile;
 use crate::quarantine;
@@ -191,8 +192,19 @@ impl Engine<'_> {
                 );
                 return self.finish(r, Err((e, true)));
             }
-            let outcome = self.resume(&mut r).await;
-            return self.finish(r, outcome);
+            // The pod it restarted may have rejoined long ago, and a later instance fail anew:
+            // then that remediation reached its goal, and this failure gets its own.
+            match self.reached_goal(&r).await {
+                Some(evidence) => {
+                    tracing::info!(id = %r.id, "closing an unfinished remediation from evidence: {evidence}");
+                    close_from_evidence(&self.opts.state_dir, &mut r, &evidence);
+                    (self.progress)(&r);
+                }
+                None => {
+                    let outcome = self.resume(&mut r).await;
+                    return self.finish(r, outcome);
+                }
+            }
         }
         r.phase = Phase::Running;
         r.etcd_endpoints = self.opts.etcd_endpoints.clone();
@@ -288,6 +300,59 @@ impl Engine<'_> {
         out
     }
 
+    /// Whether an unfinished remediation already reached its goal, from evidence: it had
+    /// restarted the pod, the pod was replaced since, and etcd wrote new member data on the
+    /// volume after the quarantine (a WAL, or a `member_id` other than the stale one) or the
+    /// member list shows the member started under a new id. `None`: resume it.
+    async fn reached_goal(&self, r: &Remediation) -> Option<String> {
+        let plan = r.plan.as_ref().filter(|_| r.step_done("Restart"))?;
+        let pod = self.locator.api.pod(&plan.namespace, &plan.pod).await.ok()?;
+        if pod.metadata.uid.as_deref() == Some(plan.pod_uid.as_str()) {
+            return None;
+        }
+        let stale = r.quarantine.as_ref().and_then(|q| q.member_id.clone());
+        // The volume speaks for the Bitnami image, which starts etcd only once its member was
+        // added as a voter; a plain set's member comes back as the agent's learner, so only
+        // the member list (started and voting) speaks for it.
+        if plan.profile != Profile::Plain
+            && let Ok(located) = self.locator.open(&plan.namespace, &plan.pod, None, false).await
+        {
+            let (vol, data) = (located.volume.clone(), located.data.clone());
+            let found = blocking(move || {
+                let wal = data.join("member/wal");
+                let new_wal = vol.entry(&wal)?.is_some_and(|e| e.kind == crate::volume::Kind::Dir)
+                    && vol
+                        .list(&wal, 10_000)?
+                        .iter()
+                        .any(|(n, k)| *k == crate::volume::Kind::File && n.to_string_lossy().ends_with(".wal"));
+                let id = vol.read_small(&data.join("member_id"), 64).ok().flatten().and_then(|b| crate::volume::parse_member_id(&b).ok());
+                Ok((new_wal, id))
+            })
+            .await;
+            match found {
+                Ok((true, _)) => return Some("etcd wrote a new WAL on the volume since the quarantine".into()),
+                Ok((_, Some(id))) if Some(format!("{id:x}")) != stale => {
+                    return Some(format!("the volume holds member id {id:x}, not the stale one, since the quarantine"));
+                }
+                _ => {}
+            }
+        }
+        let c = pod.spec.as_ref().and_then(|s| s.containers.iter().find(|c| c.name == plan.container))?;
+        let (peer_url, _, _) = start_flags(c, &container::environment(&pod, c), &plan.pod);
+        let peer_url = peer_url?;
+        let given = if r.etcd_endpoints.is_empty() { &self.opts.etcd_endpoints } else { &r.etcd_endpoints };
+        let endpoints = if given.is_empty() {
+            etcd::sibling_endpoints(&pod, &self.locator.api.pods(&plan.namespace).await.ok()?, &plan.container)
+        } else {
+            given.clone()
+        };
+        let (_, members) = etcd::members(&endpoints).await.ok()?;
+        members
+            .iter()
+            .find(|m| !m.name.is_empty() && !m.is_learner && m.peer_urls.contains(&peer_url) && Some(format!("{:x}", m.id)) != stale)
+            .map(|m| format!("member {:x} started and voting with the pod's peer URL after the restart", m.id))
+    }
+
     /// Finishes a remediation from its journal: the lock again, then the steps not yet done.
     async fn resume(&self, r: &mut Remediation) -> std::result::Result<(), (Error, bool)> {
         r.phase = Phase::Running;
@@ -299,14 +364,18 @@ impl Engine<'_> {
     /// Takes the cluster's lease (step Lock), acts, and gives the lease back (see `release`).
     async fn lock_and_act(&self, r: &mut Remediation, checked: &Checked, acted: bool) -> std::result::Result<(), (Error, bool)> {
         let (ns, me) = (r.namespace.clone(), holder(&self.locator.layout.node_name, &r.id));
-        let mut lock = self
+        let lock = self
             .step(r, "Lock", acted, async {
-                let l = ClusterLock::acquire(&self.locator.api, self.lease_namespace(&ns), checked.cluster_id, &me).await?;
+                let l = ClusterLock::acquire(&self.locator.api, self.lease_namespace(&ns), checked.cluster_id, &me, self.stop).await?;
                 Ok((l, format!("lease etcd-medic-{:016x} held by {me}", checked.cluster_id)))
             })
             .await?;
-        let result = self.act(r, checked, &mut lock).await;
-        self.release(lock, &result).await;
+        // Renewed in the background from here on, whatever step runs.
+        let kept = lock.keep();
+        let result = self.act(r, checked, &kept).await;
+        if let Some(lock) = kept.into_lock().await {
+            self.release(lock, &result).await;
+        }
         result
     }
 
@@ -371,7 +440,7 @@ impl Engine<'_> {
         self.lock_and_act(r, &checked, false).await
     }
 
-    async fn act(&self, r: &mut Remediation, c: &Checked, lock: &mut ClusterLock) -> std::result::Result<(), (Error, bool)> {
+    async fn act(&self, r: &mut Remediation, c: &Checked, lock: &Kept) -> std::result::Result<(), (Error, bool)> {
         let plan = &c.plan;
         let resumed = r.steps.iter().any(|s| s.name == "Resume");
         if r.step_done("Quarantine") {
@@ -444,19 +513,23 @@ impl Engine<'_> {
         &self,
         r: &mut Remediation,
         c: &Checked,
-        lock: &mut ClusterLock,
+        lock: &Kept,
         resumed: bool,
     ) -> std::result::Result<(), (Error, bool)> {
         let plan = &c.plan;
-        lock.renew().await.map_err(|e| (e, true))?;
+        // Safe points: the cluster's lease still ours before each step that changes something.
+        lock.check().map_err(|e| (e, true))?;
         if !r.step_done("Membership") {
             self.step(r, "Membership", true, self.membership(c)).await?;
         }
-        lock.renew().await.map_err(|e| (e, true))?;
+        lock.check().map_err(|e| (e, true))?;
         if !r.step_done("Restart") {
             self.step(r, "Restart", true, async {
                 match self.locator.api.delete_pod(&plan.namespace, &plan.pod, &plan.pod_uid).await {
-                    Ok(()) => Ok(((), format!("deleted pod {}/{} (uid {})", plan.namespace, plan.pod, plan.pod_uid))),
+                    Ok(Deleted::Now) => Ok(((), format!("deleted pod {}/{} (uid {})", plan.namespace, plan.pod, plan.pod_uid))),
+                    Ok(Deleted::Earlier(why)) => {
+                        Ok(((), format!("pod {}/{} (uid {}) deleted: {why}", plan.namespace, plan.pod, plan.pod_uid)))
+                    }
                     // Resumed after the delete went through: the pod was already replaced.
                     Err(e) if resumed && matches!(e.code, Code::PodUIDMismatch | Code::PodNotFound) => {
                         Ok(((), format!("pod {}/{} was already replaced", plan.namespace, plan.pod)))
@@ -622,12 +695,11 @@ impl Engine<'_> {
         Ok(((), done.join("; ")))
     }
 
-    async fn verify(&self, c: &Checked, lock: &mut ClusterLock) -> Result<((), String)> {
+    async fn verify(&self, c: &Checked, lock: &Kept) -> Result<((), String)> {
         let deadline = Instant::now() + self.opts.verify_timeout;
         let old_uid = Some(c.plan.pod_uid.clone());
         let mut seen = String::from("nothing yet");
         let mut promoted = None;
-        let mut next_renewal = Instant::now();
         let started = Instant::now();
         let mut orphan: Option<(u64, Instant)> = None;
         let mut cleaned = String::new();
@@ -635,6 +707,8 @@ impl Engine<'_> {
             if self.stopping() {
                 return Err(Error::new(Code::NotReady, format!("the agent is shutting down; verification resumes on restart ({seen})")));
             }
+            // A lease lost while waiting fails the remediation: another agent may act now.
+            lock.check().map_err(|e| Error::new(e.code, format!("{} (while verifying: {seen})", e.message)))?;
             // A member added as a learner is promoted once it has caught up with the leader.
             let (_, members) = etcd::members(&c.endpoints).await.unwrap_or_default();
             let mine = members.iter().find(|m| m.peer_urls.contains(&c.peer_url) && Some(m.id) != c.stale && !m.name.is_empty());
@@ -689,11 +763,7 @@ impl Engine<'_> {
                 }
             }
             // Every 50 ms for the first 10 s (a member usually rejoins within a second, and is
-            // seen back within 50 ms), then once a second; the lease renewed each second.
-            if Instant::now() >= next_renewal {
-                let _ = lock.renew().await;
-                next_renewal = Instant::now() + Duration::from_secs(1);
-            }
+            // seen back within 50 ms), then once a second.
             let fast = started.elapsed() < Duration::from_secs(10);
             tokio::time::sleep(if fast { Duration::from_millis(50) } else { Duration::from_secs(1) }).await;
         }
@@ -756,6 +826,21 @@ fn orphaned_entry(profile: Profile, members: &[etcd::Member], peer_url: &str, st
 /// exclude each other too, and a resumed one is recognised as the same holder.
 fn holder(node: &str, id: &str) -> String {
     format!("{node}/{id}")
+}
+
+/// Closes an unfinished remediation that reached its goal, saying how the agent knows.
+fn close_from_evidence(state_dir: &Path, r: &mut Remediation, evidence: &str) {
+    r.phase = Phase::Succeeded;
+    r.step = None;
+    r.steps.push(StepRecord {
+        name: "Verify".into(),
+        start: now(),
+        end: Some(now()),
+        outcome: Some("Done".into()),
+        message: format!("closed from evidence after the agent stopped: {evidence}"),
+    });
+    r.finished_at = Some(now());
+    let _ = journal(state_dir, r);
 }
 
 /// The dot-file that keeps the Bitnami image from ever seeing an empty data dir.

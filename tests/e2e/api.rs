@@ -242,7 +242,7 @@ async fn the_agent_waits_for_the_api_server_and_refuses_tokens_for_other_audienc
         "scoped",
         TokenIdentity { username: "system:serviceaccount:ops:healer".into(), groups: vec![], audiences: vec!["etcd-medic".into()] },
     );
-    lab.api.inject(Fault { path_prefix: "/version".into(), kind: FaultKind::Status(503) });
+    lab.api.inject(Fault::new("/version", FaultKind::Status(503)));
     let mut how = Serve::new(&lab);
     how.args = vec!["--audience".into(), "etcd-medic".into()];
     let agent = ServedAgent::start(&lab, how).await?;
@@ -453,7 +453,9 @@ async fn schemathesis_finds_nothing_the_document_does_not_promise() -> Result<()
         .arg("run")
         .arg(format!("http://{}/openapi.json", agent.addr))
         .args(["--checks", "all", "--exclude-checks", "positive_data_acceptance", "--max-examples", "60", "--seed", "1"])
-        .args(["--workers", "2", "--no-color", "--header", &format!("Authorization: Bearer {CONTROLLER}")])
+        // One worker: CPython 3.11 can fail parsing lambda sources in two threads at once
+        // ("AST constructor recursion depth mismatch"), a crash of the tool, not a finding.
+        .args(["--workers", "1", "--no-color", "--header", &format!("Authorization: Bearer {CONTROLLER}")])
         .arg("--report-dir")
         .arg(&reports)
         .env("SCHEMATHESIS_HOOKS", "")

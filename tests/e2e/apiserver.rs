@@ -213,7 +213,7 @@ async fn unauthenticated_requests_and_injected_faults_get_status_bodies() -> Res
     let (code, _) = tokio::task::spawn_blocking(move || raw(addr, "/api/v1/namespaces/x/pods", Some(&token))).await??;
     assert_eq!(code, 200);
 
-    api.inject(Fault { path_prefix: "/api/v1/namespaces/apisix/pods".into(), kind: FaultKind::Status(500) });
+    api.inject(Fault::new("/api/v1/namespaces/apisix/pods", FaultKind::Status(500)));
     let pods: Api<Pod> = Api::namespaced(client, "apisix");
     assert_eq!(api_error(pods.get("a").await.unwrap_err()).0, 500);
     api.clear_faults();

@@ -332,11 +332,11 @@ async fn kubelet_side_failures_on_a_csi_volume() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_api_server_that_fails_or_hangs_is_a_clear_error() -> Result<()> {
     let lab = Lab::start(shape(1, StorageKind::HostPath)).await?;
-    lab.api.inject(Fault { path_prefix: "/api/v1/namespaces/apisix/pods/".into(), kind: FaultKind::Status(500) });
+    lab.api.inject(Fault::new("/api/v1/namespaces/apisix/pods/", FaultKind::Status(500)));
     let e = assert_code(locate(&lab, 0).await, Code::NotReady);
     assert!(e.message.contains("500"), "{e}");
     lab.api.clear_faults();
-    lab.api.inject(Fault { path_prefix: "/api/v1/persistentvolumes/".into(), kind: FaultKind::Delay(Duration::from_secs(5)) });
+    lab.api.inject(Fault::new("/api/v1/persistentvolumes/", FaultKind::Delay(Duration::from_secs(5))));
     let (l, _p) = locator(&lab, None, Duration::from_millis(500)).await?;
     let e = assert_code(l.locate("apisix", "apisix-etcd-0", None).await, Code::NotReady);
     assert!(e.message.contains("did not answer"), "{e}");

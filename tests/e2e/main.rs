@@ -5,6 +5,7 @@
 mod api;
 mod apiserver;
 mod cluster;
+mod faults;
 mod gates;
 mod hostile;
 mod kubelet;

@@ -210,7 +210,20 @@ impl Agent {
             async move {
                 agent.metrics.in_flight.inc();
                 let id = r.id.clone();
-                let done = agent.run(opts, r).await;
+                let first = r.clone();
+                // The engine runs in a task of its own: should it die (a bug), the remediation
+                // is recorded as ended with `Internal`, never left blocking its pod.
+                let inner = {
+                    let agent = agent.clone();
+                    tokio::spawn(async move { agent.run(opts, r).await }.in_current_span())
+                };
+                let done = match inner.await {
+                    Ok(done) => done,
+                    Err(e) => {
+                        let last = agent.runs.lock().unwrap_or_else(|p| p.into_inner()).get(&id).cloned().unwrap_or(first);
+                        agent.died(last, &e.to_string())
+                    }
+                };
                 {
                     let mut runs = agent.runs.lock().unwrap();
                     runs.remove(&id);
@@ -220,6 +233,22 @@ impl Agent {
             }
             .instrument(span),
         );
+    }
+
+    /// Records a remediation whose task died: `Failed` if it had changed something (its
+    /// journal says so), else `Refused`, with `Internal` and what happened.
+    fn died(&self, mut r: Remediation, why: &str) -> Remediation {
+        tracing::error!(id = %r.id, "the remediation's task died: {why}");
+        let acted = remediation::needs_resume(&r);
+        r.phase = if acted { Phase::Failed } else { Phase::Refused };
+        r.step = None;
+        r.finished_at = Some(jiff::Timestamp::now().to_string());
+        r.error = Some(remediation::ErrorRecord {
+            code: Code::Internal,
+            message: format!("the agent's task for this remediation died ({why}); a bug: please report it with the agent's log"),
+        });
+        let _ = crate::journal::write(&self.cfg.engine.state_dir, &r);
+        r
     }
 
     /// Runs the engine on `r`, reporting each snapshot (logs, metrics, Events) in order.

@@ -57,14 +57,62 @@ pub struct AccessRule {
 pub enum FaultKind {
     /// Answer with this status code and a `Status` body.
     Status(u16),
+    /// `429 TooManyRequests` with `Retry-After` (header and `details.retryAfterSeconds`).
+    Throttle { retry_after_seconds: u32 },
     /// Answer after this long (a hung API server).
     Delay(Duration),
+    /// Carry the request out, then answer this status instead of its result: an answer lost
+    /// on the way back.
+    LoseAnswer(u16),
 }
 
 #[derive(Clone, Debug)]
 pub struct Fault {
     pub path_prefix: String,
     pub kind: FaultKind,
+    /// Only requests with this method (`GET`, `PUT`, …); all when `None`.
+    pub method: Option<String>,
+    /// Strike every `every`-th matching request (1: every one).
+    pub every: u32,
+    /// Strike at most this many times; for ever when `None`.
+    pub times: Option<u32>,
+    matched: u32,
+}
+
+impl Fault {
+    pub fn new(path_prefix: impl Into<String>, kind: FaultKind) -> Self {
+        Fault { path_prefix: path_prefix.into(), kind, method: None, every: 1, times: None, matched: 0 }
+    }
+
+    pub fn method(mut self, m: &str) -> Self {
+        self.method = Some(m.to_string());
+        self
+    }
+
+    pub fn every(mut self, n: u32) -> Self {
+        self.every = n.max(1);
+        self
+    }
+
+    pub fn times(mut self, n: u32) -> Self {
+        self.times = Some(n);
+        self
+    }
+
+    /// Whether this request is struck (counting it).
+    fn strikes(&mut self, method: &str, path: &str) -> bool {
+        if !path.starts_with(&self.path_prefix) || self.method.as_deref().is_some_and(|m| m != method) || self.times == Some(0) {
+            return false;
+        }
+        self.matched += 1;
+        if self.matched % self.every != 0 {
+            return false;
+        }
+        if let Some(t) = self.times.as_mut() {
+            *t -= 1;
+        }
+        true
+    }
 }
 
 /// One request as the stand-in saw it, for tests that check how the agent asked.
@@ -328,15 +376,35 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         body: String::from_utf8_lossy(&body).into_owned(),
     });
 
-    let fault = shared.faults.lock().unwrap().iter().find(|f| path.starts_with(&f.path_prefix)).cloned();
-    match fault.map(|f| f.kind) {
+    let method = parts.method.to_string();
+    let fault = shared.faults.lock().unwrap().iter_mut().find_map(|f| f.strikes(&method, &path).then(|| f.kind.clone()));
+    match fault {
         Some(FaultKind::Status(code)) => {
             let e = ApiError::new(code, "InternalError", format!("injected fault: {code}"));
             return error_response(&e);
         }
+        Some(FaultKind::Throttle { retry_after_seconds }) => {
+            let body = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure", "code": 429,
+                "reason": "TooManyRequests", "message": "injected fault: too many requests",
+                "details": {"retryAfterSeconds": retry_after_seconds}});
+            let mut r = json_response(429, &body);
+            r.headers_mut().insert("retry-after", retry_after_seconds.to_string().parse().unwrap());
+            return r;
+        }
         Some(FaultKind::Delay(d)) => tokio::time::sleep(d).await,
+        Some(FaultKind::LoseAnswer(code)) => {
+            let _done = serve(&shared, parts, body).await;
+            let e = ApiError::new(code, "InternalError", format!("injected fault: the answer was lost ({code})"));
+            return error_response(&e);
+        }
         None => {}
     }
+    serve(&shared, parts, body).await
+}
+
+async fn serve(shared: &Arc<Shared>, parts: axum::http::request::Parts, body: Bytes) -> Response {
+    let path = parts.uri.path().to_string();
+    let query = parts.uri.query().unwrap_or("").to_string();
 
     if matches!(path.as_str(), "/healthz" | "/readyz" | "/livez") {
         return "ok".into_response();
@@ -349,16 +417,16 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         return json_response(200, &json!({"major": "1", "minor": "33", "gitVersion": "v1.33.0-etcd-medic-lab"}));
     }
     if parts.method == Method::POST && path == "/apis/authentication.k8s.io/v1/tokenreviews" {
-        return token_review(&shared, &body);
+        return token_review(shared, &body);
     }
     if parts.method == Method::POST && path == "/apis/authorization.k8s.io/v1/subjectaccessreviews" {
-        return access_review(&shared, &body);
+        return access_review(shared, &body);
     }
     let Some(target) = parse_path(&path) else {
         return error_response(&ApiError::new(404, "NotFound", "the server could not find the requested resource"));
     };
     let q = query_map(&query);
-    match resource_request(&shared, &parts.method, &target, &q, &body).await {
+    match resource_request(shared, &parts.method, &target, &q, &body).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
     }

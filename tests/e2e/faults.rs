@@ -1,0 +1,140 @@
+//! Faults of the API server and of the agent itself, against real etcd: transient errors
+//! after acting are survived, a lost answer to the pod delete is settled by the pod, a stale
+//! journal never hijacks a new failure, and the cluster's lease is taken over only from a
+//! holder that left it unchanged, whatever the clocks say.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use etcd_medic::remediation::{Phase, Remediation};
+use etcd_medic_lab::apiserver::{Fault, FaultKind};
+use etcd_medic_lab::etcd;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+
+const PODS: &str = "/api/v1/namespaces/apisix/pods";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_api_errors_from_lock_on_and_a_lost_delete_answer_are_survived() -> Result<()> {
+    let (lab, _) = crate::reference_failure::broken_lab().await?;
+    if !lab.node.real_mounts {
+        eprintln!("SKIPPED: needs root for real mounts");
+        return Ok(());
+    }
+    // From the Lock step on: every third pod read fails with 500, every other lease write
+    // with 503, every other claim read is throttled (429 with Retry-After), every other
+    // Event is refused, and the first pod delete is carried out but its answer lost.
+    let armed = std::sync::atomic::AtomicBool::new(false);
+    let progress = |r: &Remediation| {
+        if r.steps.last().is_some_and(|s| s.name == "Lock") && !armed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            lab.api.inject(Fault::new(format!("{PODS}/apisix-etcd-1"), FaultKind::LoseAnswer(500)).method("DELETE").times(1));
+            lab.api.inject(Fault::new(PODS, FaultKind::Status(500)).method("GET").every(3));
+            lab.api
+                .inject(Fault::new("/apis/coordination.k8s.io/v1/namespaces/apisix/leases", FaultKind::Status(503)).method("PUT").every(2));
+            lab.api.inject(
+                Fault::new("/api/v1/namespaces/apisix/persistentvolumeclaims", FaultKind::Throttle { retry_after_seconds: 1 }).every(2),
+            );
+            lab.api.inject(Fault::new("/apis/events.k8s.io", FaultKind::Status(503)).every(2));
+        }
+    };
+    let r = etcd_medic_lab::agent::remediate_with(&lab, "apisix-etcd-1", false, &progress).await?;
+    lab.api.clear_faults();
+    assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
+    let restart = r.steps.iter().find(|s| s.name == "Restart").unwrap();
+    assert!(restart.message.contains("went through"), "the lost answer was settled: {}", restart.message);
+    // The old pod was deleted once: the retry met its precondition (gone or replaced).
+    let deletes = lab.api.seen().iter().filter(|q| q.method == "DELETE" && q.path == format!("{PODS}/apisix-etcd-1")).count();
+    assert_eq!(deletes, 2, "one delete carried out (answer lost) and one retry");
+    crate::reference_failure::assert_every_key(&lab, 3, crate::reference_failure::KEYS).await?;
+    lab.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_journal_never_hijacks_a_new_failure() -> Result<()> {
+    let (lab, _) = crate::reference_failure::broken_lab().await?;
+    if !lab.node.real_mounts {
+        eprintln!("SKIPPED: needs root for real mounts");
+        return Ok(());
+    }
+    let first = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
+    assert_eq!(first.phase, Phase::Succeeded, "{first:?}");
+    // As if the agent had been killed in Verify: the journal still says Running.
+    let state = lab.dir.path().join("agent-state");
+    let mut stale = etcd_medic::remediation::read_journal(&state, &first.id)?;
+    stale.phase = Phase::Running;
+    stale.finished_at = None;
+    stale.steps.retain(|s| !matches!(s.name.as_str(), "Verify" | "Retention"));
+    etcd_medic::journal::write(&state, &stale)?;
+    // Long after it rejoined, a later instance of the pod fails anew.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    lab.break_member(1).await?;
+    let second = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
+    assert_ne!(second.id, first.id, "a new failure gets a new remediation");
+    assert_eq!(second.phase, Phase::Succeeded, "{second:?}");
+    let closed = etcd_medic::remediation::read_journal(&state, &first.id)?;
+    assert_eq!(closed.phase, Phase::Succeeded, "{closed:?}");
+    let last = closed.steps.last().unwrap();
+    assert!(last.message.contains("closed from evidence"), "{}", last.message);
+    crate::reference_failure::assert_every_key(&lab, 3, crate::reference_failure::KEYS).await?;
+    lab.shutdown().await;
+    Ok(())
+}
+
+/// A lease whose holder wrote `renew_time` by its own clock, 10 minutes behind ours.
+fn planted(name: &str, holder: &str, skewed_by: i64) -> Lease {
+    let then = jiff::Timestamp::now().checked_sub(jiff::SignedDuration::from_secs(skewed_by)).unwrap();
+    Lease {
+        metadata: kube::api::ObjectMeta { name: Some(name.into()), namespace: Some("apisix".into()), ..Default::default() },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(holder.into()),
+            lease_duration_seconds: Some(3),
+            acquire_time: Some(MicroTime(then)),
+            renew_time: Some(MicroTime(then)),
+            ..Default::default()
+        }),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_is_taken_over_only_when_unchanged_whatever_the_clocks_say() -> Result<()> {
+    let (lab, _) = crate::reference_failure::broken_lab().await?;
+    if !lab.node.real_mounts {
+        eprintln!("SKIPPED: needs root for real mounts");
+        return Ok(());
+    }
+    let (cluster_id, _) = etcd_medic::etcd::members(&lab.set.other_endpoints(1)).await?;
+    let name = etcd_medic::lease::lease_name(cluster_id);
+    // A live holder on a node whose clock is 10 minutes behind: its renewTime looks long
+    // expired to us, but it renews every 500 ms. Never taken over.
+    lab.api.create(&planted(&name, "node-b/live", 600))?;
+    let renewing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let renewer = {
+        let (api, name, on) = (lab.api.clone(), name.clone(), renewing.clone());
+        tokio::spawn(async move {
+            while on.load(std::sync::atomic::Ordering::SeqCst) {
+                let _ = api.modify::<Lease>("apisix", &name, |l| {
+                    let t = jiff::Timestamp::now().checked_sub(jiff::SignedDuration::from_secs(600)).unwrap();
+                    l.spec.as_mut().unwrap().renew_time = Some(MicroTime(t));
+                });
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        })
+    };
+    let before = etcd::member_list(&lab.set.other_endpoints(1)).await?.len();
+    let r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
+    assert_eq!(r.phase, Phase::Refused, "{r:?}");
+    assert_eq!(r.error.as_ref().map(|e| e.code), Some(etcd_medic::Code::ClusterLocked), "{:?}", r.error);
+    assert_eq!(etcd::member_list(&lab.set.other_endpoints(1)).await?.len(), before, "nothing changed");
+    renewing.store(false, std::sync::atomic::Ordering::SeqCst);
+    renewer.await?;
+
+    // The holder died: its lease stays unchanged; after its duration (3 s) as this node
+    // observes it, the agent takes it over and heals.
+    let started = std::time::Instant::now();
+    let r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
+    assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
+    assert!(started.elapsed() >= Duration::from_secs(3), "watched for the lease's duration first");
+    lab.shutdown().await;
+    Ok(())
+}

@@ -85,13 +85,10 @@ fn client_scheme(pod: &Pod, container: &str) -> &'static str {
 /// Client URLs of the other pods of the same StatefulSet: `status.podIP` and the container
 /// port named `client`, with the scheme the pod advertises.
 pub fn sibling_endpoints(pod: &Pod, siblings: &[Pod], container: &str) -> Vec<String> {
-    let owner =
-        |p: &Pod| p.metadata.owner_references.as_ref().and_then(|o| o.iter().find(|r| r.controller == Some(true)).map(|r| r.name.clone()));
-    let mine = owner(pod);
     let scheme = client_scheme(pod, container);
     siblings
         .iter()
-        .filter(|p| p.metadata.name != pod.metadata.name && owner(p) == mine && mine.is_some())
+        .filter(|p| p.metadata.name != pod.metadata.name && crate::identity::same_set(pod, p))
         .filter_map(|p| {
             let ip = p.status.as_ref()?.pod_ip.clone()?;
             let c = p.spec.as_ref()?.containers.iter().find(|c| c.name == container)?;
@@ -101,26 +98,41 @@ pub fn sibling_endpoints(pod: &Pod, siblings: &[Pod], container: &str) -> Vec<St
         .collect()
 }
 
-/// The cluster id and member list from the first endpoint that answers, and each member's health (a
-/// status request to one of its client URLs within 2 s).
+/// The cluster id and member list from the first endpoint that answers a linearizable read,
+/// and each member's health: it answered a status request within 2 s, without alarms, naming
+/// the leader that the answering members agree on (see [`agreed_healthy`]). A member cut off
+/// from the leader, or one that answers but follows no leader, is not healthy.
 pub async fn members(endpoints: &[String]) -> Result<(u64, Vec<Member>)> {
     let mut last_err = None;
     for e in endpoints {
-        let list = async { connect(e).await?.member_list().await.map_err(|err| unavailable(&format!("member list from {e}"), err)) };
+        let list = async {
+            let mut c = connect(e).await?;
+            // A linearizable read completes only through a leader with a quorum and leaves
+            // this member applied at least that far: the list that follows is current.
+            c.get("etcd-medic/linearizable-probe", Some(etcd_client::GetOptions::new().with_count_only()))
+                .await
+                .map_err(|err| unavailable(&format!("a linearizable read through {e}"), err))?;
+            c.member_list().await.map_err(|err| unavailable(&format!("member list from {e}"), err))
+        };
         match tokio::time::timeout(Duration::from_secs(5), list).await {
             Ok(Ok(resp)) => {
-                let mut out = Vec::new();
+                let mut seen = Vec::new();
                 for m in resp.members() {
-                    let healthy = healthy(m.client_urls()).await;
-                    out.push(Member {
+                    seen.push((m.id(), m.is_learner(), status_of(m.client_urls()).await));
+                }
+                let healthy = agreed_healthy(&seen);
+                let out = resp
+                    .members()
+                    .iter()
+                    .map(|m| Member {
                         id: m.id(),
                         name: m.name().to_string(),
                         peer_urls: m.peer_urls().to_vec(),
                         client_urls: m.client_urls().to_vec(),
                         is_learner: m.is_learner(),
-                        healthy,
-                    });
-                }
+                        healthy: healthy.contains(&m.id()),
+                    })
+                    .collect();
                 return Ok((resp.header().map(|h| h.cluster_id()).unwrap_or_default(), out));
             }
             Ok(Err(err)) => last_err = Some(err.to_string()),
@@ -133,14 +145,38 @@ pub async fn members(endpoints: &[String]) -> Result<(u64, Vec<Member>)> {
     ))
 }
 
-async fn healthy(urls: &[String]) -> bool {
+/// What a member's status said: the leader it follows, and whether it raised no alarm.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub leader: u64,
+    pub clean: bool,
+}
+
+async fn status_of(urls: &[String]) -> Option<Seen> {
     for u in urls {
         let check = async { connect(u).await.ok()?.status().await.ok() };
-        if matches!(tokio::time::timeout(Duration::from_secs(2), check).await, Ok(Some(_))) {
-            return true;
+        if let Ok(Some(s)) = tokio::time::timeout(Duration::from_secs(2), check).await {
+            return Some(Seen { leader: s.leader(), clean: s.errors().is_empty() });
         }
     }
-    false
+    None
+}
+
+/// The members that count as healthy: they answered, raised no alarm, and follow the one
+/// leader most answering members name, itself a listed voting member. No single such leader
+/// (none, or a tie: members that disagree) means none is healthy. Pure.
+pub fn agreed_healthy(members: &[(u64, bool, Option<Seen>)]) -> std::collections::HashSet<u64> {
+    let voters: std::collections::HashSet<u64> = members.iter().filter(|(_, learner, _)| !learner).map(|(id, _, _)| *id).collect();
+    let mut votes: std::collections::BTreeMap<u64, usize> = Default::default();
+    for (_, _, s) in members {
+        if let Some(s) = s.filter(|s| s.leader != 0 && voters.contains(&s.leader)) {
+            *votes.entry(s.leader).or_default() += 1;
+        }
+    }
+    let most = votes.values().copied().max().unwrap_or(0);
+    let top: Vec<u64> = votes.iter().filter(|(_, n)| **n == most).map(|(l, _)| *l).collect();
+    let [leader] = top.as_slice() else { return Default::default() };
+    members.iter().filter(|(_, _, s)| s.is_some_and(|s| s.clean && s.leader == *leader)).map(|(id, _, _)| *id).collect()
 }
 
 async fn retry_unhealthy<T, F, Fut>(what: &str, deadline: Duration, mut op: F) -> Result<T>
@@ -256,6 +292,28 @@ async fn first_client(endpoints: &[String]) -> Result<Client> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn healthy_members_follow_the_leader_the_others_agree_on() {
+        let seen = |leader: u64| Some(Seen { leader, clean: true });
+        let ids = |v: &[(u64, bool, Option<Seen>)]| {
+            let mut h: Vec<u64> = agreed_healthy(v).into_iter().collect();
+            h.sort();
+            h
+        };
+        assert_eq!(ids(&[(1, false, seen(1)), (2, false, seen(1)), (3, false, seen(1))]), vec![1, 2, 3]);
+        // Cut off from the leader: it answers, but follows nobody (or an old leader).
+        assert_eq!(ids(&[(1, false, seen(1)), (2, false, seen(1)), (3, false, seen(0))]), vec![1, 2]);
+        assert_eq!(ids(&[(1, false, seen(1)), (2, false, seen(1)), (3, false, seen(3))]), vec![1, 2]);
+        // Stopped: no answer. An alarm (NOSPACE): not healthy.
+        let alarm = Some(Seen { leader: 1, clean: false });
+        assert_eq!(ids(&[(1, false, seen(1)), (2, false, None), (3, false, alarm)]), vec![1]);
+        // No agreement, or a leader that is no listed voter: nobody counts.
+        assert!(ids(&[(1, false, seen(1)), (2, false, seen(2))]).is_empty());
+        assert!(ids(&[(1, false, seen(9)), (2, false, seen(9))]).is_empty());
+        assert!(ids(&[(1, true, seen(1)), (2, false, seen(1))]).is_empty(), "a learner cannot lead");
+        assert_eq!(ids(&[(1, false, seen(1)), (4, true, seen(1))]), vec![1, 4], "a learner in sync is healthy");
+    }
     use serde_json::json;
 
     fn pod(name: &str, owner: &str, ip: &str, port: i32) -> Pod {

@@ -6,6 +6,7 @@ pub mod cli;
 pub mod error;
 pub mod etcd;
 pub mod guard;
+pub mod identity;
 pub mod journal;
 pub mod kubeapi;
 pub mod lease;

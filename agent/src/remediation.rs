@@ -609,6 +609,9 @@ impl Engine<'_> {
         let peer_url = peer_url.ok_or_else(|| {
             Error::new(Code::UnsupportedProfile, "the pod names no --initial-advertise-peer-urls / ETCD_INITIAL_ADVERTISE_PEER_URLS")
         })?;
+        // The member this pod may stand for is the one its peer URL names, and that must be
+        // the pod itself: checked before any etcd call.
+        crate::identity::check_member_identity(&pod, c, &peer_url)?;
         if plan.profile == Profile::Plain && state.as_deref() != Some("existing") {
             return Err(Error::new(
                 Code::UnsupportedProfile,
@@ -622,17 +625,21 @@ impl Engine<'_> {
             blocking(move || guard::no_holders(&proc_root, &vol, &data)).await?;
         }
         let discovered = etcd::sibling_endpoints(&pod, &self.locator.api.pods(ns).await?, &plan.container);
-        let endpoints = if self.opts.etcd_endpoints.is_empty() { discovered.clone() } else { self.opts.etcd_endpoints.clone() };
+        let endpoints = crate::identity::choose_endpoints(&discovered, &self.opts.etcd_endpoints)?;
         if endpoints.is_empty() {
             return Err(Error::new(
                 Code::SoleMember,
                 format!("pod {ns}/{name} has no sibling etcd members: a sole member has nothing to rejoin; restore it from a backup"),
             ));
         }
-        let (cluster_id, members) = etcd::members(&endpoints).await?;
+        let given = endpoints != discovered;
+        let (cluster_id, members) = etcd::members(&endpoints).await.map_err(|e| {
+            // What hosts a caller named answered is not told back: no probing through the agent.
+            if given { Error::invalid("none of the etcd endpoints given answered as a member of an etcd cluster") } else { e }
+        })?;
         // Endpoints a caller gave must be the pod's own cluster: the quorum check and the
         // cluster's lock would otherwise guard another one.
-        if endpoints != discovered && !discovered.is_empty() {
+        if given {
             let (siblings_id, _) = etcd::members(&discovered).await?;
             if siblings_id != cluster_id {
                 return Err(Error::invalid(format!(

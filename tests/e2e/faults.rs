@@ -138,3 +138,76 @@ async fn a_lease_is_taken_over_only_when_unchanged_whatever_the_clocks_say() -> 
     lab.shutdown().await;
     Ok(())
 }
+
+/// A tenant's pod may only stand for its own member: one whose spec advertises another
+/// member's peer URL (with that member's cluster right there), or one that no StatefulSet
+/// controls, is refused before any etcd call, and no member is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_that_names_another_members_peer_url_is_refused() -> Result<()> {
+    let (lab, _) = crate::reference_failure::broken_lab().await?;
+    if !lab.node.real_mounts {
+        eprintln!("SKIPPED: needs root for real mounts");
+        return Ok(());
+    }
+    lab.set.hold_restarts(1, Duration::from_secs(60)).await?;
+    let victim = lab.set.members()[2].peer_url();
+    let ids = |m: Vec<etcd::MemberInfo>| m.into_iter().map(|m| m.id).collect::<std::collections::BTreeSet<u64>>();
+    let before = ids(etcd::member_list(&lab.set.other_endpoints(1)).await?);
+    lab.api.modify::<k8s_openapi::api::core::v1::Pod>("apisix", "apisix-etcd-1", |p| {
+        let c = &mut p.spec.as_mut().unwrap().containers[0];
+        for e in c.env.iter_mut().flatten().filter(|e| e.name == "ETCD_INITIAL_ADVERTISE_PEER_URLS") {
+            e.value = Some(victim.clone());
+        }
+    })?;
+    let r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
+    assert_eq!(r.phase, Phase::Refused, "{r:?}");
+    assert_eq!(r.error.as_ref().map(|e| e.code), Some(etcd_medic::Code::UnsupportedProfile), "{:?}", r.error);
+    assert!(r.error.as_ref().unwrap().message.contains("does not name pod"), "{:?}", r.error);
+    // No StatefulSet behind it: a bare pod stands for no member at all.
+    lab.api.modify::<k8s_openapi::api::core::v1::Pod>("apisix", "apisix-etcd-1", |p| p.metadata.owner_references = None)?;
+    let r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
+    assert_eq!(r.error.as_ref().map(|e| e.code), Some(etcd_medic::Code::UnsupportedProfile), "{:?}", r.error);
+    assert_eq!(ids(etcd::member_list(&lab.set.other_endpoints(1)).await?), before, "no member was removed");
+    lab.set.release_restarts();
+    lab.shutdown().await;
+    Ok(())
+}
+
+/// A member stopped (SIGSTOP: alive to the kernel, silent to its peers) is not healthy: with
+/// member 1 broken and member 2 stopped, only one of three is left, and the agent refuses
+/// rather than take the cluster below quorum. Once it runs again, the heal goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_cut_off_from_the_leader_does_not_count_for_quorum() -> Result<()> {
+    let (lab, _) = crate::reference_failure::broken_lab().await?;
+    if !lab.node.real_mounts {
+        eprintln!("SKIPPED: needs root for real mounts");
+        return Ok(());
+    }
+    let port = lab.set.members()[2].client_url().rsplit(':').next().unwrap().to_string();
+    let out = std::process::Command::new("pgrep").args(["-f", "--", &format!("--listen-client-urls=http://127.0.0.1:{port}")]).output()?;
+    let pid: i32 = String::from_utf8_lossy(&out.stdout).lines().next().expect("member 2's etcd").trim().parse()?;
+    let pid = nix::unistd::Pid::from_raw(pid);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP)?;
+    let r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await;
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT)?;
+    let r = r?;
+    assert_eq!(r.phase, Phase::Refused, "{r:?}");
+    assert_eq!(r.error.as_ref().map(|e| e.code), Some(etcd_medic::Code::QuorumAtRisk), "{:?}", r.error);
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let mut r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
+    for _ in 0..10 {
+        // Right after it resumes, etcd may refuse changes for a few seconds, or the member
+        // briefly runs between back-offs: the gates say so, and a retry goes through.
+        if r.phase == Phase::Succeeded
+            || !matches!(r.error.as_ref().map(|e| e.code), Some(etcd_medic::Code::PodRunning | etcd_medic::Code::QuorumAtRisk))
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
+    }
+    assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
+    crate::reference_failure::assert_every_key(&lab, 3, crate::reference_failure::KEYS).await?;
+    lab.shutdown().await;
+    Ok(())
+}

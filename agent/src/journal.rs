@@ -123,14 +123,56 @@ pub fn prune(state_dir: &Path, keep: usize) {
     }
 }
 
+/// Held while a remediation runs in some process on this node: an exclusive `flock` on
+/// `<state dir>/running/<id>.lock`, which the kernel releases when that process dies, so a
+/// Running journal whose lock is free belongs to an agent that is gone.
+pub struct RunLock {
+    _file: std::fs::File,
+}
+
+pub fn lock_run(state_dir: &Path, id: &str) -> Result<RunLock> {
+    use std::os::fd::AsFd;
+    validate_id(id)?;
+    let dir = state_dir.join("running");
+    let io = |e: std::io::Error| Error::new(Code::NotReady, format!("state dir {}: {e}", dir.display()));
+    std::fs::create_dir_all(&dir).map_err(io)?;
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(dir.join(format!("{id}.lock"))).map_err(io)?;
+    rustix::fs::flock(file.as_fd(), rustix::fs::FlockOperation::NonBlockingLockExclusive)
+        .map_err(|_| Error::new(Code::ClusterLocked, format!("remediation {id} is running in another process on this node")))?;
+    Ok(RunLock { _file: file })
+}
+
+/// Whether remediation `id` runs in some process on this node now.
+pub fn is_running(state_dir: &Path, id: &str) -> bool {
+    if validate_id(id).is_err() {
+        return false;
+    }
+    let path = state_dir.join("running").join(format!("{id}.lock"));
+    let Ok(file) = std::fs::File::open(&path) else { return false };
+    use std::os::fd::AsFd;
+    rustix::fs::flock(file.as_fd(), rustix::fs::FlockOperation::NonBlockingLockShared).is_err()
+}
+
 /// Still Running after something was changed: the agent stopped mid-way and must resume it.
 pub fn needs_resume(r: &Remediation) -> bool {
     r.phase == Phase::Running && !r.dry_run && r.steps.iter().any(|s| s.name == "Quarantine")
 }
 
-/// The newest journal of `namespace/pod` that needs resuming.
+/// The newest journal of `namespace/pod` that needs resuming (no process runs it now).
 pub fn unfinished(state_dir: &Path, namespace: &str, pod: &str) -> Option<Remediation> {
-    list(state_dir).into_iter().find(|r| needs_resume(r) && r.namespace == namespace && r.pod == pod)
+    list(state_dir).into_iter().find(|r| needs_resume(r) && r.namespace == namespace && r.pod == pod && !is_running(state_dir, &r.id))
+}
+
+/// Journals of `namespace/pod` left Running before anything was changed by a process that
+/// is gone (killed during its checks): closed as Refused, saying so.
+pub fn close_abandoned_of(state_dir: &Path, namespace: &str, pod: &str) {
+    for mut r in list(state_dir)
+        .into_iter()
+        .filter(|r| r.phase == Phase::Running && !r.dry_run && !needs_resume(r) && r.namespace == namespace && r.pod == pod)
+        .filter(|r| !is_running(state_dir, &r.id))
+    {
+        let _ = close_abandoned(state_dir, &mut r);
+    }
 }
 
 /// A journal left Running before anything was changed (the agent stopped during its
@@ -176,6 +218,17 @@ mod tests {
             b.quarantine.as_mut().unwrap().items = vec![item.into()];
             assert!(validate(&b, "abc123").is_err(), "{name} {item}");
         }
+    }
+
+    #[test]
+    fn a_run_lock_says_whether_a_remediation_runs_on_this_node() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(!is_running(d.path(), "abc"));
+        let held = lock_run(d.path(), "abc").unwrap();
+        assert!(is_running(d.path(), "abc"));
+        assert_eq!(lock_run(d.path(), "abc").err().map(|e| e.code), Some(Code::ClusterLocked));
+        drop(held);
+        assert!(!is_running(d.path(), "abc"), "released when its holder goes");
     }
 
     #[test]

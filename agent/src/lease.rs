@@ -83,7 +83,16 @@ impl ClusterLock {
     /// `ClusterLocked` at once. One that looks expired is watched: taken over only once its
     /// resourceVersion has not changed for the lease's duration on this node's clock (a
     /// holder alive with a skewed clock renews meanwhile, and keeps it); `stop` ends the wait.
-    pub async fn acquire(api: &KubeApi, namespace: &str, cluster_id: u64, me: &str, stop: &AtomicBool) -> Result<Self> {
+    /// `gone(holder)` says whether a holder is known to be dead (a remediation of this node
+    /// that no process runs any more): its lease is taken over at once.
+    pub async fn acquire(
+        api: &KubeApi,
+        namespace: &str,
+        cluster_id: u64,
+        me: &str,
+        stop: &AtomicBool,
+        gone: &(dyn Fn(&str) -> bool + Send + Sync),
+    ) -> Result<Self> {
         let name = lease_name(cluster_id);
         let spec = || LeaseSpec {
             holder_identity: Some(me.to_string()),
@@ -105,7 +114,7 @@ impl ClusterLock {
                     api.write_lease(namespace, &l, true).await
                 }
                 Some(mut l) => {
-                    if let Some(holder) = holder_of(&l).filter(|h| h != me) {
+                    if let Some(holder) = holder_of(&l).filter(|h| h != me && !gone(h)) {
                         if held_by_other(l.spec.as_ref(), me, Timestamp::now()).is_some() {
                             return Err(busy(&holder, namespace, &name));
                         }

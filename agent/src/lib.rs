@@ -5,6 +5,7 @@ pub mod api;
 pub mod cli;
 pub mod error;
 pub mod etcd;
+pub mod failpoint;
 pub mod guard;
 pub mod identity;
 pub mod journal;

@@ -123,6 +123,7 @@ pub fn quarantine(vol: &Volume, req: &Request, now: jiff::Timestamp) -> Result<M
                 for d in [from.parent(), to.parent()].into_iter().flatten() {
                     vol.sync_dir(d)?;
                 }
+                crate::failpoint::hold("in:Quarantine");
                 true
             }
             (false, true) => true, // moved before an interruption

@@ -177,7 +177,14 @@ impl Engine<'_> {
     }
 
     /// Runs `r` (made by `Remediation::new`, so that its id is known before it runs).
-    pub async fn run_as(&self, mut r: Remediation) -> Remediation {
+    pub async fn run_as(&self, r: Remediation) -> Remediation {
+        if !self.opts.dry_run {
+            crate::journal::close_abandoned_of(&self.opts.state_dir, &r.namespace, &r.pod);
+        }
+        self.run_locked(r).await
+    }
+
+    async fn run_locked(&self, mut r: Remediation) -> Remediation {
         // An agent that died after it changed something left a Running journal: finish that
         // remediation instead of starting another (its destructive steps are not repeated).
         if !self.opts.dry_run
@@ -192,6 +199,10 @@ impl Engine<'_> {
                 );
                 return self.finish(r, Err((e, true)));
             }
+            let _running = match crate::journal::lock_run(&self.opts.state_dir, &r.id) {
+                Ok(l) => l,
+                Err(e) => return self.finish(r, Err((e, true))),
+            };
             // The pod it restarted may have rejoined long ago, and a later instance fail anew:
             // then that remediation reached its goal, and this failure gets its own.
             match self.reached_goal(&r).await {
@@ -199,6 +210,10 @@ impl Engine<'_> {
                     tracing::info!(id = %r.id, "closing an unfinished remediation from evidence: {evidence}");
                     close_from_evidence(&self.opts.state_dir, &mut r, &evidence);
                     (self.progress)(&r);
+                    // A pod that does not fail now needs nothing more: that one was the answer.
+                    if !self.fails_now(&r).await {
+                        return r;
+                    }
                 }
                 None => {
                     let outcome = self.resume(&mut r).await;
@@ -206,6 +221,14 @@ impl Engine<'_> {
                 }
             }
         }
+        let _running = if self.opts.dry_run {
+            None
+        } else {
+            match crate::journal::lock_run(&self.opts.state_dir, &r.id) {
+                Ok(l) => Some(l),
+                Err(e) => return self.finish(r, Err((e, false))),
+            }
+        };
         r.phase = Phase::Running;
         r.etcd_endpoints = self.opts.etcd_endpoints.clone();
         r.dry_run = self.opts.dry_run;
@@ -213,12 +236,11 @@ impl Engine<'_> {
         self.finish(r, outcome)
     }
 
-    /// Test hook: `ETCD_MEDIC_FAILPOINT=after:<Step>` holds the engine right after that step
-    /// is journaled (until it is killed, or stopped at this safe point), so the lab can
-    /// check that an interrupted remediation resumes correctly.
+    /// Test hook (`crate::failpoint`): `after:<Step>` holds the engine right after that step
+    /// is journaled, until it is killed, or stopped at this safe point.
     async fn failpoint(&self, step: &str) {
-        if std::env::var("ETCD_MEDIC_FAILPOINT").is_ok_and(|f| f == format!("after:{step}")) {
-            tracing::warn!("failpoint after:{step}: holding here until killed or stopped");
+        if crate::failpoint::armed(&format!("after:{step}")) {
+            eprintln!("failpoint after:{step} reached: holding until killed or stopped");
             let until = Instant::now() + Duration::from_secs(600);
             while !self.stopping() && Instant::now() < until {
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -353,6 +375,16 @@ impl Engine<'_> {
             .map(|m| format!("member {:x} started and voting with the pod's peer URL after the restart", m.id))
     }
 
+    /// The pod of `r`, as it is now, is failing: its etcd container crash-loops or its last
+    /// run failed, and it is not running (or the pod cannot be read: let the checks say why).
+    async fn fails_now(&self, r: &Remediation) -> bool {
+        let Some(plan) = r.plan.as_ref() else { return true };
+        match self.locator.api.pod(&plan.namespace, &plan.pod).await {
+            Ok(pod) => matches!(guard::pod_failure(&pod, &plan.container, false), Ok(Some(_))),
+            Err(_) => true,
+        }
+    }
+
     /// Finishes a remediation from its journal: the lock again, then the steps not yet done.
     async fn resume(&self, r: &mut Remediation) -> std::result::Result<(), (Error, bool)> {
         r.phase = Phase::Running;
@@ -366,7 +398,12 @@ impl Engine<'_> {
         let (ns, me) = (r.namespace.clone(), holder(&self.locator.layout.node_name, &r.id));
         let lock = self
             .step(r, "Lock", acted, async {
-                let l = ClusterLock::acquire(&self.locator.api, self.lease_namespace(&ns), checked.cluster_id, &me, self.stop).await?;
+                // A holder of this node whose process is gone (killed mid-way) is no holder.
+                let node = self.locator.layout.node_name.clone();
+                let state_dir = self.opts.state_dir.clone();
+                let gone = move |h: &str| h.split_once('/').is_some_and(|(n, id)| n == node && !crate::journal::is_running(&state_dir, id));
+                let l =
+                    ClusterLock::acquire(&self.locator.api, self.lease_namespace(&ns), checked.cluster_id, &me, self.stop, &gone).await?;
                 Ok((l, format!("lease etcd-medic-{:016x} held by {me}", checked.cluster_id)))
             })
             .await?;
@@ -525,7 +562,9 @@ impl Engine<'_> {
         lock.check().map_err(|e| (e, true))?;
         if !r.step_done("Restart") {
             self.step(r, "Restart", true, async {
-                match self.locator.api.delete_pod(&plan.namespace, &plan.pod, &plan.pod_uid).await {
+                let deleted = self.locator.api.delete_pod(&plan.namespace, &plan.pod, &plan.pod_uid).await;
+                crate::failpoint::hold("in:Restart");
+                match deleted {
                     Ok(Deleted::Now) => Ok(((), format!("deleted pod {}/{} (uid {})", plan.namespace, plan.pod, plan.pod_uid))),
                     Ok(Deleted::Earlier(why)) => {
                         Ok(((), format!("pod {}/{} (uid {}) deleted: {why}", plan.namespace, plan.pod, plan.pod_uid)))
@@ -609,9 +648,6 @@ impl Engine<'_> {
         let peer_url = peer_url.ok_or_else(|| {
             Error::new(Code::UnsupportedProfile, "the pod names no --initial-advertise-peer-urls / ETCD_INITIAL_ADVERTISE_PEER_URLS")
         })?;
-        // The member this pod may stand for is the one its peer URL names, and that must be
-        // the pod itself: checked before any etcd call.
-        crate::identity::check_member_identity(&pod, c, &peer_url)?;
         if plan.profile == Profile::Plain && state.as_deref() != Some("existing") {
             return Err(Error::new(
                 Code::UnsupportedProfile,
@@ -624,6 +660,9 @@ impl Engine<'_> {
             let (vol, data, proc_root) = (vol.clone(), data.clone(), self.locator.layout.proc_root.clone());
             blocking(move || guard::no_holders(&proc_root, &vol, &data)).await?;
         }
+        // The member this pod may stand for is the one its peer URL names, and that must be
+        // the pod itself: checked before any etcd call.
+        crate::identity::check_member_identity(&pod, c, &peer_url)?;
         let discovered = etcd::sibling_endpoints(&pod, &self.locator.api.pods(ns).await?, &plan.container);
         let endpoints = crate::identity::choose_endpoints(&discovered, &self.opts.etcd_endpoints)?;
         if endpoints.is_empty() {
@@ -699,6 +738,8 @@ impl Engine<'_> {
         if c.stale.is_some() {
             tokio::time::sleep(Duration::from_secs(6)).await;
         }
+        // Test hook: the changes made, the step not yet journaled as done.
+        crate::failpoint::hold("in:Membership");
         Ok(((), done.join("; ")))
     }
 

@@ -159,9 +159,12 @@ async fn every_status_of_the_contract_comes_with_its_code() -> Result<()> {
         lab.set.kill_container(2).await;
         lab.api.modify::<Pod>("apisix", "apisix-etcd-2", |p| {
             p.status = Some(
-                serde_json::from_value(json!({"phase": "Pending", "containerStatuses": [{
+                // The sandbox and its IP stay while the container is stopped, as in a cluster.
+                serde_json::from_value(
+                    json!({"phase": "Pending", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}], "containerStatuses": [{
                     "name": "etcd", "ready": false, "restartCount": 0, "image": "", "imageID": "",
-                    "state": {"waiting": {"reason": "PodInitializing"}}}]}))
+                    "state": {"waiting": {"reason": "PodInitializing"}}}]}),
+                )
                 .unwrap(),
             );
         })?;

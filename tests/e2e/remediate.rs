@@ -268,67 +268,90 @@ async fn one_remediation_per_cluster_at_a_time() -> Result<()> {
     Ok(())
 }
 
-/// The agent is killed (SIGKILL) right after the quarantine, before the pod is restarted.
-/// Run again, it resumes the same remediation from its journal: nothing is moved twice, the
-/// pod is restarted once, and the member rejoins with every key.
+/// The agent killed (SIGKILL) at every step boundary and inside every step that changes
+/// something, then run again: it finishes that remediation (resumed, or closed from evidence
+/// when the member had already rejoined), nothing is moved twice, the pod is restarted once,
+/// and the member rejoins with every key. Then the same pod fails anew and a new remediation
+/// heals it, at the next point.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_after_quarantine_the_agent_resumes_without_moving_twice() -> Result<()> {
+async fn killed_at_every_step_the_agent_finishes_without_repeating_anything() -> Result<()> {
     let (lab, _) = crate::reference_failure::broken_lab().await?;
     if !lab.node.real_mounts {
+        eprintln!("SKIPPED: needs root for real mounts");
         return Ok(());
     }
     let state = tempfile::tempdir()?;
+    let logs = tempfile::tempdir()?;
     let command = || {
         let mut cmd = std::process::Command::new(etcd_medic_lab::agent::agent_binary());
-        cmd.args(etcd_medic_lab::agent::remediate_args(&lab, state.path()))
-            .env("KUBECONFIG", &lab.api.kubeconfig)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped());
+        cmd.args(etcd_medic_lab::agent::remediate_args(&lab, state.path())).env("KUBECONFIG", &lab.api.kubeconfig);
         cmd
     };
-    let uid_before = lab.set.pod_uid(1)?;
-    let volume = lab.set.volume_path(1)?;
-    let mut first = command().env("ETCD_MEDIC_FAILPOINT", "after:Quarantine").spawn()?;
-    // Wait for the journal to record the quarantine, then kill the agent without warning.
-    let journal_done = || {
-        std::fs::read_dir(state.path().join("remediations")).ok().into_iter().flatten().flatten().any(|e| {
-            let j: serde_json::Value = std::fs::read(e.path()).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default();
-            j["steps"].as_array().is_some_and(|s| s.iter().any(|s| s["name"] == "Quarantine" && s["outcome"] == "Done"))
-        })
-    };
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while !journal_done() {
-        assert!(std::time::Instant::now() < deadline, "the agent never quarantined");
-        assert!(first.try_wait()?.is_none(), "the agent exited early");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    first.kill()?;
-    first.wait()?;
-    assert_eq!(lab.set.pod_uid(1)?, uid_before, "killed before the restart: the pod was not deleted");
-    let quarantines = || std::fs::read_dir(volume.join(".etcd-medic/quarantine")).map(|d| d.flatten().count()).unwrap_or(0);
-    assert_eq!(quarantines(), 1);
+    let points = [
+        "after:Lock",
+        "in:Quarantine",
+        "after:Quarantine",
+        "in:Membership",
+        "after:Membership",
+        "in:Restart",
+        "after:Restart",
+        "after:Verify",
+    ];
+    let mut ids = Vec::new();
+    for (n, point) in points.iter().enumerate() {
+        let uid_before = lab.set.pod_uid(1)?;
+        let err = logs.path().join(format!("{n}.log"));
+        let mut first = command()
+            .env("ETCD_MEDIC_FAILPOINT", point)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&err)?)
+            .spawn()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        while !std::fs::read_to_string(&err).unwrap_or_default().contains(&format!("failpoint {point} reached")) {
+            assert!(std::time::Instant::now() < deadline, "{point} never reached: {}", std::fs::read_to_string(&err).unwrap_or_default());
+            assert!(first.try_wait()?.is_none(), "{point}: the agent exited early: {}", std::fs::read_to_string(&err).unwrap_or_default());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        first.kill()?;
+        first.wait()?;
 
-    let second = tokio::task::block_in_place(|| command().output())?;
-    let out = String::from_utf8_lossy(&second.stdout);
-    assert!(second.status.success(), "{out}\n{}", String::from_utf8_lossy(&second.stderr));
-    assert!(out.contains("Resume") && out.contains("resuming remediation"), "{out}");
-    // One journal, one quarantine with every item in it, and the member back.
-    let journals: Vec<_> = std::fs::read_dir(state.path().join("remediations"))?
-        .flatten()
-        .filter(|e| e.path().extension().is_some_and(|x| x == "json"))
-        .collect();
-    assert_eq!(journals.len(), 1);
-    let j: serde_json::Value = serde_json::from_slice(&std::fs::read(journals[0].path())?)?;
-    assert_eq!(j["phase"], "Succeeded");
-    let steps: Vec<&str> =
-        j["steps"].as_array().unwrap().iter().filter(|s| s["outcome"] == "Done").map(|s| s["name"].as_str().unwrap()).collect();
-    assert_eq!(steps.iter().filter(|s| **s == "Quarantine").count(), 1, "{steps:?}");
-    assert_eq!(steps.iter().filter(|s| **s == "Restart").count(), 1, "{steps:?}");
-    let volume_now = lab.set.volume_path(1)?;
-    let q: Vec<_> = std::fs::read_dir(volume_now.join(".etcd-medic/quarantine"))?.flatten().collect();
-    assert_eq!(q.len(), 1);
-    assert!(q[0].path().join("data/member/snap/db").is_file() && q[0].path().join("data/member_id").is_file());
-    crate::reference_failure::assert_every_key(&lab, 3, crate::reference_failure::KEYS).await?;
+        let second = tokio::task::block_in_place(|| command().output())?;
+        let out = String::from_utf8_lossy(&second.stdout);
+        assert!(second.status.success(), "{point}: {out}\n{}", String::from_utf8_lossy(&second.stderr));
+        // This round's remediations: the killed one, and a new one where the killed one had
+        // changed nothing (it is closed as abandoned). One succeeded; one moved the data.
+        let round: Vec<etcd_medic::remediation::Remediation> =
+            etcd_medic::journal::list(state.path()).into_iter().filter(|j| !ids.contains(&j.id)).collect();
+        let done = |j: &etcd_medic::remediation::Remediation, name: &str| {
+            j.steps.iter().filter(|s| s.name == name && s.outcome.as_deref() == Some("Done")).count()
+        };
+        let healed: Vec<_> = round.iter().filter(|j| j.phase == Phase::Succeeded).collect();
+        assert_eq!(healed.len(), 1, "{point}: {round:?}");
+        let killed = healed[0];
+        assert_eq!(round.iter().map(|j| done(j, "Quarantine")).sum::<usize>(), 1, "{point}: moved once: {round:?}");
+        assert_eq!(round.iter().map(|j| done(j, "Restart")).sum::<usize>(), 1.min(done(killed, "Restart")), "{point}: restarted once");
+        assert!(round.iter().all(|j| j.phase != Phase::Running), "{point}: nothing left Running: {round:?}");
+        // The journal's one quarantine holds every item; no second one was made.
+        let volume = lab.set.volume_path(1)?;
+        let mine: Vec<_> = std::fs::read_dir(volume.join(".etcd-medic/quarantine"))?
+            .flatten()
+            .filter(|e| round.iter().any(|j| e.file_name().to_string_lossy().ends_with(&j.id)))
+            .collect();
+        assert_eq!(mine.len(), 1, "{point}");
+        assert!(mine[0].path().join("data/member/snap/db").is_file() && mine[0].path().join("data/member_id").is_file(), "{point}");
+        assert_ne!(lab.set.pod_uid(1)?, uid_before, "{point}: the pod was restarted");
+        crate::reference_failure::assert_every_key(&lab, 3, crate::reference_failure::KEYS).await?;
+        ids.extend(round.iter().map(|j| j.id.clone()));
+        eprintln!(
+            "{point}: {}",
+            killed.steps.iter().map(|s| format!("{} {}", s.name, s.outcome.as_deref().unwrap_or("-"))).collect::<Vec<_>>().join(", ")
+        );
+        // The same pod fails anew, for the next point: a new remediation heals it.
+        if n + 1 < points.len() {
+            tokio::time::sleep(Duration::from_secs(6)).await;
+            lab.break_member(1).await?;
+        }
+    }
     lab.shutdown().await;
     Ok(())
 }

@@ -211,3 +211,46 @@ async fn a_member_cut_off_from_the_leader_does_not_count_for_quorum() -> Result<
     lab.shutdown().await;
     Ok(())
 }
+
+/// A client that writes an oversized body whole without waiting for an answer (no `Expect:
+/// 100-continue`: Python's urllib, most scripts) still reads its 413: the agent hears the
+/// body out, bounded, before it answers and closes, instead of resetting the connection
+/// with unread data, which discards the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_body_sent_without_waiting_still_gets_its_answer() -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let lab = etcd_medic_lab::Lab::start(etcd_medic_lab::objects::SetShape::apisix(1, etcd_medic_lab::NODE_NAME)).await?;
+    let how = etcd_medic_lab::agent::Serve {
+        auth: "none",
+        args: vec!["--rate-limit".into(), "1000".into()],
+        ..etcd_medic_lab::agent::Serve::new(&lab)
+    };
+    let agent = etcd_medic_lab::agent::ServedAgent::start(&lab, how).await?;
+    let body = vec![b'x'; 80 * 1024];
+    let mut answered = 0;
+    for _ in 0..20 {
+        let mut s = tokio::net::TcpStream::connect(agent.addr).await?;
+        let head = format!(
+            "POST /v1/remediations HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            agent.addr,
+            body.len()
+        );
+        // The head, then the body in pieces, as a script's HTTP library writes it without
+        // waiting for an answer; a write error is the reset this test is about.
+        s.write_all(head.as_bytes()).await?;
+        for chunk in body.chunks(8 * 1024) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            s.write_all(chunk).await.map_err(|e| anyhow::anyhow!("the agent closed while the body was sent: {e}"))?;
+        }
+        let mut out = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out)).await??;
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+        assert!(text.contains("PayloadTooLarge"), "{text}");
+        answered += 1;
+    }
+    assert_eq!(answered, 20);
+    drop(agent);
+    lab.shutdown().await;
+    Ok(())
+}

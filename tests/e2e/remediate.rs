@@ -164,9 +164,11 @@ async fn a_sole_member_is_refused() -> Result<()> {
     lab.set.kill_container(0).await;
     lab.api.modify::<k8s_openapi::api::core::v1::Pod>("apisix", "apisix-etcd-0", |p| {
         p.status = Some(
-            serde_json::from_value(serde_json::json!({"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}], "containerStatuses": [{
+            serde_json::from_value(
+                serde_json::json!({"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}], "containerStatuses": [{
             "name": "etcd", "ready": false, "restartCount": 3, "image": "", "imageID": "",
-            "state": {"waiting": {"reason": "CrashLoopBackOff"}}, "lastState": {"terminated": {"exitCode": 1}}}]}))
+            "state": {"waiting": {"reason": "CrashLoopBackOff"}}, "lastState": {"terminated": {"exitCode": 1}}}]}),
+            )
             .unwrap(),
         );
     })?;

@@ -486,18 +486,40 @@ async fn shutdown_signal() {
 async fn limits(State(a): State<Arc<Agent>>, req: Request, next: Next) -> Response {
     let client = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
     if !a.limiter.allow(client, Instant::now()) {
-        return too_many(format!("{client} sends more than {} requests per second", a.cfg.rate_limit));
+        return linger(req, too_many(format!("{client} sends more than {} requests per second", a.cfg.rate_limit))).await;
     }
     let Ok(_slot) = a.slots.clone().try_acquire_owned() else {
-        return too_many(format!("the agent is serving {} requests already", a.cfg.max_in_flight));
+        return linger(req, too_many(format!("the agent is serving {} requests already", a.cfg.max_in_flight))).await;
     };
-    // A declared length over the limit is refused before the body is touched: a client that
-    // sent `Expect: 100-continue` never sends it, and the answer is not lost to a reset.
+    // A declared length over the limit is refused before the body is handled: a client that
+    // sent `Expect: 100-continue` never sends it, and one that did not is heard out (see
+    // `linger`), so that the answer is not lost to a reset.
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
-        return Failure::from(Error::new(Code::PayloadTooLarge, format!("the body is larger than {BODY_LIMIT} bytes"))).into_response();
+        let refused =
+            Failure::from(Error::new(Code::PayloadTooLarge, format!("the body is larger than {BODY_LIMIT} bytes"))).into_response();
+        return linger(req, refused).await;
     }
     next.run(req).await
+}
+
+/// How much of an unread body an early answer waits for, and how long.
+const LINGER_BYTES: usize = 1 << 20;
+const LINGER_TIME: Duration = Duration::from_secs(1);
+
+/// Answers early with `resp`, the way nginx's lingering close does: what the client still
+/// sends of its body is read and dropped first (at most [`LINGER_BYTES`], [`LINGER_TIME`]),
+/// and the connection is closed after the answer. A client that writes its whole body
+/// without waiting (Python's `urllib`, most scripts) is then reading when the answer comes,
+/// instead of meeting a reset that discards it. A client that asked `Expect: 100-continue`
+/// is answered at once: it sends nothing until told to.
+async fn linger(req: Request, mut resp: Response) -> Response {
+    let waits = req.headers().get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if !waits {
+        let _ = tokio::time::timeout(LINGER_TIME, axum::body::to_bytes(req.into_body(), LINGER_BYTES)).await;
+    }
+    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 fn too_many(why: String) -> Response {

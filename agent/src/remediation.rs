@@ -295,6 +295,7 @@ impl Engine<'_> {
             let changed = needs_resume(r);
             return Err((Error::new(Code::NotReady, format!("the agent is shutting down: stopped before {name}")), changed));
         }
+        crate::failpoint::panic_at(&format!("panic:{name}"));
         r.step = Some(name.into());
         r.steps.push(StepRecord { name: name.into(), start: now(), end: None, outcome: None, message: String::new() });
         if !self.opts.dry_run || !acted {

@@ -16,11 +16,7 @@ const PODS: &str = "/api/v1/namespaces/apisix/pods";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_api_errors_from_lock_on_and_a_lost_delete_answer_are_survived() -> Result<()> {
-    let (lab, _) = crate::reference_failure::broken_lab().await?;
-    if !lab.node.real_mounts {
-        eprintln!("SKIPPED: needs root for real mounts");
-        return Ok(());
-    }
+    let Some((lab, _)) = crate::reference_failure::broken_lab_with_mounts().await? else { return Ok(()) };
     // From the Lock step on: every third pod read fails with 500, every other lease write
     // with 503, every other claim read is throttled (429 with Retry-After), every other
     // Event is refused, and the first pod delete is carried out but its answer lost.
@@ -52,11 +48,7 @@ async fn transient_api_errors_from_lock_on_and_a_lost_delete_answer_are_survived
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_journal_never_hijacks_a_new_failure() -> Result<()> {
-    let (lab, _) = crate::reference_failure::broken_lab().await?;
-    if !lab.node.real_mounts {
-        eprintln!("SKIPPED: needs root for real mounts");
-        return Ok(());
-    }
+    let Some((lab, _)) = crate::reference_failure::broken_lab_with_mounts().await? else { return Ok(()) };
     let first = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
     assert_eq!(first.phase, Phase::Succeeded, "{first:?}");
     // As if the agent had been killed in Verify: the journal still says Running.
@@ -98,11 +90,7 @@ fn planted(name: &str, holder: &str, skewed_by: i64) -> Lease {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_is_taken_over_only_when_unchanged_whatever_the_clocks_say() -> Result<()> {
-    let (lab, _) = crate::reference_failure::broken_lab().await?;
-    if !lab.node.real_mounts {
-        eprintln!("SKIPPED: needs root for real mounts");
-        return Ok(());
-    }
+    let Some((lab, _)) = crate::reference_failure::broken_lab_with_mounts().await? else { return Ok(()) };
     let (cluster_id, _) = etcd_medic::etcd::members(&lab.set.other_endpoints(1)).await?;
     let name = etcd_medic::lease::lease_name(cluster_id);
     // A live holder on a node whose clock is 10 minutes behind: its renewTime looks long
@@ -144,11 +132,7 @@ async fn a_lease_is_taken_over_only_when_unchanged_whatever_the_clocks_say() -> 
 /// controls, is refused before any etcd call, and no member is removed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_that_names_another_members_peer_url_is_refused() -> Result<()> {
-    let (lab, _) = crate::reference_failure::broken_lab().await?;
-    if !lab.node.real_mounts {
-        eprintln!("SKIPPED: needs root for real mounts");
-        return Ok(());
-    }
+    let Some((lab, _)) = crate::reference_failure::broken_lab_with_mounts().await? else { return Ok(()) };
     lab.set.hold_restarts(1, Duration::from_secs(60)).await?;
     let victim = lab.set.members()[2].peer_url();
     let ids = |m: Vec<etcd::MemberInfo>| m.into_iter().map(|m| m.id).collect::<std::collections::BTreeSet<u64>>();
@@ -178,11 +162,7 @@ async fn a_pod_that_names_another_members_peer_url_is_refused() -> Result<()> {
 /// rather than take the cluster below quorum. Once it runs again, the heal goes through.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_cut_off_from_the_leader_does_not_count_for_quorum() -> Result<()> {
-    let (lab, _) = crate::reference_failure::broken_lab().await?;
-    if !lab.node.real_mounts {
-        eprintln!("SKIPPED: needs root for real mounts");
-        return Ok(());
-    }
+    let Some((lab, _)) = crate::reference_failure::broken_lab_with_mounts().await? else { return Ok(()) };
     let port = lab.set.members()[2].client_url().rsplit(':').next().unwrap().to_string();
     let out = std::process::Command::new("pgrep").args(["-f", "--", &format!("--listen-client-urls=http://127.0.0.1:{port}")]).output()?;
     let pid: i32 = String::from_utf8_lossy(&out.stdout).lines().next().expect("member 2's etcd").trim().parse()?;
@@ -250,6 +230,36 @@ async fn an_oversized_body_sent_without_waiting_still_gets_its_answer() -> Resul
         answered += 1;
     }
     assert_eq!(answered, 20);
+    drop(agent);
+    lab.shutdown().await;
+    Ok(())
+}
+
+/// A bug that kills a remediation's task (a panic, made to happen by a test hook) is
+/// recorded as the end of that remediation with `Internal`; the pod is never wedged behind
+/// it: the next request gets a remediation of its own, and the agent keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_engine_task_is_recorded_and_never_wedges_its_pod() -> Result<()> {
+    let (lab, _) = crate::reference_failure::broken_lab().await?;
+    let how = etcd_medic_lab::agent::Serve {
+        auth: "none",
+        env: vec![("ETCD_MEDIC_FAILPOINT".into(), "panic:Check".into())],
+        ..etcd_medic_lab::agent::Serve::new(&lab)
+    };
+    let agent = etcd_medic_lab::agent::ServedAgent::start(&lab, how).await?;
+    agent.wait_ready(Duration::from_secs(30)).await?;
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let created = agent.post(None, &serde_json::json!({"namespace": "apisix", "pod": "apisix-etcd-1"})).await?;
+        assert_eq!(created.status, 202, "{}", created.text());
+        let id = created.json()["id"].as_str().unwrap().to_string();
+        let done = agent.wait_finished(&id, None, Duration::from_secs(30)).await?;
+        assert_eq!(done["phase"], "Refused", "nothing was changed: {done}");
+        assert_eq!(done["error"]["code"], "Internal", "{done}");
+        ids.push(id);
+    }
+    assert_ne!(ids[0], ids[1], "the second request was not answered with the dead one");
+    assert_eq!(agent.get("/healthz", None).await?.status, 200);
     drop(agent);
     lab.shutdown().await;
     Ok(())

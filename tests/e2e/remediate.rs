@@ -277,11 +277,7 @@ async fn one_remediation_per_cluster_at_a_time() -> Result<()> {
 /// heals it, at the next point.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_at_every_step_the_agent_finishes_without_repeating_anything() -> Result<()> {
-    let (lab, _) = crate::reference_failure::broken_lab().await?;
-    if !lab.node.real_mounts {
-        eprintln!("SKIPPED: needs root for real mounts");
-        return Ok(());
-    }
+    let Some((lab, _)) = crate::reference_failure::broken_lab_with_mounts().await? else { return Ok(()) };
     let state = tempfile::tempdir()?;
     let logs = tempfile::tempdir()?;
     let command = || {
@@ -495,11 +491,7 @@ async fn the_daemonsets_capabilities_suffice() -> Result<()> {
 /// pod's peer URL that stays unstarted while the container is not running, removes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_add_interrupted_by_the_restart_is_cleaned_up() -> Result<()> {
-    let (lab, _) = crate::reference_failure::broken_lab().await?;
-    if !lab.node.real_mounts {
-        eprintln!("SKIPPED: needs root for real mounts");
-        return Ok(());
-    }
+    let Some((lab, _)) = crate::reference_failure::broken_lab_with_mounts().await? else { return Ok(()) };
     let peer = lab.set.members()[1].peer_url();
     let others = lab.set.other_endpoints(1);
     let added = std::sync::Mutex::new(false);

@@ -183,7 +183,8 @@ async fn http_load(lab: &Lab, agent: &ServedAgent) -> Result<(Option<Load>, Opti
     lab.set.kill_container(2).await;
     lab.api.modify::<k8s_openapi::api::core::v1::Pod>("apisix", "apisix-etcd-2", |p| {
         p.status = Some(
-            serde_json::from_value(json!({"phase": "Pending", "containerStatuses": [{"name": "etcd", "ready": false,
+            serde_json::from_value(json!({"phase": "Pending", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
+                "containerStatuses": [{"name": "etcd", "ready": false,
                 "restartCount": 0, "image": "", "imageID": "", "state": {"waiting": {"reason": "PodInitializing"}}}]}))
             .unwrap(),
         );

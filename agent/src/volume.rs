@@ -389,30 +389,60 @@ impl Volume {
     fn walk(&self, rel: &Path, limits: Limits, visit: &mut dyn FnMut(&Path, &Entry)) -> Result<()> {
         let start = Instant::now();
         let mut seen = 0u64;
-        let top = self.dir(rel)?;
-        let mut stack: Vec<(OwnedFd, PathBuf)> = vec![(top, PathBuf::new())];
-        while let Some((d, at)) = stack.pop() {
+        let too_much = || {
+            Error::new(
+                Code::UnsafePath,
+                format!(
+                    "{} holds more than the agent walks ({} entries or {:?}); not an etcd member's data",
+                    self.shown(rel).display(),
+                    limits.entries,
+                    limits.time
+                ),
+            )
+        };
+        // Pending directories are names with the inode they had when listed, not open
+        // descriptors: a tree of a million directories costs memory for names, never the
+        // process's descriptor table. Each is resolved again below the root when its turn
+        // comes, and must still be that inode.
+        let mut stack: Vec<(PathBuf, Option<(u64, u64)>)> = vec![(PathBuf::new(), None)];
+        while let Some((at, expect)) = stack.pop() {
+            let here = rel.join(&at);
+            let d = match self.dir(&here) {
+                Ok(d) => d,
+                // Removed since it was listed: nothing left to see there.
+                Err(e) if is_enoent(&e) && expect.is_some() => continue,
+                Err(e) => return Err(e),
+            };
+            if let Some(id) = expect {
+                let st = rustix::fs::fstat(&d).map_err(|e| os_error(e.raw_os_error(), &self.shown(&here), "stat"))?;
+                if (st.st_dev, st.st_ino) != id {
+                    return Err(Error::new(Code::UnsafePath, format!("{} changed while the agent walked it", self.shown(&here).display())));
+                }
+            }
+            // The bounds count while the directory is read, not after: a directory of ten
+            // million names is refused at the limit, never held in memory whole.
             let mut names = Vec::new();
+            let mut over = false;
             for_each_entry(&d, |n, _| {
+                seen += 1;
+                if seen > limits.entries || start.elapsed() > limits.time {
+                    over = true;
+                    return false;
+                }
                 names.push(n.to_os_string());
                 true
             })
-            .map_err(|e| os_error(e.raw_os_error(), &self.shown(&rel.join(&at)), "list"))?;
+            .map_err(|e| os_error(e.raw_os_error(), &self.shown(&here), "list"))?;
+            if over {
+                return Err(too_much());
+            }
             for n in names {
-                seen += 1;
-                if seen > limits.entries || start.elapsed() > limits.time {
-                    return Err(Error::new(
-                        Code::UnsafePath,
-                        format!(
-                            "{} holds more than the agent walks ({} entries or {:?}); not an etcd member's data",
-                            self.shown(rel).display(),
-                            limits.entries,
-                            limits.time
-                        ),
-                    ));
-                }
                 let path = at.join(&n);
-                let Ok(st) = rustix::fs::statat(&d, n.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) else { continue };
+                let st = match rustix::fs::statat(&d, n.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
+                    Ok(st) => st,
+                    Err(rustix::io::Errno::NOENT) => continue,
+                    Err(e) => return Err(os_error(e.raw_os_error(), &self.shown(&rel.join(&path)), "stat")),
+                };
                 let e = entry_of(&st);
                 visit(&path, &e);
                 if e.kind == Kind::Dir && e.dev == self.dev {
@@ -422,9 +452,10 @@ impl Volume {
                             format!("{} is nested deeper than {} levels", self.shown(&rel.join(&path)).display(), limits.depth),
                         ));
                     }
-                    if let Ok(sub) = open_subdir(&d, &n, &e) {
-                        stack.push((sub, path));
-                    }
+                    stack.push((path, Some((e.dev, e.ino))));
+                }
+                if start.elapsed() > limits.time {
+                    return Err(too_much());
                 }
             }
         }

@@ -97,8 +97,10 @@ pub struct EngineArgs {
 }
 
 impl EngineArgs {
-    pub fn options(&self, node: &NodeArgs, dry_run: bool, force: bool) -> crate::remediation::Options {
-        crate::remediation::Options {
+    /// The engine's options: everything it depends on, read here at the edge (the etcd
+    /// client TLS files, the test hook) and given to it, never looked up inside.
+    pub fn options(&self, node: &NodeArgs, dry_run: bool, force: bool) -> Result<crate::engine::Options> {
+        Ok(crate::engine::Options {
             dry_run,
             force,
             etcd_endpoints: node.etcd_endpoints.clone(),
@@ -106,7 +108,10 @@ impl EngineArgs {
             verify_timeout: self.verify_timeout,
             keep_quarantines: self.keep_quarantines as usize,
             lease_namespace: Some(self.lease_namespace.clone()),
-        }
+            settle: crate::engine::SETTLE,
+            etcd: node.etcd()?,
+            failpoint: crate::failpoint::Failpoint::from_env(),
+        })
     }
 }
 
@@ -206,9 +211,14 @@ pub fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, Strin
 }
 
 impl NodeArgs {
-    /// Reads the etcd client TLS files (used for `https://` endpoints).
-    pub fn configure_etcd_tls(&self) -> Result<()> {
-        crate::etcd::configure_tls(self.etcd_cacert.as_deref(), self.etcd_cert.as_deref(), self.etcd_key.as_deref())
+    /// How to reach etcd: reads the client TLS files now (used for `https://` endpoints).
+    pub fn etcd(&self) -> Result<crate::etcd::Etcd> {
+        crate::etcd::Etcd::with_tls(self.etcd_cacert.as_deref(), self.etcd_cert.as_deref(), self.etcd_key.as_deref())
+    }
+
+    /// The locator of this node, with a client of the API server from the environment.
+    pub async fn locator(&self) -> Result<crate::locate::Locator> {
+        Ok(crate::locate::Locator { api: crate::kubeapi::KubeApi::from_environment(self.api_timeout).await?, layout: self.layout()? })
     }
 
     /// The node layout the locator needs; the node name is required to act on a pod.
@@ -266,36 +276,7 @@ impl FromStr for PodRef {
     }
 }
 
-/// A DNS-1123 label: what Kubernetes requires of a namespace.
-pub fn validate_namespace(ns: &str) -> Result<()> {
-    if is_dns1123_label(ns) {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!(
-            "namespace {ns:?} is not a valid Kubernetes name (lower-case letters, digits and '-', at most 63, starting and ending alphanumeric)"
-        )))
-    }
-}
-
-/// A DNS-1123 subdomain: what Kubernetes requires of a pod name.
-pub fn validate_pod_name(name: &str) -> Result<()> {
-    if !name.is_empty() && name.len() <= 253 && name.split('.').all(is_dns1123_label) {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!(
-            "pod name {name:?} is not a valid Kubernetes name (lower-case letters, digits, '-' and '.', at most 253)"
-        )))
-    }
-}
-
-fn is_dns1123_label(s: &str) -> bool {
-    let b = s.as_bytes();
-    !b.is_empty()
-        && b.len() <= 63
-        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-        && b[0] != b'-'
-        && b[b.len() - 1] != b'-'
-}
+pub use etcd_medic_core::names::{validate_namespace, validate_pod_name};
 
 #[cfg(test)]
 mod tests {

@@ -3,28 +3,199 @@
 //! `etcdserver: unhealthy cluster`, which etcd answers for seconds after any change).
 
 use std::path::Path;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use k8s_openapi::api::core::v1::Pod;
 
 use crate::error::{Code, Error, Result};
-use crate::guard::MemberView;
+pub use etcd_medic_core::member::{Member, Seen, agreed_healthy, learners_in};
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Member {
-    pub id: u64,
-    pub name: String,
-    pub peer_urls: Vec<String>,
-    pub client_urls: Vec<String>,
-    pub is_learner: bool,
-    pub healthy: bool,
+/// How the agent reaches etcd: the client TLS of `--etcd-cacert`, `--etcd-cert` and
+/// `--etcd-key` (read once at start; only `https://` endpoints use it). A value the engine
+/// is given, never a process-wide setting.
+#[derive(Clone, Default)]
+pub struct Etcd {
+    tls: Option<TlsOptions>,
 }
 
-impl Member {
-    pub fn view(&self) -> MemberView {
-        MemberView { id: self.id, is_learner: self.is_learner, healthy: self.healthy }
+impl std::fmt::Debug for Etcd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Etcd").field("tls", &self.tls.is_some()).finish()
+    }
+}
+
+impl Etcd {
+    /// Reads the etcd client TLS files once at start (a missing file is an error then, not at the
+    /// first remediation). Only `https://` endpoints use them.
+    pub fn with_tls(ca: Option<&Path>, cert: Option<&Path>, key: Option<&Path>) -> Result<Self> {
+        if ca.is_none() && cert.is_none() && key.is_none() {
+            return Ok(Etcd::default());
+        }
+        let read = |p: &Path| std::fs::read(p).map_err(|e| Error::invalid(format!("etcd TLS: {}: {e}", p.display())));
+        let mut tls = TlsOptions::new();
+        if let Some(ca) = ca {
+            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+        }
+        match (cert, key) {
+            (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(read(c)?, read(k)?)),
+            (None, None) => {}
+            _ => return Err(Error::invalid("--etcd-cert and --etcd-key go together")),
+        }
+        Ok(Etcd { tls: Some(tls) })
+    }
+
+    async fn connect(&self, endpoint: &str) -> Result<Client> {
+        self.connect_with(endpoint, Duration::from_secs(5)).await
+    }
+
+    async fn connect_with(&self, endpoint: &str, timeout: Duration) -> Result<Client> {
+        let mut opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(timeout);
+        if endpoint.starts_with("https://")
+            && let Some(tls) = self.tls.as_ref()
+        {
+            opts = opts.with_tls(tls.clone());
+        }
+        Client::connect([endpoint], Some(opts)).await.map_err(|e| unavailable(&format!("connect to {endpoint}"), e))
+    }
+
+    /// The cluster id and member list from the first endpoint that answers a linearizable read,
+    /// and each member's health: it answered a status request within 2 s, without alarms, naming
+    /// the leader that the answering members agree on (see [`agreed_healthy`]). A member cut off
+    /// from the leader, or one that answers but follows no leader, is not healthy.
+    pub async fn members(&self, endpoints: &[String]) -> Result<(u64, Vec<Member>)> {
+        let mut last_err = None;
+        for e in endpoints {
+            let list = async {
+                let mut c = self.connect(e).await?;
+                // A linearizable read completes only through a leader with a quorum and leaves
+                // this member applied at least that far: the list that follows is current.
+                c.get("etcd-medic/linearizable-probe", Some(etcd_client::GetOptions::new().with_count_only()))
+                    .await
+                    .map_err(|err| unavailable(&format!("a linearizable read through {e}"), err))?;
+                c.member_list().await.map_err(|err| unavailable(&format!("member list from {e}"), err))
+            };
+            match tokio::time::timeout(Duration::from_secs(5), list).await {
+                Ok(Ok(resp)) => {
+                    let mut seen = Vec::new();
+                    for m in resp.members() {
+                        seen.push((m.id(), m.is_learner(), self.status_of(m.client_urls()).await));
+                    }
+                    let healthy = agreed_healthy(&seen);
+                    let out = resp
+                        .members()
+                        .iter()
+                        .map(|m| Member {
+                            id: m.id(),
+                            name: m.name().to_string(),
+                            peer_urls: m.peer_urls().to_vec(),
+                            client_urls: m.client_urls().to_vec(),
+                            is_learner: m.is_learner(),
+                            healthy: healthy.contains(&m.id()),
+                        })
+                        .collect();
+                    return Ok((resp.header().map(|h| h.cluster_id()).unwrap_or_default(), out));
+                }
+                Ok(Err(err)) => last_err = Some(err.to_string()),
+                Err(_) => last_err = Some(format!("{e} did not answer in 5 s")),
+            }
+        }
+        Err(Error::new(
+            Code::QuorumAtRisk,
+            format!("no etcd endpoint answered ({endpoints:?}): {}", last_err.unwrap_or_else(|| "no endpoints".into())),
+        ))
+    }
+
+    async fn status_of(&self, urls: &[String]) -> Option<Seen> {
+        for u in urls {
+            let check = async { self.connect(u).await.ok()?.status().await.ok() };
+            if let Ok(Some(s)) = tokio::time::timeout(Duration::from_secs(2), check).await {
+                return Some(Seen { leader: s.leader(), clean: s.errors().is_empty() });
+            }
+        }
+        None
+    }
+
+    /// Removes member `id` through the first healthy endpoint.
+    /// A remove that was applied but whose answer was lost is retried and then answers `member
+    /// not found`: that is success.
+    pub async fn remove_member(&self, endpoints: &[String], id: u64) -> Result<()> {
+        let c = self.first_client(endpoints).await?;
+        let r = retry_unhealthy(&format!("member remove {id:x}"), Duration::from_secs(30), || {
+            let mut c = c.clone();
+            async move { c.member_remove(id).await }
+        })
+        .await;
+        match r {
+            Ok(_) => Ok(()),
+            Err(e) if e.message.contains("member not found") => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Adds a member with `peer_url` (a learner when `learner`) and returns its id. An add whose
+    /// answer was lost (a timeout on a busy cluster) may still have been applied: the member
+    /// list decides, so the member is never added twice.
+    pub async fn add_member(&self, endpoints: &[String], peer_url: &str, learner: bool) -> Result<u64> {
+        let mut last = None;
+        for _ in 0..3 {
+            let c = self.first_client(endpoints).await?;
+            let added = retry_unhealthy(&format!("member add {peer_url}"), Duration::from_secs(30), || {
+                let mut c = c.clone();
+                let url = peer_url.to_string();
+                let opts = learner.then(|| etcd_client::MemberAddOptions::new().with_is_learner());
+                async move { c.member_add([url], opts).await }
+            })
+            .await;
+            match added {
+                Ok(resp) => return Ok(resp.member().map(|m| m.id()).unwrap_or_default()),
+                Err(e) => {
+                    let (_, list) = self.members(endpoints).await?;
+                    if let Some(m) = list.iter().find(|m| m.peer_urls.iter().any(|u| u == peer_url) && m.name.is_empty()) {
+                        return Ok(m.id);
+                    }
+                    last = Some(e);
+                }
+            }
+        }
+        Err(last.expect("three attempts"))
+    }
+
+    /// Promotes learner `id` to a voting member: `Ok(false)` while it has not caught up with
+    /// the leader yet (etcd refuses until then), `Ok(true)` once it votes.
+    pub async fn promote_member(&self, endpoints: &[String], id: u64) -> Result<bool> {
+        let mut c = self.first_client(endpoints).await?;
+        match c.member_promote(id).await {
+            Ok(_) => Ok(true),
+            Err(e) if e.to_string().contains("not in sync") || e.to_string().contains("unhealthy cluster") => Ok(false),
+            // A promotion applied whose answer was lost.
+            Err(e) if e.to_string().contains("not a learner") => Ok(true),
+            Err(e) => Err(unavailable(&format!("member promote {id:x}"), e)),
+        }
+    }
+
+    /// Whether the cluster's version has learners (etcd 3.4 and later), from the first member
+    /// that answers a status request.
+    pub async fn supports_learners(&self, endpoints: &[String]) -> Result<bool> {
+        let mut c = self.first_client(endpoints).await?;
+        let status = c.status().await.map_err(|e| unavailable("status", e))?;
+        Ok(learners_in(status.version()))
+    }
+
+    async fn first_client(&self, endpoints: &[String]) -> Result<Client> {
+        for e in endpoints {
+            if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(3), async {
+                // Membership changes wait for the change to apply: a busy cluster needs more than 5 s.
+                let mut c = self.connect_with(e, Duration::from_secs(15)).await?;
+                c.status().await.map_err(|err| unavailable(e, err))?;
+                Ok::<_, Error>(c)
+            })
+            .await
+            {
+                return Ok(c);
+            }
+        }
+        Err(Error::new(Code::QuorumAtRisk, format!("no etcd endpoint answered among {endpoints:?}")))
     }
 }
 
@@ -32,42 +203,9 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
     Error::new(Code::QuorumAtRisk, format!("{what}: {e}"))
 }
 
-async fn connect(endpoint: &str) -> Result<Client> {
-    connect_with(endpoint, Duration::from_secs(5)).await
-}
 
-/// The client TLS of `--etcd-cacert`, `--etcd-cert` and `--etcd-key`, for `https://` endpoints.
-static TLS: OnceLock<TlsOptions> = OnceLock::new();
 
-/// Reads the etcd client TLS files once at start (a missing file is an error then, not at the
-/// first remediation). Only `https://` endpoints use them.
-pub fn configure_tls(ca: Option<&Path>, cert: Option<&Path>, key: Option<&Path>) -> Result<()> {
-    if ca.is_none() && cert.is_none() && key.is_none() {
-        return Ok(());
-    }
-    let read = |p: &Path| std::fs::read(p).map_err(|e| Error::invalid(format!("etcd TLS: {}: {e}", p.display())));
-    let mut tls = TlsOptions::new();
-    if let Some(ca) = ca {
-        tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
-    }
-    match (cert, key) {
-        (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(read(c)?, read(k)?)),
-        (None, None) => {}
-        _ => return Err(Error::invalid("--etcd-cert and --etcd-key go together")),
-    }
-    let _ = TLS.set(tls);
-    Ok(())
-}
 
-async fn connect_with(endpoint: &str, timeout: Duration) -> Result<Client> {
-    let mut opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(timeout);
-    if endpoint.starts_with("https://")
-        && let Some(tls) = TLS.get()
-    {
-        opts = opts.with_tls(tls.clone());
-    }
-    Client::connect([endpoint], Some(opts)).await.map_err(|e| unavailable(&format!("connect to {endpoint}"), e))
-}
 
 /// The scheme the pod's etcd serves clients with: that of the first URL it advertises
 /// (`--advertise-client-urls` or `ETCD_ADVERTISE_CLIENT_URLS`), else `http`.
@@ -98,86 +236,7 @@ pub fn sibling_endpoints(pod: &Pod, siblings: &[Pod], container: &str) -> Vec<St
         .collect()
 }
 
-/// The cluster id and member list from the first endpoint that answers a linearizable read,
-/// and each member's health: it answered a status request within 2 s, without alarms, naming
-/// the leader that the answering members agree on (see [`agreed_healthy`]). A member cut off
-/// from the leader, or one that answers but follows no leader, is not healthy.
-pub async fn members(endpoints: &[String]) -> Result<(u64, Vec<Member>)> {
-    let mut last_err = None;
-    for e in endpoints {
-        let list = async {
-            let mut c = connect(e).await?;
-            // A linearizable read completes only through a leader with a quorum and leaves
-            // this member applied at least that far: the list that follows is current.
-            c.get("etcd-medic/linearizable-probe", Some(etcd_client::GetOptions::new().with_count_only()))
-                .await
-                .map_err(|err| unavailable(&format!("a linearizable read through {e}"), err))?;
-            c.member_list().await.map_err(|err| unavailable(&format!("member list from {e}"), err))
-        };
-        match tokio::time::timeout(Duration::from_secs(5), list).await {
-            Ok(Ok(resp)) => {
-                let mut seen = Vec::new();
-                for m in resp.members() {
-                    seen.push((m.id(), m.is_learner(), status_of(m.client_urls()).await));
-                }
-                let healthy = agreed_healthy(&seen);
-                let out = resp
-                    .members()
-                    .iter()
-                    .map(|m| Member {
-                        id: m.id(),
-                        name: m.name().to_string(),
-                        peer_urls: m.peer_urls().to_vec(),
-                        client_urls: m.client_urls().to_vec(),
-                        is_learner: m.is_learner(),
-                        healthy: healthy.contains(&m.id()),
-                    })
-                    .collect();
-                return Ok((resp.header().map(|h| h.cluster_id()).unwrap_or_default(), out));
-            }
-            Ok(Err(err)) => last_err = Some(err.to_string()),
-            Err(_) => last_err = Some(format!("{e} did not answer in 5 s")),
-        }
-    }
-    Err(Error::new(
-        Code::QuorumAtRisk,
-        format!("no etcd endpoint answered ({endpoints:?}): {}", last_err.unwrap_or_else(|| "no endpoints".into())),
-    ))
-}
 
-/// What a member's status said: the leader it follows, and whether it raised no alarm.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Seen {
-    pub leader: u64,
-    pub clean: bool,
-}
-
-async fn status_of(urls: &[String]) -> Option<Seen> {
-    for u in urls {
-        let check = async { connect(u).await.ok()?.status().await.ok() };
-        if let Ok(Some(s)) = tokio::time::timeout(Duration::from_secs(2), check).await {
-            return Some(Seen { leader: s.leader(), clean: s.errors().is_empty() });
-        }
-    }
-    None
-}
-
-/// The members that count as healthy: they answered, raised no alarm, and follow the one
-/// leader most answering members name, itself a listed voting member. No single such leader
-/// (none, or a tie: members that disagree) means none is healthy. Pure.
-pub fn agreed_healthy(members: &[(u64, bool, Option<Seen>)]) -> std::collections::HashSet<u64> {
-    let voters: std::collections::HashSet<u64> = members.iter().filter(|(_, learner, _)| !learner).map(|(id, _, _)| *id).collect();
-    let mut votes: std::collections::BTreeMap<u64, usize> = Default::default();
-    for (_, _, s) in members {
-        if let Some(s) = s.filter(|s| s.leader != 0 && voters.contains(&s.leader)) {
-            *votes.entry(s.leader).or_default() += 1;
-        }
-    }
-    let most = votes.values().copied().max().unwrap_or(0);
-    let top: Vec<u64> = votes.iter().filter(|(_, n)| **n == most).map(|(l, _)| *l).collect();
-    let [leader] = top.as_slice() else { return Default::default() };
-    members.iter().filter(|(_, _, s)| s.is_some_and(|s| s.clean && s.leader == *leader)).map(|(id, _, _)| *id).collect()
-}
 
 async fn retry_unhealthy<T, F, Fut>(what: &str, deadline: Duration, mut op: F) -> Result<T>
 where
@@ -198,122 +257,15 @@ where
     }
 }
 
-/// Removes member `id` through the first healthy endpoint.
-/// A remove that was applied but whose answer was lost is retried and then answers `member
-/// not found`: that is success.
-pub async fn remove_member(endpoints: &[String], id: u64) -> Result<()> {
-    let c = first_client(endpoints).await?;
-    let r = retry_unhealthy(&format!("member remove {id:x}"), Duration::from_secs(30), || {
-        let mut c = c.clone();
-        async move { c.member_remove(id).await }
-    })
-    .await;
-    match r {
-        Ok(_) => Ok(()),
-        Err(e) if e.message.contains("member not found") => Ok(()),
-        Err(e) => Err(e),
-    }
-}
 
-/// Adds a member with `peer_url` (a learner when `learner`) and returns its id. An add whose
-/// answer was lost (a timeout on a busy cluster) may still have been applied: the member
-/// list decides, so the member is never added twice.
-pub async fn add_member(endpoints: &[String], peer_url: &str, learner: bool) -> Result<u64> {
-    let mut last = None;
-    for _ in 0..3 {
-        let c = first_client(endpoints).await?;
-        let added = retry_unhealthy(&format!("member add {peer_url}"), Duration::from_secs(30), || {
-            let mut c = c.clone();
-            let url = peer_url.to_string();
-            let opts = learner.then(|| etcd_client::MemberAddOptions::new().with_is_learner());
-            async move { c.member_add([url], opts).await }
-        })
-        .await;
-        match added {
-            Ok(resp) => return Ok(resp.member().map(|m| m.id()).unwrap_or_default()),
-            Err(e) => {
-                let (_, list) = members(endpoints).await?;
-                if let Some(m) = list.iter().find(|m| m.peer_urls.iter().any(|u| u == peer_url) && m.name.is_empty()) {
-                    return Ok(m.id);
-                }
-                last = Some(e);
-            }
-        }
-    }
-    Err(last.expect("three attempts"))
-}
 
-/// Promotes learner `id` to a voting member: `Ok(false)` while it has not caught up with
-/// the leader yet (etcd refuses until then), `Ok(true)` once it votes.
-pub async fn promote_member(endpoints: &[String], id: u64) -> Result<bool> {
-    let mut c = first_client(endpoints).await?;
-    match c.member_promote(id).await {
-        Ok(_) => Ok(true),
-        Err(e) if e.to_string().contains("not in sync") || e.to_string().contains("unhealthy cluster") => Ok(false),
-        // A promotion applied whose answer was lost.
-        Err(e) if e.to_string().contains("not a learner") => Ok(true),
-        Err(e) => Err(unavailable(&format!("member promote {id:x}"), e)),
-    }
-}
 
-/// Whether the cluster's version has learners (etcd 3.4 and later), from the first member
-/// that answers a status request.
-pub async fn supports_learners(endpoints: &[String]) -> Result<bool> {
-    let mut c = first_client(endpoints).await?;
-    let status = c.status().await.map_err(|e| unavailable("status", e))?;
-    Ok(learners_in(status.version()))
-}
 
-/// `3.4.0` and later have learners; anything unparsable is treated as older (a voter).
-pub fn learners_in(version: &str) -> bool {
-    let mut parts = version.trim_start_matches('v').split('.').map(|p| p.parse::<u32>().ok());
-    match (parts.next().flatten(), parts.next().flatten()) {
-        (Some(major), Some(minor)) => (major, minor) >= (3, 4),
-        _ => false,
-    }
-}
-
-async fn first_client(endpoints: &[String]) -> Result<Client> {
-    for e in endpoints {
-        if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(3), async {
-            // Membership changes wait for the change to apply: a busy cluster needs more than 5 s.
-            let mut c = connect_with(e, Duration::from_secs(15)).await?;
-            c.status().await.map_err(|err| unavailable(e, err))?;
-            Ok::<_, Error>(c)
-        })
-        .await
-        {
-            return Ok(c);
-        }
-    }
-    Err(Error::new(Code::QuorumAtRisk, format!("no etcd endpoint answered among {endpoints:?}")))
-}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn healthy_members_follow_the_leader_the_others_agree_on() {
-        let seen = |leader: u64| Some(Seen { leader, clean: true });
-        let ids = |v: &[(u64, bool, Option<Seen>)]| {
-            let mut h: Vec<u64> = agreed_healthy(v).into_iter().collect();
-            h.sort();
-            h
-        };
-        assert_eq!(ids(&[(1, false, seen(1)), (2, false, seen(1)), (3, false, seen(1))]), vec![1, 2, 3]);
-        // Cut off from the leader: it answers, but follows nobody (or an old leader).
-        assert_eq!(ids(&[(1, false, seen(1)), (2, false, seen(1)), (3, false, seen(0))]), vec![1, 2]);
-        assert_eq!(ids(&[(1, false, seen(1)), (2, false, seen(1)), (3, false, seen(3))]), vec![1, 2]);
-        // Stopped: no answer. An alarm (NOSPACE): not healthy.
-        let alarm = Some(Seen { leader: 1, clean: false });
-        assert_eq!(ids(&[(1, false, seen(1)), (2, false, None), (3, false, alarm)]), vec![1]);
-        // No agreement, or a leader that is no listed voter: nobody counts.
-        assert!(ids(&[(1, false, seen(1)), (2, false, seen(2))]).is_empty());
-        assert!(ids(&[(1, false, seen(9)), (2, false, seen(9))]).is_empty());
-        assert!(ids(&[(1, true, seen(1)), (2, false, seen(1))]).is_empty(), "a learner cannot lead");
-        assert_eq!(ids(&[(1, false, seen(1)), (4, true, seen(1))]), vec![1, 4], "a learner in sync is healthy");
-    }
     use serde_json::json;
 
     fn pod(name: &str, owner: &str, ip: &str, port: i32) -> Pod {
@@ -323,22 +275,6 @@ mod tests {
             "status": {"podIP": ip},
         }))
         .unwrap()
-    }
-
-    #[test]
-    fn learners_arrived_in_3_4() {
-        for (v, yes) in [
-            ("3.5.34", true),
-            ("3.6.15", true),
-            ("3.4.0", true),
-            ("v3.4.27", true),
-            ("3.3.27", false),
-            ("4.0.0", true),
-            ("", false),
-            ("x.y", false),
-        ] {
-            assert_eq!(learners_in(v), yes, "{v}");
-        }
     }
 
     #[test]

@@ -6,11 +6,9 @@
 use std::path::{Path, PathBuf};
 
 use crate::error::{Code, Error, Result};
-use crate::remediation::{ErrorRecord, Phase, Remediation};
+use crate::engine::{Phase, Remediation};
+pub use etcd_medic_core::resume::{MAX_RESUMES, needs_resume};
 
-/// How often a remediation is resumed before it is closed as Failed: a step that cannot
-/// finish must not be retried on every start for ever.
-pub const MAX_RESUMES: usize = 3;
 
 /// Journals larger than this are not read (a journal is a few KiB).
 const MAX_JOURNAL_BYTES: u64 = 1 << 20;
@@ -33,42 +31,7 @@ pub fn write(state_dir: &Path, r: &Remediation) -> Result<()> {
     std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io)
 }
 
-/// A remediation id as the engine makes them: it names a file, so nothing else is taken.
-pub fn validate_id(id: &str) -> Result<()> {
-    if !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()) {
-        Ok(())
-    } else {
-        Err(Error::invalid(format!("{id:?} is not a remediation id (lower-case letters and digits)")))
-    }
-}
-
-/// What a loaded journal must satisfy to be acted on. Pure.
-pub fn validate(r: &Remediation, file_id: &str) -> std::result::Result<(), String> {
-    if r.id != file_id {
-        return Err(format!("names remediation {:?}, not {file_id:?}", r.id));
-    }
-    validate_id(&r.id).map_err(|e| e.message)?;
-    let name_ok = |s: &str| !s.is_empty() && s.len() <= 253 && !s.contains('/') && s != "." && s != "..";
-    if !name_ok(&r.namespace) || !name_ok(&r.pod) {
-        return Err("namespace or pod is not a Kubernetes name".into());
-    }
-    if r.steps.len() > 64 {
-        return Err(format!("{} steps", r.steps.len()));
-    }
-    if let Some(q) = &r.quarantine {
-        if !crate::quarantine::is_dir_name(&q.name, &r.id) {
-            return Err(format!("quarantine {:?} is not named after the remediation", q.name));
-        }
-        let known = crate::profile::ALL_MOVED;
-        if let Some(bad) = q.items.iter().find(|i| !known.contains(&i.as_str())) {
-            return Err(format!("quarantine item {bad:?} is none the agent moves"));
-        }
-        if q.member_id.as_deref().is_some_and(|m| crate::volume::parse_member_id(m.as_bytes()).is_err()) {
-            return Err("quarantine member id is not hex".into());
-        }
-    }
-    Ok(())
-}
+pub use etcd_medic_core::names::{validate, validate_id};
 
 /// Reads the journal of `id` (an unknown id is `InvalidRequest`).
 pub fn read(state_dir: &Path, id: &str) -> Result<Remediation> {
@@ -153,11 +116,6 @@ pub fn is_running(state_dir: &Path, id: &str) -> bool {
     rustix::fs::flock(file.as_fd(), rustix::fs::FlockOperation::NonBlockingLockShared).is_err()
 }
 
-/// Still Running after something was changed: the agent stopped mid-way and must resume it.
-pub fn needs_resume(r: &Remediation) -> bool {
-    r.phase == Phase::Running && !r.dry_run && r.steps.iter().any(|s| s.name == "Quarantine")
-}
-
 /// The newest journal of `namespace/pod` that needs resuming (no process runs it now).
 pub fn unfinished(state_dir: &Path, namespace: &str, pod: &str) -> Option<Remediation> {
     list(state_dir).into_iter().find(|r| needs_resume(r) && r.namespace == namespace && r.pod == pod && !is_running(state_dir, &r.id))
@@ -178,17 +136,14 @@ pub fn close_abandoned_of(state_dir: &Path, namespace: &str, pod: &str) {
 /// A journal left Running before anything was changed (the agent stopped during its
 /// checks) is closed as Refused: nothing happened, and it says so.
 pub fn close_abandoned(state_dir: &Path, r: &mut Remediation) -> Result<()> {
-    r.phase = Phase::Refused;
-    r.step = None;
-    r.finished_at = Some(jiff::Timestamp::now().to_string());
-    r.error = Some(ErrorRecord { code: Code::NotReady, message: "the agent stopped before acting; nothing was changed".into() });
+    etcd_medic_core::resume::close_abandoned(r);
     write(state_dir, r)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::remediation::QuarantineRecord;
+    use crate::engine::QuarantineRecord;
 
     fn journal(id: &str) -> Remediation {
         let mut r = Remediation::new("n", "apisix", "apisix-etcd-1", None);

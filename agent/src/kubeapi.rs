@@ -14,7 +14,6 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenRe
 use k8s_openapi::api::authorization::v1::{SubjectAccessReview, SubjectAccessReviewSpec, SubjectAccessReviewStatus};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
-use k8s_openapi::api::events::v1::Event;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, PostParams, Preconditions};
 
@@ -260,12 +259,6 @@ impl KubeApi {
         let api: Api<SubjectAccessReview> = Api::all(self.client.clone());
         let r = self.call("a SubjectAccessReview", Code::NotReady, api.create(&PostParams::default(), &review)).await?;
         Ok(r.status.unwrap_or_default())
-    }
-
-    /// Records an events.k8s.io/v1 Event in `namespace`.
-    pub async fn create_event(&self, namespace: &str, event: &Event) -> Result<()> {
-        let api: Api<Event> = Api::namespaced(self.client.clone(), namespace);
-        self.call("an Event", Code::NotReady, api.create(&PostParams::default(), event)).await.map(|_| ())
     }
 }
 

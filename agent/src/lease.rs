@@ -14,31 +14,24 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 
 use crate::error::{Code, Error, Result};
 use crate::kubeapi::KubeApi;
+pub use etcd_medic_core::lease::{Acquire, DURATION, Holding, RENEW_EVERY, decide, lease_name, renew_until};
 
-/// Long enough for the longest step between renewals (membership retries and settling).
-pub const DURATION: Duration = Duration::from_secs(120);
-
-pub fn lease_name(cluster_id: u64) -> String {
-    format!("etcd-medic-{cluster_id:016x}")
-}
-
-/// Is the lease held by someone other than `me` and, by its holder's own `renewTime`, not
-/// expired at `now`? (A lease that looks expired this way is only a candidate: see
-/// [`ClusterLock::acquire`], which takes it over only after watching it unchanged.)
-pub fn held_by_other(spec: Option<&LeaseSpec>, me: &str, now: Timestamp) -> Option<String> {
-    let spec = spec?;
-    let holder = spec.holder_identity.clone().filter(|h| !h.is_empty() && h != me)?;
-    let renewed = spec.renew_time.as_ref().or(spec.acquire_time.as_ref())?.0;
-    let ttl = spec.lease_duration_seconds.unwrap_or(DURATION.as_secs() as i32) as i64;
-    let expires = renewed.checked_add(jiff::SignedDuration::from_secs(ttl)).ok()?;
-    (now < expires).then_some(holder)
+/// The Lease as the decisions of `etcd_medic_core::lease` see it.
+pub fn holding(l: &Lease) -> Holding {
+    let spec = l.spec.as_ref();
+    Holding {
+        holder: spec.and_then(|s| s.holder_identity.clone()),
+        renewed: spec.and_then(|s| s.renew_time.as_ref().or(s.acquire_time.as_ref())).map(|t| t.0),
+        duration_seconds: spec.and_then(|s| s.lease_duration_seconds),
+        resource_version: l.metadata.resource_version.clone().unwrap_or_default(),
+    }
 }
 
 /// The lock gate of a dry run: refused as `acquire` would be, without writing anything.
 pub async fn check_free(api: &KubeApi, namespace: &str, cluster_id: u64, me: &str) -> Result<()> {
     let name = lease_name(cluster_id);
     if let Some(l) = api.lease(namespace, &name).await?
-        && let Some(holder) = held_by_other(l.spec.as_ref(), me, Timestamp::now())
+        && let Some(holder) = etcd_medic_core::lease::held_by_other(&holding(&l), me, Timestamp::now())
     {
         return Err(busy(&holder, namespace, &name));
     }
@@ -49,11 +42,6 @@ fn busy(holder: &str, namespace: &str, name: &str) -> Error {
     Error::new(Code::ClusterLocked, format!("{holder} is remediating this etcd cluster (lease {namespace}/{name}); retry when it is done"))
 }
 
-/// How often a held lease is renewed: a dozen chances before it would expire.
-pub const RENEW_EVERY: Duration = Duration::from_secs(10);
-/// A renewal that keeps failing gives up this long before the lease would expire.
-const RENEW_MARGIN: Duration = Duration::from_secs(15);
-
 pub struct ClusterLock {
     api: KubeApi,
     namespace: String,
@@ -61,17 +49,6 @@ pub struct ClusterLock {
     me: String,
     /// When the lease was last written by us, on this node's monotonic clock.
     renewed: Instant,
-}
-
-/// Whether a lease that another holder has not renewed (by its own clock) has also stayed
-/// unchanged here for its whole duration, measured on this node's monotonic clock, as
-/// client-go's leader election decides. Clocks of other nodes are never compared with ours.
-pub fn expired_locally(first_seen: Instant, now: Instant, duration: Duration) -> bool {
-    now.saturating_duration_since(first_seen) >= duration
-}
-
-fn lease_duration(l: &Lease) -> Duration {
-    Duration::from_secs(l.spec.as_ref().and_then(|s| s.lease_duration_seconds).unwrap_or(DURATION.as_secs() as i32).max(1) as u64)
 }
 
 fn holder_of(l: &Lease) -> Option<String> {
@@ -114,37 +91,25 @@ impl ClusterLock {
                     api.write_lease(namespace, &l, true).await
                 }
                 Some(mut l) => {
-                    if let Some(holder) = holder_of(&l).filter(|h| h != me && !gone(h)) {
-                        if held_by_other(l.spec.as_ref(), me, Timestamp::now()).is_some() {
-                            return Err(busy(&holder, namespace, &name));
+                    let h = holding(&l);
+                    let seen = watched.as_ref().map(|(rv, since): &(String, Instant)| (rv.as_str(), *since));
+                    match decide(Some(&h), me, gone, seen, Timestamp::now(), Instant::now()) {
+                        Acquire::Take => {}
+                        Acquire::Busy { holder } => return Err(busy(&holder, namespace, &name)),
+                        Acquire::Watch => {
+                            tracing::info!("lease {namespace}/{name} of {:?} looks expired; watching it for {:?}", h.holder, h.duration());
+                            watched = Some((h.resource_version.clone(), Instant::now()));
+                            continue;
                         }
-                        let rv = l.metadata.resource_version.clone().unwrap_or_default();
-                        match &watched {
-                            Some((seen, since)) if *seen == rv => {
-                                if !expired_locally(*since, Instant::now(), lease_duration(&l)) {
-                                    if stop.load(Ordering::SeqCst) {
-                                        return Err(Error::new(
-                                            Code::NotReady,
-                                            "the agent is shutting down: stopped while waiting for a lease",
-                                        ));
-                                    }
-                                    tokio::time::sleep(Duration::from_secs(1)).await;
-                                    continue;
-                                }
-                                tracing::warn!(
-                                    "taking over lease {namespace}/{name}: {holder} left it unchanged for {:?}",
-                                    lease_duration(&l)
-                                );
+                        Acquire::Wait => {
+                            if stop.load(Ordering::SeqCst) {
+                                return Err(Error::new(Code::NotReady, "the agent is shutting down: stopped while waiting for a lease"));
                             }
-                            Some(_) => return Err(busy(&holder, namespace, &name)),
-                            None => {
-                                tracing::info!(
-                                    "lease {namespace}/{name} of {holder} looks expired; watching it for {:?}",
-                                    lease_duration(&l)
-                                );
-                                watched = Some((rv, Instant::now()));
-                                continue;
-                            }
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            continue;
+                        }
+                        Acquire::TakeOver { holder } => {
+                            tracing::warn!("taking over lease {namespace}/{name}: {holder} left it unchanged for {:?}", h.duration());
                         }
                     }
                     l.spec = Some(spec());
@@ -179,7 +144,7 @@ impl ClusterLock {
     /// (on this node's clock); a conflict is settled by reading the lease: still ours (a
     /// renewal whose answer was lost) is renewed again, another holder's is `ClusterLocked`.
     pub async fn renew(&mut self) -> Result<()> {
-        let until = self.renewed + lease_duration(&self.lease).saturating_sub(RENEW_MARGIN);
+        let until = renew_until(self.renewed, holding(&self.lease).duration());
         let mut backoff = Duration::from_millis(200);
         loop {
             let mut l = self.lease.clone();
@@ -287,36 +252,3 @@ fn locked(e: Error, name: &str) -> Error {
     if e.code == Code::ClusterLocked { Error::new(Code::ClusterLocked, format!("another agent took lease {name} first")) } else { e }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn spec(holder: &str, renewed_secs_ago: i64, ttl: i32) -> LeaseSpec {
-        let t = Timestamp::now().checked_sub(jiff::SignedDuration::from_secs(renewed_secs_ago)).unwrap();
-        LeaseSpec {
-            holder_identity: Some(holder.into()),
-            renew_time: Some(MicroTime(t)),
-            lease_duration_seconds: Some(ttl),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn expiry_is_measured_on_this_nodes_clock_only() {
-        let seen = Instant::now();
-        assert!(!expired_locally(seen, seen + Duration::from_secs(119), DURATION));
-        assert!(expired_locally(seen, seen + Duration::from_secs(120), DURATION));
-        // A clock that went backwards (or a first sight after now) never expires anything.
-        assert!(!expired_locally(seen + Duration::from_secs(5), seen, DURATION));
-    }
-
-    #[test]
-    fn a_live_lease_of_another_node_locks_an_expired_one_does_not() {
-        let now = Timestamp::now();
-        assert_eq!(held_by_other(Some(&spec("node-b", 5, 60)), "node-a", now).as_deref(), Some("node-b"));
-        assert_eq!(held_by_other(Some(&spec("node-b", 61, 60)), "node-a", now), None, "expired: taken over");
-        assert_eq!(held_by_other(Some(&spec("node-a", 5, 60)), "node-a", now), None, "ours");
-        assert_eq!(held_by_other(Some(&spec("", 5, 60)), "node-a", now), None, "released");
-        assert_eq!(held_by_other(None, "node-a", now), None);
-    }
-}

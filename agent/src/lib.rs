@@ -1,22 +1,26 @@
 //! etcd-medic: a node-level agent that heals etcd members stuck in
 //! `etcdserver: member not found` crash loops. See the README and DESIGN.md.
+//!
+//! The contract and every decision live in `etcd-medic-core`; this crate observes and acts
+//! on the node: `host` (mounts, processes, the volume), `locate`, `quarantine`, `journal`,
+//! `etcd`, `kubeapi`, `lease`, the `engine` and the `server`.
 
-pub mod api;
 pub mod cli;
-pub mod error;
+pub mod commands;
+pub mod engine;
 pub mod etcd;
 pub mod failpoint;
-pub mod guard;
+pub mod host;
 pub mod identity;
 pub mod journal;
 pub mod kubeapi;
 pub mod lease;
 pub mod locate;
-pub mod pathsafe;
 pub mod profile;
 pub mod quarantine;
-pub mod remediation;
+pub mod server;
+pub mod shutdown;
 pub mod telemetry;
-pub mod volume;
 
+pub use etcd_medic_core::{self as core, error};
 pub use error::{Code, Error, Result};

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Code, Error, Result};
-use crate::volume::{Kind, Volume};
+use crate::host::volume::{Kind, Volume};
 
 pub const QUARANTINE_DIR: &str = ".etcd-medic/quarantine";
 const MANIFEST: &str = "manifest.json";
@@ -45,16 +45,7 @@ pub struct Item {
     pub present: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[schema(as = QuarantineState)]
-pub enum State {
-    /// Named in the journal; items are being moved.
-    Moving,
-    Quarantined,
-    Restored,
-    /// Removed by retention after a later remediation of the member succeeded.
-    Pruned,
-}
+pub use etcd_medic_core::contract::QuarantineState as State;
 
 /// Who and what a quarantine is for: all of it from the journal.
 #[derive(Clone, Debug)]
@@ -71,19 +62,11 @@ pub struct Request<'a> {
     pub data: &'a Path,
     /// Relative to the data dir, with their sizes at check time.
     pub items: &'a [(String, u64)],
+    /// The test hook `in:Quarantine` (between two moves).
+    pub failpoint: &'a crate::failpoint::Failpoint,
 }
 
-/// `<timestamp>-<id>`: sorts by time, names the remediation.
-pub fn dir_name(created_at: &jiff::Timestamp, id: &str) -> String {
-    format!("{}-{id}", created_at.strftime("%Y%m%dT%H%M%SZ"))
-}
-
-/// A quarantine name exactly as [`dir_name`] makes it for remediation `id`.
-pub fn is_dir_name(name: &str, id: &str) -> bool {
-    let Some(ts) = name.strip_suffix(id).and_then(|s| s.strip_suffix('-')) else { return false };
-    let b = ts.as_bytes();
-    b.len() == 16 && b[8] == b'T' && b[15] == b'Z' && b.iter().enumerate().all(|(i, c)| i == 8 || i == 15 || c.is_ascii_digit())
-}
+pub use etcd_medic_core::retention::{dir_name, is_dir_name, to_prune};
 
 /// The quarantine `name`, relative to the volume root.
 pub fn rel_dir(name: &str) -> PathBuf {
@@ -123,7 +106,7 @@ pub fn quarantine(vol: &Volume, req: &Request, now: jiff::Timestamp) -> Result<M
                 for d in [from.parent(), to.parent()].into_iter().flatten() {
                     vol.sync_dir(d)?;
                 }
-                crate::failpoint::hold("in:Quarantine");
+                req.failpoint.hold("in:Quarantine");
                 true
             }
             (false, true) => true, // moved before an interruption
@@ -195,20 +178,12 @@ pub fn restore(vol: &Volume, name: &str, data: &Path, items: &[String]) -> Resul
     Ok(back)
 }
 
-/// Which of a member's quarantines (oldest first, as the journal names them) retention
-/// removes: keeps the newest `keep`, never the newest one, and only those older than the
-/// quarantine `succeeded` of a later remediation that succeeded. Pure.
-pub fn to_prune(all: &[String], succeeded: &str, keep: usize) -> Vec<String> {
-    let Some(pos) = all.iter().position(|n| n == succeeded) else { return Vec::new() };
-    let keep = keep.max(1);
-    let cut = all.len().saturating_sub(keep);
-    all[..pos.min(cut)].to_vec()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    static NO_FAILPOINT: crate::failpoint::Failpoint = crate::failpoint::Failpoint::NONE;
 
     fn member_volume() -> (tempfile::TempDir, Volume) {
         let root = tempfile::tempdir().unwrap();
@@ -237,6 +212,7 @@ mod tests {
             profile: "bitnami-member-id",
             data: Path::new("data"),
             items,
+            failpoint: &NO_FAILPOINT,
         }
     }
 
@@ -319,13 +295,4 @@ mod tests {
         assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
     }
 
-    #[test]
-    fn retention_keeps_the_newest_and_prunes_only_before_a_success() {
-        let all: Vec<String> = ["a", "b", "c", "d", "e"].iter().map(|s| s.to_string()).collect();
-        assert_eq!(to_prune(&all, "e", 3), vec!["a", "b"]);
-        assert_eq!(to_prune(&all, "c", 3), vec!["a", "b"]);
-        assert_eq!(to_prune(&all, "b", 1), vec!["a"]);
-        assert!(to_prune(&all, "zzz", 1).is_empty(), "no success, nothing pruned");
-        assert_eq!(to_prune(&all, "e", 0).len(), 4, "the newest always stays");
-    }
 }

@@ -411,8 +411,8 @@ async fn sigterm_stops_at_a_safe_point_and_the_next_start_resumes() -> Result<()
     }
     let exit = agent.terminate(Duration::from_secs(20)).await;
     assert!(exit.is_some_and(|s| s.success()), "a clean exit on SIGTERM: {exit:?}\n{}", agent.log_text());
-    let journal = etcd_medic::remediation::read_journal(&agent.state_dir, &id)?;
-    assert_eq!(journal.phase, etcd_medic::remediation::Phase::Running, "left for the resume");
+    let journal = etcd_medic::journal::read(&agent.state_dir, &id)?;
+    assert_eq!(journal.phase, etcd_medic::engine::Phase::Running, "left for the resume");
     assert_eq!(lab.set.pod_uid(1)?, uid_before, "stopped before the restart");
     let leases = lab.api.list::<k8s_openapi::api::coordination::v1::Lease>(Some("etcd-medic"));
     assert!(

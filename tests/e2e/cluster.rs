@@ -141,11 +141,12 @@ async fn the_agent_reaches_an_etcd_that_requires_client_certificates() -> Result
     let endpoints = [url.clone()];
     // Not configured yet: no TLS, no answer.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert!(etcd_medic::etcd::members(&endpoints).await.is_err(), "an https etcd answered a client without TLS");
-    etcd_medic::etcd::configure_tls(Some(&p("ca.crt")), Some(&p("client.crt")), Some(&p("client.key")))?;
+    let plain = etcd_medic::etcd::Etcd::default();
+    assert!(plain.members(&endpoints).await.is_err(), "an https etcd answered a client without TLS");
+    let etcd = etcd_medic::etcd::Etcd::with_tls(Some(&p("ca.crt")), Some(&p("client.crt")), Some(&p("client.key")))?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let (cluster_id, members) = loop {
-        match etcd_medic::etcd::members(&endpoints).await {
+        match etcd.members(&endpoints).await {
             Ok(m) => break m,
             Err(e) => {
                 anyhow::ensure!(tokio::time::Instant::now() < deadline, "{}\n{}", e.message, std::fs::read_to_string(p("etcd.err"))?);

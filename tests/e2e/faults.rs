@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use anyhow::Result;
-use etcd_medic::remediation::{Phase, Remediation};
+use etcd_medic::engine::{Phase, Remediation};
 use etcd_medic_lab::apiserver::{Fault, FaultKind};
 use etcd_medic_lab::etcd;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -53,7 +53,7 @@ async fn a_stale_journal_never_hijacks_a_new_failure() -> Result<()> {
     assert_eq!(first.phase, Phase::Succeeded, "{first:?}");
     // As if the agent had been killed in Verify: the journal still says Running.
     let state = lab.dir.path().join("agent-state");
-    let mut stale = etcd_medic::remediation::read_journal(&state, &first.id)?;
+    let mut stale = etcd_medic::journal::read(&state, &first.id)?;
     stale.phase = Phase::Running;
     stale.finished_at = None;
     stale.steps.retain(|s| !matches!(s.name.as_str(), "Verify" | "Retention"));
@@ -64,7 +64,7 @@ async fn a_stale_journal_never_hijacks_a_new_failure() -> Result<()> {
     let second = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
     assert_ne!(second.id, first.id, "a new failure gets a new remediation");
     assert_eq!(second.phase, Phase::Succeeded, "{second:?}");
-    let closed = etcd_medic::remediation::read_journal(&state, &first.id)?;
+    let closed = etcd_medic::journal::read(&state, &first.id)?;
     assert_eq!(closed.phase, Phase::Succeeded, "{closed:?}");
     let last = closed.steps.last().unwrap();
     assert!(last.message.contains("closed from evidence"), "{}", last.message);
@@ -91,7 +91,7 @@ fn planted(name: &str, holder: &str, skewed_by: i64) -> Lease {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_is_taken_over_only_when_unchanged_whatever_the_clocks_say() -> Result<()> {
     let Some((lab, _)) = crate::reference_failure::broken_lab_with_mounts().await? else { return Ok(()) };
-    let (cluster_id, _) = etcd_medic::etcd::members(&lab.set.other_endpoints(1)).await?;
+    let (cluster_id, _) = etcd_medic::etcd::Etcd::default().members(&lab.set.other_endpoints(1)).await?;
     let name = etcd_medic::lease::lease_name(cluster_id);
     // A live holder on a node whose clock is 10 minutes behind: its renewTime looks long
     // expired to us, but it renews every 500 ms. Never taken over.

@@ -6,7 +6,8 @@ use std::path::Path;
 
 use anyhow::Result;
 use etcd_medic::Code;
-use etcd_medic::guard;
+use etcd_medic::engine::gates;
+use etcd_medic::host::processes as guard;
 use etcd_medic_lab::objects::SetShape;
 use etcd_medic_lab::{Lab, NODE_NAME};
 use k8s_openapi::api::core::v1::Pod;
@@ -34,7 +35,7 @@ async fn a_running_member_holds_its_volume_and_a_crash_looping_one_does_not() ->
     let e = p.volume.lock(&files).err().expect("a running etcd holds its locks");
     assert_eq!(e.code, Code::PodRunning, "{e}");
     let pod: Pod = lab.api.get("apisix", "apisix-etcd-1").unwrap();
-    assert_eq!(guard::pod_failure(&pod, "etcd", true).unwrap_err().code, Code::PodRunning);
+    assert_eq!(gates::pod_failure(&pod, "etcd", true).unwrap_err().code, Code::PodRunning);
     lab.shutdown().await;
 
     let (lab, _) = crate::reference_failure::broken_lab().await?;
@@ -51,7 +52,7 @@ async fn a_running_member_holds_its_volume_and_a_crash_looping_one_does_not() ->
     }
     free?;
     let pod: Pod = lab.api.get("apisix", "apisix-etcd-1").unwrap();
-    let failure = guard::pod_failure(&pod, "etcd", false)?.expect("the pod is failing");
+    let failure = gates::pod_failure(&pod, "etcd", false)?.expect("the pod is failing");
     assert_eq!(failure.reason, "CrashLoopBackOff");
     assert!(failure.message.ends_with("Error: etcdserver: member not found"), "{}", failure.message);
     lab.shutdown().await;

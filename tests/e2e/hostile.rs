@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::Result;
 use etcd_medic::Code;
 use etcd_medic::locate::{Locator, NodeLayout};
-use etcd_medic::remediation::{Engine, Options, Phase, Remediation};
+use etcd_medic::engine::{Engine, Options, Phase, Remediation};
 use etcd_medic_lab::objects::SetShape;
 use etcd_medic_lab::{Lab, NODE_NAME};
 
@@ -209,12 +209,16 @@ impl Bench {
             verify_timeout: Duration::from_secs(120),
             keep_quarantines: keep,
             lease_namespace: None,
+            settle: etcd_medic::engine::SETTLE,
+            etcd: etcd_medic::etcd::Etcd::default(),
+            failpoint: etcd_medic::failpoint::Failpoint::default(),
         };
         let started = std::sync::Mutex::new(0usize);
-        let progress = |r: &Remediation| {
+        let progress = |u: etcd_medic_core::progress::Update| {
+            let r = &u.remediation;
             let mut n = started.lock().unwrap();
             for s in &r.steps[(*n).min(r.steps.len())..] {
-                on_step(&s.name);
+                on_step(s.name.as_str());
             }
             *n = r.steps.len();
         };
@@ -237,7 +241,7 @@ impl Bench {
     /// the same broken member.
     async fn undo(&self, r: &Remediation) -> Result<()> {
         if r.quarantine.is_some() {
-            match etcd_medic::remediation::restore(&self.locator, self.state.path(), &r.id).await {
+            match etcd_medic::engine::restore(&self.locator, self.state.path(), &r.id).await {
                 // Refused before the quarantine was made: nothing to put back.
                 Err(e) if e.code == Code::DataDirNotFound => {}
                 other => {
@@ -331,7 +335,7 @@ async fn links_swapped_in_at_every_step_never_lead_outside_the_volume() -> Resul
                             let mut sw = Swapper::start(b.backing(), t, b.canary.clone());
                             sw.strike();
                             tokio::time::sleep(Duration::from_millis(5)).await;
-                            let res = etcd_medic::remediation::restore(&b.locator, b.state.path(), &r.id).await;
+                            let res = etcd_medic::engine::restore(&b.locator, b.state.path(), &r.id).await;
                             let n = sw.stop();
                             let what = format!("restore under {t:?}: {:?} after {n} swaps", res.as_ref().map_err(|e| e.code));
                             b.assert_canary(&before, &what);
@@ -464,9 +468,9 @@ async fn planted_fifos_devices_huge_files_and_forged_quarantines_are_never_trust
     crate::reference_failure::assert_every_key(&b.lab, 3, 100).await?;
 
     // Restoring a forged quarantine name, or one that retention removed, is refused.
-    let bad = etcd_medic::remediation::restore(&b.locator, b.state.path(), "forged").await.unwrap_err();
+    let bad = etcd_medic::engine::restore(&b.locator, b.state.path(), "forged").await.unwrap_err();
     assert_eq!(bad.code, Code::InvalidRequest, "{bad}");
-    let pruned = etcd_medic::remediation::restore(&b.locator, b.state.path(), &first.id).await.unwrap_err();
+    let pruned = etcd_medic::engine::restore(&b.locator, b.state.path(), &first.id).await.unwrap_err();
     assert_eq!(pruned.code, Code::InvalidRequest, "{pruned}");
     b.assert_canary(&before, "restore of forged quarantines");
     drop(agent);

@@ -81,7 +81,7 @@ async fn remediate_heals_member_not_found_with_every_key_and_a_restorable_quaran
 }
 
 use etcd_medic::Code;
-use etcd_medic::remediation::Phase;
+use etcd_medic::engine::Phase;
 use etcd_medic_lab::Lab;
 use etcd_medic_lab::objects::{SetShape, StartProfile};
 
@@ -318,10 +318,10 @@ async fn killed_at_every_step_the_agent_finishes_without_repeating_anything() ->
         assert!(second.status.success(), "{point}: {out}\n{}", String::from_utf8_lossy(&second.stderr));
         // This round's remediations: the killed one, and a new one where the killed one had
         // changed nothing (it is closed as abandoned). One succeeded; one moved the data.
-        let round: Vec<etcd_medic::remediation::Remediation> =
+        let round: Vec<etcd_medic::engine::Remediation> =
             etcd_medic::journal::list(state.path()).into_iter().filter(|j| !ids.contains(&j.id)).collect();
-        let done = |j: &etcd_medic::remediation::Remediation, name: &str| {
-            j.steps.iter().filter(|s| s.name == name && s.outcome.as_deref() == Some("Done")).count()
+        let done = |j: &etcd_medic::engine::Remediation, name: &str| {
+            j.steps.iter().filter(|s| s.name == name && s.done()).count()
         };
         let healed: Vec<_> = round.iter().filter(|j| j.phase == Phase::Succeeded).collect();
         assert_eq!(healed.len(), 1, "{point}: {round:?}");
@@ -342,7 +342,7 @@ async fn killed_at_every_step_the_agent_finishes_without_repeating_anything() ->
         ids.extend(round.iter().map(|j| j.id.clone()));
         eprintln!(
             "{point}: {}",
-            killed.steps.iter().map(|s| format!("{} {}", s.name, s.outcome.as_deref().unwrap_or("-"))).collect::<Vec<_>>().join(", ")
+            killed.steps.iter().map(|s| format!("{} {}", s.name, s.outcome.map_or("-", |o| o.as_str()))).collect::<Vec<_>>().join(", ")
         );
         // The same pod fails anew, for the next point: a new remediation heals it.
         if n + 1 < points.len() {
@@ -368,13 +368,13 @@ async fn retention_keeps_the_newest_quarantines_after_a_success() -> Result<()> 
     // them, and one quarantine-shaped dir that no journal made (a tenant's forgery).
     let state = lab.dir.path().join("agent-state");
     for (i, day) in ["20250101", "20250201", "20250301"].iter().enumerate() {
-        let mut j = etcd_medic::remediation::Remediation::new(NODE_NAME_FOR_JOURNALS, "apisix", "apisix-etcd-1", None);
+        let mut j = etcd_medic::engine::Remediation::new(NODE_NAME_FOR_JOURNALS, "apisix", "apisix-etcd-1", None);
         j.id = format!("old{i}");
         j.phase = Phase::Succeeded;
         j.created_at = format!("{}-{}-{}T00:00:00Z", &day[..4], &day[4..6], &day[6..]);
         j.finished_at = Some(j.created_at.clone());
         let name = format!("{day}T000000Z-old{i}");
-        j.quarantine = Some(etcd_medic::remediation::QuarantineRecord {
+        j.quarantine = Some(etcd_medic::engine::QuarantineRecord {
             name: name.clone(),
             items: vec!["member/snap".into()],
             member_id: None,
@@ -387,7 +387,7 @@ async fn retention_keeps_the_newest_quarantines_after_a_success() -> Result<()> 
     let r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
     assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
     let retention = r.steps.iter().find(|s| s.name == "Retention").expect("a Retention step");
-    assert_eq!(retention.outcome.as_deref(), Some("Done"), "{retention:?}");
+    assert!(retention.done(), "{retention:?}");
     let mut left: Vec<String> = std::fs::read_dir(lab.set.volume_path(1)?.join(".etcd-medic/quarantine"))?
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -396,7 +396,7 @@ async fn retention_keeps_the_newest_quarantines_after_a_success() -> Result<()> 
     assert_eq!(left.len(), 4, "{left:?}");
     assert!(!left.iter().any(|n| n.ends_with("-old0")), "the oldest went: {left:?}");
     assert!(left.iter().any(|n| n.ends_with("-forged")), "what no journal made is never pruned: {left:?}");
-    let old0 = etcd_medic::remediation::read_journal(&state, "old0")?;
+    let old0 = etcd_medic::journal::read(&state, "old0")?;
     assert_eq!(old0.quarantine.map(|q| q.state), Some(etcd_medic::quarantine::State::Pruned));
     assert!(left.iter().any(|n| n.ends_with(&format!("-{}", r.id))), "the newest stays: {left:?}");
     lab.shutdown().await;
@@ -495,7 +495,7 @@ async fn an_add_interrupted_by_the_restart_is_cleaned_up() -> Result<()> {
     let peer = lab.set.members()[1].peer_url();
     let others = lab.set.other_endpoints(1);
     let added = std::sync::Mutex::new(false);
-    let progress = |r: &etcd_medic::remediation::Remediation| {
+    let progress = |r: &etcd_medic::engine::Remediation| {
         let mut done = added.lock().unwrap();
         if !*done && r.steps.last().is_some_and(|s| s.name == "Restart" && s.outcome.is_none()) {
             // What the interrupted start of the image left: an entry with the pod's peer URL.

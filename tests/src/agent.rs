@@ -23,7 +23,7 @@ pub async fn locator(lab: &Lab, kubelet_root: Option<PathBuf>, timeout: Duration
 }
 
 /// Runs the agent's engine as `etcd-medic remediate` does, on the lab's node.
-pub async fn remediate(lab: &Lab, pod: &str, force: bool) -> anyhow::Result<etcd_medic::remediation::Remediation> {
+pub async fn remediate(lab: &Lab, pod: &str, force: bool) -> anyhow::Result<etcd_medic::engine::Remediation> {
     remediate_with(lab, pod, force, &|_| {}).await
 }
 
@@ -32,9 +32,9 @@ pub async fn remediate_with(
     lab: &Lab,
     pod: &str,
     force: bool,
-    progress: &(dyn Fn(&etcd_medic::remediation::Remediation) + Send + Sync),
-) -> anyhow::Result<etcd_medic::remediation::Remediation> {
-    use etcd_medic::remediation::{Engine, Options};
+    progress: &(dyn Fn(&etcd_medic::engine::Remediation) + Send + Sync),
+) -> anyhow::Result<etcd_medic::engine::Remediation> {
+    use etcd_medic::engine::{Engine, Options};
     let (l, proc) = locator(lab, None, Duration::from_secs(5)).await?;
     // The real /proc: the holder check must see the lab's etcd processes.
     let l = Locator { layout: NodeLayout { proc_root: "/proc".into(), ..l.layout }, api: l.api };
@@ -47,9 +47,13 @@ pub async fn remediate_with(
         verify_timeout: Duration::from_secs(120),
         keep_quarantines: 3,
         lease_namespace: None,
+        settle: etcd_medic::engine::SETTLE,
+        etcd: etcd_medic::etcd::Etcd::default(),
+        failpoint: etcd_medic::failpoint::Failpoint::default(),
     };
     let stop = std::sync::atomic::AtomicBool::new(false);
-    Ok(Engine { locator: &l, opts, progress, stop: &stop }.run("apisix", pod, None).await)
+    let follow = |u: etcd_medic_core::progress::Update| progress(&u.remediation);
+    Ok(Engine { locator: &l, opts, progress: &follow, stop: &stop }.run("apisix", pod, None).await)
 }
 
 /// Every path under `dir` with its size: what "nothing changed on disk" compares.

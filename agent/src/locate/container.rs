@@ -81,43 +81,24 @@ pub fn environment(pod: &Pod, c: &Container) -> BTreeMap<String, String> {
     env
 }
 
-/// Kubernetes' `$(VAR)` expansion: defined variables are replaced, `$$` escapes a `$`, and
-/// references to undefined variables stay as written.
-pub fn expand(input: &str, env: &BTreeMap<String, String>) -> String {
-    let mut out = String::with_capacity(input.len());
-    let mut rest = input;
-    while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
-        if let Some(stripped) = after.strip_prefix('$') {
-            out.push('$');
-            rest = stripped;
-        } else if let Some(body) = after.strip_prefix('(')
-            && let Some(end) = body.find(')')
-        {
-            let name = &body[..end];
-            match env.get(name) {
-                Some(v) => out.push_str(v),
-                None => {
-                    out.push_str("$(");
-                    out.push_str(name);
-                    out.push(')');
-                }
-            }
-            rest = &body[end + 1..];
-        } else {
-            out.push('$');
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    out
+pub use etcd_medic_core::flags::expand;
+
+/// The container's command and arguments, expanded as the kubelet does.
+pub fn words(c: &Container, env: &BTreeMap<String, String>) -> Vec<String> {
+    c.command.iter().chain(c.args.iter()).flatten().map(|w| expand(w, env)).collect()
+}
+
+/// The etcd flags the pod's container `name` starts with, if the pod has that container.
+pub fn start_flags<'p>(pod: &'p Pod, name: &str, pod_name: &str) -> Option<(&'p Container, etcd_medic_core::flags::StartFlags)> {
+    let c = pod.spec.as_ref().and_then(|s| s.containers.iter().find(|c| c.name == name))?;
+    let env = environment(pod, c);
+    Some((c, etcd_medic_core::flags::start_flags(&words(c, &env), &env, pod_name)))
 }
 
 /// A WAL kept outside the data dir (`--wal-dir`, `ETCD_WAL_DIR`) or another volume mounted
 /// inside it would be left behind by a move of `member/wal`: refuse rather than half-move.
 pub fn no_separate_wal(c: &Container, env: &BTreeMap<String, String>, data_dir: &str) -> Result<()> {
-    let words: Vec<String> = c.command.iter().chain(c.args.iter()).flatten().map(|w| expand(w, env)).collect();
+    let words = words(c, env);
     let flag = words.iter().any(|w| w == "--wal-dir" || w.starts_with("--wal-dir="));
     if flag || env.get("ETCD_WAL_DIR").is_some_and(|v| !v.is_empty()) {
         return Err(Error::new(
@@ -162,7 +143,7 @@ pub enum DataDirSource {
 /// else `default` (the profile's). Flags win over the environment, as etcd itself does.
 pub fn data_dir(pod: &Pod, c: &Container, default: Option<&str>) -> Result<(String, DataDirSource)> {
     let env = environment(pod, c);
-    let words: Vec<String> = c.command.iter().chain(c.args.iter()).flatten().map(|w| expand(w, &env)).collect();
+    let words = words(c, &env);
     let (unreadable, has_env_from) = unresolved(c);
     let mut flag = None;
     for (i, w) in words.iter().enumerate() {
@@ -216,16 +197,6 @@ mod tests {
             "status": {"podIP": "10.0.0.7"},
         }))
         .unwrap()
-    }
-
-    #[test]
-    fn expansion_follows_kubernetes() {
-        let env: BTreeMap<String, String> = [("A".to_string(), "x".to_string()), ("B".into(), "y".into())].into();
-        assert_eq!(expand("$(A)/$(B)", &env), "x/y");
-        assert_eq!(expand("$$(A)", &env), "$(A)");
-        assert_eq!(expand("$(MISSING)/z", &env), "$(MISSING)/z");
-        assert_eq!(expand("cost $5 $", &env), "cost $5 $");
-        assert_eq!(expand("$(A", &env), "$(A");
     }
 
     #[test]

@@ -115,7 +115,7 @@ pub fn cross_check_vol_data(mount: &Path, pv: &str, driver: &str, handle: &str, 
 pub fn search_volume(kubelet_root: &Path, uid: &str, name: &str) -> Result<PathBuf> {
     let vols = Path::new("pods").join(uid).join("volumes");
     let base = kubelet_root.join(&vols);
-    crate::volume::open_dir_beneath(kubelet_root, &vols)?;
+    crate::host::volume::open_dir_beneath(kubelet_root, &vols)?;
     let mut found = Vec::new();
     for plugin in std::fs::read_dir(&base).map_err(|e| Error::new(Code::DataDirNotFound, format!("{}: {e}", base.display())))?.flatten() {
         if plugin.path().join(name).symlink_metadata().is_ok() {

@@ -11,12 +11,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
-use serde::{Deserialize, Serialize};
+
 
 use crate::error::{Code, Error, Result};
 use crate::kubeapi::KubeApi;
 use crate::profile::{self, Profile};
-use crate::volume::{Kind, Limits, Volume};
+use crate::host::volume::{Kind, Limits, Volume};
 use volume::{Expected, VolumeKind};
 
 /// Where this node's things are.
@@ -33,54 +33,7 @@ pub struct NodeLayout {
     pub container: Option<String>,
 }
 
-/// The volume that holds the data.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct VolumeInfo {
-    /// The pod's volume name.
-    pub name: String,
-    pub claim: Option<String>,
-    pub persistent_volume: Option<String>,
-    pub kind: VolumeKind,
-    pub mount_path: String,
-    pub sub_path: Option<String>,
-    /// The volume's root on the host, as the agent reaches it.
-    #[schema(value_type = String)]
-    pub root: PathBuf,
-}
-
-/// One entry a remediation would move.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct MoveItem {
-    /// Relative to the data dir.
-    pub path: String,
-    pub bytes: u64,
-    pub files: u64,
-}
-
-/// The resolved plan: where the data is and what would move.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Plan {
-    pub namespace: String,
-    pub pod: String,
-    #[serde(rename = "podUID")]
-    pub pod_uid: String,
-    pub node: String,
-    pub container: String,
-    pub profile: Profile,
-    /// The data dir as the container sees it.
-    pub data_dir: String,
-    /// The data dir on the host, as the agent reaches it.
-    #[schema(value_type = String)]
-    pub host_path: PathBuf,
-    pub volume: VolumeInfo,
-    #[schema(value_type = Option<String>)]
-    pub kubelet_root: Option<PathBuf>,
-    pub r#move: Vec<MoveItem>,
-    pub bytes: u64,
-}
+pub use etcd_medic_core::contract::{MoveItem, Plan, VolumeInfo};
 
 pub struct Locator {
     pub api: KubeApi,
@@ -88,7 +41,7 @@ pub struct Locator {
 }
 
 /// A plan with the volume root it was proven on: the descriptor every later action on the
-/// volume goes through (see `crate::volume`).
+/// volume goes through (see `crate::host::volume`).
 pub struct Located {
     pub plan: Plan,
     pub volume: Arc<Volume>,
@@ -279,7 +232,7 @@ fn open_volume(layout: &NodeLayout, expected: &Expected, kubelet_root: Option<&P
 /// The descriptor is the root of a mount: asked of the descriptor itself where the kernel
 /// can say, else of the mount table of the agent's mount namespace.
 fn require_mount(vol: &Volume, proc_root: &Path) -> Result<()> {
-    let mounted = vol.is_mount_root().unwrap_or_else(|| crate::pathsafe::is_mount_point(proc_root, vol.path()));
+    let mounted = vol.is_mount_root().unwrap_or_else(|| crate::host::mounts::is_mount_point(proc_root, vol.path()));
     if mounted {
         Ok(())
     } else {
@@ -327,40 +280,3 @@ fn planned_moves(vol: &Volume, data: &Path, profile: Profile) -> Result<Vec<Move
     Ok(out)
 }
 
-impl Plan {
-    /// A table for a person on the node.
-    pub fn render_table(&self) -> String {
-        let mut s = String::new();
-        let mut row = |k: &str, v: String| s.push_str(&format!("{k:<14} {v}\n"));
-        row("pod", format!("{}/{} (uid {})", self.namespace, self.pod, self.pod_uid));
-        row("node", self.node.clone());
-        row("container", self.container.clone());
-        row("profile", self.profile.as_str().to_string());
-        row("data dir", self.data_dir.clone());
-        row("host path", self.host_path.display().to_string());
-        let v = &self.volume;
-        let kind = serde_json::to_value(&v.kind).ok().and_then(|k| k["type"].as_str().map(String::from)).unwrap_or_default();
-        row(
-            "volume",
-            format!(
-                "{} ({kind}) mounted at {}{}",
-                v.name,
-                v.mount_path,
-                v.sub_path.as_deref().map(|s| format!(" subPath {s}")).unwrap_or_default()
-            ),
-        );
-        if let (Some(c), Some(pv)) = (&v.claim, &v.persistent_volume) {
-            row("claim", format!("{c} -> {pv}"));
-        }
-        row("volume root", v.root.display().to_string());
-        if let Some(k) = &self.kubelet_root {
-            row("kubelet root", k.display().to_string());
-        }
-        s.push_str("would move:\n");
-        for m in &self.r#move {
-            s.push_str(&format!("  {:<18} {:>12} bytes {:>6} files\n", m.path, m.bytes, m.files));
-        }
-        s.push_str(&format!("  {:<18} {:>12} bytes\n", "total", self.bytes));
-        s
-    }
-}

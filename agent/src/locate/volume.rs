@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Container, PersistentVolume, Pod, Volume};
-use serde::{Deserialize, Serialize};
+
 
 use super::container::expand;
 use crate::error::{Code, Error, Result};
@@ -93,21 +93,7 @@ pub fn check_binding(pvc: &k8s_openapi::api::core::v1::PersistentVolumeClaim, pv
     Ok(())
 }
 
-/// How the volume reaches the node.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "camelCase", tag = "type")]
-pub enum VolumeKind {
-    /// CSI filesystem volume (also in-tree plugins migrated to CSI).
-    Csi { driver: String, volume_handle: String, migrated_from: Option<String> },
-    /// Local PV: a bind of `path` at `…/kubernetes.io~local-volume/<pv>`.
-    Local { path: String },
-    /// hostPath (PV or inline): the data is at `path` on the host.
-    HostPath { path: String },
-    /// emptyDir: `…/kubernetes.io~empty-dir/<volume>`.
-    EmptyDir,
-    /// Anything else: found by a search under the pod's volumes dir.
-    Other { plugin: String },
-}
+pub use etcd_medic_core::contract::VolumeKind;
 
 /// In-tree plugins that the kubelet migrates to CSI, with their CSI driver.
 const MIGRATED: &[(&str, &str)] = &[

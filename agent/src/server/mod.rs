@@ -11,12 +11,10 @@ pub mod limit;
 pub mod metrics;
 pub mod openapi;
 pub mod report;
-pub mod request;
 pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -37,12 +35,16 @@ use crate::cli::AuthMode;
 use crate::error::{Code, Error, Result};
 use crate::kubeapi::KubeApi;
 use crate::locate::{Locator, NodeLayout};
-use crate::remediation::{self, Engine, Options, Phase, Remediation};
+use crate::engine::{Engine, Options, Phase, Remediation};
+use crate::shutdown::Shutdown;
+use etcd_medic_core::contract::RemediationList;
+use etcd_medic_core::progress::Update;
+use etcd_medic_core::request::CreateRequest;
+use etcd_medic_core::resume;
 use auth::Auth;
 use limit::RateLimiter;
 use metrics::{HttpLabels, Metrics};
 use report::Reporter;
-use request::CreateRequest;
 
 /// Request bodies above this are refused with 413 before they are read whole.
 pub const BODY_LIMIT: usize = 64 * 1024;
@@ -69,6 +71,8 @@ pub struct Config {
 struct Ready {
     locator: Arc<Locator>,
     auth: Auth,
+    /// One for the agent: its cache folds a repeated Event into the first one's series.
+    recorder: kube::runtime::events::Recorder,
 }
 
 pub struct Agent {
@@ -80,7 +84,7 @@ pub struct Agent {
     /// Serialises admission: two POSTs for one pod UID start one remediation.
     admission: tokio::sync::Mutex<()>,
     metrics: Metrics,
-    stop: AtomicBool,
+    shutdown: Shutdown,
     tasks: TaskTracker,
     limiter: RateLimiter,
     slots: Arc<Semaphore>,
@@ -115,7 +119,8 @@ impl IntoResponse for Failure {
 }
 
 impl Agent {
-    pub fn new(cfg: Config) -> Arc<Self> {
+    /// An agent that stops when `shutdown` does (see [`serve`]).
+    pub fn new(cfg: Config, shutdown: Shutdown) -> Arc<Self> {
         Arc::new(Agent {
             limiter: RateLimiter::new(cfg.rate_limit),
             slots: Arc::new(Semaphore::new(cfg.max_in_flight as usize)),
@@ -125,13 +130,13 @@ impl Agent {
             runs: Mutex::new(HashMap::new()),
             admission: tokio::sync::Mutex::new(()),
             metrics: Metrics::default(),
-            stop: AtomicBool::new(false),
+            shutdown,
             tasks: TaskTracker::new(),
         })
     }
 
     fn stopping(&self) -> bool {
-        self.stop.load(Ordering::SeqCst)
+        self.shutdown.stopping()
     }
 
     fn ready(&self) -> Result<&Ready> {
@@ -167,27 +172,28 @@ impl Agent {
 
     async fn try_ready(&self) -> Result<(Ready, String)> {
         check_state_dir(&self.cfg.engine.state_dir)?;
-        crate::guard::can_inspect(&self.cfg.layout.proc_root)?;
+        crate::host::processes::can_inspect(&self.cfg.layout.proc_root)?;
         let api = KubeApi::from_environment(self.cfg.api_timeout).await?;
         let version = api.ping().await?;
         let auth = match self.cfg.auth {
             AuthMode::Kubernetes => Auth::kubernetes(api.clone(), self.cfg.audiences.clone()),
             AuthMode::None => Auth::none(),
         };
-        Ok((Ready { locator: Arc::new(Locator { api, layout: self.cfg.layout.clone() }), auth }, version))
+        let recorder = report::recorder(api.client().clone(), &self.cfg.layout.node_name);
+        Ok((Ready { locator: Arc::new(Locator { api, layout: self.cfg.layout.clone() }), auth, recorder }, version))
     }
 
     /// Every remediation the journal shows Running: resumed if it had changed something,
     /// closed as Refused (nothing changed) otherwise.
     async fn resume_all(self: &Arc<Self>) {
         let _admitting = self.admission.lock().await;
-        for mut r in remediation::list_journals(&self.cfg.engine.state_dir).into_iter().filter(|r| r.phase == Phase::Running) {
-            if remediation::needs_resume(&r) {
+        for mut r in crate::journal::list(&self.cfg.engine.state_dir).into_iter().filter(|r| r.phase == Phase::Running) {
+            if resume::needs_resume(&r) {
                 tracing::warn!(id = %r.id, namespace = %r.namespace, pod = %r.pod, "resuming a remediation the agent left unfinished");
                 let opts = self.options(false, false, None);
                 self.runs.lock().unwrap().insert(r.id.clone(), r.clone());
                 self.spawn(opts, r);
-            } else if let Err(e) = remediation::close_abandoned(&self.cfg.engine.state_dir, &mut r) {
+            } else if let Err(e) = crate::journal::close_abandoned(&self.cfg.engine.state_dir, &mut r) {
                 tracing::error!(id = %r.id, "could not close an abandoned journal: {}", e.message);
             }
         }
@@ -235,18 +241,10 @@ impl Agent {
         );
     }
 
-    /// Records a remediation whose task died: `Failed` if it had changed something (its
-    /// journal says so), else `Refused`, with `Internal` and what happened.
+    /// Records a remediation whose task died (see `resume::died`).
     fn died(&self, mut r: Remediation, why: &str) -> Remediation {
         tracing::error!(id = %r.id, "the remediation's task died: {why}");
-        let acted = remediation::needs_resume(&r);
-        r.phase = if acted { Phase::Failed } else { Phase::Refused };
-        r.step = None;
-        r.finished_at = Some(jiff::Timestamp::now().to_string());
-        r.error = Some(remediation::ErrorRecord {
-            code: Code::Internal,
-            message: format!("the agent's task for this remediation died ({why}); a bug: please report it with the agent's log"),
-        });
+        resume::died(&mut r, why);
         let _ = crate::journal::write(&self.cfg.engine.state_dir, &r);
         r
     }
@@ -255,30 +253,25 @@ impl Agent {
     async fn run(self: &Arc<Self>, opts: Options, r: Remediation) -> Remediation {
         let done = self.run_engine(opts, r).await;
         let state_dir = self.cfg.engine.state_dir.clone();
-        let _ = tokio::task::spawn_blocking(move || remediation::prune_journals(&state_dir, JOURNALS_KEPT)).await;
+        let _ = tokio::task::spawn_blocking(move || crate::journal::prune(&state_dir, JOURNALS_KEPT)).await;
         done
     }
 
     async fn run_engine(self: &Arc<Self>, opts: Options, r: Remediation) -> Remediation {
         let ready = self.ready.get().expect("runs only once ready");
         let dry = opts.dry_run;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Remediation>();
-        let agent = self.clone();
-        let progress = move |snap: &Remediation| {
-            if !dry {
-                agent.runs.lock().unwrap().insert(snap.id.clone(), snap.clone());
-            }
-            let _ = tx.send(snap.clone());
-        };
-        let engine_run = async {
-            let progress = progress;
-            let engine = Engine { locator: &ready.locator, opts, progress: &progress, stop: &self.stop };
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Update>();
+        let engine_run = async move {
+            let engine = Engine { locator: &ready.locator, opts, progress: &tx, stop: self.shutdown.flag() };
             engine.run_as(r).await
         };
-        let mut reporter = Reporter::new(&ready.locator.api, &self.metrics, !dry);
+        let mut reporter = Reporter::new(&ready.recorder, &self.metrics, !dry);
         let reporting = async {
-            while let Some(snap) = rx.recv().await {
-                reporter.report(snap).await;
+            while let Some(u) = rx.recv().await {
+                if !dry {
+                    self.runs.lock().unwrap().insert(u.remediation.id.clone(), u.remediation.clone());
+                }
+                reporter.report(&u).await;
             }
         };
         tokio::join!(engine_run, reporting).0
@@ -289,18 +282,10 @@ impl Agent {
     /// pod's UID is now, or one of this pod instance that ended after acting. Dry runs never
     /// count, nor do refusals (they changed nothing; asking again is safe).
     fn existing(&self, namespace: &str, pod: &str, pod_uid: &str) -> Option<Remediation> {
-        let same_pod = |r: &Remediation| !r.dry_run && r.namespace == namespace && r.pod == pod;
-        let counts = |r: &Remediation| {
-            same_pod(r)
-                && (matches!(r.phase, Phase::Pending | Phase::Running)
-                    || (r.pod_uid.as_deref() == Some(pod_uid) && matches!(r.phase, Phase::Succeeded | Phase::Failed)))
-        };
-        if let Some(r) = self.runs.lock().unwrap().values().find(|r| counts(r)) {
+        if let Some(r) = self.runs.lock().unwrap().values().find(|r| resume::blocks_new(r, namespace, pod, pod_uid, true)) {
             return Some(r.clone());
         }
-        remediation::list_journals(&self.cfg.engine.state_dir)
-            .into_iter()
-            .find(|r| counts(r) && (r.phase != Phase::Running || remediation::needs_resume(r)))
+        crate::journal::list(&self.cfg.engine.state_dir).into_iter().find(|r| resume::blocks_new(r, namespace, pod, pod_uid, false))
     }
 
     async fn create(self: &Arc<Self>, headers: &HeaderMap, body: std::result::Result<Bytes, BytesRejection>) -> Answer {
@@ -360,21 +345,45 @@ impl Agent {
         let ready = self.ready()?;
         let user = ready.auth.authenticate(headers).await?;
         let not_found = || Error::new(Code::RemediationNotFound, format!("no remediation {id:?} on node {}", self.cfg.layout.node_name));
-        remediation::validate_id(id).map_err(|_| not_found())?;
+        crate::journal::validate_id(id).map_err(|_| not_found())?;
         let running = self.runs.lock().unwrap().get(id).cloned();
         let r = match running {
             Some(r) => r,
-            None => remediation::read_journal(&self.cfg.engine.state_dir, id).map_err(|_| not_found())?,
+            None => crate::journal::read(&self.cfg.engine.state_dir, id).map_err(|_| not_found())?,
         };
         ready.auth.authorize(&user, "get", &r.namespace).await?;
         Ok(Json(r).into_response())
+    }
+
+    /// Puts the quarantine of remediation `id` back (see `engine::restore`), once no
+    /// remediation of its pod runs; authorized as `update` in the pod's namespace.
+    async fn restore(&self, headers: &HeaderMap, id: &str) -> Answer {
+        let ready = self.ready()?;
+        let user = ready.auth.authenticate(headers).await?;
+        let not_found = || Error::new(Code::RemediationNotFound, format!("no remediation {id:?} on node {}", self.cfg.layout.node_name));
+        crate::journal::validate_id(id).map_err(|_| not_found())?;
+        let r = crate::journal::read(&self.cfg.engine.state_dir, id).map_err(|_| not_found())?;
+        ready.auth.authorize(&user, "update", &r.namespace).await?;
+        // Admission is held throughout: no remediation of this pod starts while its data moves back.
+        let _admitting = self.admission.lock().await;
+        let busy = self.runs.lock().unwrap().values().any(|x| !x.dry_run && x.namespace == r.namespace && x.pod == r.pod);
+        if busy || resume::needs_resume(&r) {
+            return Err(Error::invalid(format!(
+                "a remediation of pod {}/{} is running or unfinished; restore once it has ended",
+                r.namespace, r.pod
+            ))
+            .into());
+        }
+        let (done, said) = crate::engine::restore(&ready.locator, &self.cfg.engine.state_dir, id).await?;
+        tracing::info!(user = %user.name, id = %id, namespace = %r.namespace, pod = %r.pod, "restore: {said}");
+        Ok(Json(done).into_response())
     }
 
     async fn list(&self, headers: &HeaderMap, q: ListQuery) -> Answer {
         let ready = self.ready()?;
         let user = ready.auth.authenticate(headers).await?;
         if let Some(ns) = &q.namespace {
-            crate::cli::validate_namespace(ns)?;
+            etcd_medic_core::names::validate_namespace(ns)?;
         }
         let limit = q.limit.unwrap_or(100);
         if !(1..=1000).contains(&limit) {
@@ -382,7 +391,7 @@ impl Agent {
         }
         ready.auth.authorize(&user, "get", q.namespace.as_deref().unwrap_or_default()).await?;
         let mut all: HashMap<String, Remediation> =
-            remediation::list_journals(&self.cfg.engine.state_dir).into_iter().map(|r| (r.id.clone(), r)).collect();
+            crate::journal::list(&self.cfg.engine.state_dir).into_iter().map(|r| (r.id.clone(), r)).collect();
         all.extend(self.runs.lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())));
         let mut items: Vec<Remediation> = all.into_values().filter(|r| q.namespace.as_ref().is_none_or(|ns| &r.namespace == ns)).collect();
         items.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.id.cmp(&a.id)));
@@ -414,17 +423,12 @@ pub struct ListQuery {
     limit: Option<u32>,
 }
 
-#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
-pub struct RemediationList {
-    /// Newest first.
-    pub items: Vec<Remediation>,
-}
-
 /// The whole HTTP surface.
 pub fn router(agent: Arc<Agent>) -> axum::Router {
     let v1 = axum::Router::new()
         .route("/v1/remediations", post(create).get(list))
         .route("/v1/remediations/{id}", get(show))
+        .route("/v1/remediations/{id}/restore", post(restore))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .layer(middleware::from_fn_with_state(agent.clone(), limits))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, REQUEST_TIMEOUT));
@@ -442,8 +446,9 @@ pub fn router(agent: Arc<Agent>) -> axum::Router {
         .with_state(agent)
 }
 
-/// Binds nothing itself: serves `listener` until SIGTERM/SIGINT, then stops accepting,
-/// lets each running remediation reach a safe point (journaled), and returns.
+/// Binds nothing itself: serves `listener` until the agent's shutdown begins (see
+/// `crate::shutdown`), then stops accepting, lets each running remediation reach a safe
+/// point (journaled), and returns.
 pub async fn serve(agent: Arc<Agent>, listener: tokio::net::TcpListener) -> anyhow::Result<()> {
     // A certificate that cannot be read fails the start, not the first client.
     let tls = match &agent.cfg.tls {
@@ -452,17 +457,13 @@ pub async fn serve(agent: Arc<Agent>, listener: tokio::net::TcpListener) -> anyh
     };
     tracing::info!(listen = %listener.local_addr()?, auth = ?agent.cfg.auth, tls = tls.is_some(), "serving");
     tokio::spawn(agent.clone().become_ready());
-    let stopper = agent.clone();
-    let shutdown = async move {
-        shutdown_signal().await;
-        tracing::info!("shutting down: no new requests; running remediations stop at a safe point");
-        stopper.stop.store(true, Ordering::SeqCst);
-    };
+    let shutdown = agent.shutdown.clone();
+    let stopped = async move { shutdown.stopped().await };
     match tls {
-        Some(config) => tls::serve(listener, router(agent.clone()), config, shutdown).await?,
+        Some(config) => tls::serve(listener, router(agent.clone()), config, stopped).await?,
         None => {
             axum::serve(listener, router(agent.clone()).into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(shutdown)
+                .with_graceful_shutdown(stopped)
                 .await?
         }
     }
@@ -470,16 +471,6 @@ pub async fn serve(agent: Arc<Agent>, listener: tokio::net::TcpListener) -> anyh
     agent.tasks.wait().await;
     tracing::info!("stopped");
     Ok(())
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }
 
 /// Per-client rate and a bound on requests served at once; both answer 429.
@@ -596,6 +587,21 @@ async fn create(State(a): State<Arc<Agent>>, headers: HeaderMap, body: std::resu
     security(("bearer" = [])))]
 async fn show(State(a): State<Arc<Agent>>, headers: HeaderMap, Path(id): Path<String>) -> Answer {
     a.show(&headers, &id).await
+}
+
+#[utoipa::path(post, path = "/v1/remediations/{id}/restore", tag = "remediations",
+    description = "Puts the quarantine of remediation `id` back into its pod's data dir as it is now (what and from where come from the node's journal), and answers the remediation with `quarantine.state` Restored. Authorized as `update` on etcdremediations in the pod's namespace. Refused while any process uses the data (PodRunning: scale the StatefulSet down or wait for the crash loop's back-off), while a remediation of the pod runs, and when files of the same name came back meanwhile (UnsafePath). Restoring twice answers the same.",
+    params(("id" = String, Path, description = "The remediation's id")),
+    responses(
+        (status = 200, description = "Restored (or restored already): the remediation as journaled", body = Remediation),
+        (status = 400, description = "InvalidRequest: nothing was quarantined, retention removed it, or a remediation of the pod runs", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "RemediationNotFound, or the pod's volume is gone (PodNotFound, PVCNotFound, PVNotFound, DataDirNotFound)", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "PodRunning, UnsafePath, NotAMount", body = Problem, content_type = "application/problem+json"),
+        CallerErrors,
+    ),
+    security(("bearer" = [])))]
+async fn restore(State(a): State<Arc<Agent>>, headers: HeaderMap, Path(id): Path<String>) -> Answer {
+    a.restore(&headers, &id).await
 }
 
 #[utoipa::path(get, path = "/v1/remediations", tag = "remediations", params(ListQuery),

@@ -1,6 +1,6 @@
 //! The mount table: a bind mount on the same filesystem cannot be told from its parent by
 //! `st_dev`, so where the kernel cannot say of a descriptor whether it is a mount root
-//! (`crate::volume::Volume::is_mount_root`), the agent's own mountinfo decides.
+//! (`crate::host::volume::Volume::is_mount_root`), the agent's own mountinfo decides.
 
 use std::path::{Path, PathBuf};
 

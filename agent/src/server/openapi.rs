@@ -12,7 +12,7 @@ use utoipa::{Modify, OpenApi};
         version = "v1",
         description = "The node-local API of etcd-medic: remediate an etcd member stuck in `etcdserver: member not found`. Errors are application/problem+json with a stable `code`."
     ),
-    paths(super::create, super::list, super::show, super::healthz, super::readyz, super::metrics_text, super::openapi_json),
+    paths(super::create, super::list, super::show, super::restore, super::healthz, super::readyz, super::metrics_text, super::openapi_json),
     modifiers(&Bearer)
 )]
 pub struct ApiDoc;

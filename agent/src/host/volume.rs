@@ -679,15 +679,7 @@ fn empty_dir(d: &OwnedFd, dev: u64, depth: usize, limits: Limits, start: Instant
     }
 }
 
-/// A stored member id is 1–16 hex digits (trailing whitespace allowed); anything else is
-/// ignored with the reason, never copied anywhere.
-pub fn parse_member_id(bytes: &[u8]) -> std::result::Result<u64, String> {
-    let text = std::str::from_utf8(bytes).map_err(|_| "not text".to_string())?.trim();
-    if text.is_empty() || text.len() > 16 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(format!("not 1-16 hex digits ({} bytes)", bytes.len()));
-    }
-    u64::from_str_radix(text, 16).map_err(|e| e.to_string())
-}
+pub use etcd_medic_core::member::parse_member_id;
 
 #[cfg(test)]
 mod tests {

@@ -2,6 +2,8 @@
 //! controllers match on, an HTTP status, and a message that says what to do next. The CLI
 //! and the HTTP API both render it from here.
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 /// Stable error codes of the contract (DESIGN.md). Never rename one: controllers match on them.
@@ -161,16 +163,34 @@ impl std::fmt::Display for Code {
 }
 
 /// A refusal or failure: its code and a message that says what was seen and what to do.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 #[error("{code}: {message}")]
 pub struct Error {
     pub code: Code,
     pub message: String,
+    /// What failed underneath (an I/O or client error), kept for logs; two errors are equal
+    /// by code and message alone.
+    #[source]
+    source: Option<Arc<dyn std::error::Error + Send + Sync>>,
 }
+
+impl PartialEq for Error {
+    fn eq(&self, other: &Self) -> bool {
+        self.code == other.code && self.message == other.message
+    }
+}
+
+impl Eq for Error {}
 
 impl Error {
     pub fn new(code: Code, message: impl Into<String>) -> Self {
-        Error { code, message: message.into() }
+        Error { code, message: message.into(), source: None }
+    }
+
+    /// Keeps `source` as the cause (its text is usually in `message` already).
+    pub fn with_source(mut self, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        self.source = Some(Arc::new(source));
+        self
     }
 
     pub fn invalid(message: impl Into<String>) -> Self {

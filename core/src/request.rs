@@ -1,12 +1,12 @@
 //! The body of `POST /v1/remediations`, parsed strictly: unknown fields, wrong types and
 //! names Kubernetes would not accept are `InvalidRequest`, each with what was wrong.
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
-use crate::cli::{validate_namespace, validate_pod_name};
 use crate::error::{Error, Result};
+use crate::names::{validate_namespace, validate_pod_name};
 
-#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateRequest {
     /// The pod's namespace.
@@ -22,7 +22,7 @@ pub struct CreateRequest {
     pub pod: String,
     /// Act only on this instance of the pod (its `metadata.uid`): a replacement is refused
     /// with PodUIDMismatch.
-    #[serde(rename = "podUID", default)]
+    #[serde(rename = "podUID", default, skip_serializing_if = "Option::is_none")]
     #[schema(pattern = "^[A-Za-z0-9-]{1,128}$")]
     pub pod_uid: Option<String>,
     /// Check every gate and answer with the plan (200, phase Planned); change nothing.
@@ -33,12 +33,12 @@ pub struct CreateRequest {
     #[serde(default)]
     pub force: bool,
     /// Why the caller asks, kept with the remediation and in its Events.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(max_length = 1024)]
     pub reason: Option<String>,
     /// etcd client URLs (`http(s)://host:port`) of the cluster instead of discovering them
     /// from the sibling pods.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schema(min_items = 1, max_items = 16)]
     pub etcd_endpoints: Option<Vec<String>>,
 }
@@ -57,7 +57,8 @@ impl CreateRequest {
         Ok(req)
     }
 
-    fn validate(&self) -> Result<()> {
+    /// What the agent requires of a request, also checked by a client before it sends one.
+    pub fn validate(&self) -> Result<()> {
         validate_namespace(&self.namespace)?;
         validate_pod_name(&self.pod)?;
         if let Some(uid) = &self.pod_uid

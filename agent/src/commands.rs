@@ -1,0 +1,130 @@
+//! What each subcommand does, over the library: `serve`, `locate`, `remediate` (the same
+//! engine entry as the API, followed through its progress events) and `restore` (the same
+//! library call as the API's). One shutdown path for all (see `shutdown`).
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command, NodeArgs, Output, PodRef, ServeArgs};
+use crate::engine::{Engine, Options, Phase};
+use crate::error::{Code, Error};
+use crate::shutdown::Shutdown;
+use etcd_medic_core::progress::line;
+
+/// Parses the command line, runs the command, and maps its end to an exit status: 0, or the
+/// class of the error's code (see [`Error::exit_code`]).
+pub fn parse_and_run() -> ExitCode {
+    let cli = Cli::parse();
+    crate::telemetry::init(cli.log.log_format);
+    let result = runtime().and_then(|rt| rt.block_on(run(cli.command)));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => match e.downcast_ref::<Error>() {
+            Some(err) => {
+                eprintln!("error: {} ({})", err.message, err.code);
+                ExitCode::from(err.exit_code())
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Serve(args) => serve(&args).await,
+        Command::Locate { pod, node, output } => locate(&pod, &node, output).await,
+        Command::Remediate { pod, node, dry_run, force, engine } => {
+            let opts = engine.options(&node, dry_run, force)?;
+            remediate(&pod, &node, opts).await
+        }
+        Command::Restore { quarantine_id, node } => {
+            let (_, said) = crate::engine::restore(&node.locator().await?, &node.state_dir, &quarantine_id).await?;
+            println!("{said}");
+            Ok(())
+        }
+    }
+}
+
+async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
+    args.validate()?;
+    let listener =
+        tokio::net::TcpListener::bind(args.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let config = crate::server::Config {
+        layout: args.node.layout()?,
+        api_timeout: args.node.api_timeout,
+        engine: args.engine.options(&args.node, false, false)?,
+        auth: args.auth,
+        audiences: args.audiences.clone(),
+        rate_limit: args.rate_limit,
+        max_in_flight: args.max_in_flight,
+        tls: args.tls_cert_file.clone().zip(args.tls_key_file.clone()),
+    };
+    let shutdown = Shutdown::on_signals("no new requests; running remediations stop at a safe point");
+    let agent = crate::server::Agent::new(config, shutdown);
+    crate::server::serve(agent, listener).await
+}
+
+async fn locate(pod: &PodRef, node: &NodeArgs, output: Output) -> anyhow::Result<()> {
+    let plan = node.locator().await?.locate(&pod.namespace, &pod.name, None).await?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
+        Output::Table => print!("{}", plan.render_table()),
+    }
+    Ok(())
+}
+
+/// Runs one remediation from a node's shell, a line per step start and end.
+async fn remediate(pod: &PodRef, node: &NodeArgs, opts: Options) -> anyhow::Result<()> {
+    let locator = node.locator().await?;
+    let start = Instant::now();
+    let shutdown = Shutdown::on_signals("stopping at the next safe point (run the same command again to resume)");
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<etcd_medic_core::progress::Update>();
+    let printer = tokio::spawn(async move {
+        while let Some(u) = rx.recv().await {
+            if let Some(l) = line(&u.progress) {
+                println!("[{:>6.1}s] {l}", start.elapsed().as_secs_f64());
+            }
+        }
+    });
+    let engine = Engine { locator: &locator, opts, progress: &tx, stop: shutdown.flag() };
+    let r = engine.run(&pod.namespace, &pod.name, None).await;
+    drop(tx);
+    let _ = printer.await;
+    let took = start.elapsed().as_secs_f64();
+    match (&r.phase, &r.error) {
+        (Phase::Succeeded, _) => {
+            println!(
+                "remediation {} Succeeded in {took:.1}s: {pod} rejoined; quarantine {}",
+                r.id,
+                r.quarantine_path.as_ref().map(|p| p.display().to_string()).unwrap_or_default()
+            );
+            Ok(())
+        }
+        (Phase::Planned, _) => {
+            if let Some(plan) = &r.plan {
+                print!("{}", plan.render_table());
+            }
+            println!("dry run {}: every gate passed; nothing changed", r.id);
+            Ok(())
+        }
+        (Phase::Running, _) => {
+            println!("remediation {} stopped at a safe point after {took:.1}s; run the same command again to resume it", r.id);
+            Err(Error::new(Code::NotReady, "interrupted").into())
+        }
+        (phase, Some(e)) => {
+            println!("remediation {} {phase:?} after {took:.1}s", r.id);
+            Err(Error::new(e.code, e.message.clone()).into())
+        }
+        (phase, None) => anyhow::bail!("remediation {} ended {phase:?}", r.id),
+    }
+}
+

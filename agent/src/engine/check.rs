@@ -1,0 +1,144 @@
+//! Step Check (every gate, before anything changes) and its counterpart for a resume.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use super::{Engine, Remediation, Step};
+use crate::error::{Code, Error, Result};
+use crate::host::processes as guard;
+use crate::host::volume::Volume;
+use crate::locate::{Plan, blocking, container};
+use crate::profile::Profile;
+use etcd_medic_core::member::{Basis, stale_member};
+use etcd_medic_core::quorum::{Change, check_quorum};
+
+/// What the checks found, for the steps that act.
+pub struct Checked {
+    pub plan: Plan,
+    /// The volume root proven by the check: every action on the volume goes through it.
+    pub vol: Arc<Volume>,
+    /// The data dir, relative to the volume root.
+    pub data: PathBuf,
+    pub endpoints: Vec<String>,
+    pub cluster_id: u64,
+    pub peer_url: String,
+    pub member_name: String,
+    pub stale: Option<u64>,
+}
+
+impl Engine<'_> {
+    pub(super) async fn check(&self, ns: &str, name: &str, uid: Option<&str>) -> Result<(Checked, String)> {
+        let located = self.locator.open(ns, name, uid, true).await?;
+        let plan = located.plan;
+        // Read again, and only the instance that was located: a replacement is another pod.
+        let pod = self.locator.api.pod(ns, name).await?;
+        self.locator.admit(&pod, Some(&plan.pod_uid))?;
+        let (c, flags) = container::start_flags(&pod, &plan.container, name)
+            .ok_or_else(|| Error::new(Code::PodUIDMismatch, format!("pod {ns}/{name} changed while it was checked")))?;
+        // What the deployment is decides first: it does not change while the pod crash-loops.
+        let peer_url = flags.peer_url.ok_or_else(|| {
+            Error::new(Code::UnsupportedProfile, "the pod names no --initial-advertise-peer-urls / ETCD_INITIAL_ADVERTISE_PEER_URLS")
+        })?;
+        if plan.profile == Profile::Plain && flags.cluster_state.as_deref() != Some("existing") {
+            return Err(Error::new(
+                Code::UnsupportedProfile,
+                "the pod starts etcd with --initial-cluster-state=new: with an empty data dir it comes back under its old, removed id; start it with `existing` (or a start script that decides) first",
+            ));
+        }
+        let failure = super::gates::pod_failure(&pod, &plan.container, self.opts.force)?;
+        let (vol, data) = (located.volume, located.data);
+        {
+            let (vol, data, proc_root) = (vol.clone(), data.clone(), self.locator.layout.proc_root.clone());
+            blocking(move || guard::no_holders(&proc_root, &vol, &data)).await?;
+        }
+        // The member this pod may stand for is the one its peer URL names, and that must be
+        // the pod itself: checked before any etcd call.
+        crate::identity::check_member_identity(&pod, c, &peer_url)?;
+        let discovered = crate::etcd::sibling_endpoints(&pod, &self.locator.api.pods(ns).await?, &plan.container);
+        let endpoints = crate::identity::choose_endpoints(&discovered, &self.opts.etcd_endpoints)?;
+        if endpoints.is_empty() {
+            return Err(Error::new(
+                Code::SoleMember,
+                format!("pod {ns}/{name} has no sibling etcd members: a sole member has nothing to rejoin; restore it from a backup"),
+            ));
+        }
+        let given = endpoints != discovered;
+        let etcd = &self.opts.etcd;
+        let (cluster_id, members) = etcd.members(&endpoints).await.map_err(|e| {
+            // What hosts a caller named answered is not told back: no probing through the agent.
+            if given { Error::invalid("none of the etcd endpoints given answered as a member of an etcd cluster") } else { e }
+        })?;
+        // Endpoints a caller gave must be the pod's own cluster: the quorum check and the
+        // cluster's lock would otherwise guard another one.
+        if given {
+            let (siblings_id, _) = etcd.members(&discovered).await?;
+            if siblings_id != cluster_id {
+                return Err(Error::invalid(format!(
+                    "the etcd endpoints given ({endpoints:?}) serve cluster {cluster_id:016x}, but the pod's sibling members serve cluster {siblings_id:016x}"
+                )));
+            }
+        }
+        let stale = stale_member(&members, &peer_url, Basis::FirstCheck);
+        check_quorum(&members.iter().map(|m| m.view()).collect::<Vec<_>>(), stale, Change::ReplaceMember)?;
+        check_space(&plan, &vol)?;
+        let why =
+            failure.map(|f| format!("{}: {}", f.reason, f.message.lines().last().unwrap_or_default())).unwrap_or_else(|| "forced".into());
+        let msg = format!(
+            "{} ({}), {} of {} members healthy, {why}",
+            plan.host_path.display(),
+            plan.profile.as_str(),
+            members.iter().filter(|m| m.healthy).count(),
+            members.len()
+        );
+        let member_name = flags.name;
+        Ok((Checked { plan, vol, data, endpoints, cluster_id, peer_url, member_name, stale }, msg))
+    }
+
+    /// What a resumed remediation needs, from its journal and the cluster as it is now. The
+    /// gates that guard the first destructive step are not asked again: it is done.
+    pub(super) async fn recheck(&self, r: Remediation) -> Result<(Checked, String)> {
+        let plan = r.plan.clone().ok_or_else(|| Error::new(Code::NotReady, format!("journal {} has no plan to resume", r.id)))?;
+        let pod = self.locator.api.pod(&plan.namespace, &plan.pod).await?;
+        let (_, flags) = container::start_flags(&pod, &plan.container, &plan.pod)
+            .ok_or_else(|| Error::new(Code::NotReady, "the pod lost its etcd container"))?;
+        let peer_url = flags.peer_url.ok_or_else(|| Error::new(Code::UnsupportedProfile, "the pod names no peer URL"))?;
+        let endpoints = self.endpoints_of(&r, &pod).await?;
+        let (cluster_id, members) = self.opts.etcd.members(&endpoints).await?;
+        let located = self.locator.open(&plan.namespace, &plan.pod, None, false).await?;
+        // Only the entry the first run found stale may go (the journal records it, never the
+        // volume: the tenant writes there).
+        let stale = stale_member(&members, &peer_url, Basis::Journal(r.recorded_member_id()));
+        if !r.step_done(Step::Membership) {
+            check_quorum(&members.iter().map(|m| m.view()).collect::<Vec<_>>(), stale, Change::ReplaceMember)?;
+        }
+        let done = r.steps.iter().filter(|s| s.done()).map(|s| s.name).next_back();
+        let msg = format!("resuming remediation {} after {}", r.id, done.map_or("nothing", |s| s.as_str()));
+        let (vol, data, member_name) = (located.volume, located.data, flags.name);
+        Ok((Checked { plan, vol, data, endpoints, cluster_id, peer_url, member_name, stale }, msg))
+    }
+
+    /// The etcd endpoints of a journaled remediation: those its caller gave, else the agent's
+    /// own, else the pod's siblings as they are now.
+    pub(super) async fn endpoints_of(&self, r: &Remediation, pod: &k8s_openapi::api::core::v1::Pod) -> Result<Vec<String>> {
+        let given = if r.etcd_endpoints.is_empty() { &self.opts.etcd_endpoints } else { &r.etcd_endpoints };
+        if !given.is_empty() {
+            return Ok(given.clone());
+        }
+        let plan = r.plan.as_ref().ok_or_else(|| Error::new(Code::NotReady, format!("journal {} has no plan", r.id)))?;
+        Ok(crate::etcd::sibling_endpoints(pod, &self.locator.api.pods(&plan.namespace).await?, &plan.container))
+    }
+}
+
+/// The new member fetches a full snapshot while the quarantine keeps the old one on the same
+/// filesystem: room for the db again plus a WAL segment.
+fn check_space(plan: &Plan, vol: &Volume) -> Result<()> {
+    let need = plan.r#move.iter().find(|m| m.path == "member/snap").map(|m| m.bytes).unwrap_or(0) + 64 * 1024 * 1024;
+    let free = vol.free_bytes().map_err(|e| Error::new(Code::InsufficientSpace, e.message))?;
+    if free < need {
+        return Err(Error::new(
+            Code::InsufficientSpace,
+            format!("{} has {free} bytes free; the rejoining member needs about {need}", plan.volume.root.display()),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,6 @@
+//! The node itself: its mount table, its processes, and the one module that touches a
+//! tenant's volume (by descriptors proven once).
+
+pub mod mounts;
+pub mod processes;
+pub mod volume;

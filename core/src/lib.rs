@@ -1,0 +1,21 @@
+//! etcd-medic's core: the contract (the types a controller, the kubectl plugin and the agent
+//! share) and every decision the engine makes, as pure functions over hand-built values.
+//! No I/O, no Kubernetes client, no async runtime: the agent observes and acts, this
+//! crate decides, and its tests run without a cluster, a server or a node.
+
+pub mod contract;
+pub mod error;
+pub mod flags;
+pub mod lease;
+pub mod member;
+pub mod names;
+pub mod profile;
+pub mod progress;
+pub mod quorum;
+pub mod request;
+pub mod resume;
+pub mod retention;
+pub mod verify;
+
+pub use contract::{Outcome, Phase, Remediation, Step};
+pub use error::{Code, Error, Problem, Result};

@@ -221,3 +221,52 @@ async fn unauthenticated_requests_and_injected_faults_get_status_bodies() -> Res
     assert!(api.seen().iter().any(|r| r.method == "GET" && r.path == "/api/v1/namespaces/apisix/pods/a"));
     Ok(())
 }
+
+/// The agent's Events go through kube-runtime's Recorder: a first Event is created, a repeat
+/// is a JSON merge patch of its `series`, and the stand-in takes patch types as Kubernetes
+/// does (a type it does not implement is refused, never misapplied).
+#[tokio::test]
+async fn events_are_recorded_and_a_repeat_patches_the_series() -> Result<()> {
+    use k8s_openapi::api::events::v1::Event as K8sEvent;
+    use kube::api::{Patch, PatchParams};
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let (_dir, api, client) = server().await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), "apisix");
+    let p = pods.create(&PostParams::default(), &pod("apisix-etcd-1", "node-a", "etcd")).await?;
+    let recorder = Recorder::new(client.clone(), Reporter { controller: "etcd-medic.io/agent".into(), instance: Some("n".into()) });
+    let ev = |note: &str| Event {
+        type_: EventType::Warning,
+        reason: "RemediationRefused".into(),
+        note: Some(note.into()),
+        action: "Remediate".into(),
+        secondary: None,
+    };
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        namespace: Some("apisix".into()),
+        name: p.metadata.name.clone(),
+        uid: p.metadata.uid.clone(),
+        ..Default::default()
+    };
+    recorder.publish(&ev("first"), &reference).await?;
+    recorder.publish(&ev("second"), &reference).await?;
+    let events: Api<K8sEvent> = Api::namespaced(client.clone(), "apisix");
+    let all = events.list(&ListParams::default()).await?.items;
+    assert_eq!(all.len(), 1, "{all:?}");
+    let series = all[0].series.as_ref().expect("a series after the repeat");
+    assert_eq!(series.count, 2);
+    assert_eq!(all[0].note.as_deref(), Some("first"), "the Recorder keeps the first note");
+    let patches: Vec<_> = api.seen().into_iter().filter(|q| q.method == "PATCH").collect();
+    assert_eq!(patches.len(), 1);
+    assert_eq!(patches[0].content_type, "application/merge-patch+json");
+    // Patch types as the API server takes them.
+    let name = all[0].metadata.name.clone().unwrap();
+    let json_patch = Patch::Json::<()>(serde_json::from_value(json!([{"op": "replace", "path": "/note", "value": "x"}]))?);
+    assert_eq!(api_error(events.patch(&name, &PatchParams::default(), &json_patch).await.unwrap_err()).0, 415);
+    let apply = Patch::Apply(json!({"apiVersion": "events.k8s.io/v1", "kind": "Event", "note": "x"}));
+    assert_eq!(api_error(events.patch(&name, &PatchParams::default(), &apply).await.unwrap_err()).0, 400, "apply needs a fieldManager");
+    let merged = events.patch(&name, &PatchParams::default(), &Patch::Merge(json!({"note": "third"}))).await?;
+    assert_eq!(merged.note.as_deref(), Some("third"));
+    Ok(())
+}

@@ -36,7 +36,7 @@ pub(crate) async fn broken_lab() -> Result<(Lab, u64)> {
 pub(crate) async fn broken_lab_with_mounts() -> Result<Option<(Lab, u64)>> {
     let (lab, id) = broken_lab().await?;
     if !lab.node.real_mounts {
-        eprintln!("SKIPPED: needs root for real mounts");
+        etcd_medic_lab::skip("needs root: real mounts");
         lab.shutdown().await;
         return Ok(None);
     }

@@ -10,7 +10,7 @@ use etcd_medic_lab::{NODE_NAME, etcd};
 async fn remediate_heals_member_not_found_with_every_key_and_a_restorable_quarantine() -> Result<()> {
     let (lab, old_id) = crate::reference_failure::broken_lab().await?;
     if !lab.node.real_mounts {
-        eprintln!("no mounts: the agent refuses unmounted CSI paths, so the heal needs root");
+        etcd_medic_lab::skip("needs root: the agent refuses unmounted CSI paths");
         return Ok(());
     }
     let state = tempfile::tempdir()?;
@@ -183,6 +183,7 @@ async fn a_sole_member_is_refused() -> Result<()> {
 async fn the_heal_survives_a_failed_first_add() -> Result<()> {
     let (lab, _) = crate::reference_failure::broken_lab().await?;
     if !lab.node.real_mounts {
+        etcd_medic_lab::skip("needs root: real mounts");
         return Ok(());
     }
     lab.set.switches().fail_next_member_add.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -203,6 +204,7 @@ async fn plain_sets_are_healed_with_existing_and_refused_with_new() -> Result<()
         shape.profile = StartProfile::Plain { state };
         let lab = Lab::start(shape).await?;
         if !lab.node.real_mounts {
+            etcd_medic_lab::skip("needs root: real mounts");
             return Ok(());
         }
         lab.write_keys(100).await?;
@@ -248,6 +250,7 @@ const WAIT: Duration = Duration::from_secs(90);
 async fn one_remediation_per_cluster_at_a_time() -> Result<()> {
     let lab = Lab::start(SetShape::apisix(5, NODE_NAME)).await?;
     if !lab.node.real_mounts {
+        etcd_medic_lab::skip("needs root: real mounts");
         return Ok(());
     }
     lab.write_keys(100).await?;
@@ -361,6 +364,7 @@ async fn retention_keeps_the_newest_quarantines_after_a_success() -> Result<()> 
     const NODE_NAME_FOR_JOURNALS: &str = etcd_medic_lab::NODE_NAME;
     let (lab, _) = crate::reference_failure::broken_lab().await?;
     if !lab.node.real_mounts {
+        etcd_medic_lab::skip("needs root: real mounts");
         return Ok(());
     }
     let volume = lab.set.volume_path(1)?;
@@ -411,7 +415,7 @@ async fn retention_keeps_the_newest_quarantines_after_a_success() -> Result<()> 
 async fn the_daemonsets_capabilities_suffice() -> Result<()> {
     let (lab, _) = crate::reference_failure::broken_lab().await?;
     if !lab.node.real_mounts || !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped: needs root (capabilities and ownership)");
+        etcd_medic_lab::skip("needs root: capabilities and ownership");
         return Ok(());
     }
     lab.set.hold_restarts(1, WAIT).await?;

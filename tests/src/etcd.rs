@@ -224,7 +224,8 @@ pub async fn live_client(endpoints: &[String]) -> Result<Client> {
     bail!("no healthy endpoint among {endpoints:?}")
 }
 
-/// One entry of `member list`, in plain types.
+/// One entry of `member list`, in plain types: the lab's own reading of etcd, an oracle (the
+/// agent's `etcd_medic_core::member::Member` carries the health the agent judges).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MemberInfo {
     pub id: u64,
@@ -261,6 +262,10 @@ pub async fn member_list(endpoints: &[String]) -> Result<Vec<MemberInfo>> {
 
 /// Retries `op` while etcd answers `etcdserver: unhealthy cluster`, which it does for a few
 /// seconds after any membership change (FIELD-NOTES.md, timing facts).
+///
+/// A deliberate oracle, not a copy of the agent's `etcd` module: the lab plays the image's
+/// `etcdctl member add/remove`, the preStop hook and the operator, and the tests check the
+/// agent's membership changes against what these independent ones see.
 async fn retry_unhealthy<T, F, Fut>(what: &str, mut op: F) -> Result<T>
 where
     F: FnMut() -> Fut,

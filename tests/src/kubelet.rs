@@ -223,14 +223,8 @@ fn move_contents(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Is `path` a mount point per this process's mount table? (A bind on the same filesystem
-/// cannot be told apart by `st_dev`, so the lab reads the table as the agent must.)
+/// Is `path` a mount point per this process's mount table? The agent's own reading of the
+/// table (a bind on the same filesystem cannot be told apart by `st_dev`), not a second one.
 pub fn is_mount_point(path: &Path) -> bool {
-    let Ok(table) = std::fs::read_to_string("/proc/self/mountinfo") else { return false };
-    let want = path.to_string_lossy();
-    table.lines().any(|l| l.split(' ').nth(4).is_some_and(|mp| unescape_mountinfo(mp) == want))
-}
-
-fn unescape_mountinfo(s: &str) -> String {
-    s.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
+    etcd_medic::host::mounts::is_mount_point(Path::new("/proc"), path)
 }

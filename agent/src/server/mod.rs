@@ -261,16 +261,20 @@ impl Agent {
         let ready = self.ready.get().expect("runs only once ready");
         let dry = opts.dry_run;
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Update>();
+        // What runs is known at once (GET, admission); logs, metrics and Events follow.
+        let follow = move |u: Update| {
+            if !dry {
+                self.runs.lock().unwrap().insert(u.remediation.id.clone(), u.remediation.clone());
+            }
+            let _ = tx.send(u);
+        };
         let engine_run = async move {
-            let engine = Engine { locator: &ready.locator, opts, progress: &tx, stop: self.shutdown.flag() };
+            let engine = Engine { locator: &ready.locator, opts, progress: &follow, stop: self.shutdown.flag() };
             engine.run_as(r).await
         };
         let mut reporter = Reporter::new(&ready.recorder, &self.metrics, !dry);
         let reporting = async {
             while let Some(u) = rx.recv().await {
-                if !dry {
-                    self.runs.lock().unwrap().insert(u.remediation.id.clone(), u.remediation.clone());
-                }
                 reporter.report(&u).await;
             }
         };

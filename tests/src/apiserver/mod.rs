@@ -122,6 +122,8 @@ pub struct SeenRequest {
     pub path: String,
     pub query: String,
     pub body: String,
+    /// The request's `Content-Type` (empty when none).
+    pub content_type: String,
 }
 
 struct Shared {
@@ -204,7 +206,7 @@ impl ApiServer {
     /// Lets `subject` create and get `remediations.etcd-medic.io` (what the
     /// `etcd-medic-caller` ClusterRole grants), in `namespace` or everywhere.
     pub fn allow_remediations(&self, subject: &str, namespace: Option<&str>) {
-        for verb in ["create", "get"] {
+        for verb in ["create", "get", "update"] {
             self.allow(AccessRule {
                 subject: subject.into(),
                 verb: verb.into(),
@@ -360,6 +362,8 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// The API server's side of a bearer token (the agent's own `server::auth::bearer` is the
+/// caller-facing side, with its refusals): part of the stand-in, an independent oracle.
 fn bearer(headers: &HeaderMap) -> Option<String> {
     headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).map(|t| t.trim().to_string())
 }
@@ -374,6 +378,7 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
         path: path.clone(),
         query: query.clone(),
         body: String::from_utf8_lossy(&body).into_owned(),
+        content_type: content_type(&parts.headers),
     });
 
     let method = parts.method.to_string();
@@ -426,9 +431,40 @@ async fn serve(shared: &Arc<Shared>, parts: axum::http::request::Parts, body: By
         return error_response(&ApiError::new(404, "NotFound", "the server could not find the requested resource"));
     };
     let q = query_map(&query);
+    if parts.method == Method::PATCH
+        && let Err(e) = patch_type(&content_type(&parts.headers), q.get("fieldManager"))
+    {
+        return error_response(&e);
+    }
     match resource_request(shared, &parts.method, &target, &q, &body).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
+    }
+}
+
+fn content_type(headers: &HeaderMap) -> String {
+    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().split(';').next().unwrap_or_default().trim().to_string()
+}
+
+/// The patch types the API server takes and how the stand-in applies them: a JSON merge
+/// patch (RFC 7386) and a strategic merge patch (for the objects the lab serves, whose lists
+/// a patch never merges by key, the same) are merged; a JSON patch (RFC 6902) is not
+/// implemented here and is refused, never misapplied; server-side apply needs a
+/// `fieldManager`, as the real one says; anything else is 415.
+fn patch_type(ct: &str, field_manager: Option<&String>) -> Result<(), ApiError> {
+    match ct {
+        "application/merge-patch+json" | "application/strategic-merge-patch+json" => Ok(()),
+        "application/apply-patch+yaml" if field_manager.is_none_or(|f| f.is_empty()) => {
+            Err(ApiError::bad_request("PATCH with apply-patch+yaml requires fieldManager"))
+        }
+        "application/json-patch+json" | "application/apply-patch+yaml" => {
+            Err(ApiError::new(415, "UnsupportedMediaType", format!("the lab's API server does not implement {ct}")))
+        }
+        other => Err(ApiError::new(
+            415,
+            "UnsupportedMediaType",
+            format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {other:?})"),
+        )),
     }
 }
 

@@ -653,3 +653,93 @@ async fn fallback(req: Request) -> Failure {
 }
 
 use crate::error::Problem;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    /// An agent that never becomes ready (no API server here), with a rate of 1 per second.
+    fn agent(dir: &std::path::Path) -> Arc<Agent> {
+        let layout = NodeLayout {
+            node_name: "node-a".into(),
+            host_root: "/".into(),
+            kubelet_root: None,
+            proc_root: "/proc".into(),
+            container: None,
+        };
+        let engine = Options {
+            dry_run: false,
+            force: false,
+            etcd_endpoints: vec![],
+            state_dir: dir.to_path_buf(),
+            verify_timeout: Duration::from_secs(1),
+            keep_quarantines: 1,
+            lease_namespace: None,
+            settle: Duration::ZERO,
+            etcd: Default::default(),
+            failpoint: Default::default(),
+        };
+        let cfg = Config {
+            layout,
+            api_timeout: Duration::from_secs(1),
+            engine,
+            auth: AuthMode::None,
+            audiences: vec![],
+            rate_limit: 1,
+            max_in_flight: 1,
+            tls: None,
+        };
+        Agent::new(cfg, Shutdown::new())
+    }
+
+    fn request(method: &str, path: &str) -> Request {
+        let mut req = Request::builder().method(method).uri(path).body(Body::empty()).unwrap();
+        req.extensions_mut().insert(ConnectInfo(SocketAddr::from(([10, 0, 0, 9], 40000))));
+        req
+    }
+
+    async fn status(app: &axum::Router, method: &str, path: &str) -> (u16, String) {
+        let resp = app.clone().oneshot(request(method, path)).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = axum::body::to_bytes(resp.into_body(), 1 << 20).await.unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn probes_and_metrics_are_never_rate_limited_nor_authenticated() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = router(agent(dir.path()));
+        // One client spends its /v1 budget (a burst of 2 at 1 per second)...
+        let mut codes = Vec::new();
+        for _ in 0..6 {
+            codes.push(status(&app, "GET", "/v1/remediations").await.0);
+        }
+        assert!(codes.contains(&429), "{codes:?}");
+        assert!(codes.iter().all(|c| *c == 429 || *c == 503), "not ready: 503 until the API server answers: {codes:?}");
+        // ...and its probes still answer, as often as asked.
+        for _ in 0..20 {
+            assert_eq!(status(&app, "GET", "/healthz").await.0, 200);
+            assert_eq!(status(&app, "GET", "/metrics").await.0, 200);
+            let (code, body) = status(&app, "GET", "/readyz").await;
+            assert_eq!(code, 503, "not ready here");
+            assert!(body.contains("NotReady"), "{body}");
+        }
+    }
+
+    #[tokio::test]
+    async fn every_answer_of_the_router_carries_a_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let app = router(agent(dir.path()));
+        let (code, body) = status(&app, "GET", "/nowhere").await;
+        assert_eq!(code, 404);
+        assert!(body.contains(r#""code":"NotFound""#), "{body}");
+        let (code, body) = status(&app, "DELETE", "/v1/remediations").await;
+        assert_eq!(code, 405);
+        assert!(body.contains(r#""code":"MethodNotAllowed""#), "{body}");
+        let (code, body) = status(&app, "POST", "/v1/remediations/abc/restore").await;
+        assert_eq!(code, 503, "{body}");
+        assert!(body.contains(r#""code":"NotReady""#), "{body}");
+    }
+}

@@ -54,6 +54,18 @@ pub enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// Say why a pod's etcd fails: the crash signature in its container's last log (else
+    /// its termination message), what the agent would do about it, the chart generation and
+    /// the evidence. Changes nothing.
+    Diagnose {
+        /// The pod, as NAMESPACE/POD.
+        pod: PodRef,
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Remediate one pod from this node's shell: the same engine as the API. Shows progress,
     /// runs to verification, and exits 0 only when the remediation Succeeded.
     Remediate {
@@ -64,7 +76,8 @@ pub enum Command {
         /// Check every gate and print the plan; change nothing.
         #[arg(long)]
         dry_run: bool,
-        /// Act even though the pod does not look failing. Never overrides quorum, path
+        /// Act even though the pod does not look failing, or fails in a way the agent does
+        /// not know (UnknownFailure, SelfHealing). Never overrides quorum, a split brain, path
         /// safety or a running etcd process.
         #[arg(long)]
         force: bool,
@@ -132,6 +145,10 @@ pub struct NodeArgs {
     /// The host's /proc (the DaemonSet runs with hostPID), to read the kubelet's flags.
     #[arg(long, env = "HOST_PROC", default_value = "/proc")]
     pub proc_root: PathBuf,
+    /// Where the kubelet writes containers' logs, read to diagnose a crash (default: the
+    /// host's /var/log/pods under --host-root).
+    #[arg(long, env = "POD_LOG_ROOT")]
+    pub pod_log_root: Option<PathBuf>,
     /// The etcd container's name, when it is neither `etcd` nor recognisable by its image.
     #[arg(long, env = "ETCD_MEDIC_CONTAINER")]
     pub container: Option<String>,
@@ -234,6 +251,7 @@ impl NodeArgs {
             kubelet_root: self.kubelet_root.clone(),
             proc_root: self.proc_root.clone(),
             container: self.container.clone(),
+            pod_log_root: self.pod_log_root.clone().unwrap_or_else(|| self.host_root.join("var/log/pods")),
         })
     }
 }

@@ -1,4 +1,4 @@
-//! What each subcommand does, over the library: `serve`, `locate`, `remediate` (the same
+//! What each subcommand does, over the library: `serve`, `locate`, `diagnose`, `remediate` (the same
 //! engine entry as the API, followed through its progress events) and `restore` (the same
 //! library call as the API's). One shutdown path for all (see `shutdown`).
 
@@ -42,6 +42,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Serve(args) => serve(&args).await,
         Command::Locate { pod, node, output } => locate(&pod, &node, output).await,
+        Command::Diagnose { pod, node, output } => diagnose(&pod, &node, output).await,
         Command::Remediate { pod, node, dry_run, force, engine } => {
             let opts = engine.options(&node, dry_run, force)?;
             remediate(&pod, &node, opts).await
@@ -78,6 +79,15 @@ async fn locate(pod: &PodRef, node: &NodeArgs, output: Output) -> anyhow::Result
     match output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&plan)?),
         Output::Table => print!("{}", plan.render_table()),
+    }
+    Ok(())
+}
+
+async fn diagnose(pod: &PodRef, node: &NodeArgs, output: Output) -> anyhow::Result<()> {
+    let d = node.locator().await?.diagnose(&pod.namespace, &pod.name).await?;
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(&d)?),
+        Output::Table => print!("{}", etcd_medic_core::signature::render_table(&d)),
     }
     Ok(())
 }
@@ -127,4 +137,3 @@ async fn remediate(pod: &PodRef, node: &NodeArgs, opts: Options) -> anyhow::Resu
         (phase, None) => anyhow::bail!("remediation {} ended {phase:?}", r.id),
     }
 }
-

@@ -203,10 +203,6 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
     Error::new(Code::QuorumAtRisk, format!("{what}: {e}"))
 }
 
-
-
-
-
 /// The scheme the pod's etcd serves clients with: that of the first URL it advertises
 /// (`--advertise-client-urls` or `ETCD_ADVERTISE_CLIENT_URLS`), else `http`.
 fn client_scheme(pod: &Pod, container: &str) -> &'static str {
@@ -236,8 +232,6 @@ pub fn sibling_endpoints(pod: &Pod, siblings: &[Pod], container: &str) -> Vec<St
         .collect()
 }
 
-
-
 async fn retry_unhealthy<T, F, Fut>(what: &str, deadline: Duration, mut op: F) -> Result<T>
 where
     F: FnMut() -> Fut,
@@ -256,11 +250,6 @@ where
         }
     }
 }
-
-
-
-
-
 
 #[cfg(test)]
 mod tests {

@@ -5,10 +5,9 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::error::{Code, Error, Result};
 use crate::engine::{Phase, Remediation};
+use crate::error::{Code, Error, Result};
 pub use etcd_medic_core::resume::{MAX_RESUMES, needs_resume};
-
 
 /// Journals larger than this are not read (a journal is a few KiB).
 const MAX_JOURNAL_BYTES: u64 = 1 << 20;

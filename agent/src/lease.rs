@@ -251,4 +251,3 @@ impl Kept {
 fn locked(e: Error, name: &str) -> Error {
     if e.code == Code::ClusterLocked { Error::new(Code::ClusterLocked, format!("another agent took lease {name} first")) } else { e }
 }
-

@@ -2,11 +2,12 @@
 //! `etcdserver: member not found` crash loops. See the README and DESIGN.md.
 //!
 //! The contract and every decision live in `etcd-medic-core`; this crate observes and acts
-//! on the node: `host` (mounts, processes, the volume), `locate`, `quarantine`, `journal`,
-//! `etcd`, `kubeapi`, `lease`, the `engine` and the `server`.
+//! on the node: `host` (mounts, processes, the volume, pod logs), `locate`, `diagnose`,
+//! `quarantine`, `journal`, `etcd`, `kubeapi`, `lease`, the `engine` and the `server`.
 
 pub mod cli;
 pub mod commands;
+pub mod diagnose;
 pub mod engine;
 pub mod etcd;
 pub mod failpoint;
@@ -22,5 +23,5 @@ pub mod server;
 pub mod shutdown;
 pub mod telemetry;
 
-pub use etcd_medic_core::{self as core, error};
 pub use error::{Code, Error, Result};
+pub use etcd_medic_core::{self as core, error};

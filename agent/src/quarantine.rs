@@ -294,5 +294,4 @@ mod tests {
         assert!(root.path().join("v/data/member/snap/db").is_file(), "nothing moved");
         assert_eq!(std::fs::read_dir(elsewhere.path()).unwrap().count(), 0);
     }
-
 }

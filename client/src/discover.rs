@@ -12,12 +12,12 @@ use etcd_medic_core::{Code, Error, Result};
 pub async fn agent_on_node(client: &kube::Client, namespace: &str, service: &str, node: &str) -> Result<String> {
     let api: Api<EndpointSlice> = Api::namespaced(client.clone(), namespace);
     let lp = ListParams::default().labels(&format!("kubernetes.io/service-name={service}"));
-    let slices = api.list(&lp).await.map_err(|e| {
-        Error::new(Code::NotReady, format!("cannot list the EndpointSlices of Service {namespace}/{service}: {e}"))
-    })?;
-    pick(&slices.items, node).ok_or_else(|| {
-        Error::new(Code::NotReady, format!("no ready etcd-medic agent on node {node} behind Service {namespace}/{service}"))
-    })
+    let slices = api
+        .list(&lp)
+        .await
+        .map_err(|e| Error::new(Code::NotReady, format!("cannot list the EndpointSlices of Service {namespace}/{service}: {e}")))?;
+    pick(&slices.items, node)
+        .ok_or_else(|| Error::new(Code::NotReady, format!("no ready etcd-medic agent on node {node} behind Service {namespace}/{service}")))
 }
 
 /// The agent's URL on `node` among `slices`. Pure.

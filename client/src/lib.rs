@@ -150,10 +150,7 @@ impl AgentClient {
                 Err(e) => return Err(e),
             };
             if tokio::time::Instant::now() >= deadline {
-                return Err(Error::new(
-                    Code::NotReady,
-                    format!("remediation {id} did not end within {timeout:?} ({last})"),
-                ));
+                return Err(Error::new(Code::NotReady, format!("remediation {id} did not end within {timeout:?} ({last})")));
             }
             tokio::time::sleep(Duration::from_millis(500)).await;
         }

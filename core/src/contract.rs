@@ -312,6 +312,9 @@ pub struct Plan {
     pub kubelet_root: Option<PathBuf>,
     pub r#move: Vec<MoveItem>,
     pub bytes: u64,
+    /// Why the member fails, read before anything is done (absent for restore and retention).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnosis: Option<crate::signature::Diagnosis>,
 }
 
 impl Plan {
@@ -348,6 +351,9 @@ impl Plan {
             s.push_str(&format!("  {:<18} {:>12} bytes {:>6} files\n", m.path, m.bytes, m.files));
         }
         s.push_str(&format!("  {:<18} {:>12} bytes\n", "total", self.bytes));
+        if let Some(d) = &self.diagnosis {
+            s.push_str(&crate::signature::render_table(d));
+        }
         s
     }
 }

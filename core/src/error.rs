@@ -29,6 +29,12 @@ pub enum Code {
     NotAMount,
     InsufficientSpace,
     UnsupportedProfile,
+    /// Peers disagree on the cluster's id: a split brain; a person decides, never forced.
+    SplitBrain,
+    /// The crash matches no known signature: nothing is done unless forced.
+    UnknownFailure,
+    /// The image heals this failure itself on its next start: the agent stands down.
+    SelfHealing,
     TooManyRequests,
     NotReady,
     /// No remediation with that id on this node.
@@ -41,7 +47,7 @@ pub enum Code {
 }
 
 impl Code {
-    pub const ALL: [Code; 26] = [
+    pub const ALL: [Code; 29] = [
         Code::InvalidRequest,
         Code::Unauthenticated,
         Code::Forbidden,
@@ -62,6 +68,9 @@ impl Code {
         Code::NotAMount,
         Code::InsufficientSpace,
         Code::UnsupportedProfile,
+        Code::SplitBrain,
+        Code::UnknownFailure,
+        Code::SelfHealing,
         Code::TooManyRequests,
         Code::NotReady,
         Code::RemediationNotFound,
@@ -83,7 +92,7 @@ impl Code {
             PayloadTooLarge => 413,
             WrongNode => 421,
             PodHealthy | PodRunning | QuorumAtRisk | SoleMember | DataDirNotFound | NotEtcdData | UnsafePath | NotAMount
-            | InsufficientSpace | UnsupportedProfile => 422,
+            | InsufficientSpace | UnsupportedProfile | SplitBrain | UnknownFailure | SelfHealing => 422,
             TooManyRequests => 429,
             NotReady => 503,
             Internal => 500,
@@ -113,6 +122,9 @@ impl Code {
             NotAMount => "NotAMount",
             InsufficientSpace => "InsufficientSpace",
             UnsupportedProfile => "UnsupportedProfile",
+            SplitBrain => "SplitBrain",
+            UnknownFailure => "UnknownFailure",
+            SelfHealing => "SelfHealing",
             TooManyRequests => "TooManyRequests",
             NotReady => "NotReady",
             RemediationNotFound => "RemediationNotFound",
@@ -146,6 +158,9 @@ impl Code {
             NotAMount => "The volume path is not a mount",
             InsufficientSpace => "Not enough free space",
             UnsupportedProfile => "This etcd deployment cannot be healed this way",
+            SplitBrain => "The member's peers disagree on the cluster's id",
+            UnknownFailure => "The crash matches no known failure",
+            SelfHealing => "The image heals this failure itself",
             TooManyRequests => "Too many requests",
             NotReady => "The agent is not ready",
             RemediationNotFound => "No such remediation on this node",
@@ -264,7 +279,7 @@ mod tests {
         assert_eq!(by_status(404), ["PodNotFound", "PVCNotFound", "PVNotFound", "RemediationNotFound", "NotFound"]);
         assert_eq!(by_status(409), ["PodUIDMismatch", "ClusterLocked"]);
         assert_eq!(by_status(421), ["WrongNode"]);
-        assert_eq!(by_status(422).len(), 10);
+        assert_eq!(by_status(422).len(), 13);
         assert_eq!(Code::PayloadTooLarge.http_status(), 413);
         assert_eq!(Code::TooManyRequests.http_status(), 429);
         assert_eq!(Code::NotReady.http_status(), 503);

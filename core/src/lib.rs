@@ -6,6 +6,7 @@
 pub mod contract;
 pub mod error;
 pub mod flags;
+pub mod generation;
 pub mod lease;
 pub mod member;
 pub mod names;
@@ -15,6 +16,7 @@ pub mod quorum;
 pub mod request;
 pub mod resume;
 pub mod retention;
+pub mod signature;
 pub mod verify;
 
 pub use contract::{Outcome, Phase, Remediation, Step};

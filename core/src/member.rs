@@ -23,14 +23,12 @@ impl Member {
     }
 }
 
-
 /// What a member's status said: the leader it follows, and whether it raised no alarm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Seen {
     pub leader: u64,
     pub clean: bool,
 }
-
 
 /// The members that count as healthy: they answered, raised no alarm, and follow the one
 /// leader most answering members name, itself a listed voting member. No single such leader
@@ -49,7 +47,6 @@ pub fn agreed_healthy(members: &[(u64, bool, Option<Seen>)]) -> std::collections
     members.iter().filter(|(_, _, s)| s.is_some_and(|s| s.clean && s.leader == *leader)).map(|(id, _, _)| *id).collect()
 }
 
-
 /// `3.4.0` and later have learners; anything unparsable is treated as older (a voter).
 pub fn learners_in(version: &str) -> bool {
     let mut parts = version.trim_start_matches('v').split('.').map(|p| p.parse::<u32>().ok());
@@ -58,7 +55,6 @@ pub fn learners_in(version: &str) -> bool {
         _ => false,
     }
 }
-
 
 /// A stored member id is 1–16 hex digits (trailing whitespace allowed); anything else is
 /// ignored with the reason, never copied anywhere.
@@ -69,7 +65,6 @@ pub fn parse_member_id(bytes: &[u8]) -> std::result::Result<u64, String> {
     }
     u64::from_str_radix(text, 16).map_err(|e| e.to_string())
 }
-
 
 /// Where the stale entry comes from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -129,7 +124,6 @@ pub fn plain_add(members: &[Member], peer_url: &str, stale: Option<u64>) -> Resu
         None => Ok(Add::Add),
     }
 }
-
 
 #[cfg(test)]
 mod tests {

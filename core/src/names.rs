@@ -35,7 +35,6 @@ fn is_dns1123_label(s: &str) -> bool {
         && b[b.len() - 1] != b'-'
 }
 
-
 /// A remediation id as the engine makes them: it names a file, so nothing else is taken.
 pub fn validate_id(id: &str) -> Result<()> {
     if !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_lowercase()) {
@@ -72,4 +71,3 @@ pub fn validate(r: &Remediation, file_id: &str) -> std::result::Result<(), Strin
     }
     Ok(())
 }
-

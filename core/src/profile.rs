@@ -50,4 +50,3 @@ impl Profile {
 
 /// Every path any profile moves (relative to the data dir): what a journal may name.
 pub const ALL_MOVED: &[&str] = &["member/snap", "member/wal", "member_id", "new_member_envs"];
-

@@ -35,7 +35,11 @@ pub fn needs_resume(r: &Remediation) -> bool {
 /// The steps a remediation still takes after its checks, in order: those that change
 /// something run once (a resume skips the ones done); verification and retention always.
 pub fn remaining(r: &Remediation) -> Vec<Step> {
-    [Step::Quarantine, Step::Membership, Step::Restart].into_iter().filter(|s| !r.step_done(*s)).chain([Step::Verify, Step::Retention]).collect()
+    [Step::Quarantine, Step::Membership, Step::Restart]
+        .into_iter()
+        .filter(|s| !r.step_done(*s))
+        .chain([Step::Verify, Step::Retention])
+        .collect()
 }
 
 /// A remediation resumed this often already is closed as Failed, for a person to look at.

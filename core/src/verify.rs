@@ -80,7 +80,10 @@ impl Verifier {
         if pod.replaced && pod.ready {
             if let Some(m) = mine.filter(|m| !m.is_learner && m.healthy) {
                 let how = if self.promoted == Some(m.id) { "promoted from learner, " } else { "" };
-                return Verdict::Rejoined { id: m.id, message: format!("pod Ready and member {:x} started and voting ({how}healthy)", m.id) };
+                return Verdict::Rejoined {
+                    id: m.id,
+                    message: format!("pod Ready and member {:x} started and voting ({how}healthy)", m.id),
+                };
             }
             return Verdict::Wait("pod Ready, member not yet started and voting".into());
         }
@@ -109,7 +112,14 @@ mod tests {
     }
 
     fn other() -> Member {
-        Member { id: 1, name: "apisix-etcd-0".into(), peer_urls: vec!["http://other:2380".into()], client_urls: vec![], is_learner: false, healthy: true }
+        Member {
+            id: 1,
+            name: "apisix-etcd-0".into(),
+            peer_urls: vec!["http://other:2380".into()],
+            client_urls: vec![],
+            is_learner: false,
+            healthy: true,
+        }
     }
 
     const READY: PodSeen = PodSeen { replaced: true, ready: true, running: true };
@@ -124,7 +134,9 @@ mod tests {
         assert!(matches!(v.observe(&[other(), member(7, "apisix-etcd-1", false, true)], Some(READY), t), Verdict::Wait(_)));
         assert!(matches!(v.observe(&[other(), member(9, "apisix-etcd-1", false, false)], Some(READY), t), Verdict::Wait(_)), "unhealthy");
         let old = PodSeen { replaced: false, ..READY };
-        assert!(matches!(v.observe(&[other(), member(9, "apisix-etcd-1", false, true)], Some(old), t), Verdict::Wait(s) if s.contains("not yet replaced")));
+        assert!(
+            matches!(v.observe(&[other(), member(9, "apisix-etcd-1", false, true)], Some(old), t), Verdict::Wait(s) if s.contains("not yet replaced"))
+        );
         assert!(matches!(v.observe(&[other(), member(9, "apisix-etcd-1", false, true)], None, t), Verdict::Wait(_)));
         assert_eq!(
             v.observe(&[other(), member(9, "apisix-etcd-1", false, true)], Some(READY), t),

@@ -216,13 +216,13 @@ async fn every_status_of_the_contract_comes_with_its_code() -> Result<()> {
     // Events only for the real remediations, none for dry runs: they change nothing.
     let ours = etcd_medic_lab::agent::events(&lab, "apisix");
     // Each note names its remediation (a repeat is folded into the first Event's series).
-    let of = |e: &k8s_openapi::api::events::v1::Event, id: &str| e.note.as_deref().unwrap_or_default().starts_with(&format!("remediation {id}: "));
+    let of = |e: &k8s_openapi::api::events::v1::Event, id: &str| {
+        e.note.as_deref().unwrap_or_default().starts_with(&format!("remediation {id}: "))
+    };
     assert!(ours.iter().all(|e| real_ids.iter().any(|id| of(e, id))), "{ours:?}");
     assert_eq!(real_ids.is_empty(), ours.is_empty());
     if let Some(first) = real_ids.first() {
-        let refused = ours
-            .iter()
-            .find(|e| e.reason.as_deref() == Some("RemediationRefused") && of(e, first));
+        let refused = ours.iter().find(|e| e.reason.as_deref() == Some("RemediationRefused") && of(e, first));
         let refused = refused.expect("a RemediationRefused Event");
         assert_eq!(refused.type_.as_deref(), Some("Warning"));
         assert!(refused.note.as_deref().unwrap().contains(": PodHealthy:"), "{refused:?}");

@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use etcd_medic::Code;
-use etcd_medic::locate::{Locator, NodeLayout};
 use etcd_medic::engine::{Engine, Options, Phase, Remediation};
+use etcd_medic::locate::{Locator, NodeLayout};
 use etcd_medic_lab::objects::SetShape;
 use etcd_medic_lab::{Lab, NODE_NAME};
 

@@ -5,6 +5,7 @@
 mod api;
 mod apiserver;
 mod cluster;
+mod diagnosis;
 mod faults;
 mod gates;
 mod hostile;

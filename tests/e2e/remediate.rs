@@ -25,6 +25,8 @@ async fn remediate_heals_member_not_found_with_every_key_and_a_restorable_quaran
     let out = String::from_utf8_lossy(&dry.stdout);
     assert!(dry.status.success(), "{out}\n{}", String::from_utf8_lossy(&dry.stderr));
     assert!(out.contains("nothing changed") && out.contains("member_id"), "{out}");
+    // The plan says why, from the container's log on the node.
+    assert!(out.contains("MemberNotFound -> Heal") && out.contains("Error: etcdserver: member not found"), "{out}");
     assert!(data.join("member/snap/db").is_file() && data.join("member_id").is_file(), "a dry run moves nothing");
 
     let heal = run(&[])?;
@@ -167,7 +169,8 @@ async fn a_sole_member_is_refused() -> Result<()> {
             serde_json::from_value(
                 serde_json::json!({"phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}], "containerStatuses": [{
             "name": "etcd", "ready": false, "restartCount": 3, "image": "", "imageID": "",
-            "state": {"waiting": {"reason": "CrashLoopBackOff"}}, "lastState": {"terminated": {"exitCode": 1}}}]}),
+            "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+            "lastState": {"terminated": {"exitCode": 1, "message": "Error: etcdserver: member not found"}}}]}),
             )
             .unwrap(),
         );
@@ -323,9 +326,7 @@ async fn killed_at_every_step_the_agent_finishes_without_repeating_anything() ->
         // changed nothing (it is closed as abandoned). One succeeded; one moved the data.
         let round: Vec<etcd_medic::engine::Remediation> =
             etcd_medic::journal::list(state.path()).into_iter().filter(|j| !ids.contains(&j.id)).collect();
-        let done = |j: &etcd_medic::engine::Remediation, name: &str| {
-            j.steps.iter().filter(|s| s.name == name && s.done()).count()
-        };
+        let done = |j: &etcd_medic::engine::Remediation, name: &str| j.steps.iter().filter(|s| s.name == name && s.done()).count();
         let healed: Vec<_> = round.iter().filter(|j| j.phase == Phase::Succeeded).collect();
         assert_eq!(healed.len(), 1, "{point}: {round:?}");
         let killed = healed[0];

@@ -18,6 +18,7 @@ pub async fn locator(lab: &Lab, kubelet_root: Option<PathBuf>, timeout: Duration
         kubelet_root,
         proc_root: proc.path().to_path_buf(),
         container: None,
+        pod_log_root: lab.node.pod_log_root(),
     };
     Ok((Locator { api: KubeApi::new(lab.api.client().await?, timeout), layout }, proc))
 }

@@ -8,7 +8,8 @@ use std::path::Path;
 pub struct VolumeFacts {
     /// `data/` has no entry at all, dot-files included (the image checks with `ls -A`).
     pub data_empty: bool,
-    /// The id in `data/member_id`, if any.
+    /// What `data/member_id` holds (trimmed; empty when the image wrote an empty id), if
+    /// the file exists.
     pub member_id: Option<String>,
     /// `data/member/snap` exists.
     pub has_snap: bool,
@@ -20,10 +21,10 @@ impl VolumeFacts {
     pub fn read(volume: &Path, data_subdir: &str) -> Self {
         let data = volume.join(data_subdir);
         let data_empty = std::fs::read_dir(&data).map(|mut d| d.next().is_none()).unwrap_or(true);
-        let member_id = std::fs::read_to_string(data.join("member_id")).ok().map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+        let member_id = std::fs::read_to_string(data.join("member_id")).ok().map(|s| s.trim().to_string());
         let has_snap = data.join("member/snap").is_dir();
         let log = std::fs::read_to_string(volume.join("member_removal.log")).unwrap_or_default();
-        let removal_logged = member_id.as_ref().is_some_and(|id| removal_logged(&log, id));
+        let removal_logged = member_id.as_ref().is_some_and(|id| !id.is_empty() && removal_logged(&log, id));
         VolumeFacts { data_empty, member_id, has_snap, removal_logged }
     }
 }
@@ -101,6 +102,12 @@ mod tests {
     #[test]
     fn no_id_and_no_snap_means_removed() {
         assert_eq!(decide(&facts(false, None, false, false), 3, true, true), Decision::ReAdd);
+    }
+
+    #[test]
+    fn an_empty_member_id_file_still_goes_to_update() {
+        // The script tests the file, not its content: `member update ""` fails in etcdctl.
+        assert_eq!(decide(&facts(false, Some(""), true, false), 3, true, true), Decision::Update(String::new()));
     }
 
     #[test]

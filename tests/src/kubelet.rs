@@ -58,6 +58,17 @@ impl NodeTree {
         self.root.join(host_path.trim_start_matches('/'))
     }
 
+    /// Where the kubelet writes containers' logs (`/var/log/pods`).
+    pub fn pod_log_root(&self) -> PathBuf {
+        self.host("/var/log/pods")
+    }
+
+    /// The log file of one start of a container, as the kubelet names it:
+    /// `<namespace>_<pod>_<uid>/<container>/<restart count>.log`.
+    pub fn container_log_file(&self, namespace: &str, pod: &str, uid: &str, container: &str, restarts: u32) -> PathBuf {
+        self.pod_log_root().join(format!("{namespace}_{pod}_{uid}")).join(container).join(format!("{restarts}.log"))
+    }
+
     pub fn pod_dir(&self, uid: &str) -> PathBuf {
         self.kubelet_root.join("pods").join(uid)
     }

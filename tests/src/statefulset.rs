@@ -54,6 +54,9 @@ pub struct Switches {
     /// no restart while set. Tests that compare a volume byte for byte need this, since
     /// etcd 3.6 writes to its db even on a start that fails.
     pub hold_restarts: AtomicBool,
+    /// The pods' `terminationMessagePolicy` is `File` (the Bitnami chart's default) rather
+    /// than `FallbackToLogsOnError`: a crash leaves no termination message, only its log.
+    pub no_termination_message: AtomicBool,
     /// Pods (by ordinal) whose container loop is parked by `hold_restarts`.
     held: Mutex<std::collections::BTreeSet<usize>>,
 }
@@ -79,6 +82,8 @@ struct Inner {
     pods: Mutex<Vec<Option<PodRun>>>,
     /// Members that were Ready once: the set's first install is behind them.
     installed: Mutex<Vec<bool>>,
+    /// The etcd process each pod's container runs now, if any.
+    pids: Mutex<Vec<Option<u32>>>,
 }
 
 pub struct StatefulSetSim {
@@ -118,6 +123,7 @@ impl StatefulSetSim {
         let inner = Arc::new(Inner {
             pods: Mutex::new((0..shape.replicas).map(|_| None).collect()),
             installed: Mutex::new(vec![false; shape.replicas]),
+            pids: Mutex::new(vec![None; shape.replicas]),
             shape,
             members,
             api,
@@ -248,6 +254,15 @@ impl StatefulSetSim {
         self.inner.switches.skip_pre_stop.store(false, Ordering::SeqCst);
     }
 
+    /// Kills the etcd process of `ordinal`'s container with SIGKILL, as the kernel's OOM
+    /// killer or a failed liveness probe ends it: the kubelet sees a crash and restarts it
+    /// (unless restarts are held).
+    pub fn crash_container(&self, ordinal: usize) -> Result<()> {
+        let pid = self.inner.pids.lock().unwrap()[ordinal].ok_or_else(|| anyhow!("{} runs no etcd", self.inner.shape.pod_name(ordinal)))?;
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL)?;
+        Ok(())
+    }
+
     /// Holds every crashed container in back-off and waits until `ordinal`'s loop is
     /// parked: from then on nothing runs on its volume until `release_restarts`.
     pub async fn hold_restarts(&self, ordinal: usize, timeout: Duration) -> Result<()> {
@@ -375,6 +390,7 @@ async fn run_pod(inner: Arc<Inner>, ordinal: usize, uid: String, mut stop: watch
             Err(e) => (1, format!("lab: {e:#}")),
             Ok(Start::Exited { code, message }) => (code, message),
             Ok(Start::Running(mut proc)) => {
+                inner.pids.lock().unwrap()[ordinal] = proc.pid();
                 set_status(&inner, ordinal, &uid, restarts, json!({"running": {"startedAt": started_at}}), Value::Null, false);
                 let mut ready = false;
                 let mut id_stored = false;
@@ -402,6 +418,7 @@ async fn run_pod(inner: Arc<Inner>, ordinal: usize, uid: String, mut stop: watch
                         }
                     }
                 };
+                inner.pids.lock().unwrap()[ordinal] = None;
                 let code = exit.and_then(|s| s.code()).unwrap_or(137);
                 (code, fallback_to_logs(code, &proc.log_tail(80)))
             }
@@ -409,6 +426,10 @@ async fn run_pod(inner: Arc<Inner>, ordinal: usize, uid: String, mut stop: watch
         if *stop.borrow() {
             return;
         }
+        // The kubelet's own log of this start, where the agent reads it; it keeps the current
+        // and the previous start's file.
+        write_cri_log(&inner, ordinal, &uid, restarts, &log_path);
+        let message = if inner.switches.no_termination_message.load(Ordering::SeqCst) { String::new() } else { message };
         let terminated = json!({"terminated": {"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" },
                                                 "message": message, "startedAt": started_at, "finishedAt": now_rfc3339()}});
         restarts += 1;
@@ -432,6 +453,23 @@ async fn run_pod(inner: Arc<Inner>, ordinal: usize, uid: String, mut stop: watch
         }
         backoff = (backoff * 2).min(inner.opts.backoff_max);
     }
+}
+
+/// The container's output of start number `restarts` in the CRI format the kubelet writes
+/// under `/var/log/pods` (`<RFC 3339 time> <stream> F <line>`).
+fn write_cri_log(inner: &Inner, ordinal: usize, uid: &str, restarts: u32, plain: &Path) {
+    let s = &inner.shape;
+    let file = inner.node.container_log_file(&s.namespace, &s.pod_name(ordinal), uid, "etcd", restarts);
+    let text = std::fs::read_to_string(plain).unwrap_or_default();
+    let ts = now_rfc3339();
+    let cri: String = text.lines().map(|l| format!("{ts} stderr F {l}\n")).collect();
+    if let Some(dir) = file.parent() {
+        let _ = std::fs::create_dir_all(dir);
+        if let Some(older) = restarts.checked_sub(2) {
+            let _ = std::fs::remove_file(dir.join(format!("{older}.log")));
+        }
+    }
+    let _ = std::fs::write(&file, cri);
 }
 
 fn set_status(inner: &Inner, ordinal: usize, uid: &str, restarts: u32, state: Value, last: Value, ready: bool) {
@@ -539,7 +577,10 @@ async fn start_container(inner: &Arc<Inner>, ordinal: usize, uid: &str, log: &Pa
         Decision::StartOnData => spawn(full_cluster, ClusterState::Existing),
         Decision::Update(id) => {
             script_log(log, "INFO  ==> Updating member in existing cluster");
-            let Some(id) = parse_id(&id) else { return exit(format!("Error: bad member id {id:?}")) };
+            // etcdctl's own words for an id it cannot parse (an empty `member_id` among them).
+            let Some(id) = parse_id(&id) else {
+                return exit(format!("Error: bad member ID arg (strconv.ParseUint: parsing {id:?}: invalid syntax), expecting ID in Hex"));
+            };
             let result = async {
                 let mut c = etcd::live_client(&others).await?;
                 c.member_update(id, vec![me.peer_url()]).await.map_err(|e| anyhow!(grpc_message(&e)))

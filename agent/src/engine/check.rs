@@ -1,7 +1,7 @@
 //! Step Check (every gate, before anything changes) and its counterpart for a resume.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::{Engine, Remediation, Step};
 use crate::error::{Code, Error, Result};
@@ -27,9 +27,12 @@ pub struct Checked {
 }
 
 impl Engine<'_> {
-    pub(super) async fn check(&self, ns: &str, name: &str, uid: Option<&str>) -> Result<(Checked, String)> {
+    /// Every gate, in order. The plan is put in `seen` as soon as it is known, so that a
+    /// refusal records what was found (the diagnosis and its evidence among it).
+    pub(super) async fn check(&self, ns: &str, name: &str, uid: Option<&str>, seen: &Mutex<Option<Plan>>) -> Result<(Checked, String)> {
         let located = self.locator.open(ns, name, uid, true).await?;
         let plan = located.plan;
+        *seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(plan.clone());
         // Read again, and only the instance that was located: a replacement is another pod.
         let pod = self.locator.api.pod(ns, name).await?;
         self.locator.admit(&pod, Some(&plan.pod_uid))?;
@@ -46,6 +49,10 @@ impl Engine<'_> {
             ));
         }
         let failure = super::gates::pod_failure(&pod, &plan.container, self.opts.force)?;
+        // Only a failure diagnosed as one the agent heals is acted on (or a forced one): the
+        // rest is refused with its code and the evidence, before etcd is asked anything.
+        let diagnosis = plan.diagnosis.as_ref().ok_or_else(|| Error::new(Code::Internal, "the plan carries no diagnosis"))?;
+        let diagnosed = crate::diagnose::gate(diagnosis, self.opts.force)?;
         let (vol, data) = (located.volume, located.data);
         {
             let (vol, data, proc_root) = (vol.clone(), data.clone(), self.locator.layout.proc_root.clone());
@@ -81,10 +88,9 @@ impl Engine<'_> {
         let stale = stale_member(&members, &peer_url, Basis::FirstCheck);
         check_quorum(&members.iter().map(|m| m.view()).collect::<Vec<_>>(), stale, Change::ReplaceMember)?;
         check_space(&plan, &vol)?;
-        let why =
-            failure.map(|f| format!("{}: {}", f.reason, f.message.lines().last().unwrap_or_default())).unwrap_or_else(|| "forced".into());
+        let why = failure.map(|f| f.reason).unwrap_or_else(|| "forced".into());
         let msg = format!(
-            "{} ({}), {} of {} members healthy, {why}",
+            "{} ({}), {} of {} members healthy, {why}; {diagnosed}",
             plan.host_path.display(),
             plan.profile.as_str(),
             members.iter().filter(|m| m.healthy).count(),

@@ -2,5 +2,6 @@
 //! tenant's volume (by descriptors proven once).
 
 pub mod mounts;
+pub mod podlogs;
 pub mod processes;
 pub mod volume;

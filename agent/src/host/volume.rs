@@ -249,10 +249,10 @@ impl Volume {
         }
     }
 
-    /// The bytes of the regular file `rel`, at most `cap` of them. `Ok(None)` when it does not
-    /// exist; a link, FIFO, device or directory is `UnsafePath`, a larger file is refused
-    /// with its size. Opened through its `O_PATH` handle, non-blocking.
-    pub fn read_small(&self, rel: &Path, cap: u64) -> Result<Option<Vec<u8>>> {
+    /// The regular file `rel` opened for reading through its `O_PATH` handle (non-blocking,
+    /// the same inode), with its description. `Ok(None)` when it does not exist; a link,
+    /// FIFO, device or directory is `UnsafePath`.
+    fn open_regular(&self, rel: &Path) -> Result<Option<(File, Entry)>> {
         let h = match self.handle(rel) {
             Ok(h) => h,
             Err(e) if is_enoent(&e) => return Ok(None),
@@ -265,13 +265,20 @@ impl Volume {
                 format!("{} is not a regular file ({:?}); not read", self.shown(rel).display(), e.kind),
             ));
         }
+        Ok(Some((self.reopen(&h, rel, OFlags::RDONLY)?, e)))
+    }
+
+    /// The bytes of the regular file `rel`, at most `cap` of them. `Ok(None)` when it does not
+    /// exist; a link, FIFO, device or directory is `UnsafePath`, a larger file is refused
+    /// with its size.
+    pub fn read_small(&self, rel: &Path, cap: u64) -> Result<Option<Vec<u8>>> {
+        let Some((f, e)) = self.open_regular(rel)? else { return Ok(None) };
         if e.len > cap {
             return Err(Error::new(
                 Code::UnsafePath,
                 format!("{} is {} bytes, more than the {cap} the agent reads", self.shown(rel).display(), e.len),
             ));
         }
-        let f = self.reopen(&h, rel, OFlags::RDONLY)?;
         let mut buf = Vec::with_capacity(e.len as usize);
         f.take(cap + 1)
             .read_to_end(&mut buf)
@@ -280,6 +287,21 @@ impl Volume {
             return Err(Error::new(Code::UnsafePath, format!("{} grew past {cap} bytes while read", self.shown(rel).display())));
         }
         Ok(Some(buf))
+    }
+
+    /// The last `cap` bytes (at most) of the regular file `rel`, whatever its size, and
+    /// whether that is the whole file. Same rules as `read_small`; a file that grows while it
+    /// is read yields no more than `cap` bytes.
+    pub fn read_tail(&self, rel: &Path, cap: u64) -> Result<Option<(Vec<u8>, bool)>> {
+        use std::io::{Seek, SeekFrom};
+        let Some((mut f, e)) = self.open_regular(rel)? else { return Ok(None) };
+        let from = e.len.saturating_sub(cap);
+        f.seek(SeekFrom::Start(from)).map_err(|err| Error::new(Code::UnsafePath, format!("seek {}: {err}", self.shown(rel).display())))?;
+        let mut buf = Vec::with_capacity(cap.min(e.len) as usize);
+        f.take(cap)
+            .read_to_end(&mut buf)
+            .map_err(|err| Error::new(Code::UnsafePath, format!("read {}: {err}", self.shown(rel).display())))?;
+        Ok(Some((buf, from == 0)))
     }
 
     /// The same inode as `h`, opened for I/O (non-blocking, no link followed).

@@ -12,11 +12,10 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::Pod;
 
-
 use crate::error::{Code, Error, Result};
+use crate::host::volume::{Kind, Limits, Volume};
 use crate::kubeapi::KubeApi;
 use crate::profile::{self, Profile};
-use crate::host::volume::{Kind, Limits, Volume};
 use volume::{Expected, VolumeKind};
 
 /// Where this node's things are.
@@ -31,6 +30,8 @@ pub struct NodeLayout {
     pub proc_root: PathBuf,
     /// The etcd container's name, when it is neither `etcd` nor recognisable.
     pub container: Option<String>,
+    /// Where the kubelet writes containers' logs (`/var/log/pods` on the host).
+    pub pod_log_root: PathBuf,
 }
 
 pub use etcd_medic_core::contract::{MoveItem, Plan, VolumeInfo};
@@ -83,6 +84,18 @@ impl Locator {
         Ok(uid)
     }
 
+    /// Why the pod's etcd fails, from its spec, its status and its container's log on this
+    /// node; without the volume (a wiped or missing data dir does not hide the diagnosis).
+    pub async fn diagnose(&self, namespace: &str, name: &str) -> Result<etcd_medic_core::signature::Diagnosis> {
+        let pod = self.api.pod(namespace, name).await?;
+        self.admit(&pod, None)?;
+        let c = container::etcd_container(&pod, self.layout.container.as_deref())?.clone();
+        let env = container::environment(&pod, &c);
+        let generation = profile::detect(&pod, &c, &env, None);
+        let log_root = self.layout.pod_log_root.clone();
+        blocking(move || Ok(crate::diagnose::diagnose(&log_root, &pod, &c.name, &generation))).await
+    }
+
     async fn resolve(&self, namespace: &str, name: &str, expected_uid: Option<&str>, require_data: bool) -> Result<Located> {
         let pod = self.api.pod(namespace, name).await?;
         let uid = self.admit(&pod, expected_uid)?;
@@ -94,7 +107,7 @@ impl Locator {
         container::no_separate_wal(&c, &env, &data_dir)?;
         let mm = volume::mount_for(&c, &data_dir, &env)?;
         let (volume_name, claim, pv_name, kind) = self.volume_of(&pod, &mm.volume, namespace).await?;
-        let labels = pod.metadata.labels.clone();
+        let pod_seen = pod.clone();
 
         // Everything below touches the node's disk and the tenant's tree: off the async
         // workers, so that a slow or hostile volume cannot stall the agent.
@@ -128,7 +141,10 @@ impl Locator {
                 check_etcd_data(&vol, &data)?;
             }
             let has_member_id = vol.entry(&data.join("member_id"))?.map(|e| e.kind == Kind::File);
-            let profile = if bitnami { profile::detect(&c, &env, labels.as_ref(), has_member_id) } else { Profile::Plain };
+            let generation = profile::detect(&pod_seen, &c, &env, has_member_id);
+            let profile = generation.generation.profile();
+            // Why it fails, before anything is decided: read on this node (its log files).
+            let diagnosis = require_data.then(|| crate::diagnose::diagnose(&layout.pod_log_root, &pod_seen, &c.name, &generation));
             let moves = planned_moves(&vol, &data, profile)?;
             let plan = Plan {
                 namespace,
@@ -151,6 +167,7 @@ impl Locator {
                 kubelet_root,
                 bytes: moves.iter().map(|m| m.bytes).sum(),
                 r#move: moves,
+                diagnosis,
             };
             Ok(Located { plan, volume: Arc::new(vol), data })
         })
@@ -279,4 +296,3 @@ fn planned_moves(vol: &Volume, data: &Path, profile: Profile) -> Result<Vec<Move
     }
     Ok(out)
 }
-

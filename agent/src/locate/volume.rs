@@ -6,7 +6,6 @@ use std::path::{Component, Path, PathBuf};
 
 use k8s_openapi::api::core::v1::{Container, PersistentVolume, Pod, Volume};
 
-
 use super::container::expand;
 use crate::error::{Code, Error, Result};
 

@@ -32,16 +32,16 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::cli::AuthMode;
+use crate::engine::{Engine, Options, Phase, Remediation};
 use crate::error::{Code, Error, Result};
 use crate::kubeapi::KubeApi;
 use crate::locate::{Locator, NodeLayout};
-use crate::engine::{Engine, Options, Phase, Remediation};
 use crate::shutdown::Shutdown;
+use auth::Auth;
 use etcd_medic_core::contract::RemediationList;
 use etcd_medic_core::progress::Update;
 use etcd_medic_core::request::CreateRequest;
 use etcd_medic_core::resume;
-use auth::Auth;
 use limit::RateLimiter;
 use metrics::{HttpLabels, Metrics};
 use report::Reporter;
@@ -345,16 +345,22 @@ impl Agent {
         Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(r)).into_response())
     }
 
-    async fn show(&self, headers: &HeaderMap, id: &str) -> Answer {
-        let ready = self.ready()?;
-        let user = ready.auth.authenticate(headers).await?;
+    /// Remediation `id` as it is now: running (known before its journal is first written),
+    /// else as journaled.
+    fn find(&self, id: &str) -> Result<Remediation> {
         let not_found = || Error::new(Code::RemediationNotFound, format!("no remediation {id:?} on node {}", self.cfg.layout.node_name));
         crate::journal::validate_id(id).map_err(|_| not_found())?;
         let running = self.runs.lock().unwrap().get(id).cloned();
-        let r = match running {
-            Some(r) => r,
-            None => crate::journal::read(&self.cfg.engine.state_dir, id).map_err(|_| not_found())?,
-        };
+        match running {
+            Some(r) => Ok(r),
+            None => crate::journal::read(&self.cfg.engine.state_dir, id).map_err(|_| not_found()),
+        }
+    }
+
+    async fn show(&self, headers: &HeaderMap, id: &str) -> Answer {
+        let ready = self.ready()?;
+        let user = ready.auth.authenticate(headers).await?;
+        let r = self.find(id)?;
         ready.auth.authorize(&user, "get", &r.namespace).await?;
         Ok(Json(r).into_response())
     }
@@ -364,9 +370,7 @@ impl Agent {
     async fn restore(&self, headers: &HeaderMap, id: &str) -> Answer {
         let ready = self.ready()?;
         let user = ready.auth.authenticate(headers).await?;
-        let not_found = || Error::new(Code::RemediationNotFound, format!("no remediation {id:?} on node {}", self.cfg.layout.node_name));
-        crate::journal::validate_id(id).map_err(|_| not_found())?;
-        let r = crate::journal::read(&self.cfg.engine.state_dir, id).map_err(|_| not_found())?;
+        let r = self.find(id)?;
         ready.auth.authorize(&user, "update", &r.namespace).await?;
         // Admission is held throughout: no remediation of this pod starts while its data moves back.
         let _admitting = self.admission.lock().await;
@@ -573,7 +577,7 @@ enum CallerErrors {
         (status = 409, description = "PodUIDMismatch, ClusterLocked (dry run)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "PayloadTooLarge", body = Problem, content_type = "application/problem+json"),
         (status = 421, description = "WrongNode: detail names the pod's node", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "A gate refused (dry run): PodHealthy, PodRunning, QuorumAtRisk, SoleMember, DataDirNotFound, NotEtcdData, UnsafePath, NotAMount, InsufficientSpace, UnsupportedProfile", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A gate refused (dry run): PodHealthy, PodRunning, QuorumAtRisk, SoleMember, DataDirNotFound, NotEtcdData, UnsafePath, NotAMount, InsufficientSpace, UnsupportedProfile, SplitBrain, UnknownFailure, SelfHealing", body = Problem, content_type = "application/problem+json"),
         CallerErrors,
     ),
     security(("bearer" = [])))]
@@ -668,6 +672,7 @@ mod tests {
             kubelet_root: None,
             proc_root: "/proc".into(),
             container: None,
+            pod_log_root: "/var/log/pods".into(),
         };
         let engine = Options {
             dry_run: false,

@@ -443,7 +443,15 @@ async fn serve(shared: &Arc<Shared>, parts: axum::http::request::Parts, body: By
 }
 
 fn content_type(headers: &HeaderMap) -> String {
-    headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or_default().split(';').next().unwrap_or_default().trim().to_string()
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 /// The patch types the API server takes and how the stand-in applies them: a JSON merge
@@ -463,7 +471,9 @@ fn patch_type(ct: &str, field_manager: Option<&String>) -> Result<(), ApiError> 
         other => Err(ApiError::new(
             415,
             "UnsupportedMediaType",
-            format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {other:?})"),
+            format!(
+                "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml (got {other:?})"
+            ),
         )),
     }
 }

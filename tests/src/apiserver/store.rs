@@ -84,7 +84,14 @@ pub const RESOURCES: &[ResourceDef] = &[
         fields: &["regarding.kind", "regarding.name", "regarding.namespace", "regarding.uid", "reason", "type", "reportingController"],
     },
     ResourceDef { group: "apps", version: "v1", plural: "statefulsets", kind: "StatefulSet", namespaced: true, fields: &[] },
-    ResourceDef { group: "discovery.k8s.io", version: "v1", plural: "endpointslices", kind: "EndpointSlice", namespaced: true, fields: &[] },
+    ResourceDef {
+        group: "discovery.k8s.io",
+        version: "v1",
+        plural: "endpointslices",
+        kind: "EndpointSlice",
+        namespaced: true,
+        fields: &[],
+    },
     ResourceDef { group: "coordination.k8s.io", version: "v1", plural: "leases", kind: "Lease", namespaced: true, fields: &[] },
 ];
 

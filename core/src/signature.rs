@@ -1,0 +1,434 @@
+//! Crash signatures: what the crashed etcd container's last lines say, and what may be done
+//! about it. The agent reads the lines on its node (the container's log files, then the
+//! termination message), the controller reads them through the API server; both decide here.
+//!
+//! A line matches a signature by fixed phrases that etcd (3.4 capnslog, 3.5/3.6 zap JSON),
+//! etcdctl and the Bitnami scripts print. Refusals are looked for first: a log that shows a
+//! split brain or a lost quorum anywhere is never healed, whatever else it shows.
+
+use serde::{Deserialize, Serialize};
+
+use crate::Code;
+use crate::generation::Generation;
+
+/// The failure a crash log shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+pub enum Signature {
+    /// `etcdserver: member not found`: the image's `member update` with a stale `member_id`
+    /// (chart ≤ 10, after its preStop hook removed the member).
+    MemberNotFound,
+    /// `the member has been permanently removed from the cluster`: a removed member's data.
+    MemberRemoved,
+    /// `bad member ID arg`: the image ran `member update` with an empty `member_id`.
+    BadMemberId,
+    /// The member's own data is corrupt or behind what the cluster holds for it (a damaged
+    /// WAL or snapshot, a lost log): replace the member.
+    CorruptData,
+    /// Peers disagree on the cluster's id: a split brain.
+    ClusterIdMismatch,
+    /// The image found too few healthy peers: quorum is lost.
+    QuorumLost,
+    /// None of the above, or no log at all.
+    Unknown,
+}
+
+impl Signature {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Signature::MemberNotFound => "MemberNotFound",
+            Signature::MemberRemoved => "MemberRemoved",
+            Signature::BadMemberId => "BadMemberId",
+            Signature::CorruptData => "CorruptData",
+            Signature::ClusterIdMismatch => "ClusterIdMismatch",
+            Signature::QuorumLost => "QuorumLost",
+            Signature::Unknown => "Unknown",
+        }
+    }
+}
+
+/// What the agent does about a signature.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Quarantine the member's files, clear its stale entry, restart: it rejoins.
+    Heal,
+    /// The member is still listed with data that cannot serve: remove it (quorum proven
+    /// before and after), quarantine, restart so that it is added back (a learner where the
+    /// cluster allows).
+    Replace,
+    /// Do nothing; `code` says why.
+    Refuse,
+}
+
+/// Where the lines came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum Source {
+    /// The crashed container's log file on the node (`/var/log/pods/…`).
+    ContainerLog,
+    /// `lastState.terminated.message` of the pod's status.
+    TerminationMessage,
+    /// Nothing to read.
+    None,
+}
+
+/// The failure seen, what is done about it, and the lines that show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Diagnosis {
+    pub signature: Signature,
+    pub action: Action,
+    /// Why it refuses (`Refuse` only): `SplitBrain`, `QuorumAtRisk`, `SelfHealing`,
+    /// `UnknownFailure`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<Code>,
+    /// One sentence for a person: what the signature means and why this action.
+    pub why: String,
+    /// The lines that matched (at most [`MAX_EVIDENCE`], each cut to [`MAX_LINE`] bytes),
+    /// or the last lines read when nothing matched.
+    pub evidence: Vec<String>,
+    pub source: Source,
+    /// The pod's start-up rules, which change what some signatures call for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<Generation>,
+    /// The signal that decided the generation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation_by: Option<String>,
+}
+
+/// Evidence kept per diagnosis, and the length of each line.
+pub const MAX_EVIDENCE: usize = 5;
+pub const MAX_LINE: usize = 400;
+
+/// Lines a diagnosis reads at most (the tail of the last attempt).
+pub const MAX_LINES: usize = 200;
+
+struct Rule {
+    signature: Signature,
+    /// Any of these phrases on one line.
+    any: &'static [&'static str],
+    /// …and, if not empty, one of these on the same line too.
+    with: &'static [&'static str],
+}
+
+/// In order of precedence: the refusals first, then the data faults, then membership.
+const RULES: &[Rule] = &[
+    Rule { signature: Signature::ClusterIdMismatch, any: &["cluster ID mismatch", "ID mismatch"], with: &[] },
+    Rule { signature: Signature::QuorumLost, any: &["Cluster not responding"], with: &[] },
+    Rule {
+        signature: Signature::CorruptData,
+        any: &[
+            "crc mismatch",
+            "failed to find database snapshot file",
+            "snapshot file doesn't exist",
+            "failed to recover v3 backend from snapshot",
+            "is out of range [lastIndex(",
+        ],
+        with: &[],
+    },
+    // A WAL whose framing is damaged fails to decode at start-up ("discovery failed").
+    Rule { signature: Signature::CorruptData, any: &["wireType", "unexpected EOF"], with: &["discovery failed", "read wal"] },
+    Rule { signature: Signature::MemberRemoved, any: &["the member has been permanently removed from the cluster"], with: &[] },
+    Rule { signature: Signature::MemberNotFound, any: &["etcdserver: member not found"], with: &[] },
+    Rule { signature: Signature::BadMemberId, any: &["bad member ID arg"], with: &[] },
+];
+
+/// The signature of a crash log's lines (oldest first) and the lines that show it.
+pub fn classify<'a>(lines: &[&'a str]) -> (Signature, Vec<&'a str>) {
+    for rule in RULES {
+        let hits: Vec<&str> = lines
+            .iter()
+            .copied()
+            .filter(|l| rule.any.iter().any(|p| l.contains(p)) && (rule.with.is_empty() || rule.with.iter().any(|p| l.contains(p))))
+            .collect();
+        if !hits.is_empty() {
+            return (rule.signature, hits);
+        }
+    }
+    (Signature::Unknown, Vec::new())
+}
+
+/// What to do about `signature` for pods of `generation`, and why.
+pub fn decide(signature: Signature, generation: Option<Generation>) -> (Action, Option<Code>, String) {
+    let heals_itself = generation.is_some_and(Generation::heals_removed_member_itself);
+    let (action, code, why): (Action, Option<Code>, &str) = match signature {
+        Signature::ClusterIdMismatch => (
+            Action::Refuse,
+            Some(Code::SplitBrain),
+            "peers disagree on the cluster's id: a split brain, or a member started on another cluster's data; a person must decide which data is right",
+        ),
+        Signature::QuorumLost => (
+            Action::Refuse,
+            Some(Code::QuorumAtRisk),
+            "the image found too few healthy peers: with quorum lost no membership change can be made; restore quorum (or a backup) first",
+        ),
+        Signature::CorruptData => (
+            Action::Replace,
+            None,
+            "this member's own data is corrupt or behind the cluster's log: it is removed, its data quarantined, and it is added back empty, only while the others keep quorum",
+        ),
+        Signature::MemberRemoved if heals_itself => (
+            Action::Refuse,
+            Some(Code::SelfHealing),
+            "the image of this chart generation wipes and re-adds a removed member itself on its next start; the agent stands down",
+        ),
+        Signature::MemberRemoved => (
+            Action::Heal,
+            None,
+            "the member was removed from the cluster but kept its data: the data is quarantined and the member added back",
+        ),
+        Signature::MemberNotFound => (
+            Action::Heal,
+            None,
+            "the image updates a member id that was removed (its preStop hook removed it): the stale id and data are quarantined and the image re-adds the member",
+        ),
+        Signature::BadMemberId => {
+            (Action::Heal, None, "the image stored an empty member id: it and the data are quarantined and the image re-adds the member")
+        }
+        Signature::Unknown => (
+            Action::Refuse,
+            Some(Code::UnknownFailure),
+            "the crash matches no failure the agent knows how to heal; nothing is done unless forced",
+        ),
+    };
+    (action, code, why.to_string())
+}
+
+/// The diagnosis of a crash log's lines (oldest first), read from `source`.
+pub fn diagnose(lines: &[&str], source: Source, generation: Option<(Generation, String)>) -> Diagnosis {
+    let tail = &lines[lines.len().saturating_sub(MAX_LINES)..];
+    let (signature, hits) = classify(tail);
+    let (action, code, why) = decide(signature, generation.as_ref().map(|(g, _)| *g));
+    // What matched, the latest last; with no match, the last lines read (what a person would
+    // look at first).
+    let shown: Vec<&str> = if hits.is_empty() {
+        tail.iter().copied().filter(|l| !l.trim().is_empty() && !l.starts_with(char::is_whitespace)).collect()
+    } else {
+        hits
+    };
+    let mut evidence: Vec<String> = Vec::new();
+    for l in shown.iter().rev() {
+        let s = cut(&compact(l), MAX_LINE);
+        if !evidence.contains(&s) {
+            evidence.push(s);
+        }
+        if evidence.len() == MAX_EVIDENCE {
+            break;
+        }
+    }
+    evidence.reverse();
+    let source = if lines.is_empty() { Source::None } else { source };
+    let (generation, generation_by) = generation.map_or((None, None), |(g, by)| (Some(g), Some(by)));
+    Diagnosis { signature, action, code, why, evidence, source, generation, generation_by }
+}
+
+/// Rows for a person: the generation, the diagnosis and each evidence line.
+pub fn render_table(d: &Diagnosis) -> String {
+    let mut s = String::new();
+    let mut row = |k: &str, v: String| s.push_str(&format!("{k:<14} {v}\n"));
+    let generation = match (d.generation, &d.generation_by) {
+        (Some(g), Some(by)) => format!("{} (by {by})", g.as_str()),
+        (Some(g), None) => g.as_str().to_string(),
+        _ => "-".into(),
+    };
+    row("generation", generation);
+    let code = d.code.map(|c| format!(" ({c})")).unwrap_or_default();
+    row("diagnosis", format!("{} -> {:?}{code}: {}", d.signature.as_str(), d.action, d.why));
+    let source = match d.source {
+        Source::ContainerLog => "the container's last log",
+        Source::TerminationMessage => "the termination message",
+        Source::None => "nothing to read",
+    };
+    row("read from", source.to_string());
+    for line in &d.evidence {
+        row("  evidence", line.clone());
+    }
+    s
+}
+
+/// A zap JSON line as `level msg: error` (its stack trace and fields dropped); any other
+/// line as it is, trimmed.
+pub fn compact(line: &str) -> String {
+    let t = line.trim();
+    if t.starts_with('{')
+        && let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(t)
+        && let Some(msg) = m.get("msg").and_then(|v| v.as_str())
+    {
+        let level = m.get("level").and_then(|v| v.as_str()).unwrap_or("");
+        return match m.get("error").and_then(|v| v.as_str()) {
+            Some(e) => format!("{level} {msg}: {e}"),
+            None => format!("{level} {msg}"),
+        };
+    }
+    t.to_string()
+}
+
+fn cut(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// The container's output from a CRI log file (`<time> <stream> <P|F> <text>`, partial
+/// lines joined; kubelet's format for every runtime), or from a Docker `json-file` log
+/// (`{"log": …}`). Lines in neither format are kept as they are.
+pub fn cri_lines(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut partial = String::new();
+    for raw in text.lines() {
+        let mut f = raw.splitn(4, ' ');
+        match (f.next(), f.next(), f.next(), f.next()) {
+            (Some(ts), Some("stdout" | "stderr"), Some(tag @ ("P" | "F")), rest) if ts.contains('T') => {
+                partial.push_str(rest.unwrap_or(""));
+                if tag == "F" {
+                    out.push(std::mem::take(&mut partial));
+                }
+            }
+            _ => {
+                if let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(raw)
+                    && let Some(log) = m.get("log").and_then(|v| v.as_str())
+                {
+                    out.extend(log.lines().map(String::from));
+                } else {
+                    out.push(raw.to_string());
+                }
+            }
+        }
+    }
+    if !partial.is_empty() {
+        out.push(partial);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lines(text: &str) -> Vec<&str> {
+        text.lines().collect()
+    }
+
+    fn sig(text: &str) -> Signature {
+        classify(&lines(text)).0
+    }
+
+    macro_rules! fixture {
+        ($name:literal) => {
+            include_str!(concat!("../fixtures/logs/", $name))
+        };
+    }
+
+    #[test]
+    fn real_etcd_3_5_crashes() {
+        assert_eq!(sig(fixture!("etcd-3.5-removed.log")), Signature::MemberRemoved);
+        assert_eq!(sig(fixture!("etcd-3.5-wal-crc.log")), Signature::CorruptData);
+        assert_eq!(sig(fixture!("etcd-3.5-wal-wiretype.log")), Signature::CorruptData);
+        assert_eq!(sig(fixture!("etcd-3.5-snap-missing.log")), Signature::CorruptData);
+        assert_eq!(sig(fixture!("etcd-3.5-tocommit.log")), Signature::CorruptData);
+        assert_eq!(sig(fixture!("etcd-3.5-cluster-id-mismatch.log")), Signature::ClusterIdMismatch);
+    }
+
+    #[test]
+    fn real_etcd_3_6_crashes() {
+        assert_eq!(sig(fixture!("etcd-3.6-removed.log")), Signature::MemberRemoved);
+        assert_eq!(sig(fixture!("etcd-3.6-wal-crc.log")), Signature::CorruptData);
+        assert_eq!(sig(fixture!("etcd-3.6-wal-wiretype.log")), Signature::CorruptData);
+        assert_eq!(sig(fixture!("etcd-3.6-snap-missing.log")), Signature::CorruptData);
+        assert_eq!(sig(fixture!("etcd-3.6-tocommit.log")), Signature::CorruptData);
+        assert_eq!(sig(fixture!("etcd-3.6-cluster-id-mismatch.log")), Signature::ClusterIdMismatch);
+    }
+
+    #[test]
+    fn recorded_etcd_3_4_and_bitnami_lines() {
+        assert_eq!(sig(fixture!("etcd-3.4-removed.log")), Signature::MemberRemoved);
+        assert_eq!(sig(fixture!("etcd-3.4-wal-crc.log")), Signature::CorruptData);
+        assert_eq!(sig(fixture!("bitnami-9-member-not-found.log")), Signature::MemberNotFound);
+        assert_eq!(sig(fixture!("bitnami-6-bad-member-id.log")), Signature::BadMemberId);
+        assert_eq!(sig(fixture!("bitnami-9-cluster-not-responding.log")), Signature::QuorumLost);
+    }
+
+    #[test]
+    fn a_panic_is_found_above_its_goroutine_dump() {
+        let d = diagnose(&lines(fixture!("etcd-3.5-tocommit.log")), Source::ContainerLog, None);
+        assert_eq!((d.signature, d.action), (Signature::CorruptData, Action::Replace));
+        assert!(d.evidence.iter().any(|e| e.contains("tocommit(28) is out of range")), "{:?}", d.evidence);
+        assert!(d.evidence.iter().all(|e| e.len() <= MAX_LINE + '…'.len_utf8()));
+        assert!(!d.evidence.iter().any(|e| e.contains("stacktrace")), "JSON lines are compacted: {:?}", d.evidence);
+    }
+
+    #[test]
+    fn refusals_win_over_heals_in_one_log() {
+        let mixed = "Error: etcdserver: member not found\n{\"level\":\"warn\",\"msg\":\"request cluster ID mismatch\"}\n";
+        assert_eq!(sig(mixed), Signature::ClusterIdMismatch);
+        let d = diagnose(&lines(mixed), Source::TerminationMessage, None);
+        assert_eq!((d.action, d.code), (Action::Refuse, Some(Code::SplitBrain)));
+        let quorum = format!("{}\n{}", fixture!("bitnami-9-cluster-not-responding.log"), fixture!("etcd-3.5-wal-crc.log"));
+        assert_eq!(decide(sig(&quorum), None).1, Some(Code::QuorumAtRisk));
+    }
+
+    #[test]
+    fn unexpected_eof_alone_is_not_corruption() {
+        assert_eq!(sig("{\"level\":\"warn\",\"msg\":\"lost TCP streaming connection\",\"error\":\"unexpected EOF\"}"), Signature::Unknown);
+        assert_eq!(sig("{\"level\":\"fatal\",\"msg\":\"discovery failed\",\"error\":\"unexpected EOF\"}"), Signature::CorruptData);
+    }
+
+    #[test]
+    fn actions_by_generation() {
+        assert_eq!(decide(Signature::MemberRemoved, Some(Generation::Bitnami10)).0, Action::Heal);
+        assert_eq!(decide(Signature::MemberRemoved, Some(Generation::Plain)).0, Action::Heal);
+        let (a, c, _) = decide(Signature::MemberRemoved, Some(Generation::Bitnami12));
+        assert_eq!((a, c), (Action::Refuse, Some(Code::SelfHealing)));
+        assert_eq!(decide(Signature::CorruptData, Some(Generation::Bitnami11)).0, Action::Replace, "the image cannot heal corrupt data");
+        assert_eq!(decide(Signature::Unknown, None).1, Some(Code::UnknownFailure));
+        assert_eq!(decide(Signature::MemberNotFound, None).0, Action::Heal);
+    }
+
+    #[test]
+    fn nothing_to_read_is_unknown_and_says_so() {
+        let d = diagnose(&[], Source::ContainerLog, Some((Generation::Bitnami10, "label".into())));
+        assert_eq!((d.signature, d.source, d.code), (Signature::Unknown, Source::None, Some(Code::UnknownFailure)));
+        let d = diagnose(
+            &lines("etcd 10:00:00.00 INFO  ==> x\nError: open /bitnami/etcd/data: permission denied\n"),
+            Source::ContainerLog,
+            None,
+        );
+        assert_eq!(d.signature, Signature::Unknown);
+        assert_eq!(d.evidence.last().map(String::as_str), Some("Error: open /bitnami/etcd/data: permission denied"));
+        let v = serde_json::to_value(&d).unwrap();
+        assert_eq!(v["signature"], "Unknown");
+        assert_eq!(v["action"], "refuse");
+        assert_eq!(v["code"], "UnknownFailure");
+        assert_eq!(v["source"], "containerLog");
+    }
+
+    #[test]
+    fn cri_and_docker_log_formats() {
+        let cri = "2026-12-04T10:22:25.411641Z stderr F etcd 10:22:25.41 INFO  ==> Updating member in existing cluster\n\
+                   2026-12-04T10:22:25.5Z stderr P Error: etcdserver: \n\
+                   2026-12-04T10:22:25.5Z stderr F member not found\n";
+        assert_eq!(
+            cri_lines(cri),
+            ["etcd 10:22:25.41 INFO  ==> Updating member in existing cluster", "Error: etcdserver: member not found"]
+        );
+        let docker = "{\"log\":\"Error: etcdserver: member not found\\n\",\"stream\":\"stderr\",\"time\":\"2026-12-04T10:22:25.5Z\"}\n";
+        assert_eq!(cri_lines(docker), ["Error: etcdserver: member not found"]);
+        assert_eq!(cri_lines("plain line"), ["plain line"]);
+        assert_eq!(cri_lines("2026-12-04T10:22:25.5Z stdout F "), [""]);
+    }
+
+    #[test]
+    fn evidence_is_bounded_and_deduplicated() {
+        let many: String = (0..50).map(|i| format!("{{\"level\":\"warn\",\"msg\":\"request cluster ID mismatch\",\"n\":{i}}}\n")).collect();
+        let d = diagnose(&lines(&many), Source::ContainerLog, None);
+        assert_eq!(d.evidence, ["warn request cluster ID mismatch"]);
+        let long = format!("Error: etcdserver: member not found {}", "é".repeat(1000));
+        let d = diagnose(&[long.as_str()], Source::ContainerLog, None);
+        assert!(d.evidence[0].len() <= MAX_LINE + 3);
+    }
+}

@@ -1,0 +1,203 @@
+//! The agent acts only on a failure it has diagnosed as healable (DESIGN.md, invariant 9).
+//! Each failure is produced for real with etcd and the Bitnami start-up rules; the agent reads
+//! the crashed container's log on the node (the pods' `terminationMessagePolicy` is `File`,
+//! as in the Bitnami chart: no termination message) and heals or refuses as the table in
+//! `etcd_medic_core::signature` says: every key present after a heal, nothing changed after
+//! a refusal.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use etcd_medic::Code;
+use etcd_medic::engine::Phase;
+use etcd_medic_core::signature::{Action, Diagnosis, Signature, Source};
+use etcd_medic_lab::objects::SetShape;
+use etcd_medic_lab::{Lab, NODE_NAME, etcd};
+use serde_json::Value;
+use std::sync::atomic::Ordering;
+
+use crate::reference_failure::{KEYS, assert_every_key};
+
+const WAIT: Duration = Duration::from_secs(90);
+
+/// Three Bitnami members with keys, whose crashes leave no termination message.
+async fn lab() -> Result<Option<Lab>> {
+    crate::init_tracing();
+    let lab = Lab::start(SetShape::apisix(3, NODE_NAME)).await?;
+    if !lab.node.real_mounts {
+        etcd_medic_lab::skip("needs root: the agent refuses unmounted CSI paths");
+        lab.shutdown().await;
+        return Ok(None);
+    }
+    lab.set.switches().no_termination_message.store(true, Ordering::SeqCst);
+    lab.write_keys(KEYS).await?;
+    Ok(Some(lab))
+}
+
+fn restarts(p: &Value) -> u64 {
+    p.pointer("/status/containerStatuses/0/restartCount").and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// Waits until `ordinal` crash-loops again with `phrase` in its last start's log.
+async fn wait_crash_loop_saying(lab: &Lab, ordinal: usize, phrase: &str) -> Result<()> {
+    let before = restarts(&lab.set.pod(ordinal)?);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let p = lab.set.pod(ordinal)?;
+        let looping = p.pointer("/status/containerStatuses/0/state/waiting/reason").and_then(Value::as_str) == Some("CrashLoopBackOff");
+        if looping && restarts(&p) > before && lab.set.container_log(ordinal).contains(phrase) {
+            return Ok(());
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no crash loop with {phrase:?}; log:\n{}", lab.set.container_log(ordinal));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn diagnosis(r: &etcd_medic::engine::Remediation) -> &Diagnosis {
+    r.plan.as_ref().and_then(|p| p.diagnosis.as_ref()).expect("the remediation records its diagnosis")
+}
+
+/// Stops `ordinal`'s etcd (SIGKILL) and holds the container in back-off: nothing runs on
+/// its volume until `release_restarts`.
+async fn stop_and_hold(lab: &Lab, ordinal: usize) -> Result<()> {
+    lab.set.switches().hold_restarts.store(true, Ordering::SeqCst);
+    lab.set.crash_container(ordinal)?;
+    lab.set.hold_restarts(ordinal, WAIT).await
+}
+
+/// A record of a WAL file damaged in place: one byte of a key's name flipped, so the record
+/// still decodes and its CRC no longer matches (`walpb: crc mismatch` in 3.5 and 3.6).
+fn flip_a_byte_in_the_wal(data: &std::path::Path) -> Result<()> {
+    let wal = std::fs::read_dir(data.join("member/wal"))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .min()
+        .context("no WAL file")?;
+    let mut bytes = std::fs::read(&wal)?;
+    let needle = b"/apisix/routes/00007";
+    let at = bytes.windows(needle.len()).position(|w| w == needle).context("key not found in the WAL")?;
+    bytes[at + needle.len() - 1] ^= 0x01;
+    std::fs::write(&wal, bytes)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_wal_is_healed_by_replacing_the_member_with_every_key() -> Result<()> {
+    let Some(lab) = lab().await? else { return Ok(()) };
+    stop_and_hold(&lab, 1).await?;
+    flip_a_byte_in_the_wal(&lab.set.data_dir(1)?)?;
+    lab.set.release_restarts();
+    wait_crash_loop_saying(&lab, 1, "crc mismatch").await?;
+    // Still listed under its id: the agent must remove it before the image adds it back.
+    assert_eq!(etcd::member_list(&lab.set.other_endpoints(1)).await?.len(), 3);
+
+    let r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
+    assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
+    let d = diagnosis(&r);
+    assert_eq!((d.signature, d.action, d.source), (Signature::CorruptData, Action::Replace, Source::ContainerLog), "{d:?}");
+    assert!(d.evidence.iter().any(|e| e.contains("crc mismatch")), "{:?}", d.evidence);
+    assert!(r.steps[0].message.contains("diagnosis CorruptData"), "{}", r.steps[0].message);
+    let membership = r.steps.iter().find(|s| s.name == etcd_medic::engine::Step::Membership).unwrap();
+    assert!(membership.message.contains("removed stale member"), "{}", membership.message);
+    assert_every_key(&lab, 3, KEYS).await?;
+    lab.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_member_id_is_healed() -> Result<()> {
+    let Some(lab) = lab().await? else { return Ok(()) };
+    // The image wrote an empty id: the preStop hook cannot remove the member, and the next
+    // start runs `member update ""`.
+    std::fs::write(lab.set.data_dir(1)?.join("member_id"), "")?;
+    lab.set.delete_pod(1)?;
+    wait_crash_loop_saying(&lab, 1, "bad member ID arg").await?;
+    let r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
+    assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
+    assert_eq!((diagnosis(&r).signature, diagnosis(&r).action), (Signature::BadMemberId, Action::Heal));
+    assert_every_key(&lab, 3, KEYS).await?;
+    lab.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_clusters_data_is_a_split_brain_and_nothing_is_touched() -> Result<()> {
+    let Some(lab) = lab().await? else { return Ok(()) };
+    // A single-member cluster of its own, stopped: its data is what a wrong volume holds.
+    let mut foreign = etcd::EtcdCluster::start(1).await?;
+    foreign.stop(0).await;
+    stop_and_hold(&lab, 1).await?;
+    let data = lab.set.data_dir(1)?;
+    std::fs::remove_dir_all(data.join("member"))?;
+    let copied = std::process::Command::new("cp").arg("-a").arg(foreign.data_dir(0).join("member")).arg(&data).status()?;
+    assert!(copied.success());
+    // It starts on the other cluster's data and its peers refuse it; a liveness probe ends it.
+    lab.set.release_restarts();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !lab.set.container_log(1).contains("cluster ID mismatch") {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no mismatch seen:\n{}", lab.set.container_log(1));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop_and_hold(&lab, 1).await?;
+
+    let volume = lab.set.volume_path(1)?;
+    let before = etcd_medic_lab::agent::tree(&volume);
+    for force in [false, true] {
+        let r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", force).await?;
+        assert_eq!(r.phase, Phase::Refused, "{r:?}");
+        assert_eq!(r.error.as_ref().map(|e| e.code), Some(Code::SplitBrain), "force never overrides a split brain: {:?}", r.error);
+        let d = diagnosis(&r);
+        assert_eq!(d.signature, Signature::ClusterIdMismatch);
+        assert!(d.evidence.iter().any(|e| e.contains("cluster ID mismatch")), "{:?}", d.evidence);
+    }
+    assert_eq!(etcd_medic_lab::agent::tree(&volume), before, "a refusal changed the volume");
+    assert_eq!(etcd::member_list(&lab.set.other_endpoints(1)).await?.len(), 3, "a refusal changed membership");
+    lab.set.release_restarts();
+    lab.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_failure_is_refused_with_its_evidence_unless_forced() -> Result<()> {
+    let Some(lab) = lab().await? else { return Ok(()) };
+    // A healthy member killed: its log shows nothing the agent knows how to heal.
+    stop_and_hold(&lab, 1).await?;
+    let volume = lab.set.volume_path(1)?;
+    let before = etcd_medic_lab::agent::tree(&volume);
+    let r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
+    assert_eq!(r.error.as_ref().map(|e| e.code), Some(Code::UnknownFailure), "{r:?}");
+    let d = diagnosis(&r);
+    assert_eq!((d.signature, d.source), (Signature::Unknown, Source::ContainerLog));
+    assert!(!d.evidence.is_empty(), "the last lines are shown as evidence");
+    assert_eq!(etcd_medic_lab::agent::tree(&volume), before);
+
+    // Through the CLI: `diagnose` says the same and changes nothing.
+    let out = tokio::task::block_in_place(|| {
+        std::process::Command::new(etcd_medic_lab::agent::agent_binary())
+            .args(["diagnose", "apisix/apisix-etcd-1", "-o", "json", "--node-name", NODE_NAME])
+            .arg("--host-root")
+            .arg(&lab.node.root)
+            .env("KUBECONFIG", &lab.api.kubeconfig)
+            .output()
+    })?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let shown: Diagnosis = serde_json::from_slice(&out.stdout)?;
+    assert_eq!((shown.signature, shown.code), (Signature::Unknown, Some(Code::UnknownFailure)));
+    assert_eq!(shown.generation_by.as_deref(), Some("label helm.sh/chart=etcd-9.7.3"));
+
+    // Forced, the same member is healed (it is still listed: it is replaced). The old
+    // container stays held until the agent restarted the pod.
+    let release = |r: &etcd_medic::engine::Remediation| {
+        if r.step_done(etcd_medic::engine::Step::Restart) {
+            lab.set.release_restarts();
+        }
+    };
+    let r = etcd_medic_lab::agent::remediate_with(&lab, "apisix-etcd-1", true, &release).await?;
+    lab.set.release_restarts();
+    assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
+    assert!(r.steps[0].message.contains("forced past UnknownFailure"), "{}", r.steps[0].message);
+    assert_every_key(&lab, 3, KEYS).await?;
+    lab.shutdown().await;
+    Ok(())
+}

@@ -19,7 +19,10 @@ pub fn diagnose(log_root: &Path, pod: &Pod, container: &str, generation: &Detect
         pod.metadata.name.as_deref().unwrap_or_default(),
         pod.metadata.uid.as_deref().unwrap_or_default(),
     );
-    let from_log = match podlogs::last_attempt(log_root, ns, name, uid, container) {
+    // While the container waits in back-off, its last start is `<restartCount>.log`; a
+    // newer file means a start the pod's status does not show yet, not the crash.
+    let restarts = container_status(pod, container).map(|cs| cs.restart_count).and_then(|n| u32::try_from(n).ok());
+    let from_log = match podlogs::last_attempt(log_root, ns, name, uid, container, restarts) {
         Ok(found) => found,
         Err(e) => {
             // A log the agent may not read is no evidence; the pod's status may still say it.
@@ -35,7 +38,8 @@ pub fn diagnose(log_root: &Path, pod: &Pod, container: &str, generation: &Detect
     match from_log {
         Some(log) if !log.lines.is_empty() => {
             let lines: Vec<&str> = log.lines.iter().map(String::as_str).collect();
-            let d = signature::diagnose(&lines, Source::ContainerLog, generation.clone());
+            let mut d = signature::diagnose(&lines, Source::ContainerLog, generation.clone());
+            d.log_file = Some(log.file.display().to_string());
             // The log said nothing known; the termination message may (a script that
             // writes its own, a log rotated away).
             if d.signature == Signature::Unknown {
@@ -50,10 +54,13 @@ pub fn diagnose(log_root: &Path, pod: &Pod, container: &str, generation: &Detect
     }
 }
 
+fn container_status<'p>(pod: &'p Pod, container: &str) -> Option<&'p k8s_openapi::api::core::v1::ContainerStatus> {
+    pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()).and_then(|cs| cs.iter().find(|c| c.name == container))
+}
+
 /// `lastState.terminated.message` of the container, else `state.terminated.message`.
 fn termination_message(pod: &Pod, container: &str) -> String {
-    let cs = pod.status.as_ref().and_then(|s| s.container_statuses.as_ref()).and_then(|cs| cs.iter().find(|c| c.name == container));
-    let Some(cs) = cs else { return String::new() };
+    let Some(cs) = container_status(pod, container) else { return String::new() };
     let last = cs.last_state.as_ref().and_then(|s| s.terminated.as_ref()).and_then(|t| t.message.clone());
     last.or_else(|| cs.state.as_ref().and_then(|s| s.terminated.as_ref()).and_then(|t| t.message.clone())).unwrap_or_default()
 }
@@ -135,7 +142,17 @@ mod tests {
     fn gates_by_action_and_force() {
         let d = |sig, generation| {
             let (action, code, why) = signature::decide(sig, generation);
-            Diagnosis { signature: sig, action, code, why, evidence: vec![], source: Source::ContainerLog, generation, generation_by: None }
+            Diagnosis {
+                signature: sig,
+                action,
+                code,
+                why,
+                evidence: vec![],
+                source: Source::ContainerLog,
+                log_file: None,
+                generation,
+                generation_by: None,
+            }
         };
         assert!(gate(&d(Signature::MemberNotFound, None), false).unwrap().contains("MemberNotFound → heal"));
         assert_eq!(gate(&d(Signature::Unknown, None), false).unwrap_err().code, Code::UnknownFailure);

@@ -151,6 +151,9 @@ pub struct Remediation {
     pub node: String,
     pub phase: Phase,
     pub step: Option<Step>,
+    /// Why the member fails, as read before any other gate: present on a refusal too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnosis: Option<crate::signature::Diagnosis>,
     pub plan: Option<Plan>,
     #[schema(value_type = Option<String>)]
     pub quarantine_path: Option<PathBuf>,
@@ -208,6 +211,7 @@ impl Remediation {
             node: node.into(),
             phase: Phase::Pending,
             step: None,
+            diagnosis: None,
             plan: None,
             quarantine_path: None,
             steps: Vec::new(),

@@ -38,15 +38,17 @@ impl Profile {
 
     /// What a remediation moves, relative to the data dir. `member_id` and
     /// `new_member_envs` must go for Bitnami: with them the script keeps calling
-    /// `member update` with the stale id (FIELD-NOTES.md).
+    /// `member update` with the stale id (FIELD-NOTES.md). Charts 11/12 take their clean
+    /// join path only on an empty data dir (a data dir without a WAL would make etcd
+    /// bootstrap a new member under the old id), so their whole `member` dir moves.
     pub fn files_to_move(self) -> &'static [&'static str] {
         match self {
             Profile::BitnamiMemberId => &["member/snap", "member/wal", "member_id", "new_member_envs"],
-            Profile::Bitnami => &["member/snap", "member/wal", "new_member_envs"],
+            Profile::Bitnami => &["member", "new_member_envs"],
             Profile::Plain => &["member/snap", "member/wal"],
         }
     }
 }
 
 /// Every path any profile moves (relative to the data dir): what a journal may name.
-pub const ALL_MOVED: &[&str] = &["member/snap", "member/wal", "member_id", "new_member_envs"];
+pub const ALL_MOVED: &[&str] = &["member/snap", "member/wal", "member_id", "new_member_envs", "member"];

@@ -3,8 +3,10 @@
 //! termination message), the controller reads them through the API server; both decide here.
 //!
 //! A line matches a signature by fixed phrases that etcd (3.4 capnslog, 3.5/3.6 zap JSON),
-//! etcdctl and the Bitnami scripts print. Refusals are looked for first: a log that shows a
-//! split brain or a lost quorum anywhere is never healed, whatever else it shows.
+//! etcdctl and the Bitnami scripts print; in a zap JSON line only its `msg` and `error` are
+//! looked at (other fields carry keys and values that clients chose). Refusals are looked
+//! for first: a tail (the last [`MAX_LINES`] lines read) that shows a split brain or a lost
+//! quorum is never healed unforced, whatever else it shows.
 
 use serde::{Deserialize, Serialize};
 
@@ -88,6 +90,9 @@ pub struct Diagnosis {
     /// or the last lines read when nothing matched.
     pub evidence: Vec<String>,
     pub source: Source,
+    /// The log file read, on the node (`source: containerLog`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_file: Option<String>,
     /// The pod's start-up rules, which change what some signatures call for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation: Option<Generation>,
@@ -113,7 +118,9 @@ struct Rule {
 
 /// In order of precedence: the refusals first, then the data faults, then membership.
 const RULES: &[Rule] = &[
-    Rule { signature: Signature::ClusterIdMismatch, any: &["cluster ID mismatch", "ID mismatch"], with: &[] },
+    // Only the *cluster* id: etcd's "ignored streaming request; ID mismatch" is about a
+    // member id (a member still running on an id that was replaced) and is healable.
+    Rule { signature: Signature::ClusterIdMismatch, any: &["cluster ID mismatch"], with: &[] },
     Rule { signature: Signature::QuorumLost, any: &["Cluster not responding"], with: &[] },
     Rule {
         signature: Signature::CorruptData,
@@ -123,23 +130,43 @@ const RULES: &[Rule] = &[
             "snapshot file doesn't exist",
             "failed to recover v3 backend from snapshot",
             "is out of range [lastIndex(",
+            "failed to read WAL",
+            "failed to repair WAL",
+            "read wal error",
         ],
         with: &[],
     },
-    // A WAL whose framing is damaged fails to decode at start-up ("discovery failed").
-    Rule { signature: Signature::CorruptData, any: &["wireType", "unexpected EOF"], with: &["discovery failed", "read wal"] },
+    // A WAL whose framing is damaged fails to decode at start-up (etcdmain's "discovery
+    // failed" wraps it); an EOF counts only where the WAL is named.
+    Rule { signature: Signature::CorruptData, any: &["wireType"], with: &["discovery failed"] },
+    Rule { signature: Signature::CorruptData, any: &["unexpected EOF"], with: &["wal", "WAL"] },
     Rule { signature: Signature::MemberRemoved, any: &["the member has been permanently removed from the cluster"], with: &[] },
     Rule { signature: Signature::MemberNotFound, any: &["etcdserver: member not found"], with: &[] },
     Rule { signature: Signature::BadMemberId, any: &["bad member ID arg"], with: &[] },
 ];
 
+/// The text of a line the rules look at: a zap JSON line's `msg` and `error` (and `level`),
+/// any other line whole.
+fn searched(line: &str) -> std::borrow::Cow<'_, str> {
+    let t = line.trim();
+    if t.starts_with('{')
+        && let Ok(serde_json::Value::Object(m)) = serde_json::from_str::<serde_json::Value>(t)
+    {
+        let field = |k: &str| m.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
+        return format!("{} {} {}", field("level"), field("msg"), field("error")).into();
+    }
+    line.into()
+}
+
 /// The signature of a crash log's lines (oldest first) and the lines that show it.
 pub fn classify<'a>(lines: &[&'a str]) -> (Signature, Vec<&'a str>) {
+    let texts: Vec<std::borrow::Cow<'_, str>> = lines.iter().map(|l| searched(l)).collect();
     for rule in RULES {
         let hits: Vec<&str> = lines
             .iter()
-            .copied()
-            .filter(|l| rule.any.iter().any(|p| l.contains(p)) && (rule.with.is_empty() || rule.with.iter().any(|p| l.contains(p))))
+            .zip(&texts)
+            .filter(|(_, t)| rule.any.iter().any(|p| t.contains(p)) && (rule.with.is_empty() || rule.with.iter().any(|p| t.contains(p))))
+            .map(|(l, _)| *l)
             .collect();
         if !hits.is_empty() {
             return (rule.signature, hits);
@@ -160,7 +187,7 @@ pub fn decide(signature: Signature, generation: Option<Generation>) -> (Action, 
         Signature::QuorumLost => (
             Action::Refuse,
             Some(Code::QuorumAtRisk),
-            "the image found too few healthy peers: with quorum lost no membership change can be made; restore quorum (or a backup) first",
+            "the image found too few healthy peers when this attempt started: with quorum lost no membership change can be made; restore quorum (or a backup) first; the next attempt, once the peers are back, shows what the member itself fails on",
         ),
         Signature::CorruptData => (
             Action::Replace,
@@ -218,8 +245,8 @@ pub fn diagnose(lines: &[&str], source: Source, generation: Option<(Generation, 
     }
     evidence.reverse();
     let source = if lines.is_empty() { Source::None } else { source };
-    let (generation, generation_by) = generation.map_or((None, None), |(g, by)| (Some(g), Some(by)));
-    Diagnosis { signature, action, code, why, evidence, source, generation, generation_by }
+    let (generation, generation_by) = generation.map_or((None, None), |(g, by)| (Some(g), Some(printable(&by))));
+    Diagnosis { signature, action, code, why, evidence, source, log_file: None, generation, generation_by }
 }
 
 /// Rows for a person: the generation, the diagnosis and each evidence line.
@@ -240,6 +267,9 @@ pub fn render_table(d: &Diagnosis) -> String {
         Source::None => "nothing to read",
     };
     row("read from", source.to_string());
+    if let Some(f) = &d.log_file {
+        row("log file", printable(f));
+    }
     for line in &d.evidence {
         row("  evidence", line.clone());
     }
@@ -263,7 +293,22 @@ pub fn compact(line: &str) -> String {
     t.to_string()
 }
 
+/// Text from a tenant made safe to print: control characters (C0, C1, DEL) and the bidi
+/// overrides are shown escaped, never sent to a terminal.
+pub fn printable(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() || matches!(c, '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}') {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn cut(s: &str, max: usize) -> String {
+    let s = &printable(s);
     if s.len() <= max {
         return s.to_string();
     }
@@ -373,9 +418,36 @@ mod tests {
     }
 
     #[test]
+    fn only_what_etcd_says_counts_not_what_clients_wrote() {
+        // A key named like a signature, in a slow-request warning: not a split brain.
+        let slow = r#"{"level":"warn","msg":"apply request took too long","request":"key:\"cluster ID mismatch\" "}"#;
+        assert_eq!(sig(slow), Signature::Unknown);
+        // A member id mismatch is not a cluster id mismatch.
+        let member = r#"{"level":"warn","msg":"ignored streaming request; ID mismatch","remote-peer-id-stream-handler":"a","remote-peer-id-header":"b"}"#;
+        assert_eq!(sig(&format!("{member}\n{}", fixture!("etcd-3.5-removed.log"))), Signature::MemberRemoved);
+    }
+
+    #[test]
+    fn evidence_is_printable() {
+        let evil = "{\"level\":\"fatal\",\"msg\":\"discovery failed\",\"error\":\"walpb: crc mismatch\\u001b[2J\\u202e\"}";
+        let d = diagnose(&[evil, "Error: etcdserver: member not found\r\u{9b}31m"], Source::ContainerLog, None);
+        assert!(d.evidence.iter().all(|e| !e.chars().any(|c| c.is_control() || c == '\u{202e}')), "{:?}", d.evidence);
+        assert!(d.evidence[0].contains("\\u{1b}[2J"), "{:?}", d.evidence);
+    }
+
+    #[test]
     fn unexpected_eof_alone_is_not_corruption() {
         assert_eq!(sig("{\"level\":\"warn\",\"msg\":\"lost TCP streaming connection\",\"error\":\"unexpected EOF\"}"), Signature::Unknown);
-        assert_eq!(sig("{\"level\":\"fatal\",\"msg\":\"discovery failed\",\"error\":\"unexpected EOF\"}"), Signature::CorruptData);
+        assert_eq!(
+            sig("{\"level\":\"fatal\",\"msg\":\"discovery failed\",\"error\":\"unexpected EOF\"}"),
+            Signature::Unknown,
+            "v2 discovery over the network"
+        );
+        assert_eq!(sig("{\"level\":\"fatal\",\"msg\":\"failed to read WAL\",\"error\":\"unexpected EOF\"}"), Signature::CorruptData);
+        assert_eq!(
+            sig("2019-10-09 09:02:16.175301 C | etcdserver: read wal error (unexpected EOF) and cannot be repaired"),
+            Signature::CorruptData
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use anyhow::{Context, Result};
 use etcd_medic::Code;
 use etcd_medic::engine::Phase;
 use etcd_medic_core::signature::{Action, Diagnosis, Signature, Source};
-use etcd_medic_lab::objects::SetShape;
+use etcd_medic_lab::objects::{SetShape, StartProfile};
 use etcd_medic_lab::{Lab, NODE_NAME, etcd};
 use serde_json::Value;
 use std::sync::atomic::Ordering;
@@ -20,10 +20,15 @@ use crate::reference_failure::{KEYS, assert_every_key};
 
 const WAIT: Duration = Duration::from_secs(90);
 
-/// Three Bitnami members with keys, whose crashes leave no termination message.
+/// Three Bitnami members (chart 9.7.3) with keys, whose crashes leave no termination message.
 async fn lab() -> Result<Option<Lab>> {
+    lab_of(SetShape::apisix(3, NODE_NAME)).await
+}
+
+/// Three members of `shape` with keys, whose crashes leave no termination message.
+async fn lab_of(shape: SetShape) -> Result<Option<Lab>> {
     crate::init_tracing();
-    let lab = Lab::start(SetShape::apisix(3, NODE_NAME)).await?;
+    let lab = Lab::start(shape).await?;
     if !lab.node.real_mounts {
         etcd_medic_lab::skip("needs root: the agent refuses unmounted CSI paths");
         lab.shutdown().await;
@@ -53,8 +58,13 @@ async fn wait_crash_loop_saying(lab: &Lab, ordinal: usize, phrase: &str) -> Resu
     }
 }
 
+/// The diagnosis a remediation recorded; where it got as far as a plan, the plan's is the same.
 fn diagnosis(r: &etcd_medic::engine::Remediation) -> &Diagnosis {
-    r.plan.as_ref().and_then(|p| p.diagnosis.as_ref()).expect("the remediation records its diagnosis")
+    let d = r.diagnosis.as_ref().expect("the remediation records its diagnosis");
+    if let Some(p) = r.plan.as_ref() {
+        assert_eq!(p.diagnosis.as_ref(), Some(d));
+    }
+    d
 }
 
 /// Stops `ordinal`'s etcd (SIGKILL) and holds the container in back-off: nothing runs on
@@ -92,17 +102,38 @@ async fn a_corrupt_wal_is_healed_by_replacing_the_member_with_every_key() -> Res
     // Still listed under its id: the agent must remove it before the image adds it back.
     assert_eq!(etcd::member_list(&lab.set.other_endpoints(1)).await?.len(), 3);
 
-    let r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
-    assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
-    let d = diagnosis(&r);
-    assert_eq!((d.signature, d.action, d.source), (Signature::CorruptData, Action::Replace, Source::ContainerLog), "{d:?}");
-    assert!(d.evidence.iter().any(|e| e.contains("crc mismatch")), "{:?}", d.evidence);
+    let r = heals_as(&lab, Signature::CorruptData, Action::Replace).await?;
+    assert!(diagnosis(&r).evidence.iter().any(|e| e.contains("crc mismatch")), "{:?}", diagnosis(&r).evidence);
     assert!(r.steps[0].message.contains("diagnosis CorruptData"), "{}", r.steps[0].message);
     let membership = r.steps.iter().find(|s| s.name == etcd_medic::engine::Step::Membership).unwrap();
     assert!(membership.message.contains("removed stale member"), "{}", membership.message);
-    assert_every_key(&lab, 3, KEYS).await?;
     lab.shutdown().await;
     Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_snapshot_db_is_healed_by_replacing_the_member_with_every_key() -> Result<()> {
+    // Snapshots every 50 entries: the member's WAL starts after one, so its db is needed.
+    let Some(lab) = lab_of(SetShape { snapshot_count: Some(50), ..SetShape::apisix(3, NODE_NAME) }).await? else { return Ok(()) };
+    let snap = lab.set.data_dir(1)?.join("member/snap");
+    let snaps = std::fs::read_dir(&snap)?.flatten().filter(|e| e.path().extension().is_some_and(|x| x == "snap")).count();
+    assert!(snaps > 0, "no .snap file written");
+    stop_and_hold(&lab, 1).await?;
+    std::fs::remove_file(snap.join("db"))?;
+    lab.set.release_restarts();
+    wait_crash_loop_saying(&lab, 1, "failed to recover v3 backend from snapshot").await?;
+    heals_as(&lab, Signature::CorruptData, Action::Replace).await?;
+    lab.shutdown().await;
+    Ok(())
+}
+
+/// The agent heals member 1 as `signature` calls for, and every key is on every member.
+async fn heals_as(lab: &Lab, signature: Signature, action: Action) -> Result<etcd_medic::engine::Remediation> {
+    let r = etcd_medic_lab::agent::remediate(lab, "apisix-etcd-1", false).await?;
+    assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
+    assert_eq!((diagnosis(&r).signature, diagnosis(&r).action, diagnosis(&r).source), (signature, action, Source::ContainerLog));
+    assert_every_key(lab, 3, KEYS).await?;
+    Ok(r)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -113,10 +144,7 @@ async fn an_empty_member_id_is_healed() -> Result<()> {
     std::fs::write(lab.set.data_dir(1)?.join("member_id"), "")?;
     lab.set.delete_pod(1)?;
     wait_crash_loop_saying(&lab, 1, "bad member ID arg").await?;
-    let r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
-    assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
-    assert_eq!((diagnosis(&r).signature, diagnosis(&r).action), (Signature::BadMemberId, Action::Heal));
-    assert_every_key(&lab, 3, KEYS).await?;
+    heals_as(&lab, Signature::BadMemberId, Action::Heal).await?;
     lab.shutdown().await;
     Ok(())
 }
@@ -198,6 +226,59 @@ async fn an_unknown_failure_is_refused_with_its_evidence_unless_forced() -> Resu
     assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
     assert!(r.steps[0].message.contains("forced past UnknownFailure"), "{}", r.steps[0].message);
     assert_every_key(&lab, 3, KEYS).await?;
+    lab.shutdown().await;
+    Ok(())
+}
+
+/// Chart 11/12: three members whose image follows the newer start-up rules.
+fn chart_11() -> SetShape {
+    SetShape { profile: StartProfile::Bitnami11, ..SetShape::apisix(3, NODE_NAME) }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_11_heals_a_removed_member_itself_and_the_agent_stands_down() -> Result<()> {
+    let Some(lab) = lab_of(chart_11()).await? else { return Ok(()) };
+    stop_and_hold(&lab, 1).await?;
+    let id = etcd::member_list(&lab.set.other_endpoints(1)).await?.into_iter().find(|m| m.name == "apisix-etcd-1").context("listed")?.id;
+    etcd::member_remove(&lab.set.other_endpoints(1), id).await?;
+    // The image sees "permanently removed", wipes its data dir and re-adds itself; that add
+    // fails once (right after a membership change etcd refuses it), so the pod crash-loops
+    // with the removal in its last log.
+    lab.set.switches().fail_next_member_add.store(true, Ordering::SeqCst);
+    lab.set.release_once(1, WAIT).await?;
+    lab.set.hold_restarts(1, WAIT).await?;
+    let log = lab.set.container_log(1);
+    assert!(log.contains("permanently removed") && log.contains("unhealthy cluster"), "{log}");
+
+    let volume = lab.set.volume_path(1)?;
+    let before = etcd_medic_lab::agent::tree(&volume);
+    let r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
+    assert_eq!(r.error.as_ref().map(|e| e.code), Some(Code::SelfHealing), "{r:?}");
+    let d = diagnosis(&r);
+    assert_eq!((d.signature, d.generation), (Signature::MemberRemoved, Some(etcd_medic_core::generation::Generation::Bitnami11)));
+    assert_eq!(d.generation_by.as_deref(), Some("label helm.sh/chart=etcd-11.0.2"));
+    assert_eq!(etcd_medic_lab::agent::tree(&volume), before, "standing down changes nothing");
+
+    // As the agent said: the next start heals it, with every key.
+    lab.set.release_restarts();
+    lab.set.wait_ready(1, WAIT).await?;
+    assert_every_key(&lab, 3, KEYS).await?;
+    lab.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chart_11_corrupt_data_is_what_the_agent_heals() -> Result<()> {
+    let Some(lab) = lab_of(chart_11()).await? else { return Ok(()) };
+    stop_and_hold(&lab, 1).await?;
+    flip_a_byte_in_the_wal(&lab.set.data_dir(1)?)?;
+    lab.set.release_restarts();
+    wait_crash_loop_saying(&lab, 1, "crc mismatch").await?;
+    let r = heals_as(&lab, Signature::CorruptData, Action::Replace).await?;
+    let plan = r.plan.as_ref().unwrap();
+    assert_eq!(plan.profile, etcd_medic::profile::Profile::Bitnami);
+    assert!(plan.r#move.iter().any(|m| m.path == "member"), "chart 11's whole member dir moves: {:?}", plan.r#move);
+    assert!(!lab.set.data_dir(1)?.join(".etcd-medic-keep").exists(), "no dot-file: the image joins on an empty data dir");
     lab.shutdown().await;
     Ok(())
 }

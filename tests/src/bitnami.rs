@@ -1,5 +1,7 @@
-//! The Bitnami etcd image's start-up decision (chart 9.7.3, image 3.5.x), as FIELD-NOTES.md
-//! records it. The decision is pure; the simulator carries out its effects with real etcd.
+//! The Bitnami etcd image's start-up decisions, as FIELD-NOTES.md records them: chart 9.7.3
+//! (image 3.5.x, `member_id`) and charts 11/12 (no `member_id`; a removed member wipes and
+//! re-adds itself). The decisions are pure; the simulator carries out their effects with
+//! real etcd.
 
 use std::path::Path;
 
@@ -75,6 +77,42 @@ pub fn decide(facts: &VolumeFacts, cluster_size: usize, initial_state_new: bool,
     }
 }
 
+/// What the chart 11/12 script does on this start.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision11 {
+    /// One member: start on the data.
+    StartOnData,
+    /// Empty data dir and a registered member's client URL does not answer
+    /// (`endpoint status --cluster` fails): a new cluster.
+    Bootstrap,
+    /// Empty data dir, every registered member answers: remove an entry with this peer URL,
+    /// `member add` (never as a learner), write `new_member_envs`, start with `existing`.
+    AddAsNew,
+    /// Data present, the others healthy: start etcd and watch its log; "permanently
+    /// removed" or an id mismatch wipes the whole data dir and goes to `AddAsNew`.
+    StartWatching,
+    /// Data present, the others unhealthy: start etcd as it is.
+    StartUnchecked,
+}
+
+/// The chart 11/12 decision. `registered_answer`: every registered member's client URL
+/// answers; `cluster_healthy`: enough of the others pass a health check.
+pub fn decide_11(data_empty: bool, cluster_size: usize, registered_answer: bool, cluster_healthy: bool) -> Decision11 {
+    match (cluster_size <= 1, data_empty) {
+        (true, _) => Decision11::StartOnData,
+        (false, true) if registered_answer => Decision11::AddAsNew,
+        (false, true) => Decision11::Bootstrap,
+        (false, false) if cluster_healthy => Decision11::StartWatching,
+        (false, false) => Decision11::StartUnchecked,
+    }
+}
+
+/// The lines the chart 11/12 script's log watch acts on: the member was removed, or its
+/// peers serve another cluster.
+pub fn removed_in_log(log: &str) -> bool {
+    log.contains("permanently removed") || log.contains("ID mismatch")
+}
+
 /// The script's `is_healthy_etcd_cluster`: enough of the *other* members answer a health
 /// check. It counts the others against half the cluster, rounded up.
 pub fn cluster_healthy(others_healthy: usize, cluster_size: usize) -> bool {
@@ -124,6 +162,17 @@ mod tests {
     #[test]
     fn unhealthy_cluster_starts_unchecked() {
         assert_eq!(decide(&facts(false, Some("abc"), true, false), 3, true, false), Decision::StartUnchecked);
+    }
+
+    #[test]
+    fn chart_11_decides_by_data_and_by_who_answers() {
+        assert_eq!(decide_11(true, 3, true, true), Decision11::AddAsNew);
+        assert_eq!(decide_11(true, 3, false, true), Decision11::Bootstrap, "a registered member that does not answer means new");
+        assert_eq!(decide_11(false, 3, true, true), Decision11::StartWatching);
+        assert_eq!(decide_11(false, 3, true, false), Decision11::StartUnchecked);
+        assert_eq!(decide_11(true, 1, false, false), Decision11::StartOnData);
+        assert!(removed_in_log("{\"msg\":\"server error\",\"error\":\"the member has been permanently removed from the cluster\"}"));
+        assert!(!removed_in_log("established TCP streaming connection with remote peer"));
     }
 
     #[test]

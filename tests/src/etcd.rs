@@ -81,6 +81,9 @@ pub struct EtcdConfig {
     pub token: String,
     /// stdout and stderr of the process, appended across restarts.
     pub log_file: PathBuf,
+    /// `--snapshot-count`, when not etcd's default: a test that needs snapshot files on
+    /// disk sets it low.
+    pub snapshot_count: Option<u64>,
 }
 
 impl EtcdConfig {
@@ -102,6 +105,9 @@ impl EtcdConfig {
             "--logger=zap".into(),
             "--log-level=info".into(),
         ]
+        .into_iter()
+        .chain(self.snapshot_count.map(|n| format!("--snapshot-count={n}")))
+        .collect()
     }
 }
 
@@ -425,6 +431,7 @@ impl EtcdCluster {
             state,
             token: self.token.clone(),
             log_file: self.log_file(i),
+            snapshot_count: None,
         };
         self.procs[i] = Some(EtcdProcess::spawn(cfg)?);
         Ok(())

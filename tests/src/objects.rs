@@ -12,6 +12,10 @@ pub enum StartProfile {
     /// The Bitnami image's setup script (chart 9.7.3): `member_id`, `member_removal.log`,
     /// `member update` / `member add`, preStop `member remove`.
     Bitnami { initial_state: ClusterState, remove_member_on_termination: bool },
+    /// The Bitnami image's setup script of charts 11 and 12: no preStop hook, no
+    /// `member_id`, no `ETCD_INITIAL_CLUSTER_STATE`; the image finds its entry by peer URL,
+    /// and wipes and re-adds a member that etcd says was removed (FIELD-NOTES.md).
+    Bitnami11,
     /// `etcd` with fixed flags, no script.
     Plain { state: ClusterState },
 }
@@ -23,13 +27,13 @@ impl StartProfile {
     /// Where the PVC is mounted in the container, and the data dir under it.
     pub fn mount_path(&self) -> &'static str {
         match self {
-            StartProfile::Bitnami { .. } => "/bitnami/etcd",
+            StartProfile::Bitnami { .. } | StartProfile::Bitnami11 => "/bitnami/etcd",
             StartProfile::Plain { .. } => "/var/run/etcd",
         }
     }
     pub fn data_dir(&self) -> &'static str {
         match self {
-            StartProfile::Bitnami { .. } => "/bitnami/etcd/data",
+            StartProfile::Bitnami { .. } | StartProfile::Bitnami11 => "/bitnami/etcd/data",
             StartProfile::Plain { .. } => "/var/run/etcd/default.etcd",
         }
     }
@@ -50,6 +54,8 @@ pub struct SetShape {
     pub profile: StartProfile,
     pub storage: StorageKind,
     pub cluster_token: String,
+    /// The members' `ETCD_SNAPSHOT_COUNT` (`--snapshot-count`), when not etcd's default.
+    pub snapshot_count: Option<u64>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,6 +75,7 @@ impl SetShape {
             profile: StartProfile::bitnami(),
             storage: StorageKind::Csi,
             cluster_token: "etcd-cluster-k8s".into(),
+            snapshot_count: None,
         }
     }
     pub fn set_name(&self) -> String {
@@ -91,8 +98,10 @@ impl SetShape {
             "app.kubernetes.io/component": "etcd",
             "app.kubernetes.io/managed-by": "Helm",
         });
-        if let StartProfile::Bitnami { .. } = self.profile {
-            l["helm.sh/chart"] = json!("etcd-9.7.3");
+        match self.profile {
+            StartProfile::Bitnami { .. } => l["helm.sh/chart"] = json!("etcd-9.7.3"),
+            StartProfile::Bitnami11 => l["helm.sh/chart"] = json!("etcd-11.0.2"),
+            StartProfile::Plain { .. } => {}
         }
         l
     }
@@ -135,6 +144,7 @@ pub fn statefulset(shape: &SetShape) -> Value {
 fn image(profile: &StartProfile) -> &'static str {
     match profile {
         StartProfile::Bitnami { .. } => "bitnami/etcd:3.5.10-debian-11-r2",
+        StartProfile::Bitnami11 => "bitnami/etcd:3.5.17-debian-12-r3",
         StartProfile::Plain { .. } => "etcd:3.5.10-0",
     }
 }
@@ -176,7 +186,7 @@ pub fn pod(shape: &SetShape, ordinal: usize, members: &[MemberSpec]) -> Value {
     let me = &members[ordinal];
     let initial_cluster = crate::etcd::initial_cluster(members);
     let (env, command, args) = match &shape.profile {
-        StartProfile::Bitnami { initial_state, .. } => (
+        StartProfile::Bitnami { .. } | StartProfile::Bitnami11 => (
             json!([
                 {"name": "BITNAMI_DEBUG", "value": "false"},
                 {"name": "MY_POD_IP", "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.podIP"}}},
@@ -195,7 +205,6 @@ pub fn pod(shape: &SetShape, ordinal: usize, members: &[MemberSpec]) -> Value {
                 {"name": "ETCD_INITIAL_ADVERTISE_PEER_URLS", "value": me.peer_url()},
                 {"name": "ETCD_LISTEN_PEER_URLS", "value": me.peer_url()},
                 {"name": "ETCD_INITIAL_CLUSTER_TOKEN", "value": shape.cluster_token},
-                {"name": "ETCD_INITIAL_CLUSTER_STATE", "value": initial_state.as_str()},
                 {"name": "ETCD_INITIAL_CLUSTER", "value": initial_cluster},
                 {"name": "ETCD_CLUSTER_DOMAIN", "value": format!("{}-headless.{}.svc.cluster.local", shape.set_name(), shape.namespace)},
             ]),
@@ -231,7 +240,13 @@ pub fn pod(shape: &SetShape, ordinal: usize, members: &[MemberSpec]) -> Value {
         container["command"] = command;
         container["args"] = args;
     }
-    if let StartProfile::Bitnami { .. } = shape.profile {
+    if let (Some(n), StartProfile::Bitnami { .. } | StartProfile::Bitnami11) = (shape.snapshot_count, &shape.profile) {
+        container["env"].as_array_mut().expect("a list").push(json!({"name": "ETCD_SNAPSHOT_COUNT", "value": n.to_string()}));
+    }
+    // Charts ≤ 10 only: the initial state in the pod, and the preStop hook.
+    if let StartProfile::Bitnami { initial_state, .. } = shape.profile {
+        let env = container["env"].as_array_mut().expect("a list");
+        env.push(json!({"name": "ETCD_INITIAL_CLUSTER_STATE", "value": initial_state.as_str()}));
         container["lifecycle"] = json!({"preStop": {"exec": {"command": ["/opt/bitnami/scripts/etcd/prestop.sh"]}}});
     }
     json!({

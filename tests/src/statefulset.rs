@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::apiserver::store::{RESOURCES, ResourceDef, now_rfc3339};
 use crate::apiserver::{ApiServer, ChangeKind};
-use crate::bitnami::{self, Decision, VolumeFacts};
+use crate::bitnami::{self, Decision, Decision11, VolumeFacts};
 use crate::etcd::{self, ClusterState, EtcdConfig, EtcdProcess, MemberSpec, format_id, parse_id};
 use crate::kubelet::NodeTree;
 use crate::objects::{self, SetShape, StartProfile};
@@ -59,6 +59,8 @@ pub struct Switches {
     pub no_termination_message: AtomicBool,
     /// Pods (by ordinal) whose container loop is parked by `hold_restarts`.
     held: Mutex<std::collections::BTreeSet<usize>>,
+    /// Pods (by ordinal) let out of `hold_restarts` for one start.
+    let_go: Mutex<std::collections::BTreeSet<usize>>,
 }
 
 fn res(plural: &str, group: &str) -> &'static ResourceDef {
@@ -282,6 +284,20 @@ impl StatefulSetSim {
         self.inner.switches.hold_restarts.store(false, Ordering::SeqCst);
     }
 
+    /// Lets `ordinal`'s held container start once more; if that start crashes, it is held
+    /// again (restarts stay held for everyone else). Waits until it has left back-off.
+    pub async fn release_once(&self, ordinal: usize, timeout: Duration) -> Result<()> {
+        self.inner.switches.let_go.lock().unwrap().insert(ordinal);
+        let deadline = tokio::time::Instant::now() + timeout;
+        while self.inner.switches.let_go.lock().unwrap().contains(&ordinal) {
+            if tokio::time::Instant::now() > deadline {
+                bail!("{} did not leave back-off within {timeout:?}", self.inner.shape.pod_name(ordinal));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+
     /// Stops every container (no preStop hook) and detaches the volumes.
     pub async fn shutdown(&self) {
         let runs: Vec<PodRun> = self.inner.pods.lock().unwrap().iter_mut().filter_map(Option::take).collect();
@@ -440,7 +456,7 @@ async fn run_pod(inner: Arc<Inner>, ordinal: usize, uid: String, mut stop: watch
             _ = tokio::time::sleep(backoff) => {}
             _ = stop.changed() => return,
         }
-        while inner.switches.hold_restarts.load(Ordering::SeqCst) {
+        while inner.switches.hold_restarts.load(Ordering::SeqCst) && !inner.switches.let_go.lock().unwrap().remove(&ordinal) {
             inner.switches.held.lock().unwrap().insert(ordinal);
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_millis(50)) => {}
@@ -520,6 +536,7 @@ fn etcd_config(inner: &Inner, ordinal: usize, volume: &Path, initial_cluster: St
         state,
         token: inner.shape.cluster_token.clone(),
         log_file: log.to_path_buf(),
+        snapshot_count: inner.shape.snapshot_count,
     }
 }
 
@@ -537,30 +554,19 @@ async fn start_container(inner: &Arc<Inner>, ordinal: usize, uid: &str, log: &Pa
             return Ok(Start::Running(Box::new(EtcdProcess::spawn(cfg)?)));
         }
         StartProfile::Bitnami { initial_state, remove_member_on_termination } => (*initial_state, *remove_member_on_termination),
+        StartProfile::Bitnami11 => return start_bitnami_11(inner, ordinal, &volume, log).await,
     };
     let me = &inner.members[ordinal];
     let data = volume.join(s.profile.data_subdir());
     let facts = VolumeFacts::read(&volume, s.profile.data_subdir());
-    let others: Vec<String> = inner.members.iter().filter(|m| m.name != me.name).map(MemberSpec::client_url).collect();
-    let mut others_healthy = 0;
-    for e in &others {
-        if etcd::endpoint_healthy(e).await {
-            others_healthy += 1;
-        }
-    }
-    let healthy = bitnami::cluster_healthy(others_healthy, inner.members.len());
+    let (others, healthy) = others_and_health(inner, ordinal).await;
     let decision = bitnami::decide(&facts, inner.members.len(), initial_state == ClusterState::New, healthy);
     if facts.data_empty {
         script_log(log, "INFO  ==> There is no data from previous deployments");
     } else {
         script_log(log, "INFO  ==> Detected data from previous deployments");
     }
-    // FallbackToLogsOnError: the termination message is the tail of the container's log.
-    let exit = |line: String| {
-        raw_log(log, &line);
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        Ok(Start::Exited { code: 1, message: fallback_to_logs(1, &text) })
-    };
+    let exit = |line: String| Ok(exit_with(log, &line));
     let spawn = |ic: String, state: ClusterState| -> Result<Start> {
         Ok(Start::Running(Box::new(EtcdProcess::spawn(etcd_config(inner, ordinal, &volume, ic, state, log))?)))
     };
@@ -604,32 +610,131 @@ async fn start_container(inner: &Arc<Inner>, ordinal: usize, uid: &str, log: &Pa
                     if p.is_dir() && !p.is_symlink() { std::fs::remove_dir_all(&p)? } else { std::fs::remove_file(&p)? }
                 }
             }
-            std::fs::create_dir_all(&data)?;
-            if inner.switches.fail_next_member_add.swap(false, Ordering::SeqCst) {
-                return exit("Error: etcdserver: unhealthy cluster".into());
-            }
-            let added = async {
-                let mut c = etcd::live_client(&others).await?;
-                c.member_add([me.peer_url()], None).await.map_err(|e| anyhow!(grpc_message(&e)))
-            }
-            .await;
-            let resp = match added {
-                Ok(r) => r,
-                Err(e) => return exit(format!("Error: {e}")),
-            };
-            let added_id = resp.member().map(|m| m.id()).unwrap_or_default();
-            let list: Vec<etcd::MemberInfo> = resp.member_list().iter().map(etcd::MemberInfo::from).collect();
-            let ic = etcd::initial_cluster_after_add(&list, added_id, &me.name);
-            let envs = format!(
-                "export ETCD_NAME=\"{}\"\nexport ETCD_INITIAL_CLUSTER=\"{ic}\"\nexport ETCD_INITIAL_ADVERTISE_PEER_URLS=\"{}\"\nexport ETCD_INITIAL_CLUSTER_STATE=\"existing\"\n",
-                me.name,
-                me.peer_url()
-            );
-            std::fs::write(data.join("new_member_envs"), envs)?;
-            script_log(log, &format!("INFO  ==> Member {} added to cluster", format_id(added_id)));
-            spawn(ic, ClusterState::Existing)
+            add_self(inner, ordinal, &volume, &others, log).await
         }
     }
+}
+
+/// The other members' client URLs, and whether enough of them pass the script's health check.
+async fn others_and_health(inner: &Inner, ordinal: usize) -> (Vec<String>, bool) {
+    let me = &inner.members[ordinal];
+    let others: Vec<String> = inner.members.iter().filter(|m| m.name != me.name).map(MemberSpec::client_url).collect();
+    let mut others_healthy = 0;
+    for e in &others {
+        if etcd::endpoint_healthy(e).await {
+            others_healthy += 1;
+        }
+    }
+    (others, bitnami::cluster_healthy(others_healthy, inner.members.len()))
+}
+
+/// The script's `member add` of this member and the start that follows: one try (a failure
+/// ends the start), `new_member_envs` written, etcd started with `existing`.
+async fn add_self(inner: &Arc<Inner>, ordinal: usize, volume: &Path, others: &[String], log: &Path) -> Result<Start> {
+    let me = &inner.members[ordinal];
+    let data = volume.join(inner.shape.profile.data_subdir());
+    std::fs::create_dir_all(&data)?;
+    if inner.switches.fail_next_member_add.swap(false, Ordering::SeqCst) {
+        return Ok(exit_with(log, "Error: etcdserver: unhealthy cluster"));
+    }
+    let added = async {
+        let mut c = etcd::live_client(others).await?;
+        c.member_add([me.peer_url()], None).await.map_err(|e| anyhow!(grpc_message(&e)))
+    }
+    .await;
+    let resp = match added {
+        Ok(r) => r,
+        Err(e) => return Ok(exit_with(log, &format!("Error: {e}"))),
+    };
+    let added_id = resp.member().map(|m| m.id()).unwrap_or_default();
+    let list: Vec<etcd::MemberInfo> = resp.member_list().iter().map(etcd::MemberInfo::from).collect();
+    let ic = etcd::initial_cluster_after_add(&list, added_id, &me.name);
+    let envs = format!(
+        "export ETCD_NAME=\"{}\"\nexport ETCD_INITIAL_CLUSTER=\"{ic}\"\nexport ETCD_INITIAL_ADVERTISE_PEER_URLS=\"{}\"\nexport ETCD_INITIAL_CLUSTER_STATE=\"existing\"\n",
+        me.name,
+        me.peer_url()
+    );
+    std::fs::write(data.join("new_member_envs"), envs)?;
+    script_log(log, &format!("INFO  ==> Member {} added to cluster", format_id(added_id)));
+    Ok(Start::Running(Box::new(EtcdProcess::spawn(etcd_config(inner, ordinal, volume, ic, ClusterState::Existing, log))?)))
+}
+
+/// The container ends with `line` as its last output (FallbackToLogsOnError: the
+/// termination message is the tail of its log).
+fn exit_with(log: &Path, line: &str) -> Start {
+    raw_log(log, line);
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    Start::Exited { code: 1, message: fallback_to_logs(1, &text) }
+}
+
+/// The chart 11/12 script (FIELD-NOTES.md): identity by peer URL, a new cluster when a
+/// registered member does not answer, and a data dir wiped and re-added when etcd says the
+/// member was removed.
+async fn start_bitnami_11(inner: &Arc<Inner>, ordinal: usize, volume: &Path, log: &Path) -> Result<Start> {
+    let data = volume.join(inner.shape.profile.data_subdir());
+    std::fs::create_dir_all(&data)?;
+    let data_empty = std::fs::read_dir(&data).map(|mut d| d.next().is_none()).unwrap_or(true);
+    let (others, healthy) = others_and_health(inner, ordinal).await;
+    // `etcdctl endpoint status --cluster`: every registered member's client URL answers.
+    let registered_answer = match etcd::member_list(&others).await {
+        Ok(list) => {
+            let mut all = true;
+            for url in list.iter().flat_map(|m| m.client_urls.iter()) {
+                all &= etcd::endpoint_healthy(url).await;
+            }
+            all
+        }
+        Err(_) => false,
+    };
+    let full_cluster = etcd::initial_cluster(&inner.members);
+    let spawn = |state| EtcdProcess::spawn(etcd_config(inner, ordinal, volume, full_cluster.clone(), state, log));
+    match bitnami::decide_11(data_empty, inner.members.len(), registered_answer, healthy) {
+        Decision11::StartOnData | Decision11::StartUnchecked => Ok(Start::Running(Box::new(spawn(ClusterState::New)?))),
+        Decision11::Bootstrap => {
+            script_log(log, "INFO  ==> Bootstrapping a new cluster");
+            Ok(Start::Running(Box::new(spawn(ClusterState::New)?)))
+        }
+        Decision11::AddAsNew => add_as_new_11(inner, ordinal, volume, &others, log).await,
+        Decision11::StartWatching => {
+            script_log(log, "INFO  ==> Detected data from previous deployments");
+            let seen = std::fs::metadata(log).map(|m| m.len()).unwrap_or(0) as usize;
+            let mut proc = spawn(ClusterState::New)?;
+            // The script tails etcd's log until it is connected, or removed.
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+            loop {
+                let text = std::fs::read_to_string(log).unwrap_or_default();
+                let new = text.get(seen..).unwrap_or_default();
+                if bitnami::removed_in_log(new) {
+                    script_log(log, "WARN  ==> The member was removed from the cluster; its data dir is removed and it is added again");
+                    proc.stop().await;
+                    // `rm -rf "$ETCD_DATA_DIR"`: the whole dir, dot-files too.
+                    std::fs::remove_dir_all(&data)?;
+                    return add_as_new_11(inner, ordinal, volume, &others, log).await;
+                }
+                if new.contains("established TCP streaming connection") || tokio::time::Instant::now() > deadline {
+                    return Ok(Start::Running(Box::new(proc)));
+                }
+                if let Some(status) = proc.try_exit() {
+                    let code = status.code().unwrap_or(1);
+                    return Ok(Start::Exited { code, message: fallback_to_logs(code, &text) });
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Chart 11/12's join: an old entry with this peer URL is removed first, then the add.
+async fn add_as_new_11(inner: &Arc<Inner>, ordinal: usize, volume: &Path, others: &[String], log: &Path) -> Result<Start> {
+    let me = &inner.members[ordinal];
+    script_log(log, "INFO  ==> Adding new member to existing cluster");
+    if let Ok(list) = etcd::member_list(others).await
+        && let Some(old) = list.iter().find(|m| m.peer_urls.contains(&me.peer_url()))
+        && let Err(e) = etcd::member_remove(others, old.id).await
+    {
+        return Ok(exit_with(log, &format!("Error: {e}")));
+    }
+    add_self(inner, ordinal, volume, others, log).await
 }
 
 /// What etcdctl prints of a failed call: the gRPC status message

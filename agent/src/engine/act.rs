@@ -51,7 +51,7 @@ impl Engine<'_> {
             Step::Quarantine,
             true,
             blocking(move || {
-                if matches!(profile, Profile::BitnamiMemberId | Profile::Bitnami) {
+                if profile == Profile::BitnamiMemberId {
                     // Before anything moves: the crash-looping container restarts on its own, and
                     // the image empties data/ before its single `member add`; this dot-file keeps
                     // data/ from ever looking empty, so a failed add is retried on the next start
@@ -100,9 +100,10 @@ impl Engine<'_> {
             done.push(format!("removed stale member {id:x}"));
         }
         match c.plan.profile {
-            Profile::BitnamiMemberId | Profile::Bitnami => {
+            Profile::BitnamiMemberId => {
                 done.push(format!("data/{KEEP_FILE} keeps data/ non-empty; the image re-adds the member"));
             }
+            Profile::Bitnami => done.push("data/ is left empty: the image removes any entry with its peer URL and re-adds itself".into()),
             Profile::Plain => {
                 let (_, members) = etcd.members(&c.endpoints).await?;
                 match plain_add(&members, &c.peer_url, c.stale)? {

@@ -11,6 +11,18 @@ use crate::locate::{Plan, blocking, container};
 use crate::profile::Profile;
 use etcd_medic_core::member::{Basis, stale_member};
 use etcd_medic_core::quorum::{Change, check_quorum};
+use etcd_medic_core::signature::Diagnosis;
+
+/// What the first gates found, kept for the record even when a later gate refuses.
+#[derive(Default)]
+pub struct Found {
+    pub diagnosis: Option<Diagnosis>,
+    pub plan: Option<Plan>,
+}
+
+fn lock(found: &Mutex<Found>) -> std::sync::MutexGuard<'_, Found> {
+    found.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 /// What the checks found, for the steps that act.
 pub struct Checked {
@@ -27,12 +39,14 @@ pub struct Checked {
 }
 
 impl Engine<'_> {
-    /// Every gate, in order. The plan is put in `seen` as soon as it is known, so that a
-    /// refusal records what was found (the diagnosis and its evidence among it).
-    pub(super) async fn check(&self, ns: &str, name: &str, uid: Option<&str>, seen: &Mutex<Option<Plan>>) -> Result<(Checked, String)> {
-        let located = self.locator.open(ns, name, uid, true).await?;
-        let plan = located.plan;
-        *seen.lock().unwrap_or_else(|e| e.into_inner()) = Some(plan.clone());
+    /// Every gate, in order: the pod's own state, why it fails, the volume, the member, the
+    /// cluster. What is found is put in `found` as soon as it is known, so that a refusal
+    /// records it (the diagnosis and its evidence, the plan).
+    pub(super) async fn check(&self, ns: &str, name: &str, uid: Option<&str>, found: &Mutex<Found>) -> Result<(Checked, String)> {
+        // Where the data is, the volume proven, before what it holds is looked into.
+        let located = self.locator.open(ns, name, uid, false).await?;
+        let mut plan = located.plan;
+        lock(found).plan = Some(plan.clone());
         // Read again, and only the instance that was located: a replacement is another pod.
         let pod = self.locator.api.pod(ns, name).await?;
         self.locator.admit(&pod, Some(&plan.pod_uid))?;
@@ -50,9 +64,24 @@ impl Engine<'_> {
         }
         let failure = super::gates::pod_failure(&pod, &plan.container, self.opts.force)?;
         // Only a failure diagnosed as one the agent heals is acted on (or a forced one): the
-        // rest is refused with its code and the evidence, before etcd is asked anything.
-        let diagnosis = plan.diagnosis.as_ref().ok_or_else(|| Error::new(Code::Internal, "the plan carries no diagnosis"))?;
-        let diagnosed = crate::diagnose::gate(diagnosis, self.opts.force)?;
+        // rest is refused with its code and the evidence, before the data is looked into or
+        // etcd is asked anything (an image that wiped its data to heal itself is SelfHealing,
+        // not NotEtcdData).
+        let has_member_id = {
+            let (vol, data) = (located.volume.clone(), located.data.join("member_id"));
+            blocking(move || Ok(vol.entry(&data)?.map(|e| e.kind == crate::host::volume::Kind::File))).await?
+        };
+        let diagnosis = self.locator.diagnose_pod(pod.clone(), has_member_id).await?;
+        plan.diagnosis = Some(diagnosis.clone());
+        {
+            let mut f = lock(found);
+            (f.diagnosis, f.plan) = (Some(diagnosis.clone()), Some(plan.clone()));
+        }
+        let diagnosed = crate::diagnose::gate(&diagnosis, self.opts.force)?;
+        {
+            let (vol, data) = (located.volume.clone(), located.data.clone());
+            blocking(move || crate::locate::check_etcd_data(&vol, &data)).await?;
+        }
         let (vol, data) = (located.volume, located.data);
         {
             let (vol, data, proc_root) = (vol.clone(), data.clone(), self.locator.layout.proc_root.clone());
@@ -138,7 +167,8 @@ impl Engine<'_> {
 /// The new member fetches a full snapshot while the quarantine keeps the old one on the same
 /// filesystem: room for the db again plus a WAL segment.
 fn check_space(plan: &Plan, vol: &Volume) -> Result<()> {
-    let need = plan.r#move.iter().find(|m| m.path == "member/snap").map(|m| m.bytes).unwrap_or(0) + 64 * 1024 * 1024;
+    let db = plan.r#move.iter().find(|m| m.path == "member/snap" || m.path == "member").map(|m| m.bytes).unwrap_or(0);
+    let need = db + 64 * 1024 * 1024;
     let free = vol.free_bytes().map_err(|e| Error::new(Code::InsufficientSpace, e.message))?;
     if free < need {
         return Err(Error::new(

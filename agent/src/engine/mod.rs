@@ -239,10 +239,11 @@ impl Engine<'_> {
 
     async fn steps(&self, r: &mut Remediation) -> std::result::Result<(), Halt> {
         let (ns, name, uid) = (r.namespace.clone(), r.pod.clone(), r.pod_uid.clone());
-        let seen = std::sync::Mutex::new(None);
-        let checked = self.step(r, Step::Check, false, self.check(&ns, &name, uid.as_deref(), &seen)).await;
-        // A refusal keeps what the check found: the plan, the diagnosis and its evidence.
-        r.plan = seen.into_inner().unwrap_or_else(|e| e.into_inner());
+        let found = std::sync::Mutex::new(check::Found::default());
+        let checked = self.step(r, Step::Check, false, self.check(&ns, &name, uid.as_deref(), &found)).await;
+        // A refusal keeps what the check found: the diagnosis and its evidence, the plan.
+        let found = found.into_inner().unwrap_or_else(|e| e.into_inner());
+        (r.diagnosis, r.plan) = (found.diagnosis, found.plan);
         let checked = checked?;
         r.pod_uid = Some(checked.plan.pod_uid.clone());
         r.plan = Some(checked.plan.clone());

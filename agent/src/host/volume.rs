@@ -627,8 +627,7 @@ fn open_subdir(d: &OwnedFd, name: &OsStr, e: &Entry) -> rustix::io::Result<Owned
 }
 
 fn for_each_entry(d: &OwnedFd, mut f: impl FnMut(&OsStr, Kind) -> bool) -> rustix::io::Result<()> {
-    let mut dir = rustix::fs::Dir::read_from(d)?;
-    while let Some(ent) = dir.next() {
+    for ent in rustix::fs::Dir::read_from(d)? {
         let ent = ent?;
         let name = OsStr::from_bytes(ent.file_name().to_bytes());
         if name == "." || name == ".." {
@@ -638,6 +637,12 @@ fn for_each_entry(d: &OwnedFd, mut f: impl FnMut(&OsStr, Kind) -> bool) -> rusti
             FileType::Directory => Kind::Dir,
             FileType::RegularFile => Kind::File,
             FileType::Symlink => Kind::Symlink,
+            // Filesystems that do not fill in d_type: asked of the entry (not followed).
+            FileType::Unknown => match rustix::fs::statat(d, name, AtFlags::SYMLINK_NOFOLLOW) {
+                Ok(st) => kind_of(st.st_mode),
+                Err(rustix::io::Errno::NOENT) => continue,
+                Err(e) => return Err(e),
+            },
             _ => Kind::Other,
         };
         if !f(name, kind) {

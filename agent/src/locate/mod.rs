@@ -54,7 +54,9 @@ impl Locator {
     /// Resolves and proves the plan for `namespace/name`; `expected_uid` guards against
     /// acting on a replacement pod.
     pub async fn locate(&self, namespace: &str, name: &str, expected_uid: Option<&str>) -> Result<Plan> {
-        Ok(self.open(namespace, name, expected_uid, true).await?.plan)
+        let mut plan = self.open(namespace, name, expected_uid, true).await?.plan;
+        plan.diagnosis = Some(self.diagnose(namespace, name).await?);
+        Ok(plan)
     }
 
     /// The plan and its proven volume. Without `require_data`, etcd data need not be in the
@@ -89,9 +91,15 @@ impl Locator {
     pub async fn diagnose(&self, namespace: &str, name: &str) -> Result<etcd_medic_core::signature::Diagnosis> {
         let pod = self.api.pod(namespace, name).await?;
         self.admit(&pod, None)?;
+        self.diagnose_pod(pod, None).await
+    }
+
+    /// The diagnosis of a pod already read (and admitted); `has_member_id`: what its volume
+    /// shows, where it was opened (it decides the generation of a pod without other signs).
+    pub async fn diagnose_pod(&self, pod: Pod, has_member_id: Option<bool>) -> Result<etcd_medic_core::signature::Diagnosis> {
         let c = container::etcd_container(&pod, self.layout.container.as_deref())?.clone();
         let env = container::environment(&pod, &c);
-        let generation = profile::detect(&pod, &c, &env, None);
+        let generation = profile::detect(&pod, &c, &env, has_member_id);
         let log_root = self.layout.pod_log_root.clone();
         blocking(move || Ok(crate::diagnose::diagnose(&log_root, &pod, &c.name, &generation))).await
     }
@@ -143,8 +151,6 @@ impl Locator {
             let has_member_id = vol.entry(&data.join("member_id"))?.map(|e| e.kind == Kind::File);
             let generation = profile::detect(&pod_seen, &c, &env, has_member_id);
             let profile = generation.generation.profile();
-            // Why it fails, before anything is decided: read on this node (its log files).
-            let diagnosis = require_data.then(|| crate::diagnose::diagnose(&layout.pod_log_root, &pod_seen, &c.name, &generation));
             let moves = planned_moves(&vol, &data, profile)?;
             let plan = Plan {
                 namespace,
@@ -167,7 +173,7 @@ impl Locator {
                 kubelet_root,
                 bytes: moves.iter().map(|m| m.bytes).sum(),
                 r#move: moves,
-                diagnosis,
+                diagnosis: None,
             };
             Ok(Located { plan, volume: Arc::new(vol), data })
         })
@@ -266,7 +272,7 @@ fn require_mount(vol: &Volume, proc_root: &Path) -> Result<()> {
 /// An etcd member dir has `member/snap/db` or WAL files in `member/wal`.
 /// Links are not followed anywhere below the data dir: a `member` that points at another
 /// volume's member dir is `UnsafePath`, not a match.
-fn check_etcd_data(vol: &Volume, data: &Path) -> Result<()> {
+pub fn check_etcd_data(vol: &Volume, data: &Path) -> Result<()> {
     let has_db = vol.entry(&data.join("member/snap/db"))?.is_some_and(|e| e.kind == Kind::File);
     let wal = data.join("member/wal");
     let has_wal = vol.entry(&wal)?.is_some_and(|e| e.kind == Kind::Dir)

@@ -105,7 +105,7 @@ impl Fault {
             return false;
         }
         self.matched += 1;
-        if self.matched % self.every != 0 {
+        if !self.matched.is_multiple_of(self.every) {
             return false;
         }
         if let Some(t) = self.times.as_mut() {

@@ -4,6 +4,7 @@
 //! crate decides, and its tests run without a cluster, a server or a node.
 
 pub mod contract;
+pub mod detect;
 pub mod error;
 pub mod flags;
 pub mod generation;

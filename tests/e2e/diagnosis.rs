@@ -68,11 +68,16 @@ fn diagnosis(r: &etcd_medic::engine::Remediation) -> &Diagnosis {
 }
 
 /// Stops `ordinal`'s etcd (SIGKILL) and holds the container in back-off: nothing runs on
-/// its volume until `release_restarts`.
+/// its volume until `release_restarts`. Returns once the others serve again (they elect a
+/// leader when the killed member led).
 async fn stop_and_hold(lab: &Lab, ordinal: usize) -> Result<()> {
     lab.set.switches().hold_restarts.store(true, Ordering::SeqCst);
     lab.set.crash_container(ordinal)?;
-    lab.set.hold_restarts(ordinal, WAIT).await
+    lab.set.hold_restarts(ordinal, WAIT).await?;
+    for e in lab.set.other_endpoints(ordinal) {
+        etcd::wait_healthy(&e, WAIT).await?;
+    }
+    Ok(())
 }
 
 /// A record of a WAL file damaged in place: one byte of a key's name flipped, so the record

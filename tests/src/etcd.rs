@@ -488,8 +488,18 @@ impl EtcdCluster {
         wait_healthy(&self.specs[i].client_url(), Duration::from_secs(30)).await
     }
 
+    /// A client of a live member. Right after a member was killed the others may be
+    /// electing a leader (no member is healthy for a moment, longer on a loaded machine):
+    /// waited for, up to 30 s.
     pub async fn client(&mut self) -> Result<Client> {
-        live_client(&self.endpoints()).await
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match live_client(&self.endpoints()).await {
+                Ok(c) => return Ok(c),
+                Err(e) if Instant::now() > deadline => return Err(e),
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
     }
 
     pub async fn put(&mut self, key: &str, value: &str) -> Result<()> {

@@ -84,6 +84,9 @@ pub enum Command {
         #[command(flatten)]
         engine: EngineArgs,
     },
+    /// Print the EtcdRemediation CustomResourceDefinition (etcd-medic.io/v1alpha1) as YAML,
+    /// as deploy/base/crd.yaml holds it.
+    Crd,
     /// Put a quarantine back where it came from (refuses while etcd runs on that data).
     Restore {
         /// The quarantine id, as shown by `remediate` and the API (`quarantinePath`).

@@ -43,6 +43,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Serve(args) => serve(&args).await,
         Command::Locate { pod, node, output } => locate(&pod, &node, output).await,
         Command::Diagnose { pod, node, output } => diagnose(&pod, &node, output).await,
+        Command::Crd => {
+            print!("{}", etcd_medic_client::crd::crd_yaml());
+            Ok(())
+        }
         Command::Remediate { pod, node, dry_run, force, engine } => {
             let opts = engine.options(&node, dry_run, force)?;
             remediate(&pod, &node, opts).await

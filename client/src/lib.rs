@@ -16,6 +16,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod crd;
 pub mod discover;
 
 use std::time::Duration;

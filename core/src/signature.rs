@@ -308,7 +308,11 @@ pub fn printable(s: &str) -> String {
 }
 
 fn cut(s: &str, max: usize) -> String {
-    let s = &printable(s);
+    truncate(&printable(s), max)
+}
+
+/// `s` cut to at most `max` bytes on a character boundary, with `…` when it was cut.
+pub fn truncate(s: &str, max: usize) -> String {
     if s.len() <= max {
         return s.to_string();
     }

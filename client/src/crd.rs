@@ -1,0 +1,249 @@
+//! `EtcdRemediation` (`etcd-medic.io/v1alpha1`): the Kubernetes-native record of one
+//! remediation. The controller makes one for every remediation it dispatches; a person or
+//! GitOps may make one to ask for a heal, and it is carried out exactly as the controller's
+//! own. Its status mirrors the agent's remediation, with `Processing` and `Succeeded`
+//! conditions as node-remediation controllers report them (`Succeeded=False` when it failed
+//! or was refused).
+//!
+//! The CRD (structural schema, printer columns, status subresource) is generated from these
+//! types: `etcd-medic crd` prints it, and `deploy/base/crd.yaml` is checked to be it.
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use etcd_medic_core::contract::{Outcome, Phase, Remediation};
+
+/// What is asked: heal this pod (in the resource's namespace).
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[kube(
+    group = "etcd-medic.io",
+    version = "v1alpha1",
+    kind = "EtcdRemediation",
+    namespaced,
+    status = "EtcdRemediationStatus",
+    shortname = "etcdrem",
+    category = "etcd-medic",
+    printcolumn = r#"{"name":"Pod","type":"string","jsonPath":".spec.pod"}"#,
+    printcolumn = r#"{"name":"Node","type":"string","jsonPath":".status.node"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Signature","type":"string","jsonPath":".status.diagnosis.signature","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct EtcdRemediationSpec {
+    /// The etcd pod's name.
+    pub pod: String,
+    /// The pod instance meant: a replacement with another UID is never acted on.
+    #[serde(rename = "podUID", default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+    /// Why it is asked (the signature the controller detected, or a person's words).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// Check every gate and plan; change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Act on a pod that does not look failing, or whose failure the agent does not know.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// The remediation as the agent on the pod's node reports it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EtcdRemediationStatus {
+    /// `Planned`, `Pending`, `Running`, `Succeeded`, `Failed` or `Refused`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The agent's remediation id (`GET /v1/remediations/{id}` on that node).
+    #[serde(rename = "remediationID", default, skip_serializing_if = "Option::is_none")]
+    pub remediation_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub diagnosis: Option<DiagnosisStatus>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub steps: Vec<StepStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorStatus>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// The spec's generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// The crash signature and what it called for.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DiagnosisStatus {
+    pub signature: String,
+    pub action: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub evidence: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StepStatus {
+    pub name: String,
+    /// `Done`, or the code it failed with; absent while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+pub struct ErrorStatus {
+    /// The contract's stable code.
+    pub code: String,
+    pub message: String,
+}
+
+/// A condition as `metav1.Condition` has it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `Processing` or `Succeeded`.
+    pub r#type: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    pub reason: String,
+    #[serde(default)]
+    pub message: String,
+    /// RFC 3339.
+    pub last_transition_time: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+/// Steps and messages kept in a status at most: it lives in an etcd object of its own.
+const MAX_MESSAGE: usize = 1024;
+
+/// The status that mirrors remediation `r`, for spec generation `generation`. A condition
+/// keeps its transition time when its status did not change (`previous`).
+pub fn status_of(r: &Remediation, generation: Option<i64>, previous: Option<&EtcdRemediationStatus>, now: &str) -> EtcdRemediationStatus {
+    let (processing, succeeded, reason) = match r.phase {
+        Phase::Pending | Phase::Running => ("True", "Unknown", "InProgress"),
+        Phase::Succeeded => ("False", "True", "Succeeded"),
+        Phase::Planned => ("False", "True", "DryRun"),
+        Phase::Failed => ("False", "False", "Failed"),
+        Phase::Refused => ("False", "False", "Refused"),
+    };
+    let message = r.error.as_ref().map(|e| format!("{}: {}", e.code, cut(&e.message))).unwrap_or_default();
+    let condition = |kind: &str, status: &str| {
+        let kept = previous.and_then(|p| p.conditions.iter().find(|c| c.r#type == kind && c.status == status));
+        Condition {
+            r#type: kind.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.clone(),
+            last_transition_time: kept.map_or_else(|| now.to_string(), |c| c.last_transition_time.clone()),
+            observed_generation: generation,
+        }
+    };
+    EtcdRemediationStatus {
+        phase: Some(format!("{:?}", r.phase)),
+        node: Some(r.node.clone()),
+        remediation_id: Some(r.id.clone()),
+        diagnosis: r.diagnosis.as_ref().map(|d| DiagnosisStatus {
+            signature: d.signature.as_str().into(),
+            action: format!("{:?}", d.action).to_lowercase(),
+            evidence: d.evidence.clone(),
+        }),
+        steps: r
+            .steps
+            .iter()
+            .map(|s| StepStatus {
+                name: s.name.as_str().into(),
+                outcome: s.outcome.map(|o| match o {
+                    Outcome::Done => "Done".to_string(),
+                    Outcome::Failed(code) => code.as_str().to_string(),
+                }),
+                message: cut(&s.message),
+            })
+            .collect(),
+        error: r.error.as_ref().map(|e| ErrorStatus { code: e.code.as_str().into(), message: cut(&e.message) }),
+        conditions: vec![condition("Processing", processing), condition("Succeeded", succeeded)],
+        observed_generation: generation,
+    }
+}
+
+fn cut(s: &str) -> String {
+    etcd_medic_core::signature::truncate(s, MAX_MESSAGE)
+}
+
+/// The CRD as YAML, as `deploy/base/crd.yaml` holds it.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    let yaml = serde_yaml::to_string(&EtcdRemediation::crd()).expect("a CRD serializes");
+    format!("# Generated by `etcd-medic crd` from client/src/crd.rs; do not edit.\n{yaml}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etcd_medic_core::Code;
+    use etcd_medic_core::contract::{ErrorRecord, Step, StepRecord};
+
+    #[test]
+    fn the_crd_has_a_structural_schema_columns_and_a_status_subresource() {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(EtcdRemediation::crd()).unwrap();
+        assert_eq!(crd["metadata"]["name"], "etcdremediations.etcd-medic.io");
+        assert_eq!(crd["spec"]["scope"], "Namespaced");
+        let v = &crd["spec"]["versions"][0];
+        assert_eq!(v["name"], "v1alpha1");
+        assert!(v["subresources"]["status"].is_object());
+        let columns: Vec<&str> = v["additionalPrinterColumns"].as_array().unwrap().iter().map(|c| c["name"].as_str().unwrap()).collect();
+        assert_eq!(columns, ["Pod", "Node", "Phase", "Signature", "Age"]);
+        let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        assert_eq!(spec["required"], serde_json::json!(["pod"]));
+        assert_eq!(spec["properties"]["podUID"]["type"], "string");
+    }
+
+    #[test]
+    fn the_committed_crd_is_the_generated_one() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/crd.yaml");
+        let generated = crd_yaml();
+        if std::env::var_os("ETCD_MEDIC_UPDATE_CRD").is_some() {
+            std::fs::write(path, &generated).unwrap();
+        }
+        let committed = std::fs::read_to_string(path).unwrap_or_default();
+        assert!(committed == generated, "deploy/base/crd.yaml is stale: run ETCD_MEDIC_UPDATE_CRD=1 cargo test -p etcd-medic-client crd");
+        // The YAML reads back as the same object.
+        let back: serde_json::Value = serde_yaml::from_str(&committed).unwrap();
+        use kube::CustomResourceExt;
+        assert_eq!(back, serde_json::to_value(EtcdRemediation::crd()).unwrap());
+    }
+
+    #[test]
+    fn status_mirrors_the_remediation_with_conditions() {
+        let mut r = Remediation::new("node-b", "apisix", "apisix-etcd-1", None);
+        r.phase = Phase::Running;
+        r.steps.push(StepRecord {
+            name: Step::Check,
+            start: "t".into(),
+            end: Some("t".into()),
+            outcome: Some(Outcome::Done),
+            message: "ok".into(),
+        });
+        let running = status_of(&r, Some(1), None, "2026-12-04T10:00:00Z");
+        assert_eq!(running.phase.as_deref(), Some("Running"));
+        assert_eq!(running.steps[0].outcome.as_deref(), Some("Done"));
+        let cond = |s: &EtcdRemediationStatus, t: &str| s.conditions.iter().find(|c| c.r#type == t).unwrap().clone();
+        assert_eq!((cond(&running, "Processing").status.as_str(), cond(&running, "Succeeded").status.as_str()), ("True", "Unknown"));
+        r.phase = Phase::Refused;
+        r.error = Some(ErrorRecord { code: Code::SplitBrain, message: "x".repeat(5000) });
+        let refused = status_of(&r, Some(2), Some(&running), "2026-12-04T10:05:00Z");
+        assert_eq!(cond(&refused, "Succeeded").status, "False");
+        assert_eq!(cond(&refused, "Succeeded").reason, "Refused");
+        assert_eq!(refused.error.as_ref().unwrap().code, "SplitBrain");
+        assert!(refused.error.as_ref().unwrap().message.len() <= MAX_MESSAGE + 3);
+        assert_eq!(cond(&refused, "Processing").last_transition_time, "2026-12-04T10:05:00Z", "Processing turned False");
+        let again = status_of(&r, Some(2), Some(&refused), "2026-12-04T10:09:00Z");
+        assert_eq!(cond(&again, "Succeeded").last_transition_time, "2026-12-04T10:05:00Z", "unchanged: kept");
+        assert_eq!(again.observed_generation, Some(2));
+    }
+}

@@ -349,18 +349,20 @@ pub async fn check_consistency(endpoints: &[String]) -> Result<Consistency> {
     let mut hashes = Vec::new();
     for e in endpoints {
         let mut c = connect(std::slice::from_ref(e)).await?;
-        // Wait until this member has applied `revision`: a follower may lag a little.
-        let deadline = Instant::now() + Duration::from_secs(15);
+        // Wait until this member has applied `revision`: a follower may lag a little, and a
+        // member that has just joined may not answer at all while it applies the leader's
+        // snapshot (a request timing out then is "not yet", not a verdict).
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let rev =
-                c.get("consistency-probe", Some(GetOptions::new().with_serializable())).await?.header().map(|h| h.revision()).unwrap_or(0);
-            if rev >= revision {
-                break;
+            let rev = c
+                .get("consistency-probe", Some(GetOptions::new().with_serializable()))
+                .await
+                .map(|r| r.header().map(|h| h.revision()).unwrap_or(0));
+            match rev {
+                Ok(rev) if rev >= revision => break,
+                _ if Instant::now() > deadline => bail!("{e} stays behind revision {revision}: {rev:?}"),
+                _ => tokio::time::sleep(Duration::from_millis(100)).await,
             }
-            if Instant::now() > deadline {
-                bail!("{e} stays behind revision {revision} (at {rev})");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let resp = c.get("", Some(GetOptions::new().with_all_keys().with_serializable().with_revision(revision))).await?;
         let mut kvs: Vec<(String, String)> = resp

@@ -25,6 +25,20 @@ pub fn delete_member_data(data: &std::path::Path, and_member_id: bool) -> Result
     Ok(())
 }
 
+/// `pods/log` as the node's kubelet answers it: the container's CRI log file of this start
+/// (or of the previous one), as plain lines.
+fn kubelet_logs(node: Arc<NodeTree>) -> crate::apiserver::LogSource {
+    Arc::new(move |pod: &serde_json::Value, container: &str, previous: bool| {
+        let meta = &pod["metadata"];
+        let (ns, name, uid) = (meta["namespace"].as_str()?, meta["name"].as_str()?, meta["uid"].as_str()?);
+        let statuses = pod.pointer("/status/containerStatuses")?.as_array()?;
+        let restarts = statuses.iter().find(|c| c["name"] == container)?["restartCount"].as_u64()? as u32;
+        let attempt = if previous { restarts.checked_sub(1)? } else { restarts };
+        let text = std::fs::read_to_string(node.container_log_file(ns, name, uid, container, attempt)).ok()?;
+        Some(etcd_medic_core::signature::cri_lines(&text).join("\n"))
+    })
+}
+
 /// The last line of the crash-looping member's termination message.
 pub const MEMBER_NOT_FOUND: &str = "Error: etcdserver: member not found";
 const BREAK_WAIT: Duration = Duration::from_secs(90);
@@ -64,6 +78,7 @@ impl Lab {
         let dir = tempfile::Builder::new().prefix("etcd-medic-lab-").tempdir()?;
         let node = Arc::new(NodeTree::new(&dir.path().join("node"), &opts.kubelet_root)?);
         let api = Arc::new(ApiServer::start(dir.path()).await?);
+        api.serve_logs(kubelet_logs(node.clone()));
         let set = StatefulSetSim::start(api.clone(), node.clone(), shape, dir.path().join("logs"), opts.sim).await?;
         set.wait_all_ready(Duration::from_secs(60)).await?;
         // etcd refuses membership changes (`etcdserver: unhealthy cluster`) until its leader

@@ -490,11 +490,18 @@ fn write_cri_log(inner: &Inner, ordinal: usize, uid: &str, restarts: u32, plain:
 
 fn set_status(inner: &Inner, ordinal: usize, uid: &str, restarts: u32, state: Value, last: Value, ready: bool) {
     let s = &inner.shape;
-    let cond = |t: &str, ok: bool| json!({"type": t, "status": if ok { "True" } else { "False" }, "lastTransitionTime": now_rfc3339()});
     let _ = inner.api.store().modify(res("pods", ""), &s.namespace, &s.pod_name(ordinal), |p| {
         if p["metadata"]["uid"] != uid {
             return;
         }
+        // A condition keeps its lastTransitionTime while its status stays, as the kubelet's.
+        let before = p.pointer("/status/conditions").cloned().unwrap_or_default();
+        let cond = |t: &str, ok: bool| {
+            let status = if ok { "True" } else { "False" };
+            let kept = before.as_array().into_iter().flatten().find(|c| c["type"] == t && c["status"] == status);
+            let since = kept.and_then(|c| c["lastTransitionTime"].as_str()).map_or_else(now_rfc3339, String::from);
+            json!({"type": t, "status": status, "lastTransitionTime": since})
+        };
         let mut cs = json!({"name": "etcd", "image": p.pointer("/spec/containers/0/image"), "ready": ready,
                             "restartCount": restarts, "started": state.get("running").is_some(), "state": state});
         if !last.is_null() {

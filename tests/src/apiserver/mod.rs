@@ -134,7 +134,12 @@ struct Shared {
     rules: Mutex<Vec<AccessRule>>,
     faults: Mutex<Vec<Fault>>,
     seen: Mutex<Vec<SeenRequest>>,
+    logs: Mutex<Option<LogSource>>,
 }
+
+/// Where `pods/log` reads a container's output: the kubelet of the pod's node, given the
+/// pod, the container's name and whether the previous (terminated) instance is meant.
+pub type LogSource = Arc<dyn Fn(&Value, &str, bool) -> Option<String> + Send + Sync>;
 
 /// The running stand-in. Dropping it stops the server.
 pub struct ApiServer {
@@ -168,6 +173,7 @@ impl ApiServer {
             rules: Mutex::new(Vec::new()),
             faults: Mutex::new(Vec::new()),
             seen: Mutex::new(Vec::new()),
+            logs: Mutex::new(None),
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -193,6 +199,11 @@ impl ApiServer {
         let kc = kube::config::Kubeconfig::from_yaml(&std::fs::read_to_string(&self.kubeconfig)?)?;
         let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default()).await?;
         Ok(kube::Client::try_from(cfg)?)
+    }
+
+    /// Serves `pods/log` from `source` (the lab's kubelet).
+    pub fn serve_logs(&self, source: LogSource) {
+        *self.shared.logs.lock().unwrap() = Some(source);
     }
 
     pub fn add_identity(&self, token: &str, identity: TokenIdentity) {
@@ -492,11 +503,14 @@ async fn resource_request(
     let store = &shared.store;
     let res = t.resource;
     let ns = t.namespace.clone().unwrap_or_default();
-    if let Some(sub) = &t.subresource
-        && sub != "status"
-    {
-        return Err(ApiError::new(404, "NotFound", format!("the server could not find the requested resource ({sub})")));
-    }
+    let status = match t.subresource.as_deref() {
+        None => false,
+        Some("status") => res.status_subresource,
+        Some("log") if res.plural == "pods" && *method == Method::GET && t.name.is_some() => {
+            return pod_log(shared, &ns, t.name.as_deref().unwrap_or_default(), q);
+        }
+        Some(sub) => return Err(ApiError::new(404, "NotFound", format!("the server could not find the requested resource ({sub})"))),
+    };
     match (method.clone(), &t.name) {
         (Method::GET, None) => {
             let labels = LabelSelector::parse(q.get("labelSelector").map(String::as_str).unwrap_or(""))
@@ -516,8 +530,8 @@ async fn resource_request(
         }
         (Method::GET, Some(name)) => Ok(json_response(200, &store.get(res, &ns, name)?)),
         (Method::POST, None) => Ok(json_response(201, &store.create(res, &ns, parse_body(body)?)?)),
-        (Method::PUT, Some(name)) => Ok(json_response(200, &store.update(res, &ns, name, parse_body(body)?)?)),
-        (Method::PATCH, Some(name)) => Ok(json_response(200, &store.patch(res, &ns, name, &parse_body(body)?)?)),
+        (Method::PUT, Some(name)) => Ok(json_response(200, &store.update_part(res, &ns, name, parse_body(body)?, status)?)),
+        (Method::PATCH, Some(name)) => Ok(json_response(200, &store.patch_part(res, &ns, name, &parse_body(body)?, status)?)),
         (Method::DELETE, Some(name)) => {
             let mut opts = if body.is_empty() { json!({}) } else { parse_body(body)? };
             if let Some(g) = q.get("gracePeriodSeconds").and_then(|g| g.parse::<i64>().ok()) {
@@ -537,6 +551,33 @@ async fn resource_request(
         }
         _ => Err(ApiError::new(405, "MethodNotAllowed", "the server does not allow this method on the requested resource")),
     }
+}
+
+/// `GET pods/{name}/log?container=&previous=&tailLines=`: the container's output as plain
+/// text, as the kubelet serves it (400 when that container instance has no log).
+fn pod_log(shared: &Arc<Shared>, ns: &str, name: &str, q: &HashMap<String, String>) -> Result<Response, ApiError> {
+    let pod = shared.store.get(find_resource("", "v1", "pods").expect("pods are served"), ns, name)?;
+    let names: Vec<&str> =
+        pod.pointer("/spec/containers").and_then(Value::as_array).into_iter().flatten().filter_map(|c| c["name"].as_str()).collect();
+    let container = match q.get("container") {
+        Some(c) => c.clone(),
+        None if names.len() == 1 => names[0].to_string(),
+        None => {
+            return Err(ApiError::bad_request(format!("a container name must be specified for pod {name}, choose one of: {names:?}")));
+        }
+    };
+    let previous = q.get("previous").is_some_and(|p| p == "true");
+    let source = shared.logs.lock().unwrap().clone();
+    let Some(text) = source.and_then(|f| f(&pod, &container, previous)) else {
+        let which = if previous { "previous terminated container" } else { "container" };
+        return Err(ApiError::bad_request(format!("{which} \"{container}\" in pod \"{name}\" not found")));
+    };
+    let lines: Vec<&str> = text.lines().collect();
+    let tail = q.get("tailLines").and_then(|t| t.parse::<usize>().ok()).unwrap_or(lines.len());
+    let body: String = lines[lines.len().saturating_sub(tail)..].iter().map(|l| format!("{l}\n")).collect();
+    let mut r = (StatusCode::OK, body).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, "text/plain".parse().unwrap());
+    Ok(r)
 }
 
 /// A watch: the initial state (for resourceVersion "" or "0") or the changes since the given

@@ -19,6 +19,10 @@ pub struct ResourceDef {
     pub namespaced: bool,
     /// Field selectors beyond metadata.name and metadata.namespace.
     pub fields: &'static [&'static str],
+    /// A custom resource with the status subresource: the main resource's writes leave
+    /// `status` alone and bump `metadata.generation` when the spec changes; `/status`
+    /// writes change only `status`.
+    pub status_subresource: bool,
 }
 
 impl ResourceDef {
@@ -47,6 +51,7 @@ pub const RESOURCES: &[ResourceDef] = &[
             "status.podIP",
             "status.nominatedNodeName",
         ],
+        status_subresource: false,
     },
     ResourceDef {
         group: "",
@@ -55,10 +60,35 @@ pub const RESOURCES: &[ResourceDef] = &[
         kind: "PersistentVolumeClaim",
         namespaced: true,
         fields: &[],
+        status_subresource: false,
     },
-    ResourceDef { group: "", version: "v1", plural: "persistentvolumes", kind: "PersistentVolume", namespaced: false, fields: &[] },
-    ResourceDef { group: "", version: "v1", plural: "namespaces", kind: "Namespace", namespaced: false, fields: &["status.phase"] },
-    ResourceDef { group: "", version: "v1", plural: "nodes", kind: "Node", namespaced: false, fields: &["spec.unschedulable"] },
+    ResourceDef {
+        group: "",
+        version: "v1",
+        plural: "persistentvolumes",
+        kind: "PersistentVolume",
+        namespaced: false,
+        fields: &[],
+        status_subresource: false,
+    },
+    ResourceDef {
+        group: "",
+        version: "v1",
+        plural: "namespaces",
+        kind: "Namespace",
+        namespaced: false,
+        fields: &["status.phase"],
+        status_subresource: false,
+    },
+    ResourceDef {
+        group: "",
+        version: "v1",
+        plural: "nodes",
+        kind: "Node",
+        namespaced: false,
+        fields: &["spec.unschedulable"],
+        status_subresource: false,
+    },
     ResourceDef {
         group: "",
         version: "v1",
@@ -74,6 +104,7 @@ pub const RESOURCES: &[ResourceDef] = &[
             "type",
             "source",
         ],
+        status_subresource: false,
     },
     ResourceDef {
         group: "events.k8s.io",
@@ -82,8 +113,17 @@ pub const RESOURCES: &[ResourceDef] = &[
         kind: "Event",
         namespaced: true,
         fields: &["regarding.kind", "regarding.name", "regarding.namespace", "regarding.uid", "reason", "type", "reportingController"],
+        status_subresource: false,
     },
-    ResourceDef { group: "apps", version: "v1", plural: "statefulsets", kind: "StatefulSet", namespaced: true, fields: &[] },
+    ResourceDef {
+        group: "apps",
+        version: "v1",
+        plural: "statefulsets",
+        kind: "StatefulSet",
+        namespaced: true,
+        fields: &[],
+        status_subresource: false,
+    },
     ResourceDef {
         group: "discovery.k8s.io",
         version: "v1",
@@ -91,8 +131,26 @@ pub const RESOURCES: &[ResourceDef] = &[
         kind: "EndpointSlice",
         namespaced: true,
         fields: &[],
+        status_subresource: false,
     },
-    ResourceDef { group: "coordination.k8s.io", version: "v1", plural: "leases", kind: "Lease", namespaced: true, fields: &[] },
+    ResourceDef {
+        group: "coordination.k8s.io",
+        version: "v1",
+        plural: "leases",
+        kind: "Lease",
+        namespaced: true,
+        fields: &[],
+        status_subresource: false,
+    },
+    ResourceDef {
+        group: "etcd-medic.io",
+        version: "v1alpha1",
+        plural: "etcdremediations",
+        kind: "EtcdRemediation",
+        namespaced: true,
+        fields: &[],
+        status_subresource: true,
+    },
 ];
 
 pub fn find_resource(group: &str, version: &str, plural: &str) -> Option<&'static ResourceDef> {
@@ -205,6 +263,41 @@ fn meta_str<'a>(obj: &'a Value, field: &str) -> Option<&'a str> {
     obj.get("metadata").and_then(|m| m.get(field)).and_then(Value::as_str)
 }
 
+/// What a write to a resource with the status subresource keeps, as the API server does for
+/// custom resources: a write of the object keeps the stored status and bumps
+/// `metadata.generation` when the spec changed; a write of `/status` keeps everything but
+/// the status (labels and annotations included).
+fn split_status(current: &Value, obj: &mut Value, status: bool) {
+    if status {
+        let new_status = obj.get("status").cloned();
+        let rv = obj["metadata"].get("resourceVersion").cloned();
+        *obj = current.clone();
+        match new_status {
+            Some(s) => obj["status"] = s,
+            None => {
+                if let Some(o) = obj.as_object_mut() {
+                    o.remove("status");
+                }
+            }
+        }
+        if let Some(rv) = rv {
+            obj["metadata"]["resourceVersion"] = rv;
+        }
+        return;
+    }
+    match current.get("status") {
+        Some(s) => obj["status"] = s.clone(),
+        None => {
+            if let Some(o) = obj.as_object_mut() {
+                o.remove("status");
+            }
+        }
+    }
+    let generation = current["metadata"]["generation"].as_i64().unwrap_or(1);
+    let changed = current.get("spec") != obj.get("spec");
+    obj["metadata"]["generation"] = json!(if changed { generation + 1 } else { generation });
+}
+
 /// RFC 7386 JSON merge patch.
 pub fn merge_patch(target: &mut Value, patch: &Value) {
     match patch {
@@ -305,8 +398,17 @@ impl Store {
         }
         meta["uid"] = json!(uuid::Uuid::new_v4().to_string());
         meta["creationTimestamp"] = json!(now_rfc3339());
+        if res.status_subresource {
+            // A custom resource with a status subresource: the status of a create is dropped.
+            meta["generation"] = json!(1);
+        }
         if let Some(m) = meta.as_object_mut() {
             m.remove("deletionTimestamp");
+        }
+        if res.status_subresource
+            && let Some(o) = obj.as_object_mut()
+        {
+            o.remove("status");
         }
         Self::bump(&mut inner, &mut obj);
         inner.objects.insert(key, obj.clone());
@@ -335,7 +437,12 @@ impl Store {
     }
 
     /// PUT: the body's resourceVersion must be the stored one (optimistic concurrency).
-    pub fn update(&self, res: &'static ResourceDef, ns: &str, name: &str, mut obj: Value) -> Result<Value, ApiError> {
+    pub fn update(&self, res: &'static ResourceDef, ns: &str, name: &str, obj: Value) -> Result<Value, ApiError> {
+        self.update_part(res, ns, name, obj, false)
+    }
+
+    /// PUT of the object (`status: false`) or of its `/status` subresource.
+    pub fn update_part(&self, res: &'static ResourceDef, ns: &str, name: &str, mut obj: Value, status: bool) -> Result<Value, ApiError> {
         if meta_str(&obj, "name").is_some_and(|n| n != name) {
             return Err(ApiError::bad_request("the name of the object does not match the name on the URL"));
         }
@@ -362,11 +469,18 @@ impl Store {
         {
             return Err(ApiError::conflict(res, name, "Precondition failed: UID in precondition does not match the object"));
         }
-        self.replace_locked(&mut inner, res, key, &current, &mut obj);
+        self.replace_locked(&mut inner, res, key, &current, &mut obj, Some(status));
         Ok(obj)
     }
 
-    fn replace_locked(&self, inner: &mut Inner, res: &'static ResourceDef, key: Key, current: &Value, obj: &mut Value) {
+    /// Stores `obj` in place of `current`; `part` is the API's write (`Some(true)`: of
+    /// `/status`), `None` the lab's own.
+    fn replace_locked(&self, inner: &mut Inner, res: &'static ResourceDef, key: Key, current: &Value, obj: &mut Value, part: Option<bool>) {
+        if let Some(status) = part
+            && res.status_subresource
+        {
+            split_status(current, obj, status);
+        }
         obj["apiVersion"] = json!(res.api_version());
         obj["kind"] = json!(res.kind);
         for f in ["uid", "creationTimestamp", "namespace", "name", "deletionTimestamp"] {
@@ -382,6 +496,11 @@ impl Store {
     /// PATCH with merge semantics (JSON merge and, for the maps and scalars the agent
     /// sends, strategic merge). A resourceVersion in the patch is a precondition.
     pub fn patch(&self, res: &'static ResourceDef, ns: &str, name: &str, patch: &Value) -> Result<Value, ApiError> {
+        self.patch_part(res, ns, name, patch, false)
+    }
+
+    /// PATCH of the object (`status: false`) or of its `/status` subresource.
+    pub fn patch_part(&self, res: &'static ResourceDef, ns: &str, name: &str, patch: &Value, status: bool) -> Result<Value, ApiError> {
         let mut inner = self.inner.lock().unwrap();
         let key = Self::key(res, ns, name);
         let Some(current) = inner.objects.get(&key).cloned() else {
@@ -398,7 +517,7 @@ impl Store {
         }
         let mut obj = current.clone();
         merge_patch(&mut obj, patch);
-        self.replace_locked(&mut inner, res, key, &current, &mut obj);
+        self.replace_locked(&mut inner, res, key, &current, &mut obj, Some(status));
         Ok(obj)
     }
 
@@ -415,7 +534,8 @@ impl Store {
         if obj == current {
             return Ok(obj);
         }
-        self.replace_locked(&mut inner, res, key, &current, &mut obj);
+        // The lab's own changes write the whole object, status included.
+        self.replace_locked(&mut inner, res, key, &current, &mut obj, None);
         Ok(obj)
     }
 
@@ -546,6 +666,41 @@ mod tests {
         s.modify(pods(), "ns", "a", |p| p["status"] = json!({"phase": "Running"})).unwrap();
         let kinds: Vec<_> = s.changes_since(rv).unwrap().iter().map(|c| c.kind).collect();
         assert_eq!(kinds, [ChangeKind::Added, ChangeKind::Modified]);
+    }
+
+    #[test]
+    fn a_custom_resources_status_is_written_only_through_its_subresource() {
+        let s = Store::default();
+        let res = find_resource("etcd-medic.io", "v1alpha1", "etcdremediations").unwrap();
+        let created =
+            s.create(res, "ns", json!({"metadata": {"name": "r"}, "spec": {"pod": "p"}, "status": {"phase": "Succeeded"}})).unwrap();
+        assert!(created.get("status").is_none(), "a create's status is dropped");
+        assert_eq!(created["metadata"]["generation"], 1);
+        let st = s
+            .patch_part(
+                res,
+                "ns",
+                "r",
+                &json!({"status": {"phase": "Running"}, "spec": {"pod": "q"}, "metadata": {"labels": {"a": "b"}}}),
+                true,
+            )
+            .unwrap();
+        assert_eq!(
+            (st["status"]["phase"].as_str(), st["spec"]["pod"].as_str()),
+            (Some("Running"), Some("p")),
+            "/status changes only the status"
+        );
+        assert!(st["metadata"].get("labels").is_none());
+        assert_eq!(st["metadata"]["generation"], 1, "a status write is no new generation");
+        let mut main = st.clone();
+        main["status"]["phase"] = json!("Failed");
+        let same_spec = s.update(res, "ns", "r", main.clone()).unwrap();
+        assert_eq!((same_spec["status"]["phase"].as_str(), same_spec["metadata"]["generation"].as_i64()), (Some("Running"), Some(1)));
+        let mut main = same_spec.clone();
+        main["spec"]["force"] = json!(true);
+        let new_spec = s.update(res, "ns", "r", main).unwrap();
+        assert_eq!(new_spec["metadata"]["generation"], 2, "a spec change is a new generation");
+        assert_eq!(new_spec["status"]["phase"], "Running");
     }
 
     #[test]

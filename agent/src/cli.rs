@@ -84,6 +84,10 @@ pub enum Command {
         #[command(flatten)]
         engine: EngineArgs,
     },
+    /// Run the controller (a Deployment of two replicas, one leading): watch etcd pods,
+    /// detect crash loops and their signatures, decide, record an EtcdRemediation and
+    /// dispatch it to the agent on the pod's node.
+    Controller(ControllerArgs),
     /// Print the EtcdRemediation CustomResourceDefinition (etcd-medic.io/v1alpha1) as YAML,
     /// as deploy/base/crd.yaml holds it.
     Crd,
@@ -204,6 +208,111 @@ pub struct ServeArgs {
     pub tls_key_file: Option<PathBuf>,
     #[command(flatten)]
     pub engine: EngineArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct ControllerArgs {
+    /// Namespaces whose pods are watched (comma-separated); all when not given.
+    #[arg(long, env = "ETCD_MEDIC_NAMESPACES", value_delimiter = ',')]
+    pub namespaces: Vec<String>,
+    /// Label selector of the etcd pods (the Bitnami chart's label by default).
+    #[arg(long, env = "ETCD_MEDIC_SELECTOR", default_value = "app.kubernetes.io/name=etcd")]
+    pub selector: String,
+    /// The etcd container's name, when it is not `etcd` (else the pod's first container).
+    #[arg(long, env = "ETCD_MEDIC_CONTAINER")]
+    pub container: Option<String>,
+    /// Restarts of the etcd container before a pod is a candidate.
+    #[arg(long, env = "ETCD_MEDIC_MIN_RESTARTS", default_value_t = 3)]
+    pub min_restarts: u32,
+    /// How long a pod has not been Ready before it is a candidate.
+    #[arg(long, env = "ETCD_MEDIC_FAILING_FOR", default_value = "60s", value_parser = parse_duration)]
+    pub failing_for: std::time::Duration,
+    /// Hold every remediation while more than this percentage of the watched pods fail.
+    #[arg(long, env = "ETCD_MEDIC_MAX_FAILING_PERCENT", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub max_failing_percent: u32,
+    /// Remediations per pod in 24 hours at most.
+    #[arg(long, env = "ETCD_MEDIC_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
+    /// The wait after a pod's first remediation before another; doubled after each.
+    #[arg(long, env = "ETCD_MEDIC_COOLDOWN", default_value = "5m", value_parser = parse_duration)]
+    pub cooldown: std::time::Duration,
+    /// Plan only: every EtcdRemediation is a dry run through the agent's checks.
+    #[arg(long, env = "ETCD_MEDIC_DRY_RUN")]
+    pub dry_run: bool,
+    /// The namespace of the agents' Service.
+    #[arg(long, env = "ETCD_MEDIC_AGENT_NAMESPACE", default_value = "etcd-medic")]
+    pub agent_namespace: String,
+    /// The agents' Service, whose EndpointSlices say which agent runs on which node.
+    #[arg(long, env = "ETCD_MEDIC_AGENT_SERVICE", default_value = "etcd-medic")]
+    pub agent_service: String,
+    /// The token the agents authenticate the controller by (a projected ServiceAccount
+    /// token with the agents' audience), read again for every call.
+    #[arg(long, env = "ETCD_MEDIC_AGENT_TOKEN_FILE", default_value = "/var/run/secrets/etcd-medic/token")]
+    pub agent_token_file: PathBuf,
+    /// The CA that signed the agents' serving certificates (HTTPS agents).
+    #[arg(long, env = "ETCD_MEDIC_AGENT_CA_FILE")]
+    pub agent_ca_file: Option<PathBuf>,
+    /// The namespace of the leader-election Lease (the controller's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "etcd-medic")]
+    pub lease_namespace: String,
+    /// The leader-election Lease.
+    #[arg(long, env = "ETCD_MEDIC_LEASE_NAME", default_value = "etcd-medic-controller")]
+    pub lease_name: String,
+    /// How long a leader that stopped renewing keeps the lead.
+    #[arg(long, env = "ETCD_MEDIC_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: std::time::Duration,
+    /// This replica's name in the Lease (its pod's name; a random suffix is added).
+    #[arg(long, env = "POD_NAME", default_value = "etcd-medic-controller")]
+    pub identity: String,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "ETCD_MEDIC_ADMIN_LISTEN", default_value = "0.0.0.0:9465")]
+    pub admin_listen: SocketAddr,
+    /// How long to wait for each Kubernetes API call.
+    #[arg(long, env = "ETCD_MEDIC_API_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub api_timeout: std::time::Duration,
+}
+
+impl ControllerArgs {
+    pub fn config(&self) -> Result<crate::controller::Config> {
+        for ns in &self.namespaces {
+            etcd_medic_core::names::validate_namespace(ns)?;
+        }
+        let agent_ca = match &self.agent_ca_file {
+            Some(f) => Some(std::fs::read(f).map_err(|e| Error::invalid(format!("cannot read --agent-ca-file {}: {e}", f.display())))?),
+            None => None,
+        };
+        if self.lease_duration < std::time::Duration::from_secs(2) {
+            return Err(Error::invalid("--lease-duration must be at least 2s"));
+        }
+        let suffix = &uuid::Uuid::new_v4().simple().to_string()[..8];
+        Ok(crate::controller::Config {
+            namespaces: self.namespaces.clone(),
+            selector: self.selector.clone(),
+            container: self.container.clone(),
+            thresholds: etcd_medic_core::detect::Thresholds {
+                min_restarts: self.min_restarts,
+                failing_for_secs: self.failing_for.as_secs() as i64,
+            },
+            limits: etcd_medic_core::detect::Limits {
+                max_failing_percent: self.max_failing_percent,
+                max_attempts: self.max_attempts,
+                cooldown_secs: self.cooldown.as_secs() as i64,
+            },
+            dry_run: self.dry_run,
+            agent_namespace: self.agent_namespace.clone(),
+            agent_service: self.agent_service.clone(),
+            agent_token_file: Some(self.agent_token_file.clone()),
+            agent_ca,
+            lease_namespace: self.lease_namespace.clone(),
+            lease_name: self.lease_name.clone(),
+            lease_duration: self.lease_duration,
+            identity: format!("{}_{suffix}", self.identity),
+            admin: self.admin_listen,
+            api_timeout: self.api_timeout,
+            tick: std::time::Duration::from_secs(1),
+            poll: std::time::Duration::from_secs(1),
+        })
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -43,6 +43,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Serve(args) => serve(&args).await,
         Command::Locate { pod, node, output } => locate(&pod, &node, output).await,
         Command::Diagnose { pod, node, output } => diagnose(&pod, &node, output).await,
+        Command::Controller(args) => {
+            let shutdown = Shutdown::on_signals("releasing the lead; remediations under way go on on their nodes");
+            crate::controller::run(args.config()?, shutdown).await
+        }
         Command::Crd => {
             print!("{}", etcd_medic_client::crd::crd_yaml());
             Ok(())

@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod commands;
+pub mod controller;
 pub mod diagnose;
 pub mod engine;
 pub mod etcd;

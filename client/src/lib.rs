@@ -106,10 +106,25 @@ impl AgentClient {
 
     /// `POST /v1/remediations`. The request is checked as the agent checks it first.
     pub async fn create(&self, req: &CreateRequest) -> Result<Created> {
-        req.validate()?;
-        let body = serde_json::to_vec(req).map_err(|e| Error::new(Code::Internal, format!("request: {e}")))?;
-        let (status, bytes) = self.call(Method::POST, "/v1/remediations", Some(body)).await?;
-        Ok(Created { remediation: decode(&bytes)?, accepted: status == StatusCode::ACCEPTED })
+        self.create_raw(req).await.map_err(|(e, _)| e)
+    }
+
+    /// [`AgentClient::create`], where a refused dry run answers the remediation it was
+    /// recorded as (phase Refused, with the diagnosis) instead of the refusal: what a
+    /// controller mirrors into its record.
+    pub async fn create_recorded(&self, req: &CreateRequest) -> Result<Created> {
+        match self.create_raw(req).await {
+            Ok(c) => Ok(c),
+            Err((_, Some(id))) => Ok(Created { remediation: self.get(&id).await?, accepted: false }),
+            Err((e, None)) => Err(e),
+        }
+    }
+
+    async fn create_raw(&self, req: &CreateRequest) -> std::result::Result<Created, (Error, Option<String>)> {
+        req.validate().map_err(|e| (e, None))?;
+        let body = serde_json::to_vec(req).map_err(|e| (Error::new(Code::Internal, format!("request: {e}")), None))?;
+        let (status, bytes) = self.call_raw(Method::POST, "/v1/remediations", Some(body)).await?;
+        Ok(Created { remediation: decode(&bytes).map_err(|e| (e, None))?, accepted: status == StatusCode::ACCEPTED })
     }
 
     /// `GET /v1/remediations/{id}`.
@@ -159,6 +174,16 @@ impl AgentClient {
 
     /// One request; an error answer becomes the contract's error (its code and detail).
     async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<(StatusCode, Bytes)> {
+        self.call_raw(method, path, body).await.map_err(|(e, _)| e)
+    }
+
+    /// [`AgentClient::call`], keeping the id of the remediation a refusal was recorded as.
+    async fn call_raw(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Vec<u8>>,
+    ) -> std::result::Result<(StatusCode, Bytes), (Error, Option<String>)> {
         let url = format!("{}{path}", self.base);
         let mut req = Request::builder().method(method).uri(&url).header(header::ACCEPT, "application/json");
         if body.is_some() {
@@ -167,8 +192,8 @@ impl AgentClient {
         if let Some(t) = &self.token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
-        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(|e| Error::invalid(format!("{url}: {e}")))?;
-        let unreachable = |e: String| Error::new(Code::NotReady, format!("the agent at {} did not answer: {e}", self.base));
+        let req = req.body(Full::new(Bytes::from(body.unwrap_or_default()))).map_err(|e| (Error::invalid(format!("{url}: {e}")), None))?;
+        let unreachable = |e: String| (Error::new(Code::NotReady, format!("the agent at {} did not answer: {e}", self.base)), None);
         let resp = tokio::time::timeout(self.timeout, self.http.request(req))
             .await
             .map_err(|_| unreachable(format!("no answer within {:?}", self.timeout)))?
@@ -184,10 +209,13 @@ impl AgentClient {
             return Ok((status, bytes));
         }
         Err(match serde_json::from_slice::<Problem>(&bytes) {
-            Ok(p) => Error::new(p.code, p.detail),
-            Err(_) => Error::new(
-                if status.is_server_error() { Code::NotReady } else { Code::InvalidRequest },
-                format!("the agent at {} answered {status} without a problem document", self.base),
+            Ok(p) => (Error::new(p.code, p.detail), p.id),
+            Err(_) => (
+                Error::new(
+                    if status.is_server_error() { Code::NotReady } else { Code::InvalidRequest },
+                    format!("the agent at {} answered {status} without a problem document", self.base),
+                ),
+                None,
             ),
         })
     }

@@ -1,0 +1,274 @@
+//! Carrying out one `EtcdRemediation`, the controller's own or a person's alike: find the
+//! agent on the pod's node (the EndpointSlices of the agents' Service), ask it
+//! (`POST /v1/remediations` with the pod's UID and the controller's token), follow the
+//! remediation to its end and mirror it into the resource's status, with Events on the pod
+//! and the resource.
+//!
+//! Every step can be repeated: the remediation id is written to the status as soon as the
+//! agent answers, and an agent asked again for the same pod instance answers the remediation
+//! it already has. A new leader that takes over mid-way follows it rather than starting
+//! another; nothing is done twice.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use serde_json::{Value, json};
+
+use etcd_medic_client::crd::{Condition, ErrorStatus, EtcdRemediation, EtcdRemediationStatus, status_of};
+use etcd_medic_client::{AgentClient, discover};
+use etcd_medic_core::contract::Phase;
+use etcd_medic_core::request::CreateRequest;
+
+use super::Ctx;
+use crate::error::{Code, Error, Result};
+
+/// Phases after which nothing more happens.
+pub fn is_final(status: Option<&EtcdRemediationStatus>) -> bool {
+    matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed" | "Refused" | "Planned"))
+}
+
+/// Drives `cr` to its end (or until this replica stops leading).
+pub async fn carry_out(ctx: Arc<Ctx>, cr: EtcdRemediation) {
+    let (ns, name) = (cr.namespace().unwrap_or_default(), cr.name_any());
+    let mut status = cr.status.clone().unwrap_or_default();
+    let mut backoff = Duration::from_secs(1);
+    let mut said: Option<String> = None;
+    while ctx.leading() {
+        match step(&ctx, &cr, &mut status).await {
+            Ok(true) => break,
+            Ok(false) => {
+                backoff = Duration::from_secs(1);
+                tokio::time::sleep(ctx.cfg.poll).await;
+            }
+            Err(e) => {
+                // Not an answer (no agent yet, a blip): say so once per cause, on the
+                // resource and the pod, and try again with back-off.
+                if said.as_deref() != Some(e.message.as_str()) {
+                    tracing::warn!(remediation = %format!("{ns}/{name}"), code = %e.code, "{}; retrying", e.message);
+                    let pending = waiting(&status, &cr, &e);
+                    if write_status(&ctx, &ns, &name, &pending).await.is_ok() {
+                        status = pending;
+                    }
+                    ctx.event(&cr, EventType::Warning, "AgentUnavailable", &e.message).await;
+                    said = Some(e.message.clone());
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+    ctx.busy.lock().unwrap().remove(&(ns, name));
+}
+
+/// One step: dispatch, or look at the remediation once. `Ok(true)` when it ended.
+async fn step(ctx: &Ctx, cr: &EtcdRemediation, status: &mut EtcdRemediationStatus) -> Result<bool> {
+    let ns = cr.namespace().unwrap_or_default();
+    let name = cr.name_any();
+    let generation = cr.metadata.generation;
+    let (remediation, dispatched) = match (&status.remediation_id, &status.node) {
+        (Some(id), Some(node)) => match agent(ctx, node).await?.get(id).await {
+            Ok(r) => (r, false),
+            Err(e) if retryable(&e) => return Err(e),
+            Err(e) => return end(ctx, cr, status, e).await,
+        },
+        _ => {
+            let pod = match ctx.api.pod(&ns, &cr.spec.pod).await {
+                Ok(p) => p,
+                Err(e) if e.code == Code::PodNotFound => return end(ctx, cr, status, e).await,
+                Err(e) => return Err(e),
+            };
+            let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
+                return Err(Error::new(Code::NotReady, format!("pod {ns}/{} is not scheduled to a node yet", cr.spec.pod)));
+            };
+            let req = CreateRequest {
+                namespace: ns.clone(),
+                pod: cr.spec.pod.clone(),
+                pod_uid: cr.spec.pod_uid.clone(),
+                dry_run: cr.spec.dry_run,
+                force: cr.spec.force,
+                reason: Some(cr.spec.reason.clone().unwrap_or_else(|| format!("EtcdRemediation {ns}/{name}"))),
+                etcd_endpoints: None,
+            };
+            match agent(ctx, &node).await?.create_recorded(&req).await {
+                Ok(created) => (created.remediation, true),
+                Err(e) if retryable(&e) => return Err(e),
+                Err(e) => return end(ctx, cr, status, e).await,
+            }
+        }
+    };
+    let next = status_of(&remediation, generation, Some(status), &etcd_medic_core::contract::now());
+    if next != *status {
+        write_status(ctx, &ns, &name, &next).await?;
+        *status = next;
+    }
+    if dispatched {
+        let detected = ctx.detected_at(cr.spec.pod_uid.as_deref());
+        if let Some(t) = detected {
+            ctx.metrics.to_dispatch.observe(t.elapsed().as_secs_f64());
+        }
+        let note = format!("remediation {} on node {} ({:?})", remediation.id, remediation.node, remediation.phase);
+        tracing::info!(remediation = %format!("{ns}/{name}"), id = %remediation.id, node = %remediation.node, "dispatched");
+        ctx.event(cr, EventType::Normal, "Dispatched", &note).await;
+    }
+    if !remediation.phase.is_final() {
+        return Ok(false);
+    }
+    let phase = format!("{:?}", remediation.phase);
+    ctx.metrics.remediations.get_or_create(&super::metrics::PhaseLabels { phase: phase.clone() }).inc();
+    if remediation.phase == Phase::Succeeded
+        && let Some(t) = ctx.detected_at(cr.spec.pod_uid.as_deref())
+    {
+        ctx.metrics.to_success.observe(t.elapsed().as_secs_f64());
+    }
+    let why = remediation.error.as_ref().map(|e| format!(": {} {}", e.code, e.message)).unwrap_or_default();
+    let kind = if matches!(remediation.phase, Phase::Succeeded | Phase::Planned) { EventType::Normal } else { EventType::Warning };
+    tracing::info!(remediation = %format!("{ns}/{name}"), id = %remediation.id, phase = %phase, "ended{why}");
+    ctx.event(cr, kind, &format!("Remediation{phase}"), &format!("remediation {} {phase}{why}", remediation.id)).await;
+    Ok(true)
+}
+
+/// An error that asking again may not repeat: the agent's absence, a blip, a busy agent.
+fn retryable(e: &Error) -> bool {
+    matches!(e.code, Code::NotReady | Code::TooManyRequests | Code::ClusterLocked)
+}
+
+/// Ends `cr` without a remediation: the pod is gone, or the agent refused the request itself.
+async fn end(ctx: &Ctx, cr: &EtcdRemediation, status: &mut EtcdRemediationStatus, e: Error) -> Result<bool> {
+    let next = ended(status, cr.metadata.generation, "Failed", &e);
+    write_status(ctx, &cr.namespace().unwrap_or_default(), &cr.name_any(), &next).await?;
+    *status = next;
+    ctx.metrics.remediations.get_or_create(&super::metrics::PhaseLabels { phase: "Failed".into() }).inc();
+    ctx.event(cr, EventType::Warning, "RemediationFailed", &format!("{}: {}", e.code, e.message)).await;
+    Ok(true)
+}
+
+/// A status that ends with `phase` and `e`, without a remediation on a node.
+pub fn ended(previous: &EtcdRemediationStatus, generation: Option<i64>, phase: &str, e: &Error) -> EtcdRemediationStatus {
+    let now = etcd_medic_core::contract::now();
+    let message = format!("{}: {}", e.code, etcd_medic_core::signature::truncate(&e.message, 1024));
+    let cond = |t: &str, s: &str| Condition {
+        r#type: t.into(),
+        status: s.into(),
+        reason: phase.into(),
+        message: message.clone(),
+        last_transition_time: now.clone(),
+        observed_generation: generation,
+    };
+    EtcdRemediationStatus {
+        phase: Some(phase.into()),
+        error: Some(ErrorStatus { code: e.code.as_str().into(), message: etcd_medic_core::signature::truncate(&e.message, 1024) }),
+        conditions: vec![cond("Processing", "False"), cond("Succeeded", "False")],
+        observed_generation: generation,
+        ..previous.clone()
+    }
+}
+
+/// `Pending` while the agent cannot be asked, saying why.
+fn waiting(previous: &EtcdRemediationStatus, cr: &EtcdRemediation, e: &Error) -> EtcdRemediationStatus {
+    let mut s = previous.clone();
+    if s.phase.is_none() {
+        s.phase = Some("Pending".into());
+    }
+    let message = format!("{}: {}", e.code, etcd_medic_core::signature::truncate(&e.message, 1024));
+    let now = etcd_medic_core::contract::now();
+    let kept = previous.conditions.iter().find(|c| c.r#type == "Processing" && c.status == "True").map(|c| c.last_transition_time.clone());
+    s.conditions.retain(|c| c.r#type != "Processing");
+    s.conditions.push(Condition {
+        r#type: "Processing".into(),
+        status: "True".into(),
+        reason: "AgentUnavailable".into(),
+        message,
+        last_transition_time: kept.unwrap_or(now),
+        observed_generation: cr.metadata.generation,
+    });
+    s.observed_generation = cr.metadata.generation;
+    s
+}
+
+/// The agent on `node`, with the controller's current token (projected tokens rotate).
+async fn agent(ctx: &Ctx, node: &str) -> Result<AgentClient> {
+    let url = discover::agent_on_node(ctx.api.client(), &ctx.cfg.agent_namespace, &ctx.cfg.agent_service, node).await?;
+    let client = match &ctx.cfg.agent_ca {
+        Some(pem) => AgentClient::with_ca(&url, pem)?,
+        None => AgentClient::new(&url)?,
+    };
+    let token = match &ctx.cfg.agent_token_file {
+        Some(f) => std::fs::read_to_string(f)
+            .map_err(|e| Error::new(Code::NotReady, format!("cannot read the controller's token {}: {e}", f.display())))?,
+        None => String::new(),
+    };
+    Ok(client.with_token(token).with_timeout(Duration::from_secs(70)))
+}
+
+/// Writes the status subresource: every field of `status`, absent ones cleared.
+pub async fn write_status(ctx: &Ctx, ns: &str, name: &str, status: &EtcdRemediationStatus) -> Result<()> {
+    let mut v = serde_json::to_value(status).map_err(|e| Error::new(Code::Internal, format!("status: {e}")))?;
+    if let Value::Object(m) = &mut v {
+        for k in ["phase", "node", "remediationID", "diagnosis", "steps", "error", "conditions", "observedGeneration"] {
+            m.entry(k).or_insert(Value::Null);
+        }
+    }
+    let api: Api<EtcdRemediation> = Api::namespaced(ctx.api.client().clone(), ns);
+    let patch = json!({"status": v});
+    let mut wait = Duration::from_millis(100);
+    for attempt in 1.. {
+        match api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)).await {
+            Ok(_) => return Ok(()),
+            Err(e) if attempt < 6 && matches!(crate::kubeapi::classify(&e), crate::kubeapi::Attempt::Transient(_)) => {
+                tokio::time::sleep(wait).await;
+                wait *= 2;
+            }
+            Err(e) => return Err(Error::new(Code::NotReady, format!("cannot write the status of EtcdRemediation {ns}/{name}: {e}"))),
+        }
+    }
+    unreachable!("the loop returns")
+}
+
+/// The resource as an Event's `regarding`.
+pub fn reference(cr: &EtcdRemediation) -> ObjectReference {
+    cr.object_ref(&())
+}
+
+/// The pod of `cr` as an Event's `related`.
+pub fn pod_reference(cr: &EtcdRemediation) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        namespace: cr.namespace(),
+        name: Some(cr.spec.pod.clone()),
+        uid: cr.spec.pod_uid.clone(),
+        ..Default::default()
+    }
+}
+
+/// An Event about `cr`, on the resource and (as `related`) its pod.
+pub fn event(reason: &str, note: &str, kind: EventType, cr: &EtcdRemediation) -> Event {
+    Event {
+        type_: kind,
+        reason: reason.into(),
+        note: Some(etcd_medic_core::signature::truncate(&format!("EtcdRemediation {}: {note}", cr.name_any()), 1000)),
+        action: "Remediate".into(),
+        secondary: Some(pod_reference(cr)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ended_status_keeps_what_was_known_and_says_why() {
+        let before = EtcdRemediationStatus { node: Some("node-b".into()), phase: Some("Pending".into()), ..Default::default() };
+        let s = ended(&before, Some(2), "Failed", &Error::new(Code::PodNotFound, "pod apisix/apisix-etcd-1 not found"));
+        assert_eq!((s.phase.as_deref(), s.node.as_deref(), s.observed_generation), (Some("Failed"), Some("node-b"), Some(2)));
+        assert_eq!(s.error.as_ref().map(|e| e.code.as_str()), Some("PodNotFound"));
+        assert!(s.conditions.iter().any(|c| c.r#type == "Succeeded" && c.status == "False"));
+        assert!(is_final(Some(&s)));
+        assert!(!is_final(Some(&before)) && !is_final(None));
+        assert!(retryable(&Error::new(Code::NotReady, "")) && !retryable(&Error::new(Code::PodUIDMismatch, "")));
+    }
+}

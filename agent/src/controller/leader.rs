@@ -1,0 +1,146 @@
+//! Leader election among the controller's replicas through a coordination.k8s.io Lease, as
+//! client-go's: the leader renews it every third of its duration; another replica takes it
+//! over only after watching it unchanged for a whole duration on its own clock (a clock
+//! skew never unseats a live leader); a leader that cannot renew before the lease would
+//! expire stops leading, and the process exits so that it restarts clean. The decisions
+//! are `etcd_medic_core::lease`'s, shared with the clusters' locks.
+
+use std::time::{Duration, Instant};
+
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+
+use crate::error::{Code, Error, Result};
+use crate::kubeapi::KubeApi;
+use crate::lease::{Acquire, decide, holding};
+use crate::shutdown::Shutdown;
+
+pub struct Election {
+    pub api: KubeApi,
+    pub namespace: String,
+    pub name: String,
+    /// This replica (its pod name and a random suffix).
+    pub me: String,
+    pub duration: Duration,
+}
+
+impl Election {
+    fn spec(&self, acquired: Option<MicroTime>) -> LeaseSpec {
+        let now = MicroTime(Timestamp::now());
+        LeaseSpec {
+            holder_identity: Some(self.me.clone()),
+            lease_duration_seconds: Some(self.duration.as_secs().max(1) as i32),
+            acquire_time: Some(acquired.unwrap_or_else(|| now.clone())),
+            renew_time: Some(now),
+            ..Default::default()
+        }
+    }
+
+    /// Waits until this replica leads (`NotReady` when the shutdown comes first).
+    pub async fn acquire(&self, shutdown: &Shutdown) -> Result<Lease> {
+        let mut watched: Option<(String, Instant)> = None;
+        let mut logged = None;
+        loop {
+            if shutdown.stopping() {
+                return Err(Error::new(Code::NotReady, "shutting down before leading"));
+            }
+            let written = match self.api.lease(&self.namespace, &self.name).await {
+                Err(e) => Err(e),
+                Ok(None) => {
+                    let l = Lease {
+                        metadata: kube::api::ObjectMeta { name: Some(self.name.clone()), ..Default::default() },
+                        spec: Some(self.spec(None)),
+                    };
+                    self.api.write_lease(&self.namespace, &l, true).await
+                }
+                Ok(Some(mut l)) => {
+                    let h = holding(&l);
+                    let seen = watched.as_ref().map(|(rv, since): &(String, Instant)| (rv.as_str(), *since));
+                    match decide(Some(&h), &self.me, |_| false, seen, Timestamp::now(), Instant::now()) {
+                        Acquire::Take | Acquire::TakeOver { .. } => {
+                            l.spec = Some(self.spec(None));
+                            self.api.write_lease(&self.namespace, &l, false).await
+                        }
+                        Acquire::Busy { holder } => {
+                            if logged.as_ref() != Some(&holder) {
+                                tracing::info!(leader = %holder, "standing by: {holder} leads");
+                                logged = Some(holder);
+                            }
+                            watched = None;
+                            Err(Error::new(Code::ClusterLocked, "another replica leads"))
+                        }
+                        Acquire::Watch => {
+                            watched = Some((h.resource_version.clone(), Instant::now()));
+                            Err(Error::new(Code::ClusterLocked, "watching a lease that looks expired"))
+                        }
+                        Acquire::Wait => Err(Error::new(Code::ClusterLocked, "watching a lease that looks expired")),
+                    }
+                }
+            };
+            match written {
+                Ok(lease) => {
+                    tracing::info!(lease = %format!("{}/{}", self.namespace, self.name), "leading");
+                    return Ok(lease);
+                }
+                Err(e) if e.code != Code::ClusterLocked => tracing::debug!("leader election: {}", e.message),
+                Err(_) => {}
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(self.retry_every()) => {}
+                _ = shutdown.stopped() => {}
+            }
+        }
+    }
+
+    fn retry_every(&self) -> Duration {
+        (self.duration / 5).max(Duration::from_millis(200))
+    }
+
+    /// Renews `lease` every third of its duration until the shutdown (then releases it, so
+    /// that a standby leads at once) or until it is lost: another holder wrote it, or no
+    /// renewal succeeded for two thirds of the duration.
+    pub async fn keep(&self, mut lease: Lease, shutdown: &Shutdown) -> Error {
+        let mut renewed = Instant::now();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.duration / 3) => {}
+                _ = shutdown.stopped() => {
+                    self.release(lease).await;
+                    return Error::new(Code::NotReady, "shutting down");
+                }
+            }
+            let mut next = lease.clone();
+            let acquired = lease.spec.as_ref().and_then(|s| s.acquire_time.clone());
+            next.spec = Some(self.spec(acquired));
+            match self.api.write_lease(&self.namespace, &next, false).await {
+                Ok(l) => {
+                    lease = l;
+                    renewed = Instant::now();
+                }
+                Err(e) => {
+                    // A renewal whose answer was lost may have gone through: read it back.
+                    match self.api.lease(&self.namespace, &self.name).await {
+                        Ok(Some(l)) if holding(&l).holder.as_deref() == Some(self.me.as_str()) => lease = l,
+                        Ok(_) => return Error::new(Code::ClusterLocked, format!("lost the lead: {}", e.message)),
+                        Err(_) => {}
+                    }
+                    if renewed.elapsed() > self.duration * 2 / 3 {
+                        return Error::new(Code::NotReady, format!("could not renew the lead for {:?}: {}", renewed.elapsed(), e.message));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gives the lease up (holder cleared), so that a standby need not wait for it to expire.
+    async fn release(&self, mut lease: Lease) {
+        if let Some(s) = lease.spec.as_mut() {
+            s.holder_identity = None;
+            s.renew_time = Some(MicroTime(Timestamp::now()));
+        }
+        if let Err(e) = self.api.write_lease(&self.namespace, &lease, false).await {
+            tracing::warn!("could not release the lead: {}", e.message);
+        }
+    }
+}

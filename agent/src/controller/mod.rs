@@ -1,0 +1,576 @@
+//! `etcd-medic controller`: watches etcd pods cluster-wide, detects the ones that crash-loop
+//! (`etcd_medic_core::detect`), reads why (`etcd_medic_core::signature`), decides whether a
+//! remediation may run now, records it as an `EtcdRemediation`, and dispatches it to the
+//! agent on the pod's node ([`dispatch`]). Two replicas; one leads ([`leader`]), the other
+//! stands by with warm caches.
+//!
+//! Every "not now" has a reason: a hold (paused, a storm, the cluster busy, too many
+//! attempts, a back-off) is logged, counted and told once as an Event on the pod; a crash
+//! the agent must not touch (a split brain, a lost quorum, an unknown failure) is recorded
+//! as a `Refused` EtcdRemediation, so that a person finds it with `kubectl get etcdrem`.
+
+pub mod dispatch;
+pub mod leader;
+pub mod metrics;
+pub mod observe;
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod};
+use kube::ResourceExt;
+use kube::api::{Api, LogParams, ObjectMeta, PostParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+
+use etcd_medic_client::crd::{DiagnosisStatus, EtcdRemediation, EtcdRemediationSpec};
+use etcd_medic_core::detect::{self, Around, Hold, Limits, Thresholds};
+use etcd_medic_core::signature::{self, Action, Signature};
+
+use crate::error::{Code, Error};
+use crate::kubeapi::KubeApi;
+use crate::shutdown::Shutdown;
+use metrics::Metrics;
+use observe::PodSeen;
+
+/// What the controller is told (see `etcd-medic controller --help`).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Watched namespaces; all when empty.
+    pub namespaces: Vec<String>,
+    pub selector: String,
+    pub container: Option<String>,
+    pub thresholds: Thresholds,
+    pub limits: Limits,
+    pub dry_run: bool,
+    pub agent_namespace: String,
+    pub agent_service: String,
+    pub agent_token_file: Option<PathBuf>,
+    /// PEM of the agents' serving CA (HTTPS agents).
+    pub agent_ca: Option<Vec<u8>>,
+    pub lease_namespace: String,
+    pub lease_name: String,
+    pub lease_duration: Duration,
+    pub identity: String,
+    pub admin: SocketAddr,
+    pub api_timeout: Duration,
+    /// How often the watched pods are evaluated (and at once on a change).
+    pub tick: Duration,
+    /// How often a running remediation is looked at.
+    pub poll: Duration,
+}
+
+/// A pod detected as failing, from the first time it was.
+#[derive(Clone, Debug)]
+struct Detected {
+    at: Instant,
+    restarts: u32,
+    signature: Signature,
+    evidence: Option<String>,
+}
+
+pub struct Ctx {
+    pub cfg: Config,
+    pub api: KubeApi,
+    pub metrics: Metrics,
+    recorder: Recorder,
+    pods: Mutex<HashMap<(String, String), PodSeen>>,
+    rems: Mutex<HashMap<(String, String), EtcdRemediation>>,
+    /// The watches whose first list is in.
+    synced: Mutex<HashSet<String>>,
+    watches: usize,
+    leading: AtomicBool,
+    /// Remediations being carried out by this replica.
+    busy: Mutex<HashSet<(String, String)>>,
+    detected: Mutex<HashMap<String, Detected>>,
+    /// The hold each held pod (by uid) was last told of.
+    held: Mutex<HashMap<String, String>>,
+    pauses: Mutex<HashMap<String, (Instant, bool)>>,
+    changed: tokio::sync::Notify,
+}
+
+impl Ctx {
+    pub fn leading(&self) -> bool {
+        self.leading.load(Ordering::SeqCst)
+    }
+
+    /// Every watch has its first list: decisions see the whole picture.
+    pub fn ready(&self) -> bool {
+        self.synced.lock().unwrap().len() == self.watches
+    }
+
+    fn detected_at(&self, uid: Option<&str>) -> Option<Instant> {
+        uid.and_then(|u| self.detected.lock().unwrap().get(u).map(|d| d.at))
+    }
+
+    /// An Event on `cr` (its pod as `related`); a failure to record it is logged only.
+    async fn event(&self, cr: &EtcdRemediation, kind: EventType, reason: &str, note: &str) {
+        let ev = dispatch::event(reason, note, kind, cr);
+        if let Err(e) = self.recorder.publish(&ev, &dispatch::reference(cr)).await {
+            tracing::warn!(reason, "could not record the Event: {e}");
+        }
+    }
+
+    async fn pod_event(&self, pod: &PodSeen, kind: EventType, reason: &str, note: &str) {
+        let regarding = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            namespace: Some(pod.namespace.clone()),
+            name: Some(pod.name.clone()),
+            uid: Some(pod.uid.clone()),
+            ..Default::default()
+        };
+        let ev = Event {
+            type_: kind,
+            reason: reason.into(),
+            note: Some(signature::truncate(note, 1000)),
+            action: "Detect".into(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &regarding).await {
+            tracing::warn!(reason, "could not record the Event: {e}");
+        }
+    }
+}
+
+/// Runs the controller until the shutdown, or until it loses the lead (an error: the
+/// process exits and restarts as a standby).
+pub async fn run(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    let api = KubeApi::from_environment(cfg.api_timeout).await?;
+    let scopes: Vec<Option<String>> =
+        if cfg.namespaces.is_empty() { vec![None] } else { cfg.namespaces.iter().cloned().map(Some).collect() };
+    let recorder = Recorder::new(
+        api.client().clone(),
+        Reporter { controller: "etcd-medic.io/controller".into(), instance: Some(cfg.identity.clone()) },
+    );
+    let ctx = Arc::new(Ctx {
+        watches: scopes.len() * 2,
+        cfg,
+        api,
+        metrics: Metrics::default(),
+        recorder,
+        pods: Mutex::default(),
+        rems: Mutex::default(),
+        synced: Mutex::default(),
+        leading: AtomicBool::new(false),
+        busy: Mutex::default(),
+        detected: Mutex::default(),
+        held: Mutex::default(),
+        pauses: Mutex::default(),
+        changed: tokio::sync::Notify::new(),
+    });
+    let admin =
+        tokio::net::TcpListener::bind(ctx.cfg.admin).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", ctx.cfg.admin))?;
+    tokio::spawn(serve_admin(ctx.clone(), admin, shutdown.clone()));
+    for scope in scopes {
+        tokio::spawn(watch_pods(ctx.clone(), scope.clone()));
+        tokio::spawn(watch_remediations(ctx.clone(), scope));
+    }
+    let election = leader::Election {
+        api: ctx.api.clone(),
+        namespace: ctx.cfg.lease_namespace.clone(),
+        name: ctx.cfg.lease_name.clone(),
+        me: ctx.cfg.identity.clone(),
+        duration: ctx.cfg.lease_duration,
+    };
+    let lease = match election.acquire(&shutdown).await {
+        Ok(l) => l,
+        Err(_) => return Ok(()),
+    };
+    ctx.leading.store(true, Ordering::SeqCst);
+    ctx.metrics.leader.set(1);
+    let lost = {
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move { election.keep(lease, &shutdown).await })
+    };
+    tokio::pin!(lost);
+    loop {
+        tokio::select! {
+            r = &mut lost => {
+                ctx.leading.store(false, Ordering::SeqCst);
+                ctx.metrics.leader.set(0);
+                if shutdown.stopping() {
+                    return Ok(());
+                }
+                let e = r.unwrap_or_else(|e| Error::new(Code::Internal, format!("the lease's renewal ended: {e}")));
+                tracing::error!("{}; exiting to stand by anew", e.message);
+                return Err(e.into());
+            }
+            _ = tokio::time::sleep(ctx.cfg.tick) => {}
+            _ = ctx.changed.notified() => {}
+        }
+        if ctx.ready() && !shutdown.stopping() {
+            evaluate(&ctx).await;
+            reconcile(&ctx);
+        }
+    }
+}
+
+/// Keeps `ctx.pods` as the watch of `scope` (a namespace, or all) sees the selected pods.
+async fn watch_pods(ctx: Arc<Ctx>, scope: Option<String>) {
+    let api: Api<Pod> = match &scope {
+        Some(ns) => Api::namespaced(ctx.api.client().clone(), ns),
+        None => Api::all(ctx.api.client().clone()),
+    };
+    let name = format!("pods/{}", scope.as_deref().unwrap_or("*"));
+    let mut listed: HashSet<(String, String)> = HashSet::new();
+    let mut stream = watcher(api, watcher::Config::default().labels(&ctx.cfg.selector)).default_backoff().boxed();
+    while let Some(ev) = stream.next().await {
+        let in_scope = |k: &(String, String)| scope.as_ref().is_none_or(|ns| *ns == k.0);
+        match ev {
+            Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
+                let seen = observe::pod_seen(&p, ctx.cfg.container.as_deref());
+                listed.insert(seen.key());
+                ctx.pods.lock().unwrap().insert(seen.key(), seen);
+            }
+            Ok(watcher::Event::Delete(p)) => {
+                ctx.pods.lock().unwrap().remove(&(p.namespace().unwrap_or_default(), p.name_any()));
+            }
+            Ok(watcher::Event::Init) => listed.clear(),
+            Ok(watcher::Event::InitDone) => {
+                // What the new list no longer has was deleted while the watch was down.
+                ctx.pods.lock().unwrap().retain(|k, _| !in_scope(k) || listed.contains(k));
+                if ctx.synced.lock().unwrap().insert(name.clone()) {
+                    tracing::info!(watch = %name, "first list in");
+                }
+            }
+            Err(e) => tracing::warn!(watch = %name, "watch failed: {e}; retrying"),
+        }
+        ctx.metrics.watched.set(ctx.pods.lock().unwrap().len() as i64);
+        ctx.changed.notify_one();
+    }
+}
+
+/// Keeps `ctx.rems` as the watch of `scope` sees the EtcdRemediations.
+async fn watch_remediations(ctx: Arc<Ctx>, scope: Option<String>) {
+    let api: Api<EtcdRemediation> = match &scope {
+        Some(ns) => Api::namespaced(ctx.api.client().clone(), ns),
+        None => Api::all(ctx.api.client().clone()),
+    };
+    let name = format!("etcdremediations/{}", scope.as_deref().unwrap_or("*"));
+    let mut listed: HashSet<(String, String)> = HashSet::new();
+    let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
+    while let Some(ev) = stream.next().await {
+        let in_scope = |k: &(String, String)| scope.as_ref().is_none_or(|ns| *ns == k.0);
+        match ev {
+            Ok(watcher::Event::Apply(r) | watcher::Event::InitApply(r)) => {
+                let key = (r.namespace().unwrap_or_default(), r.name_any());
+                listed.insert(key.clone());
+                ctx.rems.lock().unwrap().insert(key, r);
+            }
+            Ok(watcher::Event::Delete(r)) => {
+                ctx.rems.lock().unwrap().remove(&(r.namespace().unwrap_or_default(), r.name_any()));
+            }
+            Ok(watcher::Event::Init) => listed.clear(),
+            Ok(watcher::Event::InitDone) => {
+                ctx.rems.lock().unwrap().retain(|k, _| !in_scope(k) || listed.contains(k));
+                if ctx.synced.lock().unwrap().insert(name.clone()) {
+                    tracing::info!(watch = %name, "first list in");
+                }
+            }
+            Err(e) => tracing::warn!(watch = %name, "watch failed (is the EtcdRemediation CRD installed?): {e}; retrying"),
+        }
+        ctx.changed.notify_one();
+    }
+}
+
+/// Starts carrying out every EtcdRemediation that has not ended and is not being carried out.
+fn reconcile(ctx: &Arc<Ctx>) {
+    let open: Vec<EtcdRemediation> = ctx
+        .rems
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|r| r.metadata.deletion_timestamp.is_none() && !dispatch::is_final(r.status.as_ref()))
+        .cloned()
+        .collect();
+    for r in open {
+        let key = (r.namespace().unwrap_or_default(), r.name_any());
+        if ctx.busy.lock().unwrap().insert(key) {
+            tokio::spawn(dispatch::carry_out(ctx.clone(), r));
+        }
+    }
+}
+
+/// One look at every watched pod: the candidates, the holds, the dispatches.
+async fn evaluate(ctx: &Arc<Ctx>) {
+    let now = jiff::Timestamp::now();
+    let (candidates, watched) = {
+        let pods = ctx.pods.lock().unwrap();
+        let c: Vec<PodSeen> =
+            pods.values().filter(|p| !p.deleting && detect::detect(&p.container(now), &ctx.cfg.thresholds).is_ok()).cloned().collect();
+        (c, pods.len())
+    };
+    // Pods no longer failing are forgotten (a new failure is a new detection).
+    let failing: HashSet<&str> = candidates.iter().map(|p| p.uid.as_str()).collect();
+    ctx.detected.lock().unwrap().retain(|uid, _| failing.contains(uid.as_str()));
+    ctx.held.lock().unwrap().retain(|uid, _| failing.contains(uid.as_str()));
+    let mut per_cluster: HashMap<(String, String), usize> = HashMap::new();
+    for p in &candidates {
+        *per_cluster.entry((p.namespace.clone(), p.cluster.clone().unwrap_or_else(|| p.name.clone()))).or_default() += 1;
+    }
+    let mut holds: HashMap<&'static str, i64> = HashMap::new();
+    for pod in &candidates {
+        if recorded_for(ctx, pod) {
+            continue;
+        }
+        let d = detection(ctx, pod).await;
+        let cluster = pod.cluster.clone().unwrap_or_else(|| pod.name.clone());
+        let around = Around {
+            paused_on: paused_on(ctx, pod).await,
+            failing_in_cluster: per_cluster.get(&(pod.namespace.clone(), cluster.clone())).copied().unwrap_or(1),
+            failing_watched: candidates.len(),
+            watched,
+            in_flight: in_flight(ctx, &pod.namespace, &cluster),
+            attempts_secs_ago: attempts(ctx, pod, now),
+        };
+        match detect::decide(&around, &ctx.cfg.limits) {
+            Err(hold) => {
+                *holds.entry(hold.as_str()).or_default() += 1;
+                tell_hold(ctx, pod, &hold).await;
+            }
+            Ok(()) => {
+                ctx.held.lock().unwrap().remove(&pod.uid);
+                record(ctx, pod, &d).await;
+            }
+        }
+    }
+    ctx.metrics.holds.clear();
+    for (reason, n) in holds {
+        ctx.metrics.holds.get_or_create(&metrics::ReasonLabels { reason: reason.into() }).set(n);
+    }
+}
+
+/// An EtcdRemediation already names this pod instance: it is (or was) dealt with.
+fn recorded_for(ctx: &Ctx, pod: &PodSeen) -> bool {
+    ctx.rems
+        .lock()
+        .unwrap()
+        .values()
+        .any(|r| r.namespace().as_deref() == Some(&pod.namespace) && r.spec.pod_uid.as_deref() == Some(&pod.uid))
+}
+
+/// The pod's signature, read once per crash: its termination message, else the previous
+/// container's log tail (the chart does not set `FallbackToLogsOnError`).
+async fn detection(ctx: &Ctx, pod: &PodSeen) -> Detected {
+    if let Some(d) = ctx.detected.lock().unwrap().get(&pod.uid).filter(|d| d.restarts == pod.restarts) {
+        return d.clone();
+    }
+    let (mut sig, mut evidence) = observe::signature_of(&pod.message);
+    if sig == Signature::Unknown {
+        let api: Api<Pod> = Api::namespaced(ctx.api.client().clone(), &pod.namespace);
+        let lp = LogParams { container: ctx.cfg.container.clone(), previous: true, tail_lines: Some(200), ..Default::default() };
+        match tokio::time::timeout(ctx.cfg.api_timeout, api.logs(&pod.name, &lp)).await {
+            Ok(Ok(log)) => (sig, evidence) = observe::signature_of(&log),
+            Ok(Err(e)) => tracing::debug!(pod = %pod.name, "no previous log: {e}"),
+            Err(_) => tracing::debug!(pod = %pod.name, "the previous log did not come in time"),
+        }
+    }
+    let first = ctx.detected.lock().unwrap().get(&pod.uid).map(|d| d.at);
+    let d = Detected { at: first.unwrap_or_else(Instant::now), restarts: pod.restarts, signature: sig, evidence };
+    if first.is_none() {
+        ctx.metrics.detections.get_or_create(&metrics::SignatureLabels { signature: sig.as_str().into() }).inc();
+        tracing::info!(namespace = %pod.namespace, pod = %pod.name, signature = sig.as_str(), restarts = pod.restarts, "failing etcd pod detected");
+    }
+    ctx.detected.lock().unwrap().insert(pod.uid.clone(), d.clone());
+    d
+}
+
+/// Where a pause annotation holds this pod: on it, its StatefulSet or its namespace (the
+/// latter two looked up at most every 10 s).
+async fn paused_on(ctx: &Ctx, pod: &PodSeen) -> Option<String> {
+    if pod.paused {
+        return Some(format!("pod {}/{}", pod.namespace, pod.name));
+    }
+    if let Some(set) = &pod.cluster {
+        let key = format!("statefulset {}/{set}", pod.namespace);
+        let api: Api<StatefulSet> = Api::namespaced(ctx.api.client().clone(), &pod.namespace);
+        if cached_pause(ctx, &key, || async {
+            api.get_opt(set).await.map(|s| s.is_some_and(|s| observe::is_paused(s.metadata.annotations.as_ref())))
+        })
+        .await
+        {
+            return Some(key);
+        }
+    }
+    let key = format!("namespace {}", pod.namespace);
+    let api: Api<Namespace> = Api::all(ctx.api.client().clone());
+    let ns = pod.namespace.clone();
+    if cached_pause(ctx, &key, || async move {
+        api.get_opt(&ns).await.map(|n| n.is_some_and(|n| observe::is_paused(n.metadata.annotations.as_ref())))
+    })
+    .await
+    {
+        return Some(key);
+    }
+    None
+}
+
+async fn cached_pause<F, Fut>(ctx: &Ctx, key: &str, look: F) -> bool
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = kube::Result<bool>>,
+{
+    if let Some((at, paused)) = ctx.pauses.lock().unwrap().get(key)
+        && at.elapsed() < Duration::from_secs(10)
+    {
+        return *paused;
+    }
+    // Unreadable counts as paused: the controller does not act on what it cannot see.
+    let paused = match tokio::time::timeout(ctx.cfg.api_timeout, look()).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => {
+            tracing::warn!("cannot read the pause annotation of {key}: {e}; holding");
+            true
+        }
+        Err(_) => true,
+    };
+    ctx.pauses.lock().unwrap().insert(key.to_string(), (Instant::now(), paused));
+    paused
+}
+
+/// A remediation of `cluster` not yet ended (its pod's name).
+fn in_flight(ctx: &Ctx, namespace: &str, cluster: &str) -> Option<String> {
+    let pods = ctx.pods.lock().unwrap();
+    ctx.rems
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|r| r.namespace().as_deref() == Some(namespace) && !r.spec.dry_run && !dispatch::is_final(r.status.as_ref()))
+        .find(|r| {
+            let of = pods.get(&(namespace.to_string(), r.spec.pod.clone())).and_then(|p| p.cluster.clone());
+            of.as_deref().unwrap_or(&r.spec.pod) == cluster
+        })
+        .map(|r| r.spec.pod.clone())
+}
+
+/// How long ago this pod's earlier remediations (dispatched, not dry runs) were made.
+fn attempts(ctx: &Ctx, pod: &PodSeen, now: jiff::Timestamp) -> Vec<i64> {
+    ctx.rems
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|r| r.namespace().as_deref() == Some(&pod.namespace) && r.spec.pod == pod.name && !r.spec.dry_run)
+        .filter(|r| r.status.as_ref().is_some_and(|s| s.remediation_id.is_some()))
+        .filter_map(|r| r.metadata.creation_timestamp.as_ref().map(|t| now.duration_since(t.0).as_secs()))
+        .collect()
+}
+
+/// A hold, told once per pod and reason: a log line, a decision counted, an Event.
+async fn tell_hold(ctx: &Ctx, pod: &PodSeen, hold: &Hold) {
+    let reason = hold.as_str().to_string();
+    if ctx.held.lock().unwrap().insert(pod.uid.clone(), reason.clone()).as_deref() == Some(reason.as_str()) {
+        return;
+    }
+    let detail = serde_json::to_string(hold).unwrap_or_default();
+    tracing::info!(namespace = %pod.namespace, pod = %pod.name, hold = %reason, detail = %detail, "remediation held");
+    ctx.metrics.decision("hold", &reason);
+    ctx.pod_event(
+        pod,
+        EventType::Warning,
+        "RemediationHeld",
+        &format!("etcd-medic holds the remediation of this failing pod: {reason} {detail}"),
+    )
+    .await;
+}
+
+/// Records the decision for a candidate that may be dispatched: an EtcdRemediation that the
+/// reconcile loop carries out, or, for a crash the agent must not touch, one that ends
+/// `Refused` here with the reason and the evidence.
+async fn record(ctx: &Ctx, pod: &PodSeen, d: &Detected) {
+    let (action, code, why) = signature::decide(d.signature, None);
+    let evidence = d.evidence.clone().unwrap_or_default();
+    let short = &uuid::Uuid::new_v4().simple().to_string()[..6];
+    let cr = EtcdRemediation {
+        metadata: ObjectMeta {
+            name: Some(format!("{}-{short}", pod.name)),
+            namespace: Some(pod.namespace.clone()),
+            labels: Some(
+                [
+                    ("app.kubernetes.io/managed-by".to_string(), "etcd-medic-controller".to_string()),
+                    ("etcd-medic.io/pod".to_string(), pod.name.clone()),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        },
+        spec: EtcdRemediationSpec {
+            pod: pod.name.clone(),
+            pod_uid: Some(pod.uid.clone()),
+            reason: Some(signature::truncate(&format!("{}: {evidence}", d.signature.as_str()), 1000)),
+            dry_run: ctx.cfg.dry_run,
+            force: false,
+        },
+        status: None,
+    };
+    let api: Api<EtcdRemediation> = Api::namespaced(ctx.api.client().clone(), &pod.namespace);
+    let created = match api.create(&PostParams::default(), &cr).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(namespace = %pod.namespace, pod = %pod.name, "cannot record the EtcdRemediation: {e}; again at the next look");
+            return;
+        }
+    };
+    let key = (pod.namespace.clone(), created.name_any());
+    ctx.rems.lock().unwrap().insert(key, created.clone());
+    match (action, code) {
+        (Action::Refuse, Some(code)) => {
+            ctx.metrics.decision("refuse", code.as_str());
+            let mut status = dispatch::ended(&Default::default(), created.metadata.generation, "Refused", &Error::new(code, why.clone()));
+            status.diagnosis = Some(DiagnosisStatus {
+                signature: d.signature.as_str().into(),
+                action: "refuse".into(),
+                evidence: d.evidence.clone().into_iter().collect(),
+            });
+            tracing::warn!(namespace = %pod.namespace, pod = %pod.name, code = %code, "refused: {why}");
+            if dispatch::write_status(ctx, &pod.namespace, &created.name_any(), &status).await.is_ok() {
+                let mut done = created.clone();
+                done.status = Some(status);
+                ctx.rems.lock().unwrap().insert((pod.namespace.clone(), created.name_any()), done);
+            }
+            ctx.metrics.remediations.get_or_create(&metrics::PhaseLabels { phase: "Refused".into() }).inc();
+            ctx.event(&created, EventType::Warning, "RemediationRefused", &format!("{code}: {why} (evidence: {evidence})")).await;
+        }
+        _ => {
+            ctx.metrics.decision("dispatch", d.signature.as_str());
+            tracing::info!(namespace = %pod.namespace, pod = %pod.name, remediation = %created.name_any(), "dispatching");
+            ctx.event(&created, EventType::Normal, "Detected", &format!("{}: {evidence}", d.signature.as_str())).await;
+        }
+    }
+    ctx.changed.notify_one();
+}
+
+/// `/healthz`, `/readyz` (every watch listed) and `/metrics`, on the admin port.
+async fn serve_admin(ctx: Arc<Ctx>, listener: tokio::net::TcpListener, shutdown: Shutdown) {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let ready = ctx.clone();
+    let metrics = ctx.clone();
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let r = ready.ready();
+                async move { if r { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "the first lists are not in yet") } }
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let body = metrics.metrics.encode();
+                async move { ([(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body) }
+            }),
+        );
+    let stop = shutdown.clone();
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { stop.stopped().await }).await {
+        tracing::error!("the admin server stopped: {e}");
+    }
+}

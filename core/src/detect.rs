@@ -177,6 +177,23 @@ pub fn decide(a: &Around, l: &Limits) -> Result<(), Hold> {
     Ok(())
 }
 
+/// Whether an earlier record of this pod instance settles it, so that no new remediation is
+/// recorded for it: one not ended yet; one that succeeded or failed (the agent answers a
+/// failed instance with that failure: a person looks); one the controller refused itself.
+/// A refusal by the agent for a passing reason (it was shutting down, another remediation
+/// held the cluster, quorum or a running container stood in the way, the image was about
+/// to heal itself) does not: the pod is tried again, within the attempts and back-off of
+/// [`decide`].
+pub fn settles(phase: Option<&str>, error_code: Option<&str>, refused_by_controller: bool) -> bool {
+    match phase {
+        Some("Refused") if !refused_by_controller => {
+            !matches!(error_code, Some("NotReady" | "ClusterLocked" | "TooManyRequests" | "QuorumAtRisk" | "PodRunning" | "SelfHealing"))
+        }
+        Some("Planned") => false,
+        _ => true,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -212,6 +229,19 @@ mod tests {
         assert_eq!(decide(&Around { failing_watched: 7, watched: 30, ..alone() }, &l).unwrap_err().as_str(), "Storm");
         assert_eq!(decide(&Around { failing_watched: 6, watched: 30, ..alone() }, &l), Ok(()), "20% of 30 is allowed");
         assert_eq!(decide(&Around { in_flight: Some("apisix-etcd-0".into()), ..alone() }, &l).unwrap_err().as_str(), "ClusterBusy");
+    }
+
+    #[test]
+    fn only_a_passing_refusal_by_the_agent_or_a_plan_lets_an_instance_be_tried_again() {
+        assert!(settles(None, None, false), "not ended yet (no status)");
+        assert!(settles(Some("Running"), None, false));
+        assert!(settles(Some("Succeeded"), None, false));
+        assert!(settles(Some("Failed"), Some("NotReady"), false), "the agent answers a failed instance with its failure");
+        assert!(settles(Some("Refused"), Some("SplitBrain"), false));
+        assert!(settles(Some("Refused"), Some("NotReady"), true), "the controller's own refusal stands");
+        assert!(!settles(Some("Refused"), Some("NotReady"), false));
+        assert!(!settles(Some("Refused"), Some("SelfHealing"), false), "tried again, up to the attempts");
+        assert!(!settles(Some("Planned"), None, false), "a dry run changed nothing");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 mod api;
 mod apiserver;
 mod cluster;
+mod controller;
 mod diagnosis;
 mod faults;
 mod gates;

@@ -13,6 +13,7 @@ pub mod agent;
 pub mod apiserver;
 pub mod bench;
 pub mod bitnami;
+pub mod controller;
 pub mod etcd;
 pub mod http;
 pub mod kubelet;

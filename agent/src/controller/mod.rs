@@ -281,14 +281,20 @@ async fn watch_remediations(ctx: Arc<Ctx>, scope: Option<String>) {
     }
 }
 
+/// The label with which the controller records what it decided for its own records: a
+/// `refused` one is never dispatched, even before its status (written right after the
+/// create) is seen.
+const DECISION: &str = "etcd-medic.io/decision";
+
 /// Starts carrying out every EtcdRemediation that has not ended and is not being carried out.
 fn reconcile(ctx: &Arc<Ctx>) {
+    let refused = |r: &EtcdRemediation| r.labels().get(DECISION).is_some_and(|d| d == "refused");
     let open: Vec<EtcdRemediation> = ctx
         .rems
         .lock()
         .unwrap()
         .values()
-        .filter(|r| r.metadata.deletion_timestamp.is_none() && !dispatch::is_final(r.status.as_ref()))
+        .filter(|r| r.metadata.deletion_timestamp.is_none() && !refused(r) && !dispatch::is_final(r.status.as_ref()))
         .cloned()
         .collect();
     for r in open {
@@ -348,13 +354,18 @@ async fn evaluate(ctx: &Arc<Ctx>) {
     }
 }
 
-/// An EtcdRemediation already names this pod instance: it is (or was) dealt with.
+/// An EtcdRemediation of this pod instance settles it (see `detect::settles`).
 fn recorded_for(ctx: &Ctx, pod: &PodSeen) -> bool {
-    ctx.rems
-        .lock()
-        .unwrap()
-        .values()
-        .any(|r| r.namespace().as_deref() == Some(&pod.namespace) && r.spec.pod_uid.as_deref() == Some(&pod.uid))
+    ctx.rems.lock().unwrap().values().any(|r| {
+        let s = r.status.as_ref();
+        r.namespace().as_deref() == Some(&pod.namespace)
+            && r.spec.pod_uid.as_deref() == Some(&pod.uid)
+            && detect::settles(
+                s.and_then(|s| s.phase.as_deref()),
+                s.and_then(|s| s.error.as_ref()).map(|e| e.code.as_str()),
+                r.labels().get(DECISION).is_some_and(|d| d == "refused"),
+            )
+    })
 }
 
 /// The pod's signature, read once per crash: its termination message, else the previous
@@ -472,13 +483,10 @@ async fn tell_hold(ctx: &Ctx, pod: &PodSeen, hold: &Hold) {
     let detail = serde_json::to_string(hold).unwrap_or_default();
     tracing::info!(namespace = %pod.namespace, pod = %pod.name, hold = %reason, detail = %detail, "remediation held");
     ctx.metrics.decision("hold", &reason);
-    ctx.pod_event(
-        pod,
-        EventType::Warning,
-        "RemediationHeld",
-        &format!("etcd-medic holds the remediation of this failing pod: {reason} {detail}"),
-    )
-    .await;
+    // The hold is in the Event's reason: Events of one reason fold into one series, whose
+    // note stays the first one's.
+    let note = format!("etcd-medic holds the remediation of this failing pod: {reason} {detail}");
+    ctx.pod_event(pod, EventType::Warning, &format!("Held{reason}"), &note).await;
 }
 
 /// Records the decision for a candidate that may be dispatched: an EtcdRemediation that the
@@ -496,6 +504,7 @@ async fn record(ctx: &Ctx, pod: &PodSeen, d: &Detected) {
                 [
                     ("app.kubernetes.io/managed-by".to_string(), "etcd-medic-controller".to_string()),
                     ("etcd-medic.io/pod".to_string(), pod.name.clone()),
+                    (DECISION.to_string(), if action == Action::Refuse { "refused" } else { "dispatch" }.to_string()),
                 ]
                 .into(),
             ),

@@ -1,0 +1,216 @@
+//! The controller with the real agent and real etcd: nobody calls the agent; the controller
+//! notices, decides, records and dispatches.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use anyhow::Result;
+use serde_json::json;
+
+use etcd_medic_lab::controller::{
+    ControllerProcess, agent_for_controller, register_agent, remediations, republish_agent, wait_remediation,
+};
+use etcd_medic_lab::{Lab, NODE_NAME};
+
+use crate::reference_failure::{KEYS, assert_every_key, broken_lab_with_mounts};
+
+const HEAL: Duration = Duration::from_secs(240);
+
+/// Thresholds at the lab's scale: a pod is a candidate after its first crash and a second
+/// not Ready; the lab's single node holds 3 etcd pods (33% would be a storm at 20%).
+const FAST: &[&str] = &["--min-restarts", "1", "--failing-for", "1s", "--max-failing-percent", "50"];
+
+fn phase(r: &etcd_medic_client::crd::EtcdRemediation) -> &str {
+    r.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("")
+}
+
+/// The agent's remediations of `pod`, as its API lists them to the controller.
+async fn agent_remediations(
+    agent: &etcd_medic_lab::agent::ServedAgent,
+    token: &std::path::Path,
+    pod: &str,
+) -> Result<Vec<serde_json::Value>> {
+    let r = agent.get("/v1/remediations?namespace=apisix", Some(&std::fs::read_to_string(token)?)).await?;
+    anyhow::ensure!(r.status == 200, "the agent answered {}: {}", r.status, String::from_utf8_lossy(&r.body));
+    Ok(r.json()["items"].as_array().cloned().unwrap_or_default().into_iter().filter(|i| i["pod"] == pod).collect())
+}
+
+/// A member broken as users see it is healed with no call from the test; its record ends
+/// Succeeded. The leader is killed while the remediation runs (the agent holds it after the
+/// quarantine): the standby takes the lead and follows the same remediation,
+/// through the agent's own restart on a new address, to its end; nothing is done twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_member_is_healed_by_the_controller_alone_even_when_its_leader_dies() -> Result<()> {
+    let Some((lab, _)) = broken_lab_with_mounts().await? else { return Ok(()) };
+    // The kubelet holds the crashed container in back-off: the image does not run on the
+    // volume while the agent is away mid-remediation (the lab's back-off is seconds, a real
+    // one minutes).
+    lab.set.switches().hold_restarts.store(true, Ordering::SeqCst);
+    let mut agent = agent_for_controller(&lab, &[("ETCD_MEDIC_FAILPOINT", "after:Quarantine")]).await?;
+    let token = register_agent(&lab, &agent)?;
+    let broken_uid = lab.set.pod_uid(1)?;
+    let mut a = ControllerProcess::start(&lab, &token, "replica-a", FAST).await?;
+    let mut b = ControllerProcess::start(&lab, &token, "replica-b", FAST).await?;
+
+    let running = wait_remediation(&lab, "apisix-etcd-1", HEAL, |p| p == "Running", &[&a, &b]).await?;
+    let status = running.status.clone().unwrap_or_default();
+    assert_eq!(status.node.as_deref(), Some(NODE_NAME));
+    let id = status.remediation_id.clone().expect("the agent's id is recorded as soon as it answers");
+    assert_eq!(running.spec.pod_uid.as_deref(), Some(broken_uid.as_str()), "the record names the pod instance");
+    assert!(running.spec.reason.as_deref().is_some_and(|r| r.starts_with("MemberNotFound")), "{:?}", running.spec.reason);
+    // Kill whichever replica leads, without releasing its lease.
+    let (leader, standby) = if a.leads().await { (&mut a, &mut b) } else { (&mut b, &mut a) };
+    leader.kill().await;
+    let deadline = tokio::time::Instant::now() + HEAL;
+    while !standby.leads().await {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the standby never took the lead:\n{}", standby.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The agent is let go at its safe point and comes back elsewhere; it resumes the
+    // remediation from its journal.
+    let state_dir = agent.state_dir.clone();
+    agent.terminate(Duration::from_secs(30)).await;
+    let mut how = etcd_medic_lab::agent::Serve::new(&lab);
+    how.state_dir = state_dir;
+    how.args = vec!["--audience".into(), etcd_medic_lab::controller::AUDIENCE.into()];
+    let agent = etcd_medic_lab::agent::ServedAgent::start(&lab, how).await?;
+    lab.set.release_restarts();
+    republish_agent(&lab, &agent)?;
+
+    let done = wait_remediation(&lab, "apisix-etcd-1", HEAL, |p| p != "Pending" && p != "Running", &[standby]).await?;
+    assert_eq!(
+        phase(&done),
+        "Succeeded",
+        "{done:?}\n{}\netcd-1:\n{}\nagent:\n{}",
+        standby.log_text(),
+        lab.set.container_log(1),
+        agent.log_text()
+    );
+    let s = done.status.clone().unwrap_or_default();
+    assert_eq!(s.remediation_id.as_deref(), Some(id.as_str()), "the standby followed the same remediation");
+    assert!(s.conditions.iter().any(|c| c.r#type == "Succeeded" && c.status == "True"), "{s:?}");
+    assert!(s.conditions.iter().any(|c| c.r#type == "Processing" && c.status == "False"), "{s:?}");
+    assert_eq!(s.diagnosis.as_ref().map(|d| d.signature.as_str()), Some("MemberNotFound"));
+    assert!(standby.leads().await, "the standby leads");
+    // One record and one remediation on the node: nothing was done twice.
+    let records: Vec<_> = remediations(&lab, "apisix").into_iter().filter(|r| r.spec.pod == "apisix-etcd-1").collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    assert_eq!(agent_remediations(&agent, &token, "apisix-etcd-1").await?.len(), 1);
+    lab.set.wait_ready(1, HEAL).await?;
+    assert_every_key(&lab, 3, KEYS).await?;
+    assert_eq!(standby.metric("etcd_medic_controller_remediations_total{phase=\"Succeeded\"}").await, Some(1.0));
+    // The Events say what happened, on the record.
+    let reasons: Vec<String> = lab
+        .api
+        .list::<k8s_openapi::api::events::v1::Event>(Some("apisix"))
+        .into_iter()
+        .filter(|e| e.reporting_controller.as_deref() == Some("etcd-medic.io/controller"))
+        .map(|e| e.reason.unwrap_or_default())
+        .collect();
+    assert!(reasons.iter().any(|r| r == "Detected") && reasons.iter().any(|r| r == "RemediationSucceeded"), "{reasons:?}");
+    standby.terminate().await;
+    lab.shutdown().await;
+    Ok(())
+}
+
+/// A paused StatefulSet holds the controller; two failing members of one cluster (no quorum
+/// left) are a storm it does not touch. Each hold is told on the pod, nothing is recorded
+/// or dispatched, and the volume stays as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_and_a_storm_hold_every_action() -> Result<()> {
+    let Some((lab, _)) = broken_lab_with_mounts().await? else { return Ok(()) };
+    let agent = agent_for_controller(&lab, &[]).await?;
+    let token = register_agent(&lab, &agent)?;
+    let set = lab.set.shape().set_name();
+    lab.api.modify::<k8s_openapi::api::apps::v1::StatefulSet>("apisix", &set, |s| {
+        s.metadata.annotations.get_or_insert_default().insert("etcd-medic.io/paused".into(), "true".into());
+    })?;
+    let volume = lab.set.volume_path(1)?;
+    let before = etcd_medic_lab::agent::tree(&volume);
+    let c = ControllerProcess::start(&lab, &token, "replica-a", FAST).await?;
+    wait_held(&lab, &c, "apisix-etcd-1", "Paused").await?;
+
+    // A second member fails (killed and held in back-off): the cluster has no quorum left.
+    lab.set.switches().hold_restarts.store(true, Ordering::SeqCst);
+    lab.set.crash_container(2)?;
+    lab.set.hold_restarts(2, HEAL).await?;
+    lab.api.modify::<k8s_openapi::api::apps::v1::StatefulSet>("apisix", &set, |s| {
+        s.metadata.annotations.get_or_insert_default().remove("etcd-medic.io/paused");
+    })?;
+    wait_held(&lab, &c, "apisix-etcd-1", "ClusterStorm").await?;
+    // A few more looks change nothing.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(remediations(&lab, "apisix").is_empty(), "{:?}", remediations(&lab, "apisix"));
+    assert!(agent_remediations(&agent, &token, "apisix-etcd-1").await?.is_empty());
+    assert_eq!(etcd_medic_lab::agent::tree(&volume), before, "a hold changed the volume");
+    assert!(c.metric("etcd_medic_controller_holds{reason=\"ClusterStorm\"}").await.is_some_and(|n| n >= 1.0));
+    lab.set.release_restarts();
+    lab.shutdown().await;
+    Ok(())
+}
+
+/// Until the pod carries a `Held<reason>` Event.
+async fn wait_held(lab: &Lab, c: &ControllerProcess, pod: &str, reason: &str) -> Result<()> {
+    let deadline = tokio::time::Instant::now() + HEAL;
+    loop {
+        let held = lab.api.list::<k8s_openapi::api::events::v1::Event>(Some("apisix")).into_iter().any(|e| {
+            e.reason.as_deref() == Some(format!("Held{reason}").as_str())
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(pod)
+                && e.note.as_deref().is_some_and(|n| n.contains(reason))
+        });
+        if held {
+            return Ok(());
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no {reason} hold of {pod}:\n{}", c.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A crash the agent does not know (a member killed) is recorded Refused with its evidence
+/// by the controller itself; a hand-made EtcdRemediation is carried out as the
+/// controller's own (a dry run here: the agent's plan and diagnosis, nothing changed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_crash_is_refused_and_a_hand_made_request_is_carried_out() -> Result<()> {
+    crate::init_tracing();
+    let lab = Lab::start(etcd_medic_lab::objects::SetShape::apisix(3, NODE_NAME)).await?;
+    let agent = agent_for_controller(&lab, &[]).await?;
+    let token = register_agent(&lab, &agent)?;
+    lab.set.switches().hold_restarts.store(true, Ordering::SeqCst);
+    lab.set.crash_container(1)?;
+    lab.set.hold_restarts(1, HEAL).await?;
+    let c = ControllerProcess::start(&lab, &token, "replica-a", FAST).await?;
+    let refused = wait_remediation(&lab, "apisix-etcd-1", HEAL, |p| !p.is_empty() && p != "Pending", &[&c]).await?;
+    let s = refused.status.clone().unwrap_or_default();
+    assert_eq!((phase(&refused), s.error.as_ref().map(|e| e.code.as_str())), ("Refused", Some("UnknownFailure")), "{s:?}");
+    assert_eq!(s.remediation_id, None, "nothing was dispatched");
+    assert!(s.diagnosis.as_ref().is_some_and(|d| d.signature == "Unknown"), "{s:?}");
+    assert!(agent_remediations(&agent, &token, "apisix-etcd-1").await?.is_empty());
+    assert_eq!(c.metric("etcd_medic_controller_decisions_total{outcome=\"refuse\",reason=\"UnknownFailure\"}").await, Some(1.0));
+
+    // A person asks for a dry run of the same pod.
+    let api: kube::Api<etcd_medic_client::crd::EtcdRemediation> = kube::Api::namespaced(lab.api.client().await?, "apisix");
+    let mine: etcd_medic_client::crd::EtcdRemediation = serde_json::from_value(json!({
+        "apiVersion": "etcd-medic.io/v1alpha1", "kind": "EtcdRemediation",
+        "metadata": {"name": "by-hand"}, "spec": {"pod": "apisix-etcd-1", "dryRun": true, "force": true, "reason": "a person asked"},
+    }))?;
+    api.create(&Default::default(), &mine).await?;
+    let deadline = tokio::time::Instant::now() + HEAL;
+    let done = loop {
+        let r = api.get("by-hand").await?;
+        if r.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| !matches!(p, "Pending" | "Running")) {
+            break r;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the hand-made request did not end: {r:?}\n{}", c.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let s = done.status.clone().unwrap_or_default();
+    assert!(s.remediation_id.is_some() && s.node.as_deref() == Some(NODE_NAME), "{s:?}");
+    let asked = agent_remediations(&agent, &token, "apisix-etcd-1").await?;
+    assert_eq!(asked.len(), 1, "the agent was asked once: {asked:?}");
+    // A forced dry run of a killed member plans the heal; nothing moved.
+    assert_eq!(phase(&done), "Planned", "{s:?}");
+    assert_eq!(etcd_medic_lab::etcd::member_list(&lab.set.other_endpoints(1)).await?.len(), 3);
+    lab.set.release_restarts();
+    lab.shutdown().await;
+    Ok(())
+}

@@ -1,27 +1,25 @@
 //! The demo: a real 3-member etcd cluster deployed like the APISIX chart's Bitnami etcd,
 //! broken the way users see it (`etcdserver: member not found`), then healed.
 //!
-//! The heal is the real agent, `etcd-medic serve`, asked over HTTP as a controller asks it
-//! (a bearer token checked by TokenReview and SubjectAccessReview against the lab's API
-//! server): it locates the pod's volume, checks every gate, takes the cluster's lease,
-//! moves the stale `member/snap`, `member/wal` and `member_id` into a quarantine on the
-//! volume, restarts the pod with a UID precondition, and verifies that the member rejoined.
-//! The demo streams the steps as the agent reports them.
+//! Nobody calls the agent: the real controller (`etcd-medic controller`) notices the crash
+//! loop and its signature, records an `EtcdRemediation` and asks the real agent on the
+//! pod's node (`etcd-medic serve`, a bearer token checked by TokenReview and
+//! SubjectAccessReview against the lab's API server). The agent locates the pod's volume,
+//! checks every gate, takes the cluster's lease, moves the stale `member/snap`,
+//! `member/wal` and `member_id` into a quarantine on the volume, restarts the pod with a UID
+//! precondition, and verifies that the member rejoined. The demo streams the steps as the
+//! record's status shows them.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use etcd_medic_lab::agent::{Serve, ServedAgent};
-use etcd_medic_lab::apiserver::TokenIdentity;
+use etcd_medic_lab::controller::{ControllerProcess, remediations};
 use etcd_medic_lab::etcd::{self, format_id};
 use etcd_medic_lab::objects::SetShape;
 use etcd_medic_lab::statefulset::container_state;
 use etcd_medic_lab::{Lab, NODE_NAME};
-use serde_json::json;
 
 const KEYS: usize = 1000;
-/// The controller's ServiceAccount token.
-const TOKEN: &str = "etcd-healer-token";
 
 struct Progress(Instant);
 
@@ -55,49 +53,66 @@ async fn main() -> Result<()> {
         println!("           | {line}");
     }
 
-    // The controller's identity, as the API server's TokenReview and RBAC would know it.
-    lab.api.add_identity(TOKEN, TokenIdentity { username: "system:serviceaccount:apisix:etcd-healer".into(), ..Default::default() });
-    lab.api.allow_remediations("system:serviceaccount:apisix:etcd-healer", Some("apisix"));
-    let agent = ServedAgent::start(&lab, Serve::new(&lab)).await?;
-    agent.wait_ready(Duration::from_secs(30)).await?;
+    // The agent on the node, and the controller beside it: nobody calls the agent by hand.
+    let agent = etcd_medic_lab::controller::agent_for_controller(&lab, &[]).await?;
+    let token = etcd_medic_lab::controller::register_agent(&lab, &agent)?;
     p.step(&format!("etcd-medic serve is ready on http://{} (auth: TokenReview + SubjectAccessReview)", agent.addr));
-
     let heal = Instant::now();
-    let uid = lab.set.pod_uid(1)?;
-    let ask = json!({"namespace": "apisix", "pod": "apisix-etcd-1", "podUID": uid, "reason": "demo: member not found"});
-    p.step(&format!("POST /v1/remediations {ask}"));
-    let accepted = agent.post(Some(TOKEN), &ask).await?;
-    ensure!(accepted.status == 202, "the agent answered {}: {}", accepted.status, accepted.text());
-    let id = accepted.json()["id"].as_str().context("an id")?.to_string();
-    p.step(&format!("  → 202 Accepted, Location: {}", accepted.header("location").unwrap_or_default()));
+    let controller =
+        ControllerProcess::start(&lab, &token, "demo", &["--min-restarts", "3", "--failing-for", "5s", "--max-failing-percent", "50"])
+            .await?;
+    p.step("etcd-medic controller is ready (watching pods app.kubernetes.io/name=etcd; --min-restarts 3 --failing-for 5s)");
 
-    // Follow it as a controller does: GET the Location until it has finished.
+    // Follow the EtcdRemediation the controller records, as `kubectl get etcdrem -w` would.
     let mut shown = 0;
-    let r = loop {
-        let r = agent.get(&format!("/v1/remediations/{id}"), Some(TOKEN)).await?.json();
-        let lines: Vec<String> = r["steps"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .flat_map(|s| {
-                let mut v = vec![format!("{:<10} ...", s["name"].as_str().unwrap_or_default())];
-                if let Some(o) = s["outcome"].as_str() {
-                    v.push(format!("{:<10} {o}: {}", s["name"].as_str().unwrap_or_default(), s["message"].as_str().unwrap_or_default()));
+    let mut said_record = false;
+    let id = loop {
+        let records: Vec<_> = remediations(&lab, "apisix").into_iter().filter(|r| r.spec.pod == "apisix-etcd-1").collect();
+        if let Some(r) = records.first() {
+            let status = r.status.clone().unwrap_or_default();
+            if !said_record {
+                p.step(&format!(
+                    "controller recorded EtcdRemediation apisix/{} — reason {:?}",
+                    r.metadata.name.as_deref().unwrap_or_default(),
+                    r.spec.reason.as_deref().unwrap_or_default()
+                ));
+                said_record = true;
+            }
+            let lines: Vec<String> = status
+                .steps
+                .iter()
+                .flat_map(|s| {
+                    let mut v = vec![format!("{:<10} ...", s.name)];
+                    if let Some(o) = &s.outcome {
+                        v.push(format!("{:<10} {o}: {}", s.name, s.message));
+                    }
+                    v
+                })
+                .collect();
+            for line in &lines[shown.min(lines.len())..] {
+                p.step(&format!("  agent on {}: {line}", status.node.as_deref().unwrap_or("?")));
+            }
+            shown = lines.len();
+            match status.phase.as_deref() {
+                Some("Succeeded") => {
+                    p.step(&format!("EtcdRemediation phase Succeeded (remediation {})", status.remediation_id.clone().unwrap_or_default()));
+                    break status.remediation_id.unwrap_or_default();
                 }
-                v
-            })
-            .collect();
-        for line in &lines[shown.min(lines.len())..] {
-            p.step(&format!("  agent: {line}"));
+                Some(ph @ ("Failed" | "Refused")) => {
+                    anyhow::bail!(
+                        "the remediation ended {ph}: {:?}\ncontroller log:\n{}\nagent log:\n{}",
+                        status.error,
+                        controller.log_text(),
+                        agent.log_text()
+                    )
+                }
+                _ => {}
+            }
         }
-        shown = lines.len();
-        if !r["finishedAt"].is_null() {
-            break r;
-        }
-        ensure!(heal.elapsed() < Duration::from_secs(300), "no end after 300 s: {r}");
+        ensure!(heal.elapsed() < Duration::from_secs(300), "no end after 300 s:\n{}", controller.log_text());
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    ensure!(r["phase"] == "Succeeded", "the remediation ended {}: {}\nagent log:\n{}", r["phase"], r["error"], agent.log_text());
+    let r = agent.get(&format!("/v1/remediations/{id}"), Some(&std::fs::read_to_string(&token)?)).await?.json();
     let members = etcd::member_list(&lab.set.endpoints()).await?;
     let new = members.iter().find(|m| m.name == "apisix-etcd-1").context("member rejoined")?;
     p.step(&format!(
@@ -109,8 +124,13 @@ async fn main() -> Result<()> {
     if let Some(q) = r["quarantinePath"].as_str().and_then(|q| q.rsplit('/').next()) {
         println!("           old data kept on the PVC at .etcd-medic/quarantine/{q} (etcd-medic restore {id})");
     }
-    let events: Vec<String> = etcd_medic_lab::agent::events(&lab, "apisix").into_iter().filter_map(|e| e.reason).collect();
-    println!("           Events on the pod: {}", events.join(", "));
+    let events: Vec<String> = lab
+        .api
+        .list::<k8s_openapi::api::events::v1::Event>(Some("apisix"))
+        .into_iter()
+        .filter_map(|e| Some(format!("{} ({})", e.reason?, e.reporting_controller?.trim_start_matches("etcd-medic.io/"))))
+        .collect();
+    println!("           Events: {}", events.join(", "));
 
     let c = etcd::check_consistency(&lab.set.endpoints()).await?;
     for (endpoint, keys, hash) in &c.members {
@@ -122,6 +142,7 @@ async fn main() -> Result<()> {
         members.iter().filter(|m| m.started() && !m.is_learner).count()
     ));
     p.step(&format!("done in {:.1}s", p.0.elapsed().as_secs_f64()));
+    drop(controller);
     drop(agent);
     lab.shutdown().await;
     Ok(())

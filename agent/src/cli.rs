@@ -277,10 +277,6 @@ impl ControllerArgs {
         for ns in &self.namespaces {
             etcd_medic_core::names::validate_namespace(ns)?;
         }
-        let agent_ca = match &self.agent_ca_file {
-            Some(f) => Some(std::fs::read(f).map_err(|e| Error::invalid(format!("cannot read --agent-ca-file {}: {e}", f.display())))?),
-            None => None,
-        };
         if self.lease_duration < std::time::Duration::from_secs(2) {
             return Err(Error::invalid("--lease-duration must be at least 2s"));
         }
@@ -302,7 +298,7 @@ impl ControllerArgs {
             agent_namespace: self.agent_namespace.clone(),
             agent_service: self.agent_service.clone(),
             agent_token_file: Some(self.agent_token_file.clone()),
-            agent_ca,
+            agent_ca_file: self.agent_ca_file.clone(),
             lease_namespace: self.lease_namespace.clone(),
             lease_name: self.lease_name.clone(),
             lease_duration: self.lease_duration,

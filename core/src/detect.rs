@@ -184,12 +184,17 @@ pub fn decide(a: &Around, l: &Limits) -> Result<(), Hold> {
 /// held the cluster, quorum or a running container stood in the way, the image was about
 /// to heal itself) does not: the pod is tried again, within the attempts and back-off of
 /// [`decide`].
-pub fn settles(phase: Option<&str>, error_code: Option<&str>, refused_by_controller: bool) -> bool {
-    match phase {
-        Some("Refused") if !refused_by_controller => {
+///
+/// `decision` is the controller's label on its own records (`refused` when it refused the
+/// pod itself, `dispatch` otherwise); a person's record has none. The controller's own dry
+/// run (`--dry-run`) settles the instance too; a person's does not.
+pub fn settles(phase: Option<&str>, error_code: Option<&str>, decision: Option<&str>) -> bool {
+    match (phase, decision) {
+        (_, Some("refused")) => true,
+        (Some("Refused"), _) => {
             !matches!(error_code, Some("NotReady" | "ClusterLocked" | "TooManyRequests" | "QuorumAtRisk" | "PodRunning" | "SelfHealing"))
         }
-        Some("Planned") => false,
+        (Some("Planned"), None) => false,
         _ => true,
     }
 }
@@ -233,15 +238,18 @@ mod tests {
 
     #[test]
     fn only_a_passing_refusal_by_the_agent_or_a_plan_lets_an_instance_be_tried_again() {
-        assert!(settles(None, None, false), "not ended yet (no status)");
-        assert!(settles(Some("Running"), None, false));
-        assert!(settles(Some("Succeeded"), None, false));
-        assert!(settles(Some("Failed"), Some("NotReady"), false), "the agent answers a failed instance with its failure");
-        assert!(settles(Some("Refused"), Some("SplitBrain"), false));
-        assert!(settles(Some("Refused"), Some("NotReady"), true), "the controller's own refusal stands");
-        assert!(!settles(Some("Refused"), Some("NotReady"), false));
-        assert!(!settles(Some("Refused"), Some("SelfHealing"), false), "tried again, up to the attempts");
-        assert!(!settles(Some("Planned"), None, false), "a dry run changed nothing");
+        let mine = Some("dispatch");
+        assert!(settles(None, None, mine), "not ended yet (no status)");
+        assert!(settles(None, None, Some("refused")), "refused, its status not written yet");
+        assert!(settles(Some("Running"), None, None));
+        assert!(settles(Some("Succeeded"), None, mine));
+        assert!(settles(Some("Failed"), Some("NotReady"), mine), "the agent answers a failed instance with its failure");
+        assert!(settles(Some("Refused"), Some("SplitBrain"), mine));
+        assert!(settles(Some("Refused"), Some("NotReady"), Some("refused")), "the controller's own refusal stands");
+        assert!(!settles(Some("Refused"), Some("NotReady"), mine));
+        assert!(!settles(Some("Refused"), Some("SelfHealing"), None), "tried again, up to the attempts");
+        assert!(!settles(Some("Planned"), None, None), "a person's dry run changed nothing");
+        assert!(settles(Some("Planned"), None, mine), "the controller's own dry run (--dry-run) is its answer");
     }
 
     #[test]

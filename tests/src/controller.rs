@@ -3,7 +3,7 @@
 //! ServiceAccount token the agent accepts.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Result, bail};
@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::Lab;
 use crate::agent::{ServedAgent, agent_binary};
-use crate::apiserver::TokenIdentity;
+use crate::apiserver::{ApiServer, TokenIdentity};
 
 /// The controller's ServiceAccount, as the agents authorize it.
 pub const CONTROLLER_SA: &str = "system:serviceaccount:etcd-medic:etcd-medic-controller";
@@ -70,9 +70,14 @@ impl ControllerProcess {
     /// Starts a replica with the lab's kubeconfig, the given token and `args` (thresholds of
     /// a test's scale), and waits until it is ready (its first lists are in).
     pub async fn start(lab: &Lab, token_file: &std::path::Path, name: &str, args: &[&str]) -> Result<Self> {
+        Self::start_with(&lab.api, lab.dir.path(), token_file, name, args).await
+    }
+
+    /// [`ControllerProcess::start`] against `api` alone, its log in `dir`.
+    pub async fn start_with(api: &ApiServer, dir: &Path, token_file: &Path, name: &str, args: &[&str]) -> Result<Self> {
         let port = crate::process::free_port();
         let admin: SocketAddr = ([127, 0, 0, 1], port).into();
-        let log = lab.dir.path().join(format!("controller-{name}.log"));
+        let log = dir.join(format!("controller-{name}.log"));
         let mut cmd = tokio::process::Command::new(agent_binary());
         cmd.arg("controller")
             .args(["--admin-listen", &admin.to_string(), "--log-format", "json", "--lease-namespace", "etcd-medic"])
@@ -80,20 +85,24 @@ impl ControllerProcess {
             .arg("--agent-token-file")
             .arg(token_file)
             .args(args)
-            .env("KUBECONFIG", &lab.api.kubeconfig)
+            .env("KUBECONFIG", &api.kubeconfig)
             .env("RUST_LOG", "info,etcd_medic=debug")
             .stdout(std::fs::File::create(&log)?)
             .stderr(std::fs::OpenOptions::new().append(true).open(&log)?);
         let child = crate::process::spawn_tied(cmd)?;
         let c = ControllerProcess { child, admin, log };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
         while !c.get("/readyz").await.is_ok_and(|r| r.status == 200) {
             if tokio::time::Instant::now() > deadline {
-                bail!("the controller was not ready within 30s; its log:\n{}", c.log_text());
+                bail!("the controller was not ready within 120s; its log:\n{}", c.log_text());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Ok(c)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the controller runs")
     }
 
     pub async fn get(&self, path: &str) -> Result<crate::http::Response> {

@@ -37,23 +37,36 @@ pub async fn carry_out(ctx: Arc<Ctx>, cr: EtcdRemediation) {
     let mut status = cr.status.clone().unwrap_or_default();
     let mut backoff = Duration::from_secs(1);
     let mut said: Option<String> = None;
-    while ctx.leading() {
-        match step(&ctx, &cr, &mut status).await {
+    // A status not written yet (the write failed): written again before anything else, so
+    // that a recorded remediation id is never lost to a blip.
+    let mut unwritten = false;
+    while ctx.leading() && still_there(&ctx, &cr) {
+        if unwritten {
+            match write_status(&ctx, &ns, &name, &status).await {
+                Ok(()) => unwritten = false,
+                Err(e) if e.code == Code::RemediationNotFound => break,
+                Err(_) => {}
+            }
+        }
+        match step(&ctx, &cr, &mut status, &mut unwritten).await {
             Ok(true) => break,
             Ok(false) => {
                 backoff = Duration::from_secs(1);
                 tokio::time::sleep(ctx.cfg.poll).await;
             }
+            // The record was deleted: nothing to report to.
+            Err(e) if e.code == Code::RemediationNotFound => break,
             Err(e) => {
-                // Not an answer (no agent yet, a blip): say so once per cause, on the
-                // resource and the pod, and try again with back-off.
+                // Not an answer (no agent yet, a blip, a pause): say so once per cause, on
+                // the resource and the pod, and try again with back-off.
                 if said.as_deref() != Some(e.message.as_str()) {
+                    let reason = if e.message.starts_with("paused") { "Paused" } else { "AgentUnavailable" };
                     tracing::warn!(remediation = %format!("{ns}/{name}"), code = %e.code, "{}; retrying", e.message);
-                    let pending = waiting(&status, &cr, &e);
+                    let pending = waiting(&status, &cr, reason, &e);
                     if write_status(&ctx, &ns, &name, &pending).await.is_ok() {
                         status = pending;
                     }
-                    ctx.event(&cr, EventType::Warning, "AgentUnavailable", &e.message).await;
+                    ctx.event(&cr, EventType::Warning, reason, &e.message).await;
                     said = Some(e.message.clone());
                 }
                 tokio::time::sleep(backoff).await;
@@ -61,21 +74,53 @@ pub async fn carry_out(ctx: Arc<Ctx>, cr: EtcdRemediation) {
             }
         }
     }
-    ctx.busy.lock().unwrap().remove(&(ns, name));
+    // What this replica knows now, before the watch brings it: the next look must not start
+    // this record again from an older copy.
+    let key = (ns, name);
+    if let Some(r) = ctx.rems.lock().unwrap().get_mut(&key)
+        && r.metadata.uid == cr.metadata.uid
+        && !unwritten
+    {
+        r.status = Some(status);
+    }
+    ctx.busy.lock().unwrap().remove(&key);
+}
+
+/// The record is still the one being carried out: not deleted, not replaced by another of
+/// the same name.
+fn still_there(ctx: &Ctx, cr: &EtcdRemediation) -> bool {
+    let key = (cr.namespace().unwrap_or_default(), cr.name_any());
+    ctx.rems.lock().unwrap().get(&key).is_some_and(|r| r.metadata.uid == cr.metadata.uid && r.metadata.deletion_timestamp.is_none())
 }
 
 /// One step: dispatch, or look at the remediation once. `Ok(true)` when it ended.
-async fn step(ctx: &Ctx, cr: &EtcdRemediation, status: &mut EtcdRemediationStatus) -> Result<bool> {
+async fn step(ctx: &Ctx, cr: &EtcdRemediation, status: &mut EtcdRemediationStatus, unwritten: &mut bool) -> Result<bool> {
     let ns = cr.namespace().unwrap_or_default();
     let name = cr.name_any();
     let generation = cr.metadata.generation;
     let (remediation, dispatched) = match (&status.remediation_id, &status.node) {
         (Some(id), Some(node)) => match agent(ctx, node).await?.get(id).await {
-            Ok(r) => (r, false),
+            // Only a remediation of this record's pod is mirrored (a status is writable by
+            // whoever may write it, not only by this controller).
+            Ok(r) if r.namespace == ns && r.pod == cr.spec.pod && (cr.spec.pod_uid.is_none() || r.pod_uid == cr.spec.pod_uid) => (r, false),
+            Ok(r) => {
+                let e =
+                    Error::invalid(format!("the status names remediation {} of {}/{}, not of this record's pod", r.id, r.namespace, r.pod));
+                return end(ctx, cr, status, e).await;
+            }
             Err(e) if retryable(&e) => return Err(e),
             Err(e) => return end(ctx, cr, status, e).await,
         },
         _ => {
+            // A person's record waits while a pause annotation holds the pod; the
+            // controller's own were decided with it.
+            let seen = ctx.pods.lock().unwrap().get(&(ns.clone(), cr.spec.pod.clone())).cloned();
+            if super::decision(cr).is_none()
+                && let Some(pod) = seen
+                && let Some(on) = super::paused_on(ctx, &pod).await
+            {
+                return Err(Error::new(Code::NotReady, format!("paused by the annotation etcd-medic.io/paused on {on}")));
+            }
             let pod = match ctx.api.pod(&ns, &cr.spec.pod).await {
                 Ok(p) => p,
                 Err(e) if e.code == Code::PodNotFound => return end(ctx, cr, status, e).await,
@@ -93,7 +138,11 @@ async fn step(ctx: &Ctx, cr: &EtcdRemediation, status: &mut EtcdRemediationStatu
                 reason: Some(cr.spec.reason.clone().unwrap_or_else(|| format!("EtcdRemediation {ns}/{name}"))),
                 etcd_endpoints: None,
             };
-            match agent(ctx, &node).await?.create_recorded(&req).await {
+            let agent = agent(ctx, &node).await?;
+            if !ctx.leading() {
+                return Ok(false);
+            }
+            match agent.create_recorded(&req).await {
                 Ok(created) => (created.remediation, true),
                 Err(e) if retryable(&e) => return Err(e),
                 Err(e) => return end(ctx, cr, status, e).await,
@@ -102,8 +151,10 @@ async fn step(ctx: &Ctx, cr: &EtcdRemediation, status: &mut EtcdRemediationStatu
     };
     let next = status_of(&remediation, generation, Some(status), &etcd_medic_core::contract::now());
     if next != *status {
-        write_status(ctx, &ns, &name, &next).await?;
         *status = next;
+        *unwritten = true;
+        write_status(ctx, &ns, &name, status).await?;
+        *unwritten = false;
     }
     if dispatched {
         let detected = ctx.detected_at(cr.spec.pod_uid.as_deref());
@@ -167,8 +218,8 @@ pub fn ended(previous: &EtcdRemediationStatus, generation: Option<i64>, phase: &
     }
 }
 
-/// `Pending` while the agent cannot be asked, saying why.
-fn waiting(previous: &EtcdRemediationStatus, cr: &EtcdRemediation, e: &Error) -> EtcdRemediationStatus {
+/// `Pending` while the agent cannot be asked (or a pause holds the pod), saying why.
+fn waiting(previous: &EtcdRemediationStatus, cr: &EtcdRemediation, reason: &str, e: &Error) -> EtcdRemediationStatus {
     let mut s = previous.clone();
     if s.phase.is_none() {
         s.phase = Some("Pending".into());
@@ -180,7 +231,7 @@ fn waiting(previous: &EtcdRemediationStatus, cr: &EtcdRemediation, e: &Error) ->
     s.conditions.push(Condition {
         r#type: "Processing".into(),
         status: "True".into(),
-        reason: "AgentUnavailable".into(),
+        reason: reason.into(),
         message,
         last_transition_time: kept.unwrap_or(now),
         observed_generation: cr.metadata.generation,
@@ -192,7 +243,7 @@ fn waiting(previous: &EtcdRemediationStatus, cr: &EtcdRemediation, e: &Error) ->
 /// The agent on `node`, with the controller's current token (projected tokens rotate).
 async fn agent(ctx: &Ctx, node: &str) -> Result<AgentClient> {
     let url = discover::agent_on_node(ctx.api.client(), &ctx.cfg.agent_namespace, &ctx.cfg.agent_service, node).await?;
-    let client = match &ctx.cfg.agent_ca {
+    let client = match &ctx.agent_ca {
         Some(pem) => AgentClient::with_ca(&url, pem)?,
         None => AgentClient::new(&url)?,
     };
@@ -221,6 +272,9 @@ pub async fn write_status(ctx: &Ctx, ns: &str, name: &str, status: &EtcdRemediat
             Err(e) if attempt < 6 && matches!(crate::kubeapi::classify(&e), crate::kubeapi::Attempt::Transient(_)) => {
                 tokio::time::sleep(wait).await;
                 wait *= 2;
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                return Err(Error::new(Code::RemediationNotFound, format!("EtcdRemediation {ns}/{name} was deleted")));
             }
             Err(e) => return Err(Error::new(Code::NotReady, format!("cannot write the status of EtcdRemediation {ns}/{name}: {e}"))),
         }

@@ -23,6 +23,34 @@ pub struct Election {
     /// This replica (its pod name and a random suffix).
     pub me: String,
     pub duration: Duration,
+    /// When the lease was last written as ours: the lead is good only for two thirds of a
+    /// duration after it, whatever a renewal in flight may still bring (see [`Lead`]).
+    pub lead: std::sync::Arc<Lead>,
+}
+
+/// Whether this replica may act now: it wrote the lease as its own less than two thirds of
+/// a duration ago. A standby takes over only after a whole duration unchanged on its own
+/// clock, so a leader whose renewals hang stops acting before another starts.
+#[derive(Default)]
+pub struct Lead {
+    written: std::sync::Mutex<Option<Instant>>,
+    duration: std::sync::Mutex<Duration>,
+}
+
+impl Lead {
+    pub fn held(&self) -> bool {
+        let budget = *self.duration.lock().unwrap() * 2 / 3;
+        self.written.lock().unwrap().is_some_and(|t| t.elapsed() < budget)
+    }
+
+    fn wrote(&self, at: Instant, duration: Duration) {
+        *self.duration.lock().unwrap() = duration;
+        *self.written.lock().unwrap() = Some(at);
+    }
+
+    fn lost(&self) {
+        *self.written.lock().unwrap() = None;
+    }
 }
 
 impl Election {
@@ -45,6 +73,7 @@ impl Election {
             if shutdown.stopping() {
                 return Err(Error::new(Code::NotReady, "shutting down before leading"));
             }
+            let attempt = Instant::now();
             let written = match self.api.lease(&self.namespace, &self.name).await {
                 Err(e) => Err(e),
                 Ok(None) => {
@@ -80,6 +109,7 @@ impl Election {
             };
             match written {
                 Ok(lease) => {
+                    self.lead.wrote(attempt, self.duration);
                     tracing::info!(lease = %format!("{}/{}", self.namespace, self.name), "leading");
                     return Ok(lease);
                 }
@@ -101,32 +131,48 @@ impl Election {
     /// that a standby leads at once) or until it is lost: another holder wrote it, or no
     /// renewal succeeded for two thirds of the duration.
     pub async fn keep(&self, mut lease: Lease, shutdown: &Shutdown) -> Error {
-        let mut renewed = Instant::now();
+        let lost = |e: Error| {
+            self.lead.lost();
+            e
+        };
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(self.duration / 3) => {}
                 _ = shutdown.stopped() => {
+                    self.lead.lost();
                     self.release(lease).await;
                     return Error::new(Code::NotReady, "shutting down");
                 }
             }
+            if !self.lead.held() {
+                return lost(Error::new(Code::NotReady, "the lead lapsed: no renewal went through in time"));
+            }
+            let attempt = Instant::now();
             let mut next = lease.clone();
             let acquired = lease.spec.as_ref().and_then(|s| s.acquire_time.clone());
             next.spec = Some(self.spec(acquired));
-            match self.api.write_lease(&self.namespace, &next, false).await {
-                Ok(l) => {
+            // Every call is bounded by what is left of the lead: a hanging API server cannot
+            // keep this replica believing it leads.
+            let left = self.duration.saturating_sub(attempt.elapsed()) * 2 / 3;
+            match tokio::time::timeout(left, self.api.write_lease(&self.namespace, &next, false)).await {
+                Ok(Ok(l)) => {
                     lease = l;
-                    renewed = Instant::now();
+                    self.lead.wrote(attempt, self.duration);
                 }
-                Err(e) => {
-                    // A renewal whose answer was lost may have gone through: read it back.
-                    match self.api.lease(&self.namespace, &self.name).await {
-                        Ok(Some(l)) if holding(&l).holder.as_deref() == Some(self.me.as_str()) => lease = l,
-                        Ok(_) => return Error::new(Code::ClusterLocked, format!("lost the lead: {}", e.message)),
-                        Err(_) => {}
-                    }
-                    if renewed.elapsed() > self.duration * 2 / 3 {
-                        return Error::new(Code::NotReady, format!("could not renew the lead for {:?}: {}", renewed.elapsed(), e.message));
+                Ok(Err(e)) if e.code == Code::ClusterLocked => {
+                    return lost(Error::new(Code::ClusterLocked, format!("lost the lead: {}", e.message)));
+                }
+                failed => {
+                    let why = match failed {
+                        Ok(Err(e)) => e.message,
+                        _ => "the renewal did not answer in time".into(),
+                    };
+                    // A renewal whose answer was lost may have gone through: read it back,
+                    // within the same bound.
+                    match tokio::time::timeout(Duration::from_secs(2), self.api.lease(&self.namespace, &self.name)).await {
+                        Ok(Ok(Some(l))) if holding(&l).holder.as_deref() == Some(self.me.as_str()) => lease = l,
+                        Ok(Ok(_)) => return lost(Error::new(Code::ClusterLocked, format!("lost the lead: {why}"))),
+                        _ => tracing::warn!("could not renew the lead: {why}"),
                     }
                 }
             }

@@ -53,8 +53,8 @@ pub struct Config {
     pub agent_namespace: String,
     pub agent_service: String,
     pub agent_token_file: Option<PathBuf>,
-    /// PEM of the agents' serving CA (HTTPS agents).
-    pub agent_ca: Option<Vec<u8>>,
+    /// The agents' serving CA (HTTPS agents), read at start.
+    pub agent_ca_file: Option<PathBuf>,
     pub lease_namespace: String,
     pub lease_name: String,
     pub lease_duration: Duration,
@@ -78,6 +78,8 @@ struct Detected {
 
 pub struct Ctx {
     pub cfg: Config,
+    /// PEM of the agents' serving CA.
+    agent_ca: Option<Vec<u8>>,
     pub api: KubeApi,
     pub metrics: Metrics,
     recorder: Recorder,
@@ -87,18 +89,24 @@ pub struct Ctx {
     synced: Mutex<HashSet<String>>,
     watches: usize,
     leading: AtomicBool,
+    lead: Arc<leader::Lead>,
     /// Remediations being carried out by this replica.
     busy: Mutex<HashSet<(String, String)>>,
     detected: Mutex<HashMap<String, Detected>>,
     /// The hold each held pod (by uid) was last told of.
     held: Mutex<HashMap<String, String>>,
     pauses: Mutex<HashMap<String, (Instant, bool)>>,
+    /// Pods (by uid) whose record could not be created, and when to try again: a refusal of
+    /// the API server (a quota, a webhook, an invalid name) is not asked again every second.
+    create_failed: Mutex<HashMap<String, Instant>>,
     changed: tokio::sync::Notify,
 }
 
 impl Ctx {
+    /// This replica leads, and its last renewal is recent enough to act on (see
+    /// `leader::Lead`): checked before every write that acts.
     pub fn leading(&self) -> bool {
-        self.leading.load(Ordering::SeqCst)
+        self.leading.load(Ordering::SeqCst) && self.lead.held()
     }
 
     /// Every watch has its first list: decisions see the whole picture.
@@ -143,6 +151,10 @@ impl Ctx {
 /// Runs the controller until the shutdown, or until it loses the lead (an error: the
 /// process exits and restarts as a standby).
 pub async fn run(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    let agent_ca = match &cfg.agent_ca_file {
+        Some(f) => Some(std::fs::read(f).map_err(|e| Error::invalid(format!("cannot read --agent-ca-file {}: {e}", f.display())))?),
+        None => None,
+    };
     let api = KubeApi::from_environment(cfg.api_timeout).await?;
     let scopes: Vec<Option<String>> =
         if cfg.namespaces.is_empty() { vec![None] } else { cfg.namespaces.iter().cloned().map(Some).collect() };
@@ -153,6 +165,7 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let ctx = Arc::new(Ctx {
         watches: scopes.len() * 2,
         cfg,
+        agent_ca,
         api,
         metrics: Metrics::default(),
         recorder,
@@ -160,10 +173,12 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         rems: Mutex::default(),
         synced: Mutex::default(),
         leading: AtomicBool::new(false),
+        lead: Arc::default(),
         busy: Mutex::default(),
         detected: Mutex::default(),
         held: Mutex::default(),
         pauses: Mutex::default(),
+        create_failed: Mutex::default(),
         changed: tokio::sync::Notify::new(),
     });
     let admin =
@@ -179,6 +194,7 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         name: ctx.cfg.lease_name.clone(),
         me: ctx.cfg.identity.clone(),
         duration: ctx.cfg.lease_duration,
+        lead: ctx.lead.clone(),
     };
     let lease = match election.acquire(&shutdown).await {
         Ok(l) => l,
@@ -206,7 +222,7 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             _ = tokio::time::sleep(ctx.cfg.tick) => {}
             _ = ctx.changed.notified() => {}
         }
-        if ctx.ready() && !shutdown.stopping() {
+        if ctx.ready() && ctx.leading() && !shutdown.stopping() {
             evaluate(&ctx).await;
             reconcile(&ctx);
         }
@@ -286,9 +302,14 @@ async fn watch_remediations(ctx: Arc<Ctx>, scope: Option<String>) {
 /// create) is seen.
 const DECISION: &str = "etcd-medic.io/decision";
 
+/// What the controller decided for a record of its own (`None`: a person's).
+pub fn decision(r: &EtcdRemediation) -> Option<&str> {
+    r.labels().get(DECISION).map(String::as_str)
+}
+
 /// Starts carrying out every EtcdRemediation that has not ended and is not being carried out.
 fn reconcile(ctx: &Arc<Ctx>) {
-    let refused = |r: &EtcdRemediation| r.labels().get(DECISION).is_some_and(|d| d == "refused");
+    let refused = |r: &EtcdRemediation| decision(r) == Some("refused");
     let open: Vec<EtcdRemediation> = ctx
         .rems
         .lock()
@@ -310,13 +331,20 @@ async fn evaluate(ctx: &Arc<Ctx>) {
     let now = jiff::Timestamp::now();
     let (candidates, watched) = {
         let pods = ctx.pods.lock().unwrap();
-        let c: Vec<PodSeen> =
-            pods.values().filter(|p| !p.deleting && detect::detect(&p.container(now), &ctx.cfg.thresholds).is_ok()).cloned().collect();
+        // Only members of a StatefulSet: an etcd cluster the agent knows how to heal, and no
+        // stray pod that merely carries the label counts toward a storm.
+        let c: Vec<PodSeen> = pods
+            .values()
+            .filter(|p| !p.deleting && p.cluster.is_some() && detect::detect(&p.container(now), &ctx.cfg.thresholds).is_ok())
+            .cloned()
+            .collect();
         (c, pods.len())
     };
     // Pods no longer failing are forgotten (a new failure is a new detection).
     let failing: HashSet<&str> = candidates.iter().map(|p| p.uid.as_str()).collect();
     ctx.detected.lock().unwrap().retain(|uid, _| failing.contains(uid.as_str()));
+    ctx.create_failed.lock().unwrap().retain(|uid, _| failing.contains(uid.as_str()));
+    ctx.pauses.lock().unwrap().retain(|_, (at, _)| at.elapsed() < Duration::from_secs(10));
     ctx.held.lock().unwrap().retain(|uid, _| failing.contains(uid.as_str()));
     let mut per_cluster: HashMap<(String, String), usize> = HashMap::new();
     for p in &candidates {
@@ -360,11 +388,7 @@ fn recorded_for(ctx: &Ctx, pod: &PodSeen) -> bool {
         let s = r.status.as_ref();
         r.namespace().as_deref() == Some(&pod.namespace)
             && r.spec.pod_uid.as_deref() == Some(&pod.uid)
-            && detect::settles(
-                s.and_then(|s| s.phase.as_deref()),
-                s.and_then(|s| s.error.as_ref()).map(|e| e.code.as_str()),
-                r.labels().get(DECISION).is_some_and(|d| d == "refused"),
-            )
+            && detect::settles(s.and_then(|s| s.phase.as_deref()), s.and_then(|s| s.error.as_ref()).map(|e| e.code.as_str()), decision(r))
     })
 }
 
@@ -377,7 +401,14 @@ async fn detection(ctx: &Ctx, pod: &PodSeen) -> Detected {
     let (mut sig, mut evidence) = observe::signature_of(&pod.message);
     if sig == Signature::Unknown {
         let api: Api<Pod> = Api::namespaced(ctx.api.client().clone(), &pod.namespace);
-        let lp = LogParams { container: ctx.cfg.container.clone(), previous: true, tail_lines: Some(200), ..Default::default() };
+        // Bounded in lines and bytes: a tenant's log may hold a few enormous lines.
+        let lp = LogParams {
+            container: ctx.cfg.container.clone(),
+            previous: true,
+            tail_lines: Some(200),
+            limit_bytes: Some(64 << 10),
+            ..Default::default()
+        };
         match tokio::time::timeout(ctx.cfg.api_timeout, api.logs(&pod.name, &lp)).await {
             Ok(Ok(log)) => (sig, evidence) = observe::signature_of(&log),
             Ok(Err(e)) => tracing::debug!(pod = %pod.name, "no previous log: {e}"),
@@ -454,7 +485,12 @@ fn in_flight(ctx: &Ctx, namespace: &str, cluster: &str) -> Option<String> {
         .lock()
         .unwrap()
         .values()
-        .filter(|r| r.namespace().as_deref() == Some(namespace) && !r.spec.dry_run && !dispatch::is_final(r.status.as_ref()))
+        .filter(|r| {
+            r.namespace().as_deref() == Some(namespace)
+                && !r.spec.dry_run
+                && decision(r) != Some("refused")
+                && !dispatch::is_final(r.status.as_ref())
+        })
         .find(|r| {
             let of = pods.get(&(namespace.to_string(), r.spec.pod.clone())).and_then(|p| p.cluster.clone());
             of.as_deref().unwrap_or(&r.spec.pod) == cluster
@@ -495,15 +531,18 @@ async fn tell_hold(ctx: &Ctx, pod: &PodSeen, hold: &Hold) {
 async fn record(ctx: &Ctx, pod: &PodSeen, d: &Detected) {
     let (action, code, why) = signature::decide(d.signature, None);
     let evidence = d.evidence.clone().unwrap_or_default();
-    let short = &uuid::Uuid::new_v4().simple().to_string()[..6];
+    if !ctx.leading() || ctx.create_failed.lock().unwrap().get(&pod.uid).is_some_and(|t| Instant::now() < *t) {
+        return;
+    }
     let cr = EtcdRemediation {
         metadata: ObjectMeta {
-            name: Some(format!("{}-{short}", pod.name)),
+            name: Some(record_name(&pod.name, &pod.uid, records_of(ctx, pod))),
             namespace: Some(pod.namespace.clone()),
             labels: Some(
                 [
                     ("app.kubernetes.io/managed-by".to_string(), "etcd-medic-controller".to_string()),
-                    ("etcd-medic.io/pod".to_string(), pod.name.clone()),
+                    // A label value is at most 63 characters: a longer pod name is in the spec only.
+                    ("etcd-medic.io/pod".to_string(), if pod.name.len() <= 63 { pod.name.clone() } else { String::new() }),
                     (DECISION.to_string(), if action == Action::Refuse { "refused" } else { "dispatch" }.to_string()),
                 ]
                 .into(),
@@ -522,8 +561,12 @@ async fn record(ctx: &Ctx, pod: &PodSeen, d: &Detected) {
     let api: Api<EtcdRemediation> = Api::namespaced(ctx.api.client().clone(), &pod.namespace);
     let created = match api.create(&PostParams::default(), &cr).await {
         Ok(c) => c,
+        // The name is this instance's and attempt's: a create whose answer was lost went
+        // through, and the watch brings the record.
+        Err(kube::Error::Api(s)) if s.code == 409 => return,
         Err(e) => {
-            tracing::warn!(namespace = %pod.namespace, pod = %pod.name, "cannot record the EtcdRemediation: {e}; again at the next look");
+            tracing::warn!(namespace = %pod.namespace, pod = %pod.name, "cannot record the EtcdRemediation: {e}; again in 30s");
+            ctx.create_failed.lock().unwrap().insert(pod.uid.clone(), Instant::now() + Duration::from_secs(30));
             return;
         }
     };
@@ -556,6 +599,26 @@ async fn record(ctx: &Ctx, pod: &PodSeen, d: &Detected) {
     ctx.changed.notify_one();
 }
 
+/// The records of this pod instance so far.
+fn records_of(ctx: &Ctx, pod: &PodSeen) -> usize {
+    ctx.rems
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|r| r.namespace().as_deref() == Some(&pod.namespace) && r.spec.pod_uid.as_deref() == Some(&pod.uid))
+        .count()
+}
+
+/// A record's name: the pod's, its instance (the UID's first 8 characters) and the attempt,
+/// so that asking twice for one attempt is an AlreadyExists, never a second record. At most
+/// 253 characters.
+pub fn record_name(pod: &str, uid: &str, earlier: usize) -> String {
+    let suffix = format!("-{}-{}", uid.chars().filter(char::is_ascii_alphanumeric).take(8).collect::<String>().to_lowercase(), earlier + 1);
+    let mut base = pod.to_string();
+    base.truncate(253 - suffix.len());
+    format!("{}{suffix}", base.trim_end_matches(['-', '.']))
+}
+
 /// `/healthz`, `/readyz` (every watch listed) and `/metrics`, on the admin port.
 async fn serve_admin(ctx: Arc<Ctx>, listener: tokio::net::TcpListener, shutdown: Shutdown) {
     use axum::http::StatusCode;
@@ -581,5 +644,18 @@ async fn serve_admin(ctx: Arc<Ctx>, listener: tokio::net::TcpListener, shutdown:
     let stop = shutdown.clone();
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { stop.stopped().await }).await {
         tracing::error!("the admin server stopped: {e}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_record_is_named_for_its_pod_instance_and_attempt() {
+        assert_eq!(record_name("apisix-etcd-1", "4396a12d-23e6-4ea5", 0), "apisix-etcd-1-4396a12d-1");
+        assert_eq!(record_name("apisix-etcd-1", "4396A12D-23e6", 2), "apisix-etcd-1-4396a12d-3");
+        let long = record_name(&"e".repeat(300), "u1", 0);
+        assert!(long.len() <= 253 && long.ends_with("-u1-1"), "{long}");
     }
 }

@@ -1,0 +1,222 @@
+//! `scripts/bench-controller`: the controller at scale and its latency, printed as the
+//! Markdown section of `BENCHMARKS.md`.
+//!
+//! - scale: `etcd-medic controller` (the release binary) against the stand-in API server
+//!   holding `--pods` pods (default 10,000) of which `--etcd` (default 3,000) are Bitnami etcd
+//!   members in StatefulSets of 3, all Ready: time to its first lists, memory (RSS, peak),
+//!   CPU and API requests while idle for `--idle` seconds (default 60);
+//! - latency, with real etcd and the real agent: a member broken as users see it; from the
+//!   moment its status makes it a candidate (the signature shown, `--min-restarts` reached,
+//!   not Ready for `--failing-for`) to the agent holding the remediation (the POST answered),
+//!   and to the record's `Succeeded`; `--runs` times (default 3).
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use etcd_medic_lab::apiserver::ApiServer;
+use etcd_medic_lab::apiserver::store::find_resource;
+use etcd_medic_lab::bench::{summary, usage};
+use etcd_medic_lab::controller::{ControllerProcess, agent_for_controller, register_agent, remediations};
+use etcd_medic_lab::etcd::MemberSpec;
+use etcd_medic_lab::objects::{self, SetShape};
+use etcd_medic_lab::{Lab, NODE_NAME};
+use serde_json::{Value, json};
+
+struct Args {
+    pods: usize,
+    etcd: usize,
+    idle: u64,
+    runs: usize,
+}
+
+fn args() -> Result<Args> {
+    let mut a = Args { pods: 10_000, etcd: 3_000, idle: 60, runs: 3 };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut num = || -> Result<usize> { Ok(it.next().context("a number")?.parse()?) };
+        match flag.as_str() {
+            "--pods" => a.pods = num()?,
+            "--etcd" => a.etcd = num()?,
+            "--idle" => a.idle = num()? as u64,
+            "--runs" => a.runs = num()?,
+            other => anyhow::bail!("unknown flag {other}; see the source's header"),
+        }
+    }
+    ensure!(a.etcd <= a.pods && a.etcd % 3 == 0, "--etcd must be a multiple of 3, at most --pods");
+    Ok(a)
+}
+
+/// A pod as the kubelet reports a healthy one.
+fn running(mut pod: Value) -> Value {
+    let t = "2026-12-01T00:00:00Z";
+    pod["status"]["phase"] = json!("Running");
+    pod["status"]["conditions"] = json!([
+        {"type": "Initialized", "status": "True", "lastTransitionTime": t},
+        {"type": "Ready", "status": "True", "lastTransitionTime": t},
+        {"type": "ContainersReady", "status": "True", "lastTransitionTime": t},
+        {"type": "PodScheduled", "status": "True", "lastTransitionTime": t},
+    ]);
+    pod["status"]["containerStatuses"] = json!([{"name": "etcd", "image": pod.pointer("/spec/containers/0/image"), "imageID": "",
+        "ready": true, "started": true, "restartCount": 0, "state": {"running": {"startedAt": t}}}]);
+    pod
+}
+
+/// Fills the stand-in: `etcd` members in sets of 3 (one namespace each), the rest other pods.
+fn populate(api: &ApiServer, pods: usize, etcd: usize) -> Result<()> {
+    let store = api.store();
+    let (pod_res, set_res) =
+        (find_resource("", "v1", "pods").context("pods")?, find_resource("apps", "v1", "statefulsets").context("sets")?);
+    for set in 0..etcd / 3 {
+        let mut shape = SetShape::apisix(3, &format!("node-{}", set % 100));
+        shape.namespace = format!("tenant-{set}");
+        let members: Vec<MemberSpec> = (0..3).map(|i| MemberSpec { name: shape.pod_name(i), client_port: 2379, peer_port: 2380 }).collect();
+        store.create(set_res, &shape.namespace, objects::statefulset(&shape)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        for i in 0..3 {
+            store.create(pod_res, &shape.namespace, running(objects::pod(&shape, i, &members))).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        }
+    }
+    let shape = SetShape::apisix(3, "node-0");
+    let members: Vec<MemberSpec> = (0..3).map(|i| MemberSpec { name: shape.pod_name(i), client_port: 2379, peer_port: 2380 }).collect();
+    for n in 0..pods - etcd {
+        let mut p = running(objects::pod(&shape, 0, &members));
+        let ns = format!("tenant-{}", n % 1000);
+        p["metadata"]["name"] = json!(format!("web-{n}"));
+        p["metadata"]["namespace"] = json!(ns);
+        p["metadata"]["labels"] = json!({"app.kubernetes.io/name": "web", "app.kubernetes.io/instance": format!("web-{}", n / 10)});
+        p["metadata"]["ownerReferences"] = json!([]);
+        p["spec"]["nodeName"] = json!(format!("node-{}", n % 100));
+        store.create(pod_res, &ns, p).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    }
+    Ok(())
+}
+
+fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("VmHWM:"))?.split_whitespace().next()?.parse::<u64>().ok().map(|kb| kb * 1024)
+}
+
+async fn scale(a: &Args, md: &mut String) -> Result<()> {
+    let dir = tempfile::Builder::new().prefix("etcd-medic-bench-").tempdir()?;
+    let api = ApiServer::start(dir.path()).await?;
+    let t = Instant::now();
+    populate(&api, a.pods, a.etcd)?;
+    eprintln!("stand-in filled with {} pods in {:.1}s", a.pods, t.elapsed().as_secs_f64());
+    let token = dir.path().join("token");
+    std::fs::write(&token, "unused")?;
+    let t = Instant::now();
+    let c = ControllerProcess::start_with(&api, dir.path(), &token, "bench", &[]).await?;
+    let ready = t.elapsed().as_secs_f64();
+    let pid = c.pid();
+    let watched = c.metric("etcd_medic_controller_watched_pods").await.unwrap_or(0.0);
+    ensure!(watched as usize == a.etcd, "the controller watches {watched} pods, not {}", a.etcd);
+    let u0 = usage(pid)?;
+    let seen0 = api.seen().len();
+    tokio::time::sleep(Duration::from_secs(a.idle)).await;
+    let u1 = usage(pid)?;
+    let seen = api.seen().len() - seen0;
+    let per_min = seen as f64 * 60.0 / a.idle as f64;
+    let cpu_pct = (u1.cpu_secs - u0.cpu_secs) * 100.0 / a.idle as f64;
+    let peak = peak_rss(pid).unwrap_or(u1.rss_bytes);
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    md.push_str(&format!(
+        "| {} pods, {} etcd members watched | {ready:.2} s | {:.1} MiB | {:.1} MiB | {cpu_pct:.2} % | {per_min:.1} |\n",
+        a.pods,
+        a.etcd,
+        mib(u1.rss_bytes),
+        mib(peak),
+    ));
+    Ok(())
+}
+
+async fn latency(a: &Args, md: &mut String) -> Result<()> {
+    let lab = Lab::start(SetShape::apisix(3, NODE_NAME)).await?;
+    lab.write_keys(300).await?;
+    let agent = agent_for_controller(&lab, &[]).await?;
+    let token = register_agent(&lab, &agent)?;
+    let failing_for = 10;
+    let c = ControllerProcess::start(
+        &lab,
+        &token,
+        "bench",
+        &["--min-restarts", "3", "--failing-for", &format!("{failing_for}s"), "--cooldown", "1s", "--max-failing-percent", "50"],
+    )
+    .await?;
+    let (mut to_post, mut to_success) = (Vec::new(), Vec::new());
+    for run in 0..a.runs {
+        if run > 0 {
+            // etcd takes the next membership change only once its leader is settled.
+            tokio::time::sleep(Duration::from_secs(6)).await;
+        }
+        let before: Vec<String> = remediations(&lab, "apisix").into_iter().filter_map(|r| r.metadata.name).collect();
+        lab.break_member(1).await?;
+        // The moment the pod's status makes it a candidate, on the controller's own terms.
+        let candidate = loop {
+            let p = lab.set.pod(1)?;
+            let restarts = p.pointer("/status/containerStatuses/0/restartCount").and_then(Value::as_u64).unwrap_or(0);
+            let since = p
+                .pointer("/status/conditions")
+                .and_then(Value::as_array)
+                .and_then(|cs| cs.iter().find(|c| c["type"] == "Ready" && c["status"] == "False"))
+                .and_then(|c| c["lastTransitionTime"].as_str())
+                .and_then(|t| t.parse::<jiff::Timestamp>().ok());
+            let failing = since.is_some_and(|s| jiff::Timestamp::now().duration_since(s).as_secs() >= failing_for);
+            if restarts >= 3 && failing && etcd_medic_lab::statefulset::termination_message(&p).contains("member not found") {
+                break Instant::now();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let mut posted = None;
+        let done = loop {
+            let mine = remediations(&lab, "apisix").into_iter().find(|r| r.metadata.name.as_ref().is_some_and(|n| !before.contains(n)));
+            let status = mine.and_then(|r| r.status).unwrap_or_default();
+            if posted.is_none() && status.remediation_id.is_some() {
+                posted = Some(candidate.elapsed().as_secs_f64());
+            }
+            match status.phase.as_deref() {
+                Some("Succeeded") => break candidate.elapsed().as_secs_f64(),
+                Some(p @ ("Failed" | "Refused")) => {
+                    anyhow::bail!("run {run}: the remediation ended {p}: {:?}\n{}", status.error, c.log_text())
+                }
+                _ => {}
+            }
+            ensure!(candidate.elapsed() < Duration::from_secs(300), "run {run}: no end:\n{}", c.log_text());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        to_post.push(posted.unwrap_or(done));
+        to_success.push(done);
+        eprintln!("run {run}: candidate → POST answered {:.3} s, → Succeeded {done:.2} s", posted.unwrap_or(done));
+    }
+    let row = |v: &[f64]| {
+        let (min, med, max) = summary(v);
+        format!("{med:.3} s (min {min:.3}, max {max:.3})")
+    };
+    md.push_str(&format!(
+        "\n| from the pod becoming a candidate (signature shown, 3 restarts, not Ready for {failing_for} s) | to |\n|---|---|\n\
+         | the agent holding the remediation (POST answered, id in the record's status) | {} |\n\
+         | the record's `Succeeded` (the member rejoined, verified by the agent) | {} |\n",
+        row(&to_post),
+        row(&to_success)
+    ));
+    md.push_str(&format!(
+        "\n{} runs; the controller's own view of the same: `detection_to_dispatch_seconds` sum {:.3} s over {} dispatches.\n",
+        a.runs,
+        c.metric("etcd_medic_controller_detection_to_dispatch_seconds_sum").await.unwrap_or(f64::NAN),
+        c.metric("etcd_medic_controller_detection_to_dispatch_seconds_count").await.unwrap_or(0.0),
+    ));
+    lab.shutdown().await;
+    Ok(())
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> Result<()> {
+    let a = args()?;
+    let mut md = String::from(
+        "## The controller\n\n`scripts/bench-controller` (the release binary against the stand-in API server; the latency \
+         with real etcd and the real agent).\n\n\
+         | watching | first lists in | RSS idle | peak RSS | CPU idle | API requests / min idle |\n|---|---|---|---|---|---|\n",
+    );
+    scale(&a, &mut md).await?;
+    latency(&a, &mut md).await?;
+    print!("{md}");
+    Ok(())
+}

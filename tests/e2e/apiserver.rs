@@ -270,3 +270,23 @@ async fn events_are_recorded_and_a_repeat_patches_the_series() -> Result<()> {
     assert_eq!(merged.note.as_deref(), Some("third"));
     Ok(())
 }
+
+#[tokio::test]
+async fn lists_come_in_pages_with_continue_tokens() -> Result<()> {
+    let (_dir, _api, client) = server().await?;
+    let pods: Api<Pod> = Api::namespaced(client, "apisix");
+    for i in 0..5 {
+        pods.create(&PostParams::default(), &pod(&format!("p-{i}"), "node-a", "etcd")).await?;
+    }
+    let first = pods.list(&ListParams::default().limit(2)).await?;
+    assert_eq!(first.items.len(), 2);
+    assert_eq!(first.metadata.remaining_item_count, Some(3));
+    let token = first.metadata.continue_.clone().expect("a continue token");
+    let second = pods.list(&ListParams::default().limit(2).continue_token(&token)).await?;
+    let last = pods.list(&ListParams::default().limit(2).continue_token(second.metadata.continue_.as_deref().unwrap_or(""))).await?;
+    assert_eq!(last.items.len(), 1);
+    assert_eq!(last.metadata.continue_, None, "the last page has no token");
+    let names: Vec<String> = [first.items, second.items, last.items].concat().into_iter().filter_map(|p| p.metadata.name).collect();
+    assert_eq!(names, ["p-0", "p-1", "p-2", "p-3", "p-4"]);
+    Ok(())
+}

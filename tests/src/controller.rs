@@ -81,7 +81,9 @@ impl ControllerProcess {
         let mut cmd = tokio::process::Command::new(agent_binary());
         cmd.arg("controller")
             .args(["--admin-listen", &admin.to_string(), "--log-format", "json", "--lease-namespace", "etcd-medic"])
-            .args(["--lease-duration", "3s", "--identity", name])
+            .args(["--identity", name])
+            // Quick take-overs in tests, unless the caller sets its own.
+            .args(if args.contains(&"--lease-duration") { &[][..] } else { &["--lease-duration", "3s"][..] })
             .arg("--agent-token-file")
             .arg(token_file)
             .args(args)

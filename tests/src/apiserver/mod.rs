@@ -522,10 +522,26 @@ async fn resource_request(
                 return Ok(watch(shared.clone(), res, ns_filter.map(String::from), labels, fields, q));
             }
             let (items, rv) = store.list(res, ns_filter, &labels, &fields);
+            // Pages as the API server cuts them (`limit`, then `continue`): the token here is
+            // the next item's offset and the list's version, opaque to clients.
+            let from = match q.get("continue").filter(|c| !c.is_empty()) {
+                None => 0,
+                Some(c) => c.split_once(':').and_then(|(o, _)| o.parse::<usize>().ok()).ok_or_else(|| {
+                    ApiError::new(410, "Expired", "The provided continue parameter is too old to display a consistent list result.")
+                })?,
+            };
+            let limit = q.get("limit").and_then(|l| l.parse::<usize>().ok()).filter(|l| *l > 0).unwrap_or(usize::MAX);
+            let total = items.len();
+            let page: Vec<Value> = items.into_iter().skip(from).take(limit).collect();
+            let next = from.saturating_add(page.len());
+            let mut meta = json!({"resourceVersion": rv.to_string()});
+            if next < total {
+                meta["continue"] = json!(format!("{next}:{rv}"));
+                meta["remainingItemCount"] = json!(total - next);
+            }
             Ok(json_response(
                 200,
-                &json!({"kind": format!("{}List", res.kind), "apiVersion": res.api_version(),
-                        "metadata": {"resourceVersion": rv.to_string()}, "items": items}),
+                &json!({"kind": format!("{}List", res.kind), "apiVersion": res.api_version(), "metadata": meta, "items": page}),
             ))
         }
         (Method::GET, Some(name)) => Ok(json_response(200, &store.get(res, &ns, name)?)),

@@ -27,10 +27,11 @@ struct Args {
     etcd: usize,
     idle: u64,
     runs: usize,
+    scale_only: bool,
 }
 
 fn args() -> Result<Args> {
-    let mut a = Args { pods: 10_000, etcd: 3_000, idle: 60, runs: 3 };
+    let mut a = Args { pods: 10_000, etcd: 3_000, idle: 60, runs: 3, scale_only: false };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut num = || -> Result<usize> { Ok(it.next().context("a number")?.parse()?) };
@@ -39,6 +40,7 @@ fn args() -> Result<Args> {
             "--etcd" => a.etcd = num()?,
             "--idle" => a.idle = num()? as u64,
             "--runs" => a.runs = num()?,
+            "--scale-only" => a.scale_only = true,
             other => anyhow::bail!("unknown flag {other}; see the source's header"),
         }
     }
@@ -104,7 +106,8 @@ async fn scale(a: &Args, md: &mut String) -> Result<()> {
     let token = dir.path().join("token");
     std::fs::write(&token, "unused")?;
     let t = Instant::now();
-    let c = ControllerProcess::start_with(&api, dir.path(), &token, "bench", &[]).await?;
+    // The Deployment's settings: the default lease (15 s, renewed every 5 s).
+    let c = ControllerProcess::start_with(&api, dir.path(), &token, "bench", &["--lease-duration", "15s"]).await?;
     let ready = t.elapsed().as_secs_f64();
     let pid = c.pid();
     let watched = c.metric("etcd_medic_controller_watched_pods").await.unwrap_or(0.0);
@@ -113,7 +116,13 @@ async fn scale(a: &Args, md: &mut String) -> Result<()> {
     let seen0 = api.seen().len();
     tokio::time::sleep(Duration::from_secs(a.idle)).await;
     let u1 = usage(pid)?;
-    let seen = api.seen().len() - seen0;
+    let all = api.seen();
+    let seen = all.len() - seen0;
+    let mut by: std::collections::BTreeMap<String, usize> = Default::default();
+    for r in &all[seen0..] {
+        *by.entry(format!("{} {}", r.method, r.path)).or_default() += 1;
+    }
+    eprintln!("requests while idle: {by:?}");
     let per_min = seen as f64 * 60.0 / a.idle as f64;
     let cpu_pct = (u1.cpu_secs - u0.cpu_secs) * 100.0 / a.idle as f64;
     let peak = peak_rss(pid).unwrap_or(u1.rss_bytes);
@@ -216,7 +225,9 @@ async fn main() -> Result<()> {
          | watching | first lists in | RSS idle | peak RSS | CPU idle | API requests / min idle |\n|---|---|---|---|---|---|\n",
     );
     scale(&a, &mut md).await?;
-    latency(&a, &mut md).await?;
+    if !a.scale_only {
+        latency(&a, &mut md).await?;
+    }
     print!("{md}");
     Ok(())
 }

@@ -33,12 +33,14 @@ use etcd_medic_core::contract::{Outcome, Phase, Remediation};
 #[serde(rename_all = "camelCase")]
 pub struct EtcdRemediationSpec {
     /// The etcd pod's name.
+    #[schemars(length(min = 1, max = 253))]
     pub pod: String,
     /// The pod instance meant: a replacement with another UID is never acted on.
     #[serde(rename = "podUID", default, skip_serializing_if = "Option::is_none")]
     pub pod_uid: Option<String>,
     /// Why it is asked (the signature the controller detected, or a person's words).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 1024))]
     pub reason: Option<String>,
     /// Check every gate and plan; change nothing.
     #[serde(default)]

@@ -231,34 +231,70 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
 
 /// Keeps `ctx.pods` as the watch of `scope` (a namespace, or all) sees the selected pods.
 async fn watch_pods(ctx: Arc<Ctx>, scope: Option<String>) {
-    let api: Api<Pod> = match &scope {
+    let api: Api<Pod> = scoped(&ctx, &scope);
+    let config = watcher::Config::default().labels(&ctx.cfg.selector);
+    keep_watching(ctx, api, config, "pods", scope, |c| &c.pods, |c, p| observe::pod_seen(&p, c.cfg.container.as_deref())).await
+}
+
+/// Keeps `ctx.rems` as the watch of `scope` sees the EtcdRemediations.
+async fn watch_remediations(ctx: Arc<Ctx>, scope: Option<String>) {
+    let api: Api<EtcdRemediation> = scoped(&ctx, &scope);
+    keep_watching(ctx, api, watcher::Config::default(), "etcdremediations", scope, |c| &c.rems, |_, r| r).await
+}
+
+fn scoped<K>(ctx: &Ctx, scope: &Option<String>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match scope {
         Some(ns) => Api::namespaced(ctx.api.client().clone(), ns),
         None => Api::all(ctx.api.client().clone()),
-    };
-    let name = format!("pods/{}", scope.as_deref().unwrap_or("*"));
+    }
+}
+
+/// The cache a watch keeps, by (namespace, name).
+type Cache<V> = Mutex<HashMap<(String, String), V>>;
+
+/// Keeps one of `ctx`'s caches as a watch of `api` sees its objects (`keep` makes what is
+/// kept of one). A relist drops what it no longer has (deleted while the watch was down);
+/// the first list in counts toward readiness, and the memory its decoding took is handed
+/// back.
+async fn keep_watching<K, V>(
+    ctx: Arc<Ctx>,
+    api: Api<K>,
+    config: watcher::Config,
+    what: &str,
+    scope: Option<String>,
+    cache: for<'a> fn(&'a Ctx) -> &'a Cache<V>,
+    keep: fn(&Ctx, K) -> V,
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
+{
+    let name = format!("{what}/{}", scope.as_deref().unwrap_or("*"));
     let mut listed: HashSet<(String, String)> = HashSet::new();
-    let mut stream = watcher(api, watcher::Config::default().labels(&ctx.cfg.selector)).default_backoff().boxed();
+    let mut stream = watcher(api, config).default_backoff().boxed();
     while let Some(ev) = stream.next().await {
         let in_scope = |k: &(String, String)| scope.as_ref().is_none_or(|ns| *ns == k.0);
         match ev {
-            Ok(watcher::Event::Apply(p) | watcher::Event::InitApply(p)) => {
-                let seen = observe::pod_seen(&p, ctx.cfg.container.as_deref());
-                listed.insert(seen.key());
-                ctx.pods.lock().unwrap().insert(seen.key(), seen);
+            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
+                let key = (o.namespace().unwrap_or_default(), o.name_any());
+                listed.insert(key.clone());
+                let kept = keep(&ctx, o);
+                cache(&ctx).lock().unwrap().insert(key, kept);
             }
-            Ok(watcher::Event::Delete(p)) => {
-                ctx.pods.lock().unwrap().remove(&(p.namespace().unwrap_or_default(), p.name_any()));
+            Ok(watcher::Event::Delete(o)) => {
+                cache(&ctx).lock().unwrap().remove(&(o.namespace().unwrap_or_default(), o.name_any()));
             }
             Ok(watcher::Event::Init) => listed.clear(),
             Ok(watcher::Event::InitDone) => {
-                // What the new list no longer has was deleted while the watch was down.
-                ctx.pods.lock().unwrap().retain(|k, _| !in_scope(k) || listed.contains(k));
+                cache(&ctx).lock().unwrap().retain(|k, _| !in_scope(k) || listed.contains(k));
                 if ctx.synced.lock().unwrap().insert(name.clone()) {
                     tracing::info!(watch = %name, "first list in");
                 }
                 release_freed_memory();
             }
-            Err(e) => tracing::warn!(watch = %name, "watch failed: {e}; retrying"),
+            Err(e) => tracing::warn!(watch = %name, "watch failed: {e}; retrying (is the EtcdRemediation CRD installed?)"),
         }
         ctx.metrics.watched.set(ctx.pods.lock().unwrap().len() as i64);
         ctx.changed.notify_one();
@@ -272,39 +308,6 @@ fn release_freed_memory() {
     // SAFETY: malloc_trim only returns free heap pages to the system.
     unsafe {
         libc::malloc_trim(0);
-    }
-}
-
-/// Keeps `ctx.rems` as the watch of `scope` sees the EtcdRemediations.
-async fn watch_remediations(ctx: Arc<Ctx>, scope: Option<String>) {
-    let api: Api<EtcdRemediation> = match &scope {
-        Some(ns) => Api::namespaced(ctx.api.client().clone(), ns),
-        None => Api::all(ctx.api.client().clone()),
-    };
-    let name = format!("etcdremediations/{}", scope.as_deref().unwrap_or("*"));
-    let mut listed: HashSet<(String, String)> = HashSet::new();
-    let mut stream = watcher(api, watcher::Config::default()).default_backoff().boxed();
-    while let Some(ev) = stream.next().await {
-        let in_scope = |k: &(String, String)| scope.as_ref().is_none_or(|ns| *ns == k.0);
-        match ev {
-            Ok(watcher::Event::Apply(r) | watcher::Event::InitApply(r)) => {
-                let key = (r.namespace().unwrap_or_default(), r.name_any());
-                listed.insert(key.clone());
-                ctx.rems.lock().unwrap().insert(key, r);
-            }
-            Ok(watcher::Event::Delete(r)) => {
-                ctx.rems.lock().unwrap().remove(&(r.namespace().unwrap_or_default(), r.name_any()));
-            }
-            Ok(watcher::Event::Init) => listed.clear(),
-            Ok(watcher::Event::InitDone) => {
-                ctx.rems.lock().unwrap().retain(|k, _| !in_scope(k) || listed.contains(k));
-                if ctx.synced.lock().unwrap().insert(name.clone()) {
-                    tracing::info!(watch = %name, "first list in");
-                }
-            }
-            Err(e) => tracing::warn!(watch = %name, "watch failed (is the EtcdRemediation CRD installed?): {e}; retrying"),
-        }
-        ctx.changed.notify_one();
     }
 }
 

@@ -134,17 +134,7 @@ pub fn status_of(r: &Remediation, generation: Option<i64>, previous: Option<&Etc
         Phase::Refused => ("False", "False", "Refused"),
     };
     let message = r.error.as_ref().map(|e| format!("{}: {}", e.code, cut(&e.message))).unwrap_or_default();
-    let condition = |kind: &str, status: &str| {
-        let kept = previous.and_then(|p| p.conditions.iter().find(|c| c.r#type == kind && c.status == status));
-        Condition {
-            r#type: kind.into(),
-            status: status.into(),
-            reason: reason.into(),
-            message: message.clone(),
-            last_transition_time: kept.map_or_else(|| now.to_string(), |c| c.last_transition_time.clone()),
-            observed_generation: generation,
-        }
-    };
+    let condition = |kind: &str, status: &str| Condition::new(previous, kind, status, reason, &message, generation, now);
     EtcdRemediationStatus {
         phase: Some(format!("{:?}", r.phase)),
         node: Some(r.node.clone()),
@@ -172,8 +162,33 @@ pub fn status_of(r: &Remediation, generation: Option<i64>, previous: Option<&Etc
     }
 }
 
-fn cut(s: &str) -> String {
+/// `s` cut to what a status keeps ([`MAX_MESSAGE`] bytes).
+pub fn cut(s: &str) -> String {
     etcd_medic_core::signature::truncate(s, MAX_MESSAGE)
+}
+
+impl Condition {
+    /// Condition `kind` with `status`, keeping the transition time `previous` had for it
+    /// while its status did not change (`metav1.Condition`'s rule).
+    pub fn new(
+        previous: Option<&EtcdRemediationStatus>,
+        kind: &str,
+        status: &str,
+        reason: &str,
+        message: &str,
+        generation: Option<i64>,
+        now: &str,
+    ) -> Self {
+        let kept = previous.and_then(|p| p.conditions.iter().find(|c| c.r#type == kind && c.status == status));
+        Condition {
+            r#type: kind.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message: message.into(),
+            last_transition_time: kept.map_or_else(|| now.to_string(), |c| c.last_transition_time.clone()),
+            observed_generation: generation,
+        }
+    }
 }
 
 /// The CRD as YAML, as `deploy/base/crd.yaml` holds it.

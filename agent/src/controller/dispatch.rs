@@ -18,7 +18,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
-use etcd_medic_client::crd::{Condition, ErrorStatus, EtcdRemediation, EtcdRemediationStatus, status_of};
+use etcd_medic_client::crd::{Condition, ErrorStatus, EtcdRemediation, EtcdRemediationStatus, cut, status_of};
 use etcd_medic_client::{AgentClient, discover};
 use etcd_medic_core::contract::Phase;
 use etcd_medic_core::request::CreateRequest;
@@ -200,18 +200,11 @@ async fn end(ctx: &Ctx, cr: &EtcdRemediation, status: &mut EtcdRemediationStatus
 /// A status that ends with `phase` and `e`, without a remediation on a node.
 pub fn ended(previous: &EtcdRemediationStatus, generation: Option<i64>, phase: &str, e: &Error) -> EtcdRemediationStatus {
     let now = etcd_medic_core::contract::now();
-    let message = format!("{}: {}", e.code, etcd_medic_core::signature::truncate(&e.message, 1024));
-    let cond = |t: &str, s: &str| Condition {
-        r#type: t.into(),
-        status: s.into(),
-        reason: phase.into(),
-        message: message.clone(),
-        last_transition_time: now.clone(),
-        observed_generation: generation,
-    };
+    let message = format!("{}: {}", e.code, cut(&e.message));
+    let cond = |t: &str, s: &str| Condition::new(Some(previous), t, s, phase, &message, generation, &now);
     EtcdRemediationStatus {
         phase: Some(phase.into()),
-        error: Some(ErrorStatus { code: e.code.as_str().into(), message: etcd_medic_core::signature::truncate(&e.message, 1024) }),
+        error: Some(ErrorStatus { code: e.code.as_str().into(), message: cut(&e.message) }),
         conditions: vec![cond("Processing", "False"), cond("Succeeded", "False")],
         observed_generation: generation,
         ..previous.clone()
@@ -224,18 +217,11 @@ fn waiting(previous: &EtcdRemediationStatus, cr: &EtcdRemediation, reason: &str,
     if s.phase.is_none() {
         s.phase = Some("Pending".into());
     }
-    let message = format!("{}: {}", e.code, etcd_medic_core::signature::truncate(&e.message, 1024));
+    let message = format!("{}: {}", e.code, cut(&e.message));
     let now = etcd_medic_core::contract::now();
-    let kept = previous.conditions.iter().find(|c| c.r#type == "Processing" && c.status == "True").map(|c| c.last_transition_time.clone());
+    let processing = Condition::new(Some(previous), "Processing", "True", reason, &message, cr.metadata.generation, &now);
     s.conditions.retain(|c| c.r#type != "Processing");
-    s.conditions.push(Condition {
-        r#type: "Processing".into(),
-        status: "True".into(),
-        reason: reason.into(),
-        message,
-        last_transition_time: kept.unwrap_or(now),
-        observed_generation: cr.metadata.generation,
-    });
+    s.conditions.push(processing);
     s.observed_generation = cr.metadata.generation;
     s
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Result;
 use serde_json::json;
 
+use etcd_medic_lab::apiserver::{Fault, FaultKind};
 use etcd_medic_lab::controller::{
     ControllerProcess, agent_for_controller, register_agent, remediations, republish_agent, wait_remediation,
 };
@@ -211,6 +212,33 @@ async fn an_unknown_crash_is_refused_and_a_hand_made_request_is_carried_out() ->
     assert_eq!(phase(&done), "Planned", "{s:?}");
     assert_eq!(etcd_medic_lab::etcd::member_list(&lab.set.other_endpoints(1)).await?.len(), 3);
     lab.set.release_restarts();
+    lab.shutdown().await;
+    Ok(())
+}
+
+/// The API server fails the controller on the way: the record's create is carried out but
+/// its answer lost, every other status write answers 500 (four times), and a renewal of the
+/// leader's lease answers 500. The member is still healed once: one record, one
+/// remediation, the lead kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flaky_api_server_costs_nothing_twice() -> Result<()> {
+    let Some((lab, _)) = broken_lab_with_mounts().await? else { return Ok(()) };
+    let agent = agent_for_controller(&lab, &[]).await?;
+    let token = register_agent(&lab, &agent)?;
+    let records = "/apis/etcd-medic.io/v1alpha1/namespaces/apisix/etcdremediations";
+    lab.api.inject(Fault::new(records, FaultKind::LoseAnswer(500)).method("POST").times(1));
+    lab.api.inject(Fault::new(records, FaultKind::Status(500)).method("PATCH").every(2).times(4));
+    let c = ControllerProcess::start(&lab, &token, "replica-a", FAST).await?;
+    lab.api.inject(Fault::new("/apis/coordination.k8s.io/v1/namespaces/etcd-medic/leases", FaultKind::Status(500)).method("PUT").times(1));
+    let done = wait_remediation(&lab, "apisix-etcd-1", HEAL, |p| matches!(p, "Succeeded" | "Failed" | "Refused"), &[&c]).await?;
+    assert_eq!(phase(&done), "Succeeded", "{done:?}\n{}", c.log_text());
+    let records: Vec<_> = remediations(&lab, "apisix").into_iter().filter(|r| r.spec.pod == "apisix-etcd-1").collect();
+    assert_eq!(records.len(), 1, "a lost create answer made no second record: {records:?}");
+    assert_eq!(agent_remediations(&agent, &token, "apisix-etcd-1").await?.len(), 1);
+    assert!(c.log_text().contains("could not renew the lead"), "the renewal's 500 struck:\n{}", c.log_text());
+    assert!(c.leads().await, "one failed renewal did not cost the lead:\n{}", c.log_text());
+    lab.set.wait_ready(1, HEAL).await?;
+    assert_every_key(&lab, 3, KEYS).await?;
     lab.shutdown().await;
     Ok(())
 }

@@ -39,8 +39,13 @@ pub struct Lead {
 
 impl Lead {
     pub fn held(&self) -> bool {
+        !self.left().is_zero()
+    }
+
+    /// How long this replica may still act without another renewal.
+    pub fn left(&self) -> Duration {
         let budget = *self.duration.lock().unwrap() * 2 / 3;
-        self.written.lock().unwrap().is_some_and(|t| t.elapsed() < budget)
+        self.written.lock().unwrap().map_or(Duration::ZERO, |t| budget.saturating_sub(t.elapsed()))
     }
 
     fn wrote(&self, at: Instant, duration: Duration) {
@@ -135,16 +140,21 @@ impl Election {
             self.lead.lost();
             e
         };
+        // After a failed renewal, try again soon (client-go's retry period), not a third of
+        // the duration later: one blip must not cost the lead.
+        let retry = (self.duration / 10).max(Duration::from_millis(200));
+        let mut wait = self.duration / 3;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(self.duration / 3) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.stopped() => {
                     self.lead.lost();
                     self.release(lease).await;
                     return Error::new(Code::NotReady, "shutting down");
                 }
             }
-            if !self.lead.held() {
+            let left = self.lead.left();
+            if left.is_zero() {
                 return lost(Error::new(Code::NotReady, "the lead lapsed: no renewal went through in time"));
             }
             let attempt = Instant::now();
@@ -153,11 +163,11 @@ impl Election {
             next.spec = Some(self.spec(acquired));
             // Every call is bounded by what is left of the lead: a hanging API server cannot
             // keep this replica believing it leads.
-            let left = self.duration.saturating_sub(attempt.elapsed()) * 2 / 3;
             match tokio::time::timeout(left, self.api.write_lease(&self.namespace, &next, false)).await {
                 Ok(Ok(l)) => {
                     lease = l;
                     self.lead.wrote(attempt, self.duration);
+                    wait = self.duration / 3;
                 }
                 Ok(Err(e)) if e.code == Code::ClusterLocked => {
                     return lost(Error::new(Code::ClusterLocked, format!("lost the lead: {}", e.message)));
@@ -169,11 +179,14 @@ impl Election {
                     };
                     // A renewal whose answer was lost may have gone through: read it back,
                     // within the same bound.
-                    match tokio::time::timeout(Duration::from_secs(2), self.api.lease(&self.namespace, &self.name)).await {
+                    let left = self.lead.left().min(Duration::from_secs(2));
+                    match tokio::time::timeout(left, self.api.lease(&self.namespace, &self.name)).await {
                         Ok(Ok(Some(l))) if holding(&l).holder.as_deref() == Some(self.me.as_str()) => lease = l,
                         Ok(Ok(_)) => return lost(Error::new(Code::ClusterLocked, format!("lost the lead: {why}"))),
-                        _ => tracing::warn!("could not renew the lead: {why}"),
+                        _ => {}
                     }
+                    tracing::warn!("could not renew the lead ({why}); again in {retry:?}, {:?} of it left", self.lead.left());
+                    wait = retry;
                 }
             }
         }
@@ -188,5 +201,23 @@ impl Election {
         if let Err(e) = self.api.write_lease(&self.namespace, &lease, false).await {
             tracing::warn!("could not release the lead: {}", e.message);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lead_is_good_for_two_thirds_of_a_duration_after_a_write() {
+        let lead = Lead::default();
+        assert!(!lead.held(), "never written");
+        lead.wrote(Instant::now(), Duration::from_secs(15));
+        assert!(lead.held() && lead.left() <= Duration::from_secs(10) && lead.left() > Duration::from_secs(9));
+        lead.wrote(Instant::now() - Duration::from_secs(11), Duration::from_secs(15));
+        assert!(!lead.held(), "a write older than two thirds of the duration no longer counts");
+        lead.wrote(Instant::now(), Duration::from_secs(15));
+        lead.lost();
+        assert_eq!(lead.left(), Duration::ZERO);
     }
 }

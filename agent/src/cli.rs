@@ -89,7 +89,7 @@ pub enum Command {
     /// dispatch it to the agent on the pod's node.
     Controller(ControllerArgs),
     /// Print the EtcdRemediation CustomResourceDefinition (etcd-medic.io/v1alpha1) as YAML,
-    /// as deploy/base/crd.yaml holds it.
+    /// as the Helm chart's crds/etcdremediations.yaml holds it.
     Crd,
     /// Put a quarantine back where it came from (refuses while etcd runs on that data).
     Restore {

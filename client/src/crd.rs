@@ -6,7 +6,7 @@
 //! or was refused).
 //!
 //! The CRD (structural schema, printer columns, status subresource) is generated from these
-//! types: `etcd-medic crd` prints it, and `deploy/base/crd.yaml` is checked to be it.
+//! types: `etcd-medic crd` prints it, and `charts/etcd-medic/crds/etcdremediations.yaml` is checked to be it.
 
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -48,6 +48,10 @@ pub struct EtcdRemediationSpec {
     /// Act on a pod that does not look failing, or whose failure the agent does not know.
     #[serde(default)]
     pub force: bool,
+    /// Put the member's quarantined data back where it was (the agent's restore), once the
+    /// remediation has ended. A person's decision: whoever may patch this resource may ask.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restore: bool,
 }
 
 /// The remediation as the agent on the pod's node reports it.
@@ -73,6 +77,51 @@ pub struct EtcdRemediationStatus {
     /// The spec's generation this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// The etcd cluster's id (hex), once the agent's check asked etcd.
+    #[serde(rename = "clusterID", default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
+    /// The member list as the agent's check saw it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberStatus>,
+    /// The restore asked for with `spec.restore`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restore: Option<RestoreStatus>,
+}
+
+/// One etcd member as the agent's check saw it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberStatus {
+    /// Hex, as etcdctl prints it.
+    pub id: String,
+    #[serde(default)]
+    pub name: String,
+    #[serde(rename = "peerURLs", default)]
+    pub peer_urls: Vec<String>,
+    #[serde(rename = "clientURLs", default)]
+    pub client_urls: Vec<String>,
+    #[serde(default)]
+    pub is_learner: bool,
+    #[serde(default)]
+    pub healthy: bool,
+    /// The entry the pod stands for: the one a heal replaces.
+    #[serde(default)]
+    pub stale: bool,
+}
+
+/// How the restore asked for went.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RestoreStatus {
+    /// `Restored` or `Failed`.
+    pub phase: String,
+    /// The contract's code when it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(default)]
+    pub message: String,
+    /// RFC 3339.
+    pub time: String,
 }
 
 /// The crash signature and what it called for.
@@ -159,6 +208,23 @@ pub fn status_of(r: &Remediation, generation: Option<i64>, previous: Option<&Etc
         error: r.error.as_ref().map(|e| ErrorStatus { code: e.code.as_str().into(), message: cut(&e.message) }),
         conditions: vec![condition("Processing", processing), condition("Succeeded", succeeded)],
         observed_generation: generation,
+        cluster_id: r.plan.as_ref().and_then(|p| p.cluster_id.clone()),
+        members: r.plan.as_ref().map(|p| p.members.iter().map(MemberStatus::of).collect()).unwrap_or_default(),
+        restore: previous.and_then(|p| p.restore.clone()),
+    }
+}
+
+impl MemberStatus {
+    pub fn of(m: &etcd_medic_core::contract::PlanMember) -> Self {
+        MemberStatus {
+            id: m.id.clone(),
+            name: m.name.clone(),
+            peer_urls: m.peer_urls.clone(),
+            client_urls: m.client_urls.clone(),
+            is_learner: m.is_learner,
+            healthy: m.healthy,
+            stale: m.stale,
+        }
     }
 }
 
@@ -191,7 +257,7 @@ impl Condition {
     }
 }
 
-/// The CRD as YAML, as `deploy/base/crd.yaml` holds it.
+/// The CRD as YAML, as the chart's `crds/etcdremediations.yaml` holds it.
 pub fn crd_yaml() -> String {
     use kube::CustomResourceExt;
     let yaml = serde_yaml::to_string(&EtcdRemediation::crd()).expect("a CRD serializes");
@@ -222,13 +288,16 @@ mod tests {
 
     #[test]
     fn the_committed_crd_is_the_generated_one() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/base/crd.yaml");
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/etcd-medic/crds/etcdremediations.yaml");
         let generated = crd_yaml();
         if std::env::var_os("ETCD_MEDIC_UPDATE_CRD").is_some() {
             std::fs::write(path, &generated).unwrap();
         }
         let committed = std::fs::read_to_string(path).unwrap_or_default();
-        assert!(committed == generated, "deploy/base/crd.yaml is stale: run ETCD_MEDIC_UPDATE_CRD=1 cargo test -p etcd-medic-client crd");
+        assert!(
+            committed == generated,
+            "charts/etcd-medic/crds/etcdremediations.yaml is stale: run ETCD_MEDIC_UPDATE_CRD=1 cargo test -p etcd-medic-client crd"
+        );
         // The YAML reads back as the same object.
         let back: serde_json::Value = serde_yaml::from_str(&committed).unwrap();
         use kube::CustomResourceExt;

@@ -319,6 +319,46 @@ pub struct Plan {
     /// Why the member fails, read before anything is done (absent for restore and retention).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub diagnosis: Option<crate::signature::Diagnosis>,
+    /// The etcd cluster's id (hex) as the pod's sibling members answered it, once the check
+    /// got that far (a refusal before etcd is asked has none).
+    #[serde(rename = "clusterID", default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
+    /// The cluster's member list as the check saw it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<PlanMember>,
+}
+
+/// One etcd member as the check saw it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PlanMember {
+    /// The member id, in hex as etcdctl prints it.
+    pub id: String,
+    /// Empty for a member added but never started.
+    pub name: String,
+    #[serde(rename = "peerURLs")]
+    pub peer_urls: Vec<String>,
+    #[serde(rename = "clientURLs")]
+    pub client_urls: Vec<String>,
+    pub is_learner: bool,
+    /// Answered, raised no alarm and follows the agreed leader.
+    pub healthy: bool,
+    /// The entry the failing pod stands for (its peer URL): the one a heal replaces.
+    pub stale: bool,
+}
+
+impl PlanMember {
+    pub fn of(m: &crate::member::Member, stale: Option<u64>) -> Self {
+        PlanMember {
+            id: format!("{:x}", m.id),
+            name: m.name.clone(),
+            peer_urls: m.peer_urls.clone(),
+            client_urls: m.client_urls.clone(),
+            is_learner: m.is_learner,
+            healthy: m.healthy,
+            stale: stale == Some(m.id),
+        }
+    }
 }
 
 impl Plan {

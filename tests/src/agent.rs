@@ -84,13 +84,22 @@ pub fn agent_binary() -> PathBuf {
     if let Some(bin) = std::env::var_os("ETCD_MEDIC_AGENT_BIN") {
         return bin.into();
     }
+    workspace_binary("etcd-medic")
+}
+
+/// The kubectl plugin, `kubectl-etcd_medic`, as the workspace built it.
+pub fn plugin_binary() -> PathBuf {
+    workspace_binary("kubectl-etcd_medic")
+}
+
+fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("the running binary's path");
     exe.ancestors()
         .skip(1)
         .take(2)
-        .map(|d| d.join("etcd-medic"))
+        .map(|d| d.join(name))
         .find(|b| b.exists())
-        .unwrap_or_else(|| panic!("no etcd-medic binary beside {}: build it with `cargo build --workspace --bins`", exe.display()))
+        .unwrap_or_else(|| panic!("no {name} binary beside {}: build it with `cargo build --workspace --bins`", exe.display()))
 }
 
 /// The real agent, `etcd-medic serve`, as a process on the lab's node, on loopback.

@@ -18,7 +18,7 @@ use kube::runtime::events::{Event, EventType};
 use kube::{Resource, ResourceExt};
 use serde_json::{Value, json};
 
-use etcd_medic_client::crd::{Condition, ErrorStatus, EtcdRemediation, EtcdRemediationStatus, cut, status_of};
+use etcd_medic_client::crd::{Condition, ErrorStatus, EtcdRemediation, EtcdRemediationStatus, RestoreStatus, cut, status_of};
 use etcd_medic_client::{AgentClient, discover};
 use etcd_medic_core::contract::Phase;
 use etcd_medic_core::request::CreateRequest;
@@ -182,6 +182,71 @@ async fn step(ctx: &Ctx, cr: &EtcdRemediation, status: &mut EtcdRemediationStatu
     Ok(true)
 }
 
+/// A restore is asked for (`spec.restore`) and not yet answered: the remediation ended and
+/// made a quarantine on a known node.
+pub fn wants_restore(cr: &EtcdRemediation) -> bool {
+    let s = cr.status.as_ref();
+    cr.spec.restore
+        && !cr.spec.dry_run
+        && is_final(s)
+        && s.is_some_and(|s| s.restore.is_none() && s.remediation_id.is_some() && s.node.is_some())
+}
+
+/// Asks the agent that made `cr`'s remediation to put its quarantine back, and records the
+/// answer in `status.restore` (once: a restore is never asked twice for one record). A blip
+/// is tried again; a refusal (etcd runs on that data, nothing to restore) is the answer.
+pub async fn restore(ctx: Arc<Ctx>, cr: EtcdRemediation) {
+    let (ns, name) = (cr.namespace().unwrap_or_default(), cr.name_any());
+    let mut status = cr.status.clone().unwrap_or_default();
+    let (Some(id), Some(node)) = (status.remediation_id.clone(), status.node.clone()) else {
+        ctx.busy.lock().unwrap().remove(&(ns, name));
+        return;
+    };
+    let mut backoff = Duration::from_secs(1);
+    while ctx.leading() && still_there(&ctx, &cr) {
+        let answer = match agent(&ctx, &node).await {
+            Ok(a) => a.restore(&id).await,
+            Err(e) => Err(e),
+        };
+        let (phase, code, message) = match answer {
+            Ok(r) => {
+                let q = r.quarantine.as_ref().map(|q| q.name.clone()).unwrap_or_default();
+                ("Restored", None, format!("quarantine {q} of remediation {id} put back on node {node}"))
+            }
+            Err(e) if retryable(&e) => {
+                tracing::warn!(remediation = %format!("{ns}/{name}"), code = %e.code, "restore: {}; retrying", e.message);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                continue;
+            }
+            Err(e) => ("Failed", Some(e.code.as_str().to_string()), cut(&e.message)),
+        };
+        status.restore = Some(RestoreStatus {
+            phase: phase.into(),
+            code: code.clone(),
+            message: message.clone(),
+            time: etcd_medic_core::contract::now(),
+        });
+        if write_status(&ctx, &ns, &name, &status).await.is_err() {
+            // Asked again on the next look: the agent answers a second restore of the same
+            // quarantine with a refusal, never by moving anything twice.
+            break;
+        }
+        let kind = if code.is_none() { EventType::Normal } else { EventType::Warning };
+        let why = code.map(|c| format!("{c}: ")).unwrap_or_default();
+        tracing::info!(remediation = %format!("{ns}/{name}"), id = %id, phase, "restore {why}{message}");
+        ctx.event(&cr, kind, &format!("Restore{phase}"), &format!("{why}{message}")).await;
+        let key = (ns.clone(), name.clone());
+        if let Some(r) = ctx.rems.lock().unwrap().get_mut(&key)
+            && r.metadata.uid == cr.metadata.uid
+        {
+            r.status = Some(status.clone());
+        }
+        break;
+    }
+    ctx.busy.lock().unwrap().remove(&(ns, name));
+}
+
 /// An error that asking again may not repeat: the agent's absence, a blip, a busy agent.
 fn retryable(e: &Error) -> bool {
     matches!(e.code, Code::NotReady | Code::TooManyRequests | Code::ClusterLocked)
@@ -245,7 +310,19 @@ async fn agent(ctx: &Ctx, node: &str) -> Result<AgentClient> {
 pub async fn write_status(ctx: &Ctx, ns: &str, name: &str, status: &EtcdRemediationStatus) -> Result<()> {
     let mut v = serde_json::to_value(status).map_err(|e| Error::new(Code::Internal, format!("status: {e}")))?;
     if let Value::Object(m) = &mut v {
-        for k in ["phase", "node", "remediationID", "diagnosis", "steps", "error", "conditions", "observedGeneration"] {
+        for k in [
+            "phase",
+            "node",
+            "remediationID",
+            "diagnosis",
+            "steps",
+            "error",
+            "conditions",
+            "observedGeneration",
+            "clusterID",
+            "members",
+            "restore",
+        ] {
             m.entry(k).or_insert(Value::Null);
         }
     }
@@ -310,5 +387,30 @@ mod tests {
         assert!(is_final(Some(&s)));
         assert!(!is_final(Some(&before)) && !is_final(None));
         assert!(retryable(&Error::new(Code::NotReady, "")) && !retryable(&Error::new(Code::PodUIDMismatch, "")));
+    }
+
+    #[test]
+    fn a_restore_is_asked_once_of_an_ended_remediation_that_ran() {
+        let mut cr =
+            EtcdRemediation::new("r", etcd_medic_client::crd::EtcdRemediationSpec { pod: "p".into(), restore: true, ..Default::default() });
+        let ran = EtcdRemediationStatus {
+            phase: Some("Succeeded".into()),
+            node: Some("n".into()),
+            remediation_id: Some("abc".into()),
+            ..Default::default()
+        };
+        cr.status = Some(ran.clone());
+        assert!(wants_restore(&cr));
+        cr.status = Some(EtcdRemediationStatus { phase: Some("Running".into()), ..ran.clone() });
+        assert!(!wants_restore(&cr), "not while it runs");
+        cr.status = Some(EtcdRemediationStatus { remediation_id: None, ..ran.clone() });
+        assert!(!wants_restore(&cr), "nothing ran: nothing to put back");
+        let answered =
+            RestoreStatus { phase: "Failed".into(), code: Some("PodRunning".into()), message: String::new(), time: String::new() };
+        cr.status = Some(EtcdRemediationStatus { restore: Some(answered), ..ran.clone() });
+        assert!(!wants_restore(&cr), "answered once");
+        cr.status = Some(ran);
+        cr.spec.restore = false;
+        assert!(!wants_restore(&cr));
     }
 }

@@ -338,6 +338,20 @@ fn reconcile(ctx: &Arc<Ctx>) {
             tokio::spawn(dispatch::carry_out(ctx.clone(), r));
         }
     }
+    let restores: Vec<EtcdRemediation> = ctx
+        .rems
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|r| r.metadata.deletion_timestamp.is_none() && dispatch::wants_restore(r))
+        .cloned()
+        .collect();
+    for r in restores {
+        let key = (r.namespace().unwrap_or_default(), r.name_any());
+        if ctx.busy.lock().unwrap().insert(key) {
+            tokio::spawn(dispatch::restore(ctx.clone(), r));
+        }
+    }
 }
 
 /// One look at every watched pod: the candidates, the holds, the dispatches.
@@ -569,6 +583,7 @@ async fn record(ctx: &Ctx, pod: &PodSeen, d: &Detected) {
             reason: Some(signature::truncate(&format!("{}: {evidence}", d.signature.as_str()), 1000)),
             dry_run: ctx.cfg.dry_run,
             force: false,
+            restore: false,
         },
         status: None,
     };

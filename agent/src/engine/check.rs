@@ -9,6 +9,7 @@ use crate::host::processes as guard;
 use crate::host::volume::Volume;
 use crate::locate::{Plan, blocking, container};
 use crate::profile::Profile;
+use etcd_medic_core::contract::PlanMember;
 use etcd_medic_core::member::{Basis, stale_member};
 use etcd_medic_core::quorum::{Change, check_quorum};
 use etcd_medic_core::signature::Diagnosis;
@@ -115,6 +116,10 @@ impl Engine<'_> {
             }
         }
         let stale = stale_member(&members, &peer_url, Basis::FirstCheck);
+        // What etcd said is kept before it is judged: a quorum refusal shows the members.
+        plan.cluster_id = Some(format!("{cluster_id:016x}"));
+        plan.members = members.iter().map(|m| PlanMember::of(m, stale)).collect();
+        lock(found).plan = Some(plan.clone());
         check_quorum(&members.iter().map(|m| m.view()).collect::<Vec<_>>(), stale, Change::ReplaceMember)?;
         check_space(&plan, &vol)?;
         let why = failure.map(|f| f.reason).unwrap_or_else(|| "forced".into());

@@ -173,6 +173,8 @@ impl Locator {
                 kubelet_root,
                 bytes: moves.iter().map(|m| m.bytes).sum(),
                 r#move: moves,
+                cluster_id: None,
+                members: Vec::new(),
                 diagnosis: None,
             };
             Ok(Located { plan, volume: Arc::new(vol), data })

@@ -1,0 +1,322 @@
+//! What a person reads: tables, the progress of a heal, verdicts. Pure, over the records as
+//! the API server returned them. Every string from a record is shown with its control
+//! characters escaped: a status is writable by whoever may write it, and a terminal must not
+//! take its bytes as commands.
+
+use std::collections::HashSet;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use kube::ResourceExt;
+
+use etcd_medic_client::crd::{EtcdRemediation, EtcdRemediationStatus, RestoreStatus};
+use etcd_medic_core::{Code, Error};
+
+/// `s` with control (and bidi) characters escaped.
+pub fn safe(s: &str) -> String {
+    s.chars()
+        .flat_map(|c| {
+            let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}');
+            if c.is_control() || bidi { c.escape_unicode().collect::<Vec<_>>() } else { vec![c] }
+        })
+        .collect()
+}
+
+/// The annotation with the instant the plugin asked (RFC 3339, microseconds): records made
+/// within one second (`creationTimestamp` has seconds) keep their order.
+pub const ASKED_AT: &str = "etcd-medic.io/asked-at";
+
+/// Newest first: by creation, then by when the plugin asked, then by name.
+pub fn newest_first(items: &mut [EtcdRemediation]) {
+    items.sort_by(|a, b| {
+        let t = |r: &EtcdRemediation| r.metadata.creation_timestamp.as_ref().map(|t| t.0);
+        let asked = |r: &EtcdRemediation| r.annotations().get(ASKED_AT).and_then(|a| a.parse::<jiff::Timestamp>().ok());
+        t(b).cmp(&t(a)).then_with(|| asked(b).cmp(&asked(a))).then_with(|| b.name_any().cmp(&a.name_any()))
+    });
+}
+
+/// Of records sorted newest first, the newest of each pod.
+pub fn latest_per_pod(items: Vec<EtcdRemediation>) -> Vec<EtcdRemediation> {
+    let mut seen = HashSet::new();
+    items.into_iter().filter(|r| seen.insert((r.namespace(), r.spec.pod.clone()))).collect()
+}
+
+/// `generateName` of a record the plugin makes: the pod's name and what was asked.
+pub fn generate_name(pod: &str, verb: &str) -> String {
+    let mut base: String = pod.chars().take(200).collect();
+    base = base.trim_end_matches(['-', '.']).to_string();
+    format!("{base}-{verb}-")
+}
+
+pub fn code_of(s: &str) -> Option<Code> {
+    serde_json::from_value(serde_json::Value::String(s.to_string())).ok()
+}
+
+fn phase(cr: &EtcdRemediation) -> &str {
+    cr.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("New")
+}
+
+/// What an ended record that did not reach its aim failed with.
+pub fn error_of(cr: &EtcdRemediation) -> Error {
+    match cr.status.as_ref().and_then(|s| s.error.as_ref()) {
+        Some(e) => Error::new(code_of(&e.code).unwrap_or(Code::Internal), safe(&e.message)),
+        None => Error::new(Code::Internal, format!("EtcdRemediation {} ended {} without an error", cr.name_any(), phase(cr))),
+    }
+}
+
+fn age(cr: &EtcdRemediation, now: jiff::Timestamp) -> String {
+    let Some(t) = cr.metadata.creation_timestamp.as_ref() else { return "-".into() };
+    let s = now.duration_since(t.0).as_secs().max(0);
+    match s {
+        0..120 => format!("{s}s"),
+        120..7200 => format!("{}m", s / 60),
+        7200..172800 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
+}
+
+fn signature(s: Option<&EtcdRemediationStatus>) -> String {
+    s.and_then(|s| s.diagnosis.as_ref()).map_or("-".into(), |d| safe(&d.signature))
+}
+
+/// Rows aligned in columns.
+fn columns(rows: &[Vec<String>]) -> String {
+    let widths: Vec<usize> =
+        (0..rows.first().map_or(0, Vec::len)).map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0)).collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        out.push_str(line.join("   ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// `list` and `status` without a pod.
+pub fn table(items: &[EtcdRemediation], with_namespace: bool) -> String {
+    if items.is_empty() {
+        return "No EtcdRemediations found.\n".into();
+    }
+    let now = jiff::Timestamp::now();
+    let mut rows = vec![];
+    let mut head = vec!["NAME", "POD", "PHASE", "SIGNATURE", "NODE", "AGE"];
+    if with_namespace {
+        head.insert(0, "NAMESPACE");
+    }
+    rows.push(head.into_iter().map(String::from).collect::<Vec<_>>());
+    for r in items {
+        let s = r.status.as_ref();
+        let mut row = vec![
+            safe(&r.name_any()),
+            safe(&r.spec.pod),
+            safe(phase(r)) + if r.spec.dry_run { " (dry run)" } else { "" },
+            signature(s),
+            s.and_then(|s| s.node.as_deref()).map_or("-".into(), safe),
+            age(r, now),
+        ];
+        if with_namespace {
+            row.insert(0, r.namespace().unwrap_or_default());
+        }
+        rows.push(row);
+    }
+    columns(&rows)
+}
+
+/// `status POD`: one record in full.
+pub fn detail(cr: &EtcdRemediation) -> String {
+    let s = cr.status.clone().unwrap_or_default();
+    let mut out = String::new();
+    let mut row = |k: &str, v: String| {
+        let _ = writeln!(out, "{k:<12} {v}");
+    };
+    row("Name", format!("{}/{}", cr.namespace().unwrap_or_default(), safe(&cr.name_any())));
+    row("Pod", safe(&cr.spec.pod) + &cr.spec.pod_uid.as_deref().map(|u| format!(" (uid {})", safe(u))).unwrap_or_default());
+    row("Phase", safe(phase(cr)) + if cr.spec.dry_run { " (dry run)" } else { "" });
+    if let Some(n) = &s.node {
+        row("Node", safe(n));
+    }
+    if let Some(id) = &s.remediation_id {
+        row("Remediation", safe(id));
+    }
+    if let Some(r) = &cr.spec.reason {
+        row("Reason", safe(r));
+    }
+    if let Some(d) = &s.diagnosis {
+        row("Signature", format!("{} (action: {})", safe(&d.signature), safe(&d.action)));
+    }
+    if let Some(e) = &s.error {
+        row("Error", format!("{}: {}", safe(&e.code), safe(&e.message)));
+    }
+    if let Some(r) = &s.restore {
+        row("Restore", restore_line(&cr.name_any(), r).trim_end().to_string());
+    }
+    if !s.steps.is_empty() {
+        out.push_str("Steps:\n");
+        for st in &s.steps {
+            let outcome = st.outcome.as_deref().map_or("running".into(), safe);
+            let _ = writeln!(out, "  {:<10} {:<12} {}", safe(&st.name), outcome, safe(&st.message));
+        }
+    }
+    out
+}
+
+/// `diagnose`: the signature, the action and the evidence.
+pub fn diagnosis(cr: &EtcdRemediation) -> String {
+    let s = cr.status.clone().unwrap_or_default();
+    let mut out = String::new();
+    let _ = writeln!(out, "Pod          {}/{}", cr.namespace().unwrap_or_default(), safe(&cr.spec.pod));
+    match &s.diagnosis {
+        Some(d) => {
+            let _ = writeln!(out, "Signature    {}", safe(&d.signature));
+            let _ = writeln!(out, "Action       {}", safe(&d.action));
+            if !d.evidence.is_empty() {
+                out.push_str("Evidence:\n");
+                for l in &d.evidence {
+                    let _ = writeln!(out, "  {}", safe(l));
+                }
+            }
+        }
+        None => out.push_str("Signature    (none: the agent stopped before reading the pod's log)\n"),
+    }
+    let verdict = match &s.error {
+        Some(e) => format!("{} ({}: {})", safe(phase(cr)), safe(&e.code), safe(&e.message)),
+        None => format!("{}: a heal would go ahead", safe(phase(cr))),
+    };
+    let _ = writeln!(out, "Dry run      {verdict}");
+    out
+}
+
+/// `members`: the list as the agent's check saw it.
+pub fn members(s: &EtcdRemediationStatus) -> String {
+    let mut rows = vec![["ID", "NAME", "PEER URLS", "CLIENT URLS", "LEARNER", "HEALTHY", "STALE"].map(String::from).to_vec()];
+    for m in &s.members {
+        let yes = |b: bool| if b { "yes" } else { "no" }.to_string();
+        rows.push(vec![
+            safe(&m.id),
+            if m.name.is_empty() { "(unstarted)".into() } else { safe(&m.name) },
+            safe(&m.peer_urls.join(",")),
+            safe(&m.client_urls.join(",")),
+            yes(m.is_learner),
+            yes(m.healthy),
+            if m.stale { "yes: this pod's entry".into() } else { "no".into() },
+        ]);
+    }
+    format!("Cluster {}\n{}", s.cluster_id.as_deref().map_or("-".into(), safe), columns(&rows))
+}
+
+/// The last line of `heal --wait`.
+pub fn verdict_line(cr: &EtcdRemediation) -> String {
+    let s = cr.status.clone().unwrap_or_default();
+    let id = s.remediation_id.as_deref().map(|i| format!(" (remediation {} on {})", safe(i), s.node.as_deref().map_or("?".into(), safe)));
+    match &s.error {
+        Some(e) => format!("{}: {} {}{}\n", safe(phase(cr)), safe(&e.code), safe(&e.message), id.unwrap_or_default()),
+        None => format!("{}{}\n", safe(phase(cr)), id.unwrap_or_default()),
+    }
+}
+
+pub fn restore_line(name: &str, r: &RestoreStatus) -> String {
+    match &r.code {
+        Some(c) => format!("{}: restore {} ({}: {})\n", safe(name), safe(&r.phase), safe(c), safe(&r.message)),
+        None => format!("{}: {} ({})\n", safe(name), safe(&r.phase), safe(&r.message)),
+    }
+}
+
+/// What `heal --wait` has told so far: each step once when it starts and once when it ends,
+/// and each phase once.
+#[derive(Default)]
+pub struct Follow {
+    told: HashSet<String>,
+}
+
+impl Follow {
+    pub fn lines(&mut self, cr: &EtcdRemediation, elapsed: Duration) -> Vec<String> {
+        let at = format!("[{:>6.1}s]", elapsed.as_secs_f64());
+        let s = cr.status.clone().unwrap_or_default();
+        let mut out = vec![];
+        let mut tell = |key: String, line: String| {
+            if self.told.insert(key) {
+                out.push(format!("{at} {line}"));
+            }
+        };
+        let phase = s.phase.as_ref().map(|p| {
+            let why = s.conditions.iter().find(|c| c.r#type == "Processing" && c.status == "True" && c.reason != "InProgress");
+            let said = why.map(|c| format!(": {}", safe(&c.message))).unwrap_or_default();
+            (format!("phase/{p}/{said}"), format!("{}{said}", safe(p)))
+        });
+        // An ended phase is told after the steps that led to it, a running one before them.
+        let ended = s.conditions.iter().any(|c| c.r#type == "Processing" && c.status == "False");
+        if !ended && let Some((k, l)) = phase.clone() {
+            tell(k, l);
+        }
+        for (i, st) in s.steps.iter().enumerate() {
+            tell(format!("step/{i}/start"), format!("{} …", safe(&st.name)));
+            if let Some(o) = &st.outcome {
+                tell(format!("step/{i}/end"), format!("{} {}: {}", safe(&st.name), safe(o), safe(&st.message)));
+            }
+        }
+        if ended && let Some((k, l)) = phase {
+            tell(k, l);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use etcd_medic_client::crd::{ErrorStatus, EtcdRemediationSpec, StepStatus};
+
+    fn record(name: &str, pod: &str, secs_ago: i64, phase: Option<&str>) -> EtcdRemediation {
+        let mut r = EtcdRemediation::new(name, EtcdRemediationSpec { pod: pod.into(), ..Default::default() });
+        r.metadata.namespace = Some("apisix".into());
+        let t = jiff::Timestamp::now() - jiff::SignedDuration::from_secs(secs_ago);
+        r.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(t));
+        r.status = phase.map(|p| EtcdRemediationStatus { phase: Some(p.into()), ..Default::default() });
+        r
+    }
+
+    #[test]
+    fn newest_first_and_the_latest_of_each_pod() {
+        let mut items = vec![record("a", "etcd-0", 300, None), record("b", "etcd-1", 10, None), record("c", "etcd-0", 20, None)];
+        newest_first(&mut items);
+        assert_eq!(items.iter().map(|r| r.name_any()).collect::<Vec<_>>(), ["b", "c", "a"]);
+        // Within one second, the instant asked decides.
+        let mut same = vec![record("z", "etcd-0", 5, None), record("y", "etcd-0", 5, None)];
+        same[0].metadata.creation_timestamp = same[1].metadata.creation_timestamp.clone();
+        same[0].annotations_mut().insert(ASKED_AT.into(), "2026-12-04T10:00:00.000001Z".into());
+        same[1].annotations_mut().insert(ASKED_AT.into(), "2026-12-04T10:00:00.000002Z".into());
+        newest_first(&mut same);
+        assert_eq!(same.iter().map(|r| r.name_any()).collect::<Vec<_>>(), ["y", "z"]);
+        let latest = latest_per_pod(items);
+        assert_eq!(latest.iter().map(|r| r.name_any()).collect::<Vec<_>>(), ["b", "c"]);
+        let t = table(&latest, true);
+        assert!(t.starts_with("NAMESPACE   NAME   POD      PHASE"), "{t}");
+        assert!(t.contains("apisix      b      etcd-1   New"), "{t}");
+    }
+
+    #[test]
+    fn a_heal_is_told_step_by_step_once_each() {
+        let mut r = record("x", "etcd-1", 1, Some("Running"));
+        let mut f = Follow::default();
+        let st =
+            |name: &str, outcome: Option<&str>| StepStatus { name: name.into(), outcome: outcome.map(String::from), message: "m".into() };
+        r.status.as_mut().unwrap().steps = vec![st("Check", None)];
+        assert_eq!(f.lines(&r, Duration::from_millis(1200)), ["[   1.2s] Running", "[   1.2s] Check …"]);
+        assert!(f.lines(&r, Duration::from_secs(2)).is_empty(), "nothing new, nothing told");
+        r.status.as_mut().unwrap().steps = vec![st("Check", Some("Done")), st("Lock", None)];
+        assert_eq!(f.lines(&r, Duration::from_secs(3)), ["[   3.0s] Check Done: m", "[   3.0s] Lock …"]);
+    }
+
+    #[test]
+    fn an_ended_record_exits_with_its_codes_class_and_terminal_bytes_are_escaped() {
+        let mut r = record("x", "etcd-1", 1, Some("Refused"));
+        r.status.as_mut().unwrap().error = Some(ErrorStatus { code: "SplitBrain".into(), message: "ids \u{1b}[2Jdiffer".into() });
+        let e = error_of(&r);
+        assert_eq!((e.code, e.exit_code()), (Code::SplitBrain, 6));
+        assert!(!e.message.contains('\u{1b}') && e.message.contains("\\u{1b}"), "{}", e.message);
+        r.status.as_mut().unwrap().error = Some(ErrorStatus { code: "NoSuchCode".into(), message: String::new() });
+        assert_eq!(error_of(&r).code, Code::Internal);
+        assert!(verdict_line(&r).starts_with("Refused: NoSuchCode"));
+        assert_eq!(generate_name("etcd-0.", "heal"), "etcd-0-heal-");
+    }
+}

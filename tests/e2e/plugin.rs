@@ -1,0 +1,107 @@
+//! `kubectl etcd-medic` against the lab: the user's kubeconfig, the controller and the agent
+//! running, real etcd. The plugin only writes and reads EtcdRemediations; the controller
+//! carries them out.
+
+use std::sync::atomic::Ordering;
+
+use anyhow::Result;
+use serde_json::Value;
+
+use etcd_medic_core::{Code, Error};
+use etcd_medic_lab::Lab;
+use etcd_medic_lab::agent::plugin_binary;
+use etcd_medic_lab::controller::{ControllerProcess, agent_for_controller, register_agent};
+
+use crate::reference_failure::{KEYS, assert_every_key, broken_lab_with_mounts};
+
+struct Ran {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs the plugin as kubectl would, with the lab's kubeconfig (its context is `lab`).
+async fn kubectl_etcd_medic(lab: &Lab, args: &[&str]) -> Result<Ran> {
+    let out = tokio::process::Command::new(plugin_binary())
+        .args(args)
+        .env("KUBECONFIG", &lab.api.kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .output()
+        .await?;
+    let ran = Ran {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into(),
+        stderr: String::from_utf8_lossy(&out.stderr).into(),
+    };
+    eprintln!("$ kubectl etcd-medic {}\n{}{}(exit {})", args.join(" "), ran.stdout, ran.stderr, ran.code);
+    Ok(ran)
+}
+
+fn exit_of(code: Code) -> i32 {
+    Error::new(code, "").exit_code().into()
+}
+
+/// The reference failure, as a person with kubectl meets it: `diagnose` names the signature,
+/// `members` shows the cluster without the pod's entry, `heal --wait` follows the heal step
+/// by step to Succeeded (exit 0, every key kept), `list` shows the history newest first,
+/// `restore` of the healed member is refused while etcd runs on it (its code's exit), and a
+/// heal of a healthy member exits with the refusal's code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_person_diagnoses_heals_and_reads_the_history_with_kubectl() -> Result<()> {
+    crate::init_tracing();
+    let Some((lab, _)) = broken_lab_with_mounts().await? else { return Ok(()) };
+    lab.set.switches().hold_restarts.store(false, Ordering::SeqCst);
+    let agent = agent_for_controller(&lab, &[]).await?;
+    let token = register_agent(&lab, &agent)?;
+    // The controller carries out what is asked but never detects on its own here: every
+    // record is the plugin's.
+    let c = ControllerProcess::start(&lab, &token, "replica-a", &["--min-restarts", "100000"]).await?;
+
+    let d = kubectl_etcd_medic(&lab, &["diagnose", "apisix-etcd-1", "-n", "apisix", "--context", "lab"]).await?;
+    assert_eq!(d.code, 0, "{}{}\n{}", d.stdout, d.stderr, c.log_text());
+    assert!(d.stdout.contains("Signature    MemberNotFound") && d.stdout.contains("Action       heal"), "{}", d.stdout);
+
+    let m = kubectl_etcd_medic(&lab, &["members", "apisix-etcd-1", "-n", "apisix", "-o", "json"]).await?;
+    assert_eq!(m.code, 0, "{}", m.stderr);
+    let members: Value = serde_json::from_str(&m.stdout)?;
+    let list = members["members"].as_array().cloned().unwrap_or_default();
+    assert_eq!(list.len(), 2, "the removed member has no entry: {members}");
+    assert!(list.iter().all(|m| m["healthy"] == true && m["stale"] == false), "{members}");
+    assert!(members["clusterID"].as_str().is_some_and(|id| id.len() == 16), "{members}");
+
+    let h = kubectl_etcd_medic(&lab, &["heal", "apisix-etcd-1", "-n", "apisix", "--wait", "--timeout", "4m"]).await?;
+    assert_eq!(h.code, 0, "{}{}\n{}", h.stdout, h.stderr, c.log_text());
+    assert!(h.stdout.starts_with("Succeeded (remediation "), "{}", h.stdout);
+    for step in ["Check Done", "Quarantine Done", "Restart Done", "Verify Done"] {
+        assert_eq!(h.stderr.matches(step).count(), 1, "{step} is told once: {}", h.stderr);
+    }
+    assert!(h.stderr.trim_end().ends_with("] Succeeded"), "the verdict comes last: {}", h.stderr);
+    assert_every_key(&lab, 3, KEYS).await?;
+
+    let l = kubectl_etcd_medic(&lab, &["list", "-n", "apisix", "-o", "json"]).await?;
+    let items: Vec<Value> = serde_json::from_str(&l.stdout)?;
+    let names: Vec<&str> = items.iter().filter_map(|i| i["metadata"]["name"].as_str()).collect();
+    assert_eq!(names.len(), 3, "{names:?}");
+    assert!(names[0].starts_with("apisix-etcd-1-heal-") && names[1].contains("-members-") && names[2].contains("-diagnose-"), "{names:?}");
+    let table = kubectl_etcd_medic(&lab, &["list", "-A"]).await?;
+    assert!(table.stdout.starts_with("NAMESPACE") && table.stdout.contains("Succeeded"), "{}", table.stdout);
+    let s = kubectl_etcd_medic(&lab, &["status", "apisix-etcd-1", "-n", "apisix"]).await?;
+    assert!(s.stdout.contains(names[0]) && s.stdout.contains("Steps:") && s.stdout.contains("Verify"), "{}", s.stdout);
+
+    // The healed member runs on the data: its quarantine is not put back.
+    let r = kubectl_etcd_medic(&lab, &["restore", names[0], "-n", "apisix"]).await?;
+    assert_eq!(r.code, exit_of(Code::PodRunning), "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("PodRunning"), "{}", r.stdout);
+
+    let refused = kubectl_etcd_medic(&lab, &["heal", "apisix-etcd-0", "-n", "apisix", "--wait"]).await?;
+    assert_eq!(refused.code, exit_of(Code::PodRunning), "{}{}", refused.stdout, refused.stderr);
+    assert!(refused.stdout.starts_with("Refused: PodRunning"), "{}", refused.stdout);
+    assert!(refused.stderr.contains("Check PodRunning") && refused.stderr.trim_end().ends_with("Refused"), "{}", refused.stderr);
+
+    let nothing = kubectl_etcd_medic(&lab, &["heal", "no-such-pod", "-n", "apisix"]).await?;
+    assert_eq!(nothing.code, exit_of(Code::PodNotFound), "{}", nothing.stderr);
+    let completion = kubectl_etcd_medic(&lab, &["completion", "zsh"]).await?;
+    assert!(completion.code == 0 && completion.stdout.contains("#compdef kubectl-etcd_medic"), "{}", completion.stdout);
+    lab.shutdown().await;
+    Ok(())
+}

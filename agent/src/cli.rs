@@ -325,14 +325,7 @@ pub enum Output {
 
 /// `500ms`, `10s`, `2m`, or plain seconds.
 pub fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, String> {
-    let (num, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, "s"), |i| s.split_at(i));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 10s"))?;
-    match unit {
-        "ms" => Ok(std::time::Duration::from_millis(n)),
-        "s" => Ok(std::time::Duration::from_secs(n)),
-        "m" => Ok(std::time::Duration::from_secs(n * 60)),
-        _ => Err(format!("{s:?}: unit must be ms, s or m")),
-    }
+    etcd_medic_core::duration::parse(s)
 }
 
 impl NodeArgs {
@@ -476,7 +469,7 @@ mod tests {
         assert_eq!(parse_duration("500ms").unwrap(), std::time::Duration::from_millis(500));
         assert_eq!(parse_duration("2m").unwrap(), std::time::Duration::from_secs(120));
         assert_eq!(parse_duration("7").unwrap(), std::time::Duration::from_secs(7));
-        assert!(parse_duration("x").is_err() && parse_duration("5h").is_err());
+        assert!(parse_duration("x").is_err() && parse_duration("5d").is_err());
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod contract;
 pub mod detect;
+pub mod duration;
 pub mod error;
 pub mod flags;
 pub mod generation;

@@ -100,16 +100,8 @@ pub enum Command {
     Completion { shell: clap_complete::Shell },
 }
 
-/// `90s`, `5m`, `1h`, or plain seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (n, unit) = s.find(|c: char| !c.is_ascii_digit()).map_or((s, ""), |i| s.split_at(i));
-    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a duration like 90s, 5m or 1h"))?;
-    match unit {
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!("{s:?} is not a duration like 90s, 5m or 1h")),
-    }
+    etcd_medic_core::duration::parse(s)
 }
 
 #[cfg(test)]
@@ -126,13 +118,5 @@ mod tests {
         assert!(matches!(cli.command, Command::Restore { wait: false, .. }));
         assert!(Cli::try_parse_from(["kubectl-etcd_medic", "heal"]).is_err(), "a pod is required");
         assert!(Cli::try_parse_from(["kubectl-etcd_medic", "-o", "xml", "list"]).is_err());
-    }
-
-    #[test]
-    fn durations_read_as_kubectl_writes_them() {
-        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
-        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
-        assert_eq!(parse_duration("12"), Ok(Duration::from_secs(12)));
-        assert!(parse_duration("5x").is_err() && parse_duration("m").is_err());
     }
 }

@@ -1,16 +1,17 @@
 //! The demo: a real 3-member etcd cluster deployed like the APISIX chart's Bitnami etcd,
 //! broken the way users see it (`etcdserver: member not found`), then healed.
 //!
-//! Nobody calls the agent: the real controller (`etcd-medic controller`) notices the crash
-//! loop and its signature, records an `EtcdRemediation` and asks the real agent on the
-//! pod's node (`etcd-medic serve`, a bearer token checked by TokenReview and
+//! A person with kubectl meets it: `kubectl etcd-medic diagnose` names the crash signature,
+//! `kubectl etcd-medic heal --wait` writes an `EtcdRemediation` and follows it step by step.
+//! Nobody calls the agent by hand: the real controller (`etcd-medic controller`, which would
+//! also have acted by itself a minute later) carries the record out by asking the real
+//! agent on the pod's node (`etcd-medic serve`, a bearer token checked by TokenReview and
 //! SubjectAccessReview against the lab's API server). The agent locates the pod's volume,
 //! checks every gate, takes the cluster's lease, moves the stale `member/snap`,
 //! `member/wal` and `member_id` into a quarantine on the volume, restarts the pod with a UID
-//! precondition, and verifies that the member rejoined. The demo streams the steps as the
-//! record's status shows them.
+//! precondition, and verifies that the member rejoined.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, ensure};
 use etcd_medic_lab::controller::{ControllerProcess, remediations};
@@ -27,6 +28,24 @@ impl Progress {
     fn step(&self, what: &str) {
         println!("[{:>6.2}s] {what}", self.0.elapsed().as_secs_f64());
     }
+}
+
+/// Runs `kubectl etcd-medic ARGS` (the plugin binary, as kubectl would) with the lab's
+/// kubeconfig, shows what it printed, and returns its stdout; a non-zero exit is an error.
+async fn kubectl_etcd_medic(lab: &Lab, args: &[&str]) -> Result<String> {
+    let shown: Vec<String> = args.iter().map(|a| if a.contains(' ') { format!("{a:?}") } else { a.to_string() }).collect();
+    println!("         $ kubectl etcd-medic {}", shown.join(" "));
+    let out = tokio::process::Command::new(etcd_medic_lab::agent::plugin_binary())
+        .args(args)
+        .env("KUBECONFIG", &lab.api.kubeconfig)
+        .output()
+        .await?;
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stderr), String::from_utf8_lossy(&out.stdout));
+    for line in text.lines() {
+        println!("           | {line}");
+    }
+    ensure!(out.status.success(), "kubectl etcd-medic {} exited {}", args.join(" "), out.status);
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -57,61 +76,23 @@ async fn main() -> Result<()> {
     let agent = etcd_medic_lab::controller::agent_for_controller(&lab, &[]).await?;
     let token = etcd_medic_lab::controller::register_agent(&lab, &agent)?;
     p.step(&format!("etcd-medic serve is ready on http://{} (auth: TokenReview + SubjectAccessReview)", agent.addr));
-    let heal = Instant::now();
-    let controller =
-        ControllerProcess::start(&lab, &token, "demo", &["--min-restarts", "3", "--failing-for", "5s", "--max-failing-percent", "50"])
-            .await?;
-    p.step("etcd-medic controller is ready (watching pods app.kubernetes.io/name=etcd; --min-restarts 3 --failing-for 5s)");
+    let controller = ControllerProcess::start(&lab, &token, "demo", &[]).await?;
+    p.step("etcd-medic controller is ready, with its production defaults (it acts after 3 restarts and 60 s not Ready)");
 
-    // Follow the EtcdRemediation the controller records, as `kubectl get etcdrem -w` would.
-    let mut shown = 0;
-    let mut said_record = false;
-    let id = loop {
-        let records: Vec<_> = remediations(&lab, "apisix").into_iter().filter(|r| r.spec.pod == "apisix-etcd-1").collect();
-        if let Some(r) = records.first() {
-            let status = r.status.clone().unwrap_or_default();
-            if !said_record {
-                p.step(&format!(
-                    "controller recorded EtcdRemediation apisix/{} — reason {:?}",
-                    r.metadata.name.as_deref().unwrap_or_default(),
-                    r.spec.reason.as_deref().unwrap_or_default()
-                ));
-                said_record = true;
-            }
-            let lines: Vec<String> = status
-                .steps
-                .iter()
-                .flat_map(|s| {
-                    let mut v = vec![format!("{:<10} ...", s.name)];
-                    if let Some(o) = &s.outcome {
-                        v.push(format!("{:<10} {o}: {}", s.name, s.message));
-                    }
-                    v
-                })
-                .collect();
-            for line in &lines[shown.min(lines.len())..] {
-                p.step(&format!("  agent on {}: {line}", status.node.as_deref().unwrap_or("?")));
-            }
-            shown = lines.len();
-            match status.phase.as_deref() {
-                Some("Succeeded") => {
-                    p.step(&format!("EtcdRemediation phase Succeeded (remediation {})", status.remediation_id.clone().unwrap_or_default()));
-                    break status.remediation_id.unwrap_or_default();
-                }
-                Some(ph @ ("Failed" | "Refused")) => {
-                    anyhow::bail!(
-                        "the remediation ended {ph}: {:?}\ncontroller log:\n{}\nagent log:\n{}",
-                        status.error,
-                        controller.log_text(),
-                        agent.log_text()
-                    )
-                }
-                _ => {}
-            }
-        }
-        ensure!(heal.elapsed() < Duration::from_secs(300), "no end after 300 s:\n{}", controller.log_text());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    // Before the controller would act, a person with kubectl asks: the plugin writes an
+    // EtcdRemediation with the person's kubeconfig; the controller carries it out through
+    // the agent on the pod's node.
+    p.step("a person with kubectl, before the controller would act:");
+    kubectl_etcd_medic(&lab, &["diagnose", "apisix-etcd-1", "-n", "apisix"]).await?;
+    let heal = Instant::now();
+    let out =
+        kubectl_etcd_medic(&lab, &["heal", "apisix-etcd-1", "-n", "apisix", "--wait", "--reason", "member not found after a drain"]).await;
+    let out = out.with_context(|| format!("controller log:\n{}\nagent log:\n{}", controller.log_text(), agent.log_text()))?;
+    let record =
+        remediations(&lab, "apisix").into_iter().find(|r| r.spec.pod == "apisix-etcd-1" && !r.spec.dry_run).context("the heal's record")?;
+    let name = record.metadata.name.clone().unwrap_or_default();
+    let id = record.status.and_then(|s| s.remediation_id).context("the record names the agent's remediation")?;
+    ensure!(out.starts_with("Succeeded"), "the heal did not succeed: {out}");
     let r = agent.get(&format!("/v1/remediations/{id}"), Some(&std::fs::read_to_string(&token)?)).await?.json();
     let members = etcd::member_list(&lab.set.endpoints()).await?;
     let new = members.iter().find(|m| m.name == "apisix-etcd-1").context("member rejoined")?;
@@ -122,7 +103,7 @@ async fn main() -> Result<()> {
         heal.elapsed().as_secs_f64()
     ));
     if let Some(q) = r["quarantinePath"].as_str().and_then(|q| q.rsplit('/').next()) {
-        println!("           old data kept on the PVC at .etcd-medic/quarantine/{q} (etcd-medic restore {id})");
+        println!("           old data kept on the PVC at .etcd-medic/quarantine/{q} (kubectl etcd-medic restore {name} -n apisix)");
     }
     let events: Vec<String> = lab
         .api
@@ -141,6 +122,7 @@ async fn main() -> Result<()> {
         "healed: {} started voting members, {KEYS} keys equal on all members",
         members.iter().filter(|m| m.started() && !m.is_learner).count()
     ));
+    kubectl_etcd_medic(&lab, &["list", "-n", "apisix"]).await?;
     p.step(&format!("done in {:.1}s", p.0.elapsed().as_secs_f64()));
     drop(controller);
     drop(agent);

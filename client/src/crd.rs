@@ -50,6 +50,7 @@ pub struct EtcdRemediationSpec {
     pub force: bool,
     /// Put the member's quarantined data back where it was (the agent's restore), once the
     /// remediation has ended. A person's decision: whoever may patch this resource may ask.
+    /// Carried out once; a failed restore is asked again by setting it false, then true.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub restore: bool,
 }
@@ -115,13 +116,18 @@ pub struct MemberStatus {
 pub struct RestoreStatus {
     /// `Restored` or `Failed`.
     pub phase: String,
-    /// The contract's code when it failed.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// The contract's code when it failed. Written even when absent (`null`): a status is
+    /// written as a merge patch, which would keep an earlier failure's code otherwise.
+    #[serde(default)]
     pub code: Option<String>,
     #[serde(default)]
     pub message: String,
     /// RFC 3339.
     pub time: String,
+    /// The spec's generation asked: a failed restore is asked again by a later generation
+    /// (`spec.restore` set to false, then true again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
 }
 
 /// The crash signature and what it called for.
@@ -130,7 +136,8 @@ pub struct RestoreStatus {
 pub struct DiagnosisStatus {
     pub signature: String,
     pub action: String,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Written even when empty: a merge patch would keep an earlier diagnosis' lines.
+    #[serde(default)]
     pub evidence: Vec<String>,
 }
 

@@ -250,15 +250,27 @@ async fn run(cli: Cli) -> Result<u8> {
         }
         Command::Restore { id, wait, timeout } => {
             let name = resolve(&kube, &id).await?;
+            let before = kube.record(&name).await?;
+            let what = format!("EtcdRemediation {}/{name}", kube.namespace);
             let api = kube.records(false);
-            let (patch, pp) = (Patch::Merge(json!({"spec": {"restore": true}})), PatchParams::default());
-            kube.call(&format!("EtcdRemediation {}/{name}", kube.namespace), Code::RemediationNotFound, || api.patch(&name, &pp, &patch))
-                .await?;
+            let pp = PatchParams::default();
+            // A restore that failed is asked again by a new generation of the spec.
+            if before.spec.restore {
+                let off = Patch::Merge(json!({"spec": {"restore": false}}));
+                kube.call(&what, Code::RemediationNotFound, || api.patch(&name, &pp, &off)).await?;
+            }
+            let on = Patch::Merge(json!({"spec": {"restore": true}}));
+            let asked = kube.call(&what, Code::RemediationNotFound, || api.patch(&name, &pp, &on)).await?;
+            let generation = asked.metadata.generation;
             if !wait {
                 eprintln!("etcdremediation.etcd-medic.io/{name}: restore asked");
                 return Ok(0);
             }
-            let cr = kube.follow(&name, timeout, false, |cr| cr.status.as_ref().is_some_and(|s| s.restore.is_some())).await?;
+            let answered = |cr: &EtcdRemediation| {
+                let r = cr.status.as_ref().and_then(|s| s.restore.as_ref());
+                r.is_some_and(|r| r.phase == "Restored" || r.observed_generation >= generation)
+            };
+            let cr = kube.follow(&name, timeout, false, answered).await?;
             let r = cr.status.as_ref().and_then(|s| s.restore.clone()).unwrap_or_default();
             print(out, &r, || show::restore_line(&name, &r))?;
             Ok(match r.code.as_deref() {

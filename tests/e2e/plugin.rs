@@ -3,6 +3,7 @@
 //! carries them out.
 
 use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 use anyhow::Result;
 use serde_json::Value;
@@ -92,6 +93,27 @@ async fn a_person_diagnoses_heals_and_reads_the_history_with_kubectl() -> Result
     let r = kubectl_etcd_medic(&lab, &["restore", names[0], "-n", "apisix"]).await?;
     assert_eq!(r.code, exit_of(Code::PodRunning), "{}{}", r.stdout, r.stderr);
     assert!(r.stdout.contains("PodRunning"), "{}", r.stdout);
+    // Once etcd is stopped on it (the kubelet holding the container in back-off), asking
+    // again (a new generation of the spec) is refused for the data the rejoined member
+    // wrote; with that moved aside, it puts the old data back.
+    lab.set.switches().hold_restarts.store(true, Ordering::SeqCst);
+    lab.set.crash_container(1)?;
+    lab.set.hold_restarts(1, Duration::from_secs(120)).await?;
+    let r = kubectl_etcd_medic(&lab, &["restore", names[0], "-n", "apisix", "-o", "json"]).await?;
+    assert_eq!(r.code, exit_of(Code::UnsafePath), "the rejoined member's own data is never overwritten: {}", r.stdout);
+    // The person moves the new member's data aside, and asks a third time.
+    let data = lab.set.data_dir(1)?;
+    std::fs::rename(data.join("member"), data.join("member.rejoined"))?;
+    std::fs::rename(data.join("member_id"), data.join("member_id.rejoined"))?;
+    let r = kubectl_etcd_medic(&lab, &["restore", names[0], "-n", "apisix", "-o", "json"]).await?;
+    assert_eq!(r.code, 0, "{}{}\n{}", r.stdout, r.stderr, c.log_text());
+    let restore: Value = serde_json::from_str(&r.stdout)?;
+    assert_eq!(restore["phase"], "Restored", "{restore}");
+    assert!(data.join("member_id").exists() && data.join("member/wal").is_dir(), "the old member's data is back: {restore}");
+    let again = kubectl_etcd_medic(&lab, &["restore", names[0], "-n", "apisix"]).await?;
+    assert!(again.code == 0 && again.stdout.contains("Restored"), "a restore done is told, never done twice: {}", again.stdout);
+    assert_eq!(c.log_text().matches("restore quarantine").count(), 1, "the agent was asked once:\n{}", c.log_text());
+    lab.set.release_restarts();
 
     let refused = kubectl_etcd_medic(&lab, &["heal", "apisix-etcd-0", "-n", "apisix", "--wait"]).await?;
     assert_eq!(refused.code, exit_of(Code::PodRunning), "{}{}", refused.stdout, refused.stderr);

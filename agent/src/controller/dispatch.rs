@@ -182,14 +182,16 @@ async fn step(ctx: &Ctx, cr: &EtcdRemediation, status: &mut EtcdRemediationStatu
     Ok(true)
 }
 
-/// A restore is asked for (`spec.restore`) and not yet answered: the remediation ended and
-/// made a quarantine on a known node.
+/// A restore is asked for (`spec.restore`) and not yet answered for this generation of the
+/// spec (a restore done is never asked again; a failed one is, by a later generation): the
+/// remediation ended and ran on a known node.
 pub fn wants_restore(cr: &EtcdRemediation) -> bool {
     let s = cr.status.as_ref();
+    let answered = |r: &RestoreStatus| r.phase != "Failed" || r.observed_generation >= cr.metadata.generation;
     cr.spec.restore
         && !cr.spec.dry_run
         && is_final(s)
-        && s.is_some_and(|s| s.restore.is_none() && s.remediation_id.is_some() && s.node.is_some())
+        && s.is_some_and(|s| !s.restore.as_ref().is_some_and(answered) && s.remediation_id.is_some() && s.node.is_some())
 }
 
 /// Asks the agent that made `cr`'s remediation to put its quarantine back, and records the
@@ -226,6 +228,7 @@ pub async fn restore(ctx: Arc<Ctx>, cr: EtcdRemediation) {
             code: code.clone(),
             message: message.clone(),
             time: etcd_medic_core::contract::now(),
+            observed_generation: cr.metadata.generation,
         });
         if write_status(&ctx, &ns, &name, &status).await.is_err() {
             // Asked again on the next look: the agent answers a second restore of the same
@@ -405,10 +408,16 @@ mod tests {
         assert!(!wants_restore(&cr), "not while it runs");
         cr.status = Some(EtcdRemediationStatus { remediation_id: None, ..ran.clone() });
         assert!(!wants_restore(&cr), "nothing ran: nothing to put back");
-        let answered =
-            RestoreStatus { phase: "Failed".into(), code: Some("PodRunning".into()), message: String::new(), time: String::new() };
-        cr.status = Some(EtcdRemediationStatus { restore: Some(answered), ..ran.clone() });
-        assert!(!wants_restore(&cr), "answered once");
+        cr.metadata.generation = Some(2);
+        let failed =
+            RestoreStatus { phase: "Failed".into(), code: Some("PodRunning".into()), observed_generation: Some(2), ..Default::default() };
+        cr.status = Some(EtcdRemediationStatus { restore: Some(failed.clone()), ..ran.clone() });
+        assert!(!wants_restore(&cr), "answered for this generation");
+        cr.metadata.generation = Some(4);
+        assert!(wants_restore(&cr), "a failed restore asked again by a later generation");
+        let done = RestoreStatus { phase: "Restored".into(), ..failed };
+        cr.status = Some(EtcdRemediationStatus { restore: Some(done), ..ran.clone() });
+        assert!(!wants_restore(&cr), "a restore done is never asked again");
         cr.status = Some(ran);
         cr.spec.restore = false;
         assert!(!wants_restore(&cr));

@@ -35,13 +35,18 @@ VARIANTS = {
     "tls-digest-scoped": {
         "image": {"repository": "registry.example/etcd-medic", "digest": "sha256:" + "a" * 64, "pullPolicy": "Always"},
         "imagePullSecrets": [{"name": "registry"}],
-        "agent": {"tls": {"enabled": True, "secretName": "etcd-medic-tls"}, "nodeSelector": {"node-role/etcd": "true"}, "port": 9443},
+        "agent": {
+            "tls": {"enabled": True, "secretName": "etcd-medic-tls", "caSecretName": "etcd-medic-ca"},
+            "nodeSelector": {"node-role/etcd": "true"},
+            "port": 9443,
+        },
         "controller": {"namespaces": ["apisix", "etcd"], "dryRun": True, "maxFailingPercent": 34, "cooldown": "10m", "replicas": 3},
         "audience": "etcd-medic.example",
     },
     "agents-only-custom-root": {
         "kubeletRoot": "/data/kubelet",
-        "extraHostPaths": ["/mnt/local-disks"],
+        # The kubelet root again is not mounted twice.
+        "extraHostPaths": ["/mnt/local-disks", "/data/kubelet"],
         "controller": {"enabled": False},
         "networkPolicy": {"enabled": False},
         "agent": {"priorityClass": {"create": False, "name": "system-node-critical"}},
@@ -59,6 +64,12 @@ REFUSED = {
     "a kubelet root climbing out": ({"kubeletRoot": "/var/lib/../../etc"}, "/kubeletRoot"),
     "TLS without its Secret": ({"agent": {"tls": {"enabled": True}}}, "/agent/tls/secretName"),
     "a namespace that is no DNS label": ({"controller": {"namespaces": ["Apisix_Prod"]}}, "/controller/namespaces/0"),
+    "the host's whole filesystem": ({"extraHostPaths": ["/"]}, "/extraHostPaths/0"),
+    "a path the agent mounts itself": ({"extraHostPaths": ["/var/log/pods"]}, "/extraHostPaths/0"),
+    "a trailing slash (a second mount of one path)": ({"kubeletRoot": "/var/lib/kubelet/"}, "/kubeletRoot"),
+    "a zero duration": ({"agent": {"verifyTimeout": "0s"}}, "/agent/verifyTimeout"),
+    "a PriorityClass to create without a name": ({"agent": {"priorityClass": {"create": True, "name": ""}}}, "/agent/priorityClass/name"),
+    "a reserved PriorityClass to create": ({"agent": {"priorityClass": {"create": True, "name": "system-node-critical"}}}, "/agent/priorityClass/name"),
 }
 
 

@@ -252,6 +252,10 @@ pub struct ControllerArgs {
     /// The CA that signed the agents' serving certificates (HTTPS agents).
     #[arg(long, env = "ETCD_MEDIC_AGENT_CA_FILE")]
     pub agent_ca_file: Option<PathBuf>,
+    /// Verify the agents' certificate for this name (e.g. `etcd-medic.etcd-medic.svc`, one
+    /// certificate for every agent) instead of each agent's pod IP.
+    #[arg(long, env = "ETCD_MEDIC_AGENT_SERVER_NAME", requires = "agent_ca_file")]
+    pub agent_server_name: Option<String>,
     /// The namespace of the leader-election Lease (the controller's own).
     #[arg(long, env = "POD_NAMESPACE", default_value = "etcd-medic")]
     pub lease_namespace: String,
@@ -299,6 +303,7 @@ impl ControllerArgs {
             agent_service: self.agent_service.clone(),
             agent_token_file: Some(self.agent_token_file.clone()),
             agent_ca_file: self.agent_ca_file.clone(),
+            agent_server_name: self.agent_server_name.clone(),
             lease_namespace: self.lease_namespace.clone(),
             lease_name: self.lease_name.clone(),
             lease_duration: self.lease_duration,

@@ -8,14 +8,16 @@
 //! The CRD (structural schema, printer columns, status subresource) is generated from these
 //! types: `etcd-medic crd` prints it, and `charts/etcd-medic/crds/etcdremediations.yaml` is checked to be it.
 
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use etcd_medic_core::contract::{Outcome, Phase, Remediation};
 
-/// What is asked: heal this pod (in the resource's namespace).
-#[derive(CustomResource, Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+/// What is asked: heal this pod (in the resource's namespace). What was asked does not
+/// change once made: only `reason` and `restore` may (a CEL transition rule, checked by the
+/// API server), so that a record's pod, instance, dry run and force are those carried out.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, KubeSchema)]
 #[kube(
     group = "etcd-medic.io",
     version = "v1alpha1",
@@ -30,6 +32,7 @@ use etcd_medic_core::contract::{Outcome, Phase, Remediation};
     printcolumn = r#"{"name":"Signature","type":"string","jsonPath":".status.diagnosis.signature","priority":1}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
+#[x_kube(validation = Rule::new(IMMUTABLE_ASK).message("pod, podUID, dryRun and force are what was asked: they cannot change (only reason and restore can)"))]
 #[serde(rename_all = "camelCase")]
 pub struct EtcdRemediationSpec {
     /// The etcd pod's name.
@@ -37,6 +40,7 @@ pub struct EtcdRemediationSpec {
     pub pod: String,
     /// The pod instance meant: a replacement with another UID is never acted on.
     #[serde(rename = "podUID", default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 128))]
     pub pod_uid: Option<String>,
     /// Why it is asked (the signature the controller detected, or a person's words).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -54,6 +58,13 @@ pub struct EtcdRemediationSpec {
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub restore: bool,
 }
+
+/// The spec's transition rule: what was asked stays as asked (absent booleans are false, an
+/// absent podUID is empty).
+const IMMUTABLE_ASK: &str = "self.pod == oldSelf.pod \
+    && (has(self.podUID) ? self.podUID : '') == (has(oldSelf.podUID) ? oldSelf.podUID : '') \
+    && (has(self.dryRun) && self.dryRun) == (has(oldSelf.dryRun) && oldSelf.dryRun) \
+    && (has(self.force) && self.force) == (has(oldSelf.force) && oldSelf.force)";
 
 /// The remediation as the agent on the pod's node reports it.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
@@ -291,6 +302,39 @@ mod tests {
         let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"];
         assert_eq!(spec["required"], serde_json::json!(["pod"]));
         assert_eq!(spec["properties"]["podUID"]["type"], "string");
+    }
+
+    /// The transition rule, run by a CEL evaluator as the API server runs it: what was asked
+    /// stays, `reason` and `restore` may change, a create is not judged by it.
+    #[test]
+    fn what_was_asked_cannot_change_but_a_restore_can_be_asked() {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(EtcdRemediation::crd()).unwrap();
+        let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+        let asked = serde_json::json!({"spec": {"pod": "apisix-etcd-1", "podUID": "u-1", "reason": "r"}});
+        let with = |patch: serde_json::Value| {
+            let mut v = asked.clone();
+            for (k, x) in patch.as_object().unwrap() {
+                v["spec"][k] = x.clone();
+            }
+            v
+        };
+        kube_cel::validate(schema, &asked, None).expect("a create");
+        for ok in [serde_json::json!({"restore": true}), serde_json::json!({"reason": "another"}), serde_json::json!({"dryRun": false})] {
+            kube_cel::validate(schema, &with(ok.clone()), Some(&asked)).unwrap_or_else(|e| panic!("{ok} is allowed: {e:?}"));
+        }
+        for refused in [
+            serde_json::json!({"pod": "apisix-etcd-0"}),
+            serde_json::json!({"podUID": "u-2"}),
+            serde_json::json!({"dryRun": true}),
+            serde_json::json!({"force": true}),
+        ] {
+            let e = kube_cel::validate(schema, &with(refused.clone()), Some(&asked)).expect_err(&format!("{refused} is refused"));
+            assert!(format!("{e:?}").contains("cannot change"), "{e:?}");
+        }
+        let mut no_uid = asked.clone();
+        no_uid["spec"].as_object_mut().unwrap().remove("podUID");
+        assert!(kube_cel::validate(schema, &asked, Some(&no_uid)).is_err(), "a podUID cannot be added later");
     }
 
     #[test]

@@ -59,15 +59,22 @@ impl AgentClient {
     /// `base` is `http(s)://host:port`; an `https://` agent needs [`AgentClient::with_ca`]
     /// (agents serve certificates of the cluster's own CA, never a public one).
     pub fn new(base: &str) -> Result<Self> {
-        Self::build(base, None)
+        Self::build(base, None, None)
     }
 
     /// Trusts only the CA certificates in `pem` for HTTPS (the agents' serving CA).
     pub fn with_ca(base: &str, pem: &[u8]) -> Result<Self> {
-        Self::build(base, Some(pem))
+        Self::build(base, Some(pem), None)
     }
 
-    fn build(base: &str, ca: Option<&[u8]>) -> Result<Self> {
+    /// [`AgentClient::with_ca`], verifying the certificate for `server_name` (when given)
+    /// instead of the URL's host: agents are reached by pod IP, but one certificate for the
+    /// agents' Service name (`etcd-medic.<namespace>.svc`) serves them all.
+    pub fn with_ca_for(base: &str, pem: &[u8], server_name: Option<&str>) -> Result<Self> {
+        Self::build(base, Some(pem), server_name)
+    }
+
+    fn build(base: &str, ca: Option<&[u8]>, server_name: Option<&str>) -> Result<Self> {
         let base = base.trim_end_matches('/').to_string();
         let uri: Uri = base.parse().map_err(|e| Error::invalid(format!("{base:?} is not an agent URL: {e}")))?;
         if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.host().is_none() {
@@ -87,7 +94,16 @@ impl AgentClient {
             }
         }
         let tls = builder.with_root_certificates(roots).with_no_client_auth();
-        let https = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build();
+        let https = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+        let https = match server_name {
+            Some(name) => {
+                let name = rustls::pki_types::ServerName::try_from(name.to_string())
+                    .map_err(|e| Error::invalid(format!("{name:?} is not a server name: {e}")))?;
+                https.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name))
+            }
+            None => https,
+        };
+        let https = https.enable_http1().build();
         Ok(AgentClient { base, token: None, timeout: Duration::from_secs(70), http: Client::builder(TokioExecutor::new()).build(https) })
     }
 

@@ -167,7 +167,7 @@ impl Kube {
                 return Ok(cr);
             }
             if start.elapsed() > timeout {
-                let phase = cr.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_else(|| "not started".into());
+                let phase = show::safe(cr.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("not started"));
                 return Err(Error::new(
                     Code::NotReady,
                     format!("EtcdRemediation {}/{name} is still {phase} after {timeout:?} (is the controller running?)", self.namespace),
@@ -197,7 +197,8 @@ fn print(out: Output, value: &impl serde::Serialize, table: impl FnOnce() -> Str
         Output::Json => serde_json::to_string_pretty(value).map_err(|e| Error::new(Code::Internal, e.to_string()))? + "\n",
         Output::Yaml => serde_yaml::to_string(value).map_err(|e| Error::new(Code::Internal, e.to_string()))?,
     };
-    print!("{text}");
+    // A closed pipe (`| head`) is the reader's choice, not an error.
+    let _ = std::io::Write::write_all(&mut std::io::stdout().lock(), text.as_bytes());
     Ok(())
 }
 
@@ -251,6 +252,16 @@ async fn run(cli: Cli) -> Result<u8> {
         Command::Restore { id, wait, timeout } => {
             let name = resolve(&kube, &id).await?;
             let before = kube.record(&name).await?;
+            // What the controller would not act on is said now, not after a wait.
+            let s = before.status.clone().unwrap_or_default();
+            if before.spec.dry_run || !matches!(s.phase.as_deref(), Some("Succeeded" | "Failed")) || s.remediation_id.is_none() {
+                return Err(Error::invalid(format!(
+                    "EtcdRemediation {}/{name} is {}{}: only a remediation that ran and ended (Succeeded or Failed) has a quarantine to restore",
+                    kube.namespace,
+                    show::safe(s.phase.as_deref().unwrap_or("not started")),
+                    if before.spec.dry_run { " (a dry run)" } else { "" }
+                )));
+            }
             let what = format!("EtcdRemediation {}/{name}", kube.namespace);
             let api = kube.records(false);
             let pp = PatchParams::default();

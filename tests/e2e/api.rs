@@ -518,11 +518,13 @@ async fn tls_serves_the_rotated_certificate_without_a_restart() -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     let (cert, key) = (dir.join("tls.crt"), dir.join("tls.key"));
     // A self-signed pair for 127.0.0.1, written as a rotation writes it: aside, then renamed.
-    let issue = |name: &str| -> Result<std::path::PathBuf> {
+    let issue_with = |name: &str, san: &str| -> Result<std::path::PathBuf> {
         let (c, k) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
         let out = std::process::Command::new("openssl")
             .args(["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "1"])
-            .args(["-subj", &format!("/CN={name}"), "-addext", "subjectAltName=IP:127.0.0.1"])
+            .args(["-subj", &format!("/CN={name}"), "-addext", san])
+            // An end-entity certificate (rustls refuses a CA as a server's certificate).
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
             .arg("-keyout")
             .arg(&k)
             .arg("-out")
@@ -535,6 +537,7 @@ async fn tls_serves_the_rotated_certificate_without_a_restart() -> Result<()> {
         std::fs::rename(dir.join("tls.crt.new"), &cert)?;
         Ok(c)
     };
+    let issue = |name: &str| issue_with(name, "subjectAltName=IP:127.0.0.1");
     let first = issue("first")?;
     let mut how = Serve::new(&lab);
     how.args = vec!["--tls-cert-file".into(), cert.to_string_lossy().into(), "--tls-key-file".into(), key.to_string_lossy().into()];
@@ -561,6 +564,33 @@ async fn tls_serves_the_rotated_certificate_without_a_restart() -> Result<()> {
     }
     assert!(!curl(&first).0, "the first certificate is no longer served");
     assert!(agent.log_text().contains("TLS certificate reloaded"));
+
+    // One certificate for the agents' Service name serves every agent, reached by pod IP:
+    // the client verifies that name, never any other (the controller's
+    // --agent-server-name).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let service = "etcd-medic.etcd-medic.svc";
+    let named = issue_with("named", &format!("subjectAltName=DNS:{service}"))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let ca = std::fs::read(&named)?;
+    let url = format!("https://{}", agent.addr);
+    let asked = |name: Option<&'static str>| {
+        let client = etcd_medic_client::AgentClient::with_ca_for(&url, &ca, name).expect("a client");
+        async move { client.list(None, None).await }
+    };
+    // No token: an answer at all (401) proves the TLS handshake; a TLS failure is no answer.
+    loop {
+        let e = asked(Some(service)).await.err();
+        if e.as_ref().map(|e| e.code) == Some(etcd_medic_core::Code::Unauthenticated) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the named certificate was not served ({e:?}):\n{}", agent.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let by_ip = asked(None).await.expect_err("the certificate names no IP");
+    assert_eq!(by_ip.code, etcd_medic_core::Code::NotReady, "{by_ip:?}");
+    let other = asked(Some("etcd-medic.other.svc")).await.expect_err("another name");
+    assert_eq!(other.code, etcd_medic_core::Code::NotReady, "{other:?}");
     drop(agent);
     lab.shutdown().await;
     Ok(())

@@ -130,6 +130,27 @@ async fn a_pause_and_a_storm_hold_every_action() -> Result<()> {
     let before = etcd_medic_lab::agent::tree(&volume);
     let c = ControllerProcess::start(&lab, &token, "replica-a", FAST).await?;
     wait_held(&lab, &c, "apisix-etcd-1", "Paused").await?;
+    // A record that claims to be the controller's own (its label is the maker's to write)
+    // waits for the pause like any other.
+    let api: kube::Api<etcd_medic_client::crd::EtcdRemediation> = kube::Api::namespaced(lab.api.client().await?, "apisix");
+    let forged: etcd_medic_client::crd::EtcdRemediation = serde_json::from_value(json!({
+        "apiVersion": "etcd-medic.io/v1alpha1", "kind": "EtcdRemediation",
+        "metadata": {"name": "forged", "labels": {"etcd-medic.io/decision": "dispatch"}},
+        "spec": {"pod": "apisix-etcd-1", "force": true},
+    }))?;
+    api.create(&Default::default(), &forged).await?;
+    let deadline = tokio::time::Instant::now() + HEAL;
+    loop {
+        let s = api.get("forged").await?.status.unwrap_or_default();
+        if s.conditions.iter().any(|c| c.r#type == "Processing" && c.reason == "Paused") {
+            assert_eq!((s.phase.as_deref(), s.remediation_id.as_deref()), (Some("Pending"), None), "{s:?}");
+            break;
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the forged record did not wait: {s:?}\n{}", c.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(agent_remediations(&agent, &token, "apisix-etcd-1").await?.is_empty(), "nothing was dispatched");
+    api.delete("forged", &Default::default()).await?;
 
     // A second member fails (killed and held in back-off): the cluster has no quorum left.
     lab.set.switches().hold_restarts.store(true, Ordering::SeqCst);
@@ -235,7 +256,14 @@ async fn a_flaky_api_server_costs_nothing_twice() -> Result<()> {
     let records: Vec<_> = remediations(&lab, "apisix").into_iter().filter(|r| r.spec.pod == "apisix-etcd-1").collect();
     assert_eq!(records.len(), 1, "a lost create answer made no second record: {records:?}");
     assert_eq!(agent_remediations(&agent, &token, "apisix-etcd-1").await?.len(), 1);
-    assert!(c.log_text().contains("could not renew the lead"), "the renewal's 500 struck:\n{}", c.log_text());
+    // The heal may end before the leader's next renewal: that renewal meets the 500.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !c.log_text().contains("could not renew the lead") {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the renewal's 500 struck:\n{}", c.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And the renewal after it holds the lead.
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(c.leads().await, "one failed renewal did not cost the lead:\n{}", c.log_text());
     lab.set.wait_ready(1, HEAL).await?;
     assert_every_key(&lab, 3, KEYS).await?;

@@ -115,6 +115,35 @@ async fn a_person_diagnoses_heals_and_reads_the_history_with_kubectl() -> Result
     assert_eq!(c.log_text().matches("restore quarantine").count(), 1, "the agent was asked once:\n{}", c.log_text());
     lab.set.release_restarts();
 
+    // A tenant of another namespace, who may write their records' status, names the healed
+    // pod's remediation in one of theirs and asks for its restore: refused, nothing moved.
+    let res = etcd_medic_lab::apiserver::store::find_resource("etcd-medic.io", "v1alpha1", "etcdremediations").expect("served");
+    let store = lab.api.store();
+    store
+        .create(res, "mallory", serde_json::json!({"metadata": {"name": "steal"}, "spec": {"pod": "apisix-etcd-1"}}))
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let failed = |v: &Value| v["status"]["phase"] == "Failed";
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !store.get(res, "mallory", "steal").is_ok_and(|v| failed(&v)) {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no pod apisix-etcd-1 in mallory: Failed\n{}", c.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let healed = store.get(res, "apisix", names[0]).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let victim = serde_json::json!({"status": {"remediationID": healed["status"]["remediationID"], "node": healed["status"]["node"]}});
+    store.patch_part(res, "mallory", "steal", &victim, true).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    store.patch(res, "mallory", "steal", &serde_json::json!({"spec": {"restore": true}})).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let answer = loop {
+        let v = store.get(res, "mallory", "steal").map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        if !v["status"]["restore"].is_null() {
+            break v["status"]["restore"].clone();
+        }
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the restore was not answered:\n{}", c.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!((answer["phase"].as_str(), answer["code"].as_str()), (Some("Failed"), Some("InvalidRequest")), "{answer}");
+    assert_eq!(c.log_text().matches("restore quarantine").count(), 1, "the agent restored nothing more:\n{}", c.log_text());
+
     let refused = kubectl_etcd_medic(&lab, &["heal", "apisix-etcd-0", "-n", "apisix", "--wait"]).await?;
     assert_eq!(refused.code, exit_of(Code::PodRunning), "{}{}", refused.stdout, refused.stderr);
     assert!(refused.stdout.starts_with("Refused: PodRunning"), "{}", refused.stdout);

@@ -106,26 +106,26 @@ async fn step(ctx: &Ctx, cr: &EtcdRemediation, status: &mut EtcdRemediationStatu
             Ok(r) => {
                 let e =
                     Error::invalid(format!("the status names remediation {} of {}/{}, not of this record's pod", r.id, r.namespace, r.pod));
+                // Never kept: a restore would otherwise act on another pod's quarantine.
+                (status.remediation_id, status.node) = (None, None);
                 return end(ctx, cr, status, e).await;
             }
             Err(e) if retryable(&e) => return Err(e),
             Err(e) => return end(ctx, cr, status, e).await,
         },
         _ => {
-            // A person's record waits while a pause annotation holds the pod; the
-            // controller's own were decided with it.
-            let seen = ctx.pods.lock().unwrap().get(&(ns.clone(), cr.spec.pod.clone())).cloned();
-            if super::decision(cr).is_none()
-                && let Some(pod) = seen
-                && let Some(on) = super::paused_on(ctx, &pod).await
-            {
-                return Err(Error::new(Code::NotReady, format!("paused by the annotation etcd-medic.io/paused on {on}")));
-            }
             let pod = match ctx.api.pod(&ns, &cr.spec.pod).await {
                 Ok(p) => p,
                 Err(e) if e.code == Code::PodNotFound => return end(ctx, cr, status, e).await,
                 Err(e) => return Err(e),
             };
+            // Every record waits while a pause annotation holds the pod, whoever made it and
+            // whatever its labels say (a label is the record maker's to write), and whether
+            // or not the pod is among the watched ones.
+            let seen = super::observe::pod_seen(&pod, ctx.cfg.container.as_deref());
+            if let Some(on) = super::paused_on(ctx, &seen).await {
+                return Err(Error::new(Code::NotReady, format!("paused by the annotation etcd-medic.io/paused on {on}")));
+            }
             let Some(node) = pod.spec.as_ref().and_then(|s| s.node_name.clone()) else {
                 return Err(Error::new(Code::NotReady, format!("pod {ns}/{} is not scheduled to a node yet", cr.spec.pod)));
             };
@@ -190,32 +190,62 @@ pub fn wants_restore(cr: &EtcdRemediation) -> bool {
     let answered = |r: &RestoreStatus| r.phase != "Failed" || r.observed_generation >= cr.metadata.generation;
     cr.spec.restore
         && !cr.spec.dry_run
-        && is_final(s)
+        && matches!(s.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
         && s.is_some_and(|s| !s.restore.as_ref().is_some_and(answered) && s.remediation_id.is_some() && s.node.is_some())
 }
 
+/// How often a restore is tried while the agent cannot be asked, before it is Failed.
+const RESTORE_TRIES: u32 = 10;
+
 /// Asks the agent that made `cr`'s remediation to put its quarantine back, and records the
-/// answer in `status.restore` (once: a restore is never asked twice for one record). A blip
-/// is tried again; a refusal (etcd runs on that data, nothing to restore) is the answer.
+/// answer in `status.restore`, once for this generation of the spec. The remediation the
+/// status names is proven first to be this record's own (its pod and instance, not a dry
+/// run, with a quarantine): a status is writable by whoever may write it, and the agent
+/// authorizes the controller for every namespace. A blip is tried again, a bounded number of
+/// times, and only while the restore is still asked for.
 pub async fn restore(ctx: Arc<Ctx>, cr: EtcdRemediation) {
     let (ns, name) = (cr.namespace().unwrap_or_default(), cr.name_any());
+    let key = (ns.clone(), name.clone());
+    let asked = (cr.metadata.uid.clone().unwrap_or_default(), cr.metadata.generation.unwrap_or(0));
     let mut status = cr.status.clone().unwrap_or_default();
     let (Some(id), Some(node)) = (status.remediation_id.clone(), status.node.clone()) else {
-        ctx.busy.lock().unwrap().remove(&(ns, name));
+        ctx.busy.lock().unwrap().remove(&key);
         return;
     };
+    // Asked once per record and generation by this replica, even when writing the answer
+    // failed (the agent answers a restore done already with the remediation, but a failed
+    // one would be tried again on every look).
+    if !ctx.restores.lock().unwrap().insert(asked.clone()) {
+        ctx.busy.lock().unwrap().remove(&key);
+        return;
+    }
     let mut backoff = Duration::from_secs(1);
-    while ctx.leading() && still_there(&ctx, &cr) {
-        let answer = match agent(&ctx, &node).await {
-            Ok(a) => a.restore(&id).await,
-            Err(e) => Err(e),
-        };
+    let mut tries = 0;
+    let still_asked = || {
+        ctx.rems.lock().unwrap().get(&key).is_some_and(|r| {
+            r.metadata.uid.as_deref() == Some(asked.0.as_str()) && r.metadata.generation == cr.metadata.generation && wants_restore(r)
+        })
+    };
+    while ctx.leading() && still_there(&ctx, &cr) && still_asked() {
+        tries += 1;
+        let answer = async {
+            let agent = agent(&ctx, &node).await?;
+            let r = agent.get(&id).await?;
+            let mine = r.namespace == ns && r.pod == cr.spec.pod && (cr.spec.pod_uid.is_none() || r.pod_uid == cr.spec.pod_uid);
+            if !mine || r.dry_run || r.quarantine.is_none() {
+                return Err(Error::invalid(format!(
+                    "the status names remediation {id}, which is not a quarantine of this record's pod: nothing restored"
+                )));
+            }
+            agent.restore(&id).await
+        }
+        .await;
         let (phase, code, message) = match answer {
             Ok(r) => {
                 let q = r.quarantine.as_ref().map(|q| q.name.clone()).unwrap_or_default();
                 ("Restored", None, format!("quarantine {q} of remediation {id} put back on node {node}"))
             }
-            Err(e) if retryable(&e) => {
+            Err(e) if retryable(&e) && tries < RESTORE_TRIES => {
                 tracing::warn!(remediation = %format!("{ns}/{name}"), code = %e.code, "restore: {}; retrying", e.message);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(30));
@@ -231,15 +261,12 @@ pub async fn restore(ctx: Arc<Ctx>, cr: EtcdRemediation) {
             observed_generation: cr.metadata.generation,
         });
         if write_status(&ctx, &ns, &name, &status).await.is_err() {
-            // Asked again on the next look: the agent answers a second restore of the same
-            // quarantine with a refusal, never by moving anything twice.
             break;
         }
         let kind = if code.is_none() { EventType::Normal } else { EventType::Warning };
         let why = code.map(|c| format!("{c}: ")).unwrap_or_default();
         tracing::info!(remediation = %format!("{ns}/{name}"), id = %id, phase, "restore {why}{message}");
         ctx.event(&cr, kind, &format!("Restore{phase}"), &format!("{why}{message}")).await;
-        let key = (ns.clone(), name.clone());
         if let Some(r) = ctx.rems.lock().unwrap().get_mut(&key)
             && r.metadata.uid == cr.metadata.uid
         {
@@ -247,7 +274,7 @@ pub async fn restore(ctx: Arc<Ctx>, cr: EtcdRemediation) {
         }
         break;
     }
-    ctx.busy.lock().unwrap().remove(&(ns, name));
+    ctx.busy.lock().unwrap().remove(&key);
 }
 
 /// An error that asking again may not repeat: the agent's absence, a blip, a busy agent.
@@ -298,7 +325,7 @@ fn waiting(previous: &EtcdRemediationStatus, cr: &EtcdRemediation, reason: &str,
 async fn agent(ctx: &Ctx, node: &str) -> Result<AgentClient> {
     let url = discover::agent_on_node(ctx.api.client(), &ctx.cfg.agent_namespace, &ctx.cfg.agent_service, node).await?;
     let client = match &ctx.agent_ca {
-        Some(pem) => AgentClient::with_ca(&url, pem)?,
+        Some(pem) => AgentClient::with_ca_for(&url, pem, ctx.cfg.agent_server_name.as_deref())?,
         None => AgentClient::new(&url)?,
     };
     let token = match &ctx.cfg.agent_token_file {
@@ -406,6 +433,10 @@ mod tests {
         assert!(wants_restore(&cr));
         cr.status = Some(EtcdRemediationStatus { phase: Some("Running".into()), ..ran.clone() });
         assert!(!wants_restore(&cr), "not while it runs");
+        for phase in ["Planned", "Refused"] {
+            cr.status = Some(EtcdRemediationStatus { phase: Some(phase.into()), ..ran.clone() });
+            assert!(!wants_restore(&cr), "a {phase} remediation moved nothing");
+        }
         cr.status = Some(EtcdRemediationStatus { remediation_id: None, ..ran.clone() });
         assert!(!wants_restore(&cr), "nothing ran: nothing to put back");
         cr.metadata.generation = Some(2);

@@ -55,6 +55,8 @@ pub struct Config {
     pub agent_token_file: Option<PathBuf>,
     /// The agents' serving CA (HTTPS agents), read at start.
     pub agent_ca_file: Option<PathBuf>,
+    /// The name the agents' certificate is verified for, instead of their pod IP.
+    pub agent_server_name: Option<String>,
     pub lease_namespace: String,
     pub lease_name: String,
     pub lease_duration: Duration,
@@ -92,6 +94,8 @@ pub struct Ctx {
     lead: Arc<leader::Lead>,
     /// Remediations being carried out by this replica.
     busy: Mutex<HashSet<(String, String)>>,
+    /// The restores asked by this replica, by record uid and spec generation.
+    restores: Mutex<HashSet<(String, i64)>>,
     detected: Mutex<HashMap<String, Detected>>,
     /// The hold each held pod (by uid) was last told of.
     held: Mutex<HashMap<String, String>>,
@@ -175,6 +179,7 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         leading: AtomicBool::new(false),
         lead: Arc::default(),
         busy: Mutex::default(),
+        restores: Mutex::default(),
         detected: Mutex::default(),
         held: Mutex::default(),
         pauses: Mutex::default(),
@@ -321,35 +326,29 @@ pub fn decision(r: &EtcdRemediation) -> Option<&str> {
     r.labels().get(DECISION).map(String::as_str)
 }
 
-/// Starts carrying out every EtcdRemediation that has not ended and is not being carried out.
+/// Starts carrying out every EtcdRemediation that has not ended, and every restore asked of
+/// one that has, unless a task of this replica is already at it.
 fn reconcile(ctx: &Arc<Ctx>) {
     let refused = |r: &EtcdRemediation| decision(r) == Some("refused");
-    let open: Vec<EtcdRemediation> = ctx
+    let work: Vec<(EtcdRemediation, bool)> = ctx
         .rems
         .lock()
         .unwrap()
         .values()
-        .filter(|r| r.metadata.deletion_timestamp.is_none() && !refused(r) && !dispatch::is_final(r.status.as_ref()))
-        .cloned()
+        .filter(|r| r.metadata.deletion_timestamp.is_none())
+        .filter_map(|r| {
+            let open = !refused(r) && !dispatch::is_final(r.status.as_ref());
+            (open || dispatch::wants_restore(r)).then(|| (r.clone(), open))
+        })
         .collect();
-    for r in open {
+    for (r, open) in work {
         let key = (r.namespace().unwrap_or_default(), r.name_any());
         if ctx.busy.lock().unwrap().insert(key) {
-            tokio::spawn(dispatch::carry_out(ctx.clone(), r));
-        }
-    }
-    let restores: Vec<EtcdRemediation> = ctx
-        .rems
-        .lock()
-        .unwrap()
-        .values()
-        .filter(|r| r.metadata.deletion_timestamp.is_none() && dispatch::wants_restore(r))
-        .cloned()
-        .collect();
-    for r in restores {
-        let key = (r.namespace().unwrap_or_default(), r.name_any());
-        if ctx.busy.lock().unwrap().insert(key) {
-            tokio::spawn(dispatch::restore(ctx.clone(), r));
+            if open {
+                tokio::spawn(dispatch::carry_out(ctx.clone(), r));
+            } else {
+                tokio::spawn(dispatch::restore(ctx.clone(), r));
+            }
         }
     }
 }

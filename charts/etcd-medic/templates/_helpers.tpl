@@ -38,8 +38,14 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
   "microk8s" (list (dict "name" "microk8s-default-storage" "path" "/var/snap/microk8s/common/default-storage"))
   "k0s" (list) -}}
 {{- $paths := get $presets .Values.preset -}}
+{{- $taken := list (include "etcd-medic.kubeletRoot" .) -}}
+{{- range $paths }}{{ $taken = append $taken .path }}{{ end -}}
 {{- range $i, $p := .Values.extraHostPaths }}
+{{- /* A path mounted already (the kubelet root, the preset's) is not mounted twice. */}}
+{{- if not (has $p $taken) }}
 {{- $paths = append $paths (dict "name" (printf "host-path-%d" $i) "path" $p) }}
+{{- $taken = append $taken $p }}
+{{- end }}
 {{- end }}
 {{- toJson $paths -}}
 {{- end }}

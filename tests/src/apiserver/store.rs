@@ -23,6 +23,9 @@ pub struct ResourceDef {
     /// `status` alone and bump `metadata.generation` when the spec changes; `/status`
     /// writes change only `status`.
     pub status_subresource: bool,
+    /// A custom resource's `openAPIV3Schema`: its `x-kubernetes-validations` (CEL, the
+    /// transition rules included) are enforced on create and update as the API server does.
+    pub schema: Option<CrdSchema>,
 }
 
 impl ResourceDef {
@@ -52,6 +55,7 @@ pub const RESOURCES: &[ResourceDef] = &[
             "status.nominatedNodeName",
         ],
         status_subresource: false,
+        schema: None,
     },
     ResourceDef {
         group: "",
@@ -61,6 +65,7 @@ pub const RESOURCES: &[ResourceDef] = &[
         namespaced: true,
         fields: &[],
         status_subresource: false,
+        schema: None,
     },
     ResourceDef {
         group: "",
@@ -70,6 +75,7 @@ pub const RESOURCES: &[ResourceDef] = &[
         namespaced: false,
         fields: &[],
         status_subresource: false,
+        schema: None,
     },
     ResourceDef {
         group: "",
@@ -79,6 +85,7 @@ pub const RESOURCES: &[ResourceDef] = &[
         namespaced: false,
         fields: &["status.phase"],
         status_subresource: false,
+        schema: None,
     },
     ResourceDef {
         group: "",
@@ -88,6 +95,7 @@ pub const RESOURCES: &[ResourceDef] = &[
         namespaced: false,
         fields: &["spec.unschedulable"],
         status_subresource: false,
+        schema: None,
     },
     ResourceDef {
         group: "",
@@ -105,6 +113,7 @@ pub const RESOURCES: &[ResourceDef] = &[
             "source",
         ],
         status_subresource: false,
+        schema: None,
     },
     ResourceDef {
         group: "events.k8s.io",
@@ -114,6 +123,7 @@ pub const RESOURCES: &[ResourceDef] = &[
         namespaced: true,
         fields: &["regarding.kind", "regarding.name", "regarding.namespace", "regarding.uid", "reason", "type", "reportingController"],
         status_subresource: false,
+        schema: None,
     },
     ResourceDef {
         group: "apps",
@@ -123,6 +133,7 @@ pub const RESOURCES: &[ResourceDef] = &[
         namespaced: true,
         fields: &[],
         status_subresource: false,
+        schema: None,
     },
     ResourceDef {
         group: "discovery.k8s.io",
@@ -132,6 +143,7 @@ pub const RESOURCES: &[ResourceDef] = &[
         namespaced: true,
         fields: &[],
         status_subresource: false,
+        schema: None,
     },
     ResourceDef {
         group: "coordination.k8s.io",
@@ -141,6 +153,7 @@ pub const RESOURCES: &[ResourceDef] = &[
         namespaced: true,
         fields: &[],
         status_subresource: false,
+        schema: None,
     },
     ResourceDef {
         group: "etcd-medic.io",
@@ -150,8 +163,36 @@ pub const RESOURCES: &[ResourceDef] = &[
         namespaced: true,
         fields: &[],
         status_subresource: true,
+        schema: Some(CrdSchema::EtcdRemediation),
     },
 ];
+
+/// The custom resources the stand-in serves with their CRD's schema.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrdSchema {
+    EtcdRemediation,
+}
+
+impl CrdSchema {
+    fn value(self) -> Value {
+        use kube::CustomResourceExt;
+        let crd = match self {
+            CrdSchema::EtcdRemediation => serde_json::to_value(etcd_medic_client::crd::EtcdRemediation::crd()),
+        };
+        crd.expect("a CRD serializes")["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
+    }
+}
+
+/// The CEL rules of `res`'s schema on `obj` (`old`: the stored object, for an update): a
+/// failure is a 422 `Invalid` naming the rule's message, as the API server answers.
+fn check_rules(res: &ResourceDef, obj: &Value, old: Option<&Value>) -> Result<(), ApiError> {
+    let Some(schema) = res.schema else { return Ok(()) };
+    kube_cel::validate(&schema.value(), obj, old).map_err(|errors| {
+        let name = meta_str(obj, "name").unwrap_or_default().to_string();
+        let said: Vec<String> = errors.into_iter().map(|e| format!("{}: Invalid value: {}", e.field_path, e.message)).collect();
+        ApiError::invalid(res, &name, said.join(", "))
+    })
+}
 
 pub fn find_resource(group: &str, version: &str, plural: &str) -> Option<&'static ResourceDef> {
     RESOURCES.iter().find(|r| r.group == group && r.version == version && r.plural == plural)
@@ -410,6 +451,7 @@ impl Store {
         {
             o.remove("status");
         }
+        check_rules(res, &obj, None)?;
         Self::bump(&mut inner, &mut obj);
         inner.objects.insert(key, obj.clone());
         self.record(&mut inner, res, ChangeKind::Added, obj.clone());
@@ -469,17 +511,28 @@ impl Store {
         {
             return Err(ApiError::conflict(res, name, "Precondition failed: UID in precondition does not match the object"));
         }
-        self.replace_locked(&mut inner, res, key, &current, &mut obj, Some(status));
+        self.replace_locked(&mut inner, res, key, &current, &mut obj, Some(status))?;
         Ok(obj)
     }
 
     /// Stores `obj` in place of `current`; `part` is the API's write (`Some(true)`: of
     /// `/status`), `None` the lab's own.
-    fn replace_locked(&self, inner: &mut Inner, res: &'static ResourceDef, key: Key, current: &Value, obj: &mut Value, part: Option<bool>) {
+    fn replace_locked(
+        &self,
+        inner: &mut Inner,
+        res: &'static ResourceDef,
+        key: Key,
+        current: &Value,
+        obj: &mut Value,
+        part: Option<bool>,
+    ) -> Result<(), ApiError> {
         if let Some(status) = part
             && res.status_subresource
         {
             split_status(current, obj, status);
+        }
+        if part.is_some() {
+            check_rules(res, obj, Some(current))?;
         }
         obj["apiVersion"] = json!(res.api_version());
         obj["kind"] = json!(res.kind);
@@ -491,6 +544,7 @@ impl Store {
         Self::bump(inner, obj);
         inner.objects.insert(key, obj.clone());
         self.record(inner, res, ChangeKind::Modified, obj.clone());
+        Ok(())
     }
 
     /// PATCH with merge semantics (JSON merge and, for the maps and scalars the agent
@@ -517,7 +571,7 @@ impl Store {
         }
         let mut obj = current.clone();
         merge_patch(&mut obj, patch);
-        self.replace_locked(&mut inner, res, key, &current, &mut obj, Some(status));
+        self.replace_locked(&mut inner, res, key, &current, &mut obj, Some(status))?;
         Ok(obj)
     }
 
@@ -535,7 +589,7 @@ impl Store {
             return Ok(obj);
         }
         // The lab's own changes write the whole object, status included.
-        self.replace_locked(&mut inner, res, key, &current, &mut obj, None);
+        self.replace_locked(&mut inner, res, key, &current, &mut obj, None).expect("the lab's own writes are not judged");
         Ok(obj)
     }
 
@@ -697,10 +751,15 @@ mod tests {
         let same_spec = s.update(res, "ns", "r", main.clone()).unwrap();
         assert_eq!((same_spec["status"]["phase"].as_str(), same_spec["metadata"]["generation"].as_i64()), (Some("Running"), Some(1)));
         let mut main = same_spec.clone();
-        main["spec"]["force"] = json!(true);
+        main["spec"]["restore"] = json!(true);
         let new_spec = s.update(res, "ns", "r", main).unwrap();
         assert_eq!(new_spec["metadata"]["generation"], 2, "a spec change is a new generation");
         assert_eq!(new_spec["status"]["phase"], "Running");
+        // The CRD's transition rule, run as the API server runs it: what was asked stays.
+        let e = s.patch(res, "ns", "r", &json!({"spec": {"force": true}})).unwrap_err();
+        assert_eq!((e.code, e.reason), (422, "Invalid"), "{e:?}");
+        assert!(e.message.contains("cannot change"), "{}", e.message);
+        assert_eq!(s.get(res, "ns", "r").unwrap()["spec"]["force"], json!(null), "nothing was stored");
     }
 
     #[test]

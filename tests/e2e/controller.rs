@@ -250,7 +250,9 @@ async fn a_flaky_api_server_costs_nothing_twice() -> Result<()> {
     lab.api.inject(Fault::new(records, FaultKind::LoseAnswer(500)).method("POST").times(1));
     lab.api.inject(Fault::new(records, FaultKind::Status(500)).method("PATCH").every(2).times(4));
     let c = ControllerProcess::start(&lab, &token, "replica-a", FAST).await?;
-    lab.api.inject(Fault::new("/apis/coordination.k8s.io/v1/namespaces/etcd-medic/leases", FaultKind::Status(500)).method("PUT").times(1));
+    // The controller's own Lease: the agent's cluster leases live in the same namespace.
+    let lead = "/apis/coordination.k8s.io/v1/namespaces/etcd-medic/leases/etcd-medic-controller";
+    lab.api.inject(Fault::new(lead, FaultKind::Status(500)).method("PUT").times(1));
     let done = wait_remediation(&lab, "apisix-etcd-1", HEAL, |p| matches!(p, "Succeeded" | "Failed" | "Refused"), &[&c]).await?;
     assert_eq!(phase(&done), "Succeeded", "{done:?}\n{}", c.log_text());
     let records: Vec<_> = remediations(&lab, "apisix").into_iter().filter(|r| r.spec.pod == "apisix-etcd-1").collect();

@@ -8,7 +8,7 @@
 //! The CRD (structural schema, printer columns, status subresource) is generated from these
 //! types: `etcd-medic crd` prints it, and `charts/etcd-medic/crds/etcdremediations.yaml` is checked to be it.
 
-use kube::{CustomResource, KubeSchema};
+use kube::{CustomResource, KubeSchema, ResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -187,6 +187,45 @@ pub struct Condition {
     pub observed_generation: Option<i64>,
 }
 
+/// Every field of the status, as written: a status is written as a merge patch, so each
+/// absent one is written `null` to clear what an earlier write left.
+pub const STATUS_FIELDS: [&str; 11] = [
+    "phase",
+    "node",
+    "remediationID",
+    "diagnosis",
+    "steps",
+    "error",
+    "conditions",
+    "observedGeneration",
+    "clusterID",
+    "members",
+    "restore",
+];
+
+/// Phases after which nothing more happens.
+pub fn is_final(status: Option<&EtcdRemediationStatus>) -> bool {
+    matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed" | "Refused" | "Planned"))
+}
+
+impl EtcdRemediation {
+    /// A remediation ran for this record and ended (`Succeeded` or `Failed`, not a dry run)
+    /// on a known node: the only kind a restore can be asked of.
+    pub fn ran_and_ended(&self) -> bool {
+        let s = self.status.as_ref();
+        !self.spec.dry_run
+            && matches!(s.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
+            && s.is_some_and(|s| s.remediation_id.is_some() && s.node.is_some())
+    }
+
+    /// `r` is a remediation of this record's pod (and instance, when the record names one).
+    pub fn is_of(&self, r: &Remediation) -> bool {
+        self.namespace().is_some_and(|ns| r.namespace == ns)
+            && r.pod == self.spec.pod
+            && (self.spec.pod_uid.is_none() || r.pod_uid == self.spec.pod_uid)
+    }
+}
+
 /// Steps and messages kept in a status at most: it lives in an etcd object of its own.
 const MAX_MESSAGE: usize = 1024;
 
@@ -335,6 +374,19 @@ mod tests {
         let mut no_uid = asked.clone();
         no_uid["spec"].as_object_mut().unwrap().remove("podUID");
         assert!(kube_cel::validate(schema, &asked, Some(&no_uid)).is_err(), "a podUID cannot be added later");
+    }
+
+    /// A field missing from [`STATUS_FIELDS`] would keep an earlier write's value.
+    #[test]
+    fn every_status_field_is_cleared_when_absent() {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(EtcdRemediation::crd()).unwrap();
+        let props = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]["properties"];
+        let mut fields: Vec<&str> = props.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut listed = STATUS_FIELDS.to_vec();
+        fields.sort();
+        listed.sort();
+        assert_eq!(fields, listed);
     }
 
     #[test]

@@ -179,7 +179,7 @@ impl Kube {
 }
 
 fn ended(cr: &EtcdRemediation) -> bool {
-    matches!(cr.status.as_ref().and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed" | "Refused" | "Planned"))
+    etcd_medic_client::crd::is_final(cr.status.as_ref())
 }
 
 /// The exit status for an ended record: 0 when it reached `want`, else its error's class.
@@ -254,7 +254,7 @@ async fn run(cli: Cli) -> Result<u8> {
             let before = kube.record(&name).await?;
             // What the controller would not act on is said now, not after a wait.
             let s = before.status.clone().unwrap_or_default();
-            if before.spec.dry_run || !matches!(s.phase.as_deref(), Some("Succeeded" | "Failed")) || s.remediation_id.is_none() {
+            if !before.ran_and_ended() {
                 return Err(Error::invalid(format!(
                     "EtcdRemediation {}/{name} is {}{}: only a remediation that ran and ended (Succeeded or Failed) has a quarantine to restore",
                     kube.namespace,

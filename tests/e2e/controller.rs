@@ -7,9 +7,10 @@ use std::time::Duration;
 use anyhow::Result;
 use serde_json::json;
 
+use etcd_medic_client::crd::EtcdRemediation;
 use etcd_medic_lab::apiserver::{Fault, FaultKind};
 use etcd_medic_lab::controller::{
-    ControllerProcess, agent_for_controller, register_agent, remediations, republish_agent, wait_remediation,
+    ControllerProcess, agent_for_controller, register_agent, remediations, republish_agent, wait_record, wait_remediation,
 };
 use etcd_medic_lab::{Lab, NODE_NAME};
 
@@ -139,16 +140,11 @@ async fn a_pause_and_a_storm_hold_every_action() -> Result<()> {
         "spec": {"pod": "apisix-etcd-1", "force": true},
     }))?;
     api.create(&Default::default(), &forged).await?;
-    let deadline = tokio::time::Instant::now() + HEAL;
-    loop {
-        let s = api.get("forged").await?.status.unwrap_or_default();
-        if s.conditions.iter().any(|c| c.r#type == "Processing" && c.reason == "Paused") {
-            assert_eq!((s.phase.as_deref(), s.remediation_id.as_deref()), (Some("Pending"), None), "{s:?}");
-            break;
-        }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the forged record did not wait: {s:?}\n{}", c.log_text());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let paused = |r: &EtcdRemediation| {
+        r.status.as_ref().is_some_and(|s| s.conditions.iter().any(|c| c.r#type == "Processing" && c.reason == "Paused"))
+    };
+    let s = wait_record(&lab, "apisix", "forged", HEAL, "waiting for the pause", paused, &[&c]).await?.status.unwrap_or_default();
+    assert_eq!((s.phase.as_deref(), s.remediation_id.as_deref()), (Some("Pending"), None), "{s:?}");
     assert!(agent_remediations(&agent, &token, "apisix-etcd-1").await?.is_empty(), "nothing was dispatched");
     api.delete("forged", &Default::default()).await?;
 
@@ -216,15 +212,8 @@ async fn an_unknown_crash_is_refused_and_a_hand_made_request_is_carried_out() ->
         "metadata": {"name": "by-hand"}, "spec": {"pod": "apisix-etcd-1", "dryRun": true, "force": true, "reason": "a person asked"},
     }))?;
     api.create(&Default::default(), &mine).await?;
-    let deadline = tokio::time::Instant::now() + HEAL;
-    let done = loop {
-        let r = api.get("by-hand").await?;
-        if r.status.as_ref().and_then(|s| s.phase.as_deref()).is_some_and(|p| !matches!(p, "Pending" | "Running")) {
-            break r;
-        }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the hand-made request did not end: {r:?}\n{}", c.log_text());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let ended = |r: &EtcdRemediation| etcd_medic_client::crd::is_final(r.status.as_ref());
+    let done = wait_record(&lab, "apisix", "by-hand", HEAL, "ended", ended, &[&c]).await?;
     let s = done.status.clone().unwrap_or_default();
     assert!(s.remediation_id.is_some() && s.node.as_deref() == Some(NODE_NAME), "{s:?}");
     let asked = agent_remediations(&agent, &token, "apisix-etcd-1").await?;

@@ -8,10 +8,11 @@ use std::time::Duration;
 use anyhow::Result;
 use serde_json::Value;
 
+use etcd_medic_client::crd::EtcdRemediation;
 use etcd_medic_core::{Code, Error};
 use etcd_medic_lab::Lab;
 use etcd_medic_lab::agent::plugin_binary;
-use etcd_medic_lab::controller::{ControllerProcess, agent_for_controller, register_agent};
+use etcd_medic_lab::controller::{ControllerProcess, agent_for_controller, register_agent, wait_record};
 
 use crate::reference_failure::{KEYS, assert_every_key, broken_lab_with_mounts};
 
@@ -122,26 +123,16 @@ async fn a_person_diagnoses_heals_and_reads_the_history_with_kubectl() -> Result
     store
         .create(res, "mallory", serde_json::json!({"metadata": {"name": "steal"}, "spec": {"pod": "apisix-etcd-1"}}))
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let failed = |v: &Value| v["status"]["phase"] == "Failed";
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !store.get(res, "mallory", "steal").is_ok_and(|v| failed(&v)) {
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no pod apisix-etcd-1 in mallory: Failed\n{}", c.log_text());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let failed = |r: &EtcdRemediation| r.status.as_ref().is_some_and(|s| s.phase.as_deref() == Some("Failed"));
+    wait_record(&lab, "mallory", "steal", Duration::from_secs(60), "Failed (no such pod there)", failed, &[&c]).await?;
     let healed = store.get(res, "apisix", names[0]).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let victim = serde_json::json!({"status": {"remediationID": healed["status"]["remediationID"], "node": healed["status"]["node"]}});
     store.patch_part(res, "mallory", "steal", &victim, true).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     store.patch(res, "mallory", "steal", &serde_json::json!({"spec": {"restore": true}})).map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let answer = loop {
-        let v = store.get(res, "mallory", "steal").map_err(|e| anyhow::anyhow!("{e:?}"))?;
-        if !v["status"]["restore"].is_null() {
-            break v["status"]["restore"].clone();
-        }
-        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the restore was not answered:\n{}", c.log_text());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
-    assert_eq!((answer["phase"].as_str(), answer["code"].as_str()), (Some("Failed"), Some("InvalidRequest")), "{answer}");
+    let answered = |r: &EtcdRemediation| r.status.as_ref().is_some_and(|s| s.restore.is_some());
+    let stolen = wait_record(&lab, "mallory", "steal", Duration::from_secs(60), "answered", answered, &[&c]).await?;
+    let answer = stolen.status.and_then(|s| s.restore).unwrap_or_default();
+    assert_eq!((answer.phase.as_str(), answer.code.as_deref()), ("Failed", Some("InvalidRequest")), "{answer:?}");
     assert_eq!(c.log_text().matches("restore quarantine").count(), 1, "the agent restored nothing more:\n{}", c.log_text());
 
     let refused = kubectl_etcd_medic(&lab, &["heal", "apisix-etcd-0", "-n", "apisix", "--wait"]).await?;

@@ -142,6 +142,32 @@ pub fn remediations(lab: &Lab, namespace: &str) -> Vec<etcd_medic_client::crd::E
     items.into_iter().filter_map(|v| serde_json::from_value(v).ok()).collect()
 }
 
+/// Waits until EtcdRemediation `namespace/name` is as `done` wants it (`what` names that
+/// state in the error, with the controllers' logs).
+pub async fn wait_record(
+    lab: &Lab,
+    namespace: &str,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    done: impl Fn(&etcd_medic_client::crd::EtcdRemediation) -> bool,
+    logs: &[&ControllerProcess],
+) -> Result<etcd_medic_client::crd::EtcdRemediation> {
+    let res = crate::apiserver::store::find_resource("etcd-medic.io", "v1alpha1", "etcdremediations").expect("served");
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let r = lab.api.store().get(res, namespace, name).ok().and_then(|v| serde_json::from_value(v).ok());
+        if let Some(r) = r.as_ref().filter(|r| done(r)) {
+            return Ok(r.clone());
+        }
+        if tokio::time::Instant::now() > deadline {
+            let said: Vec<String> = logs.iter().map(|c| c.log_text()).collect();
+            bail!("EtcdRemediation {namespace}/{name} not {what} within {timeout:?}: {r:?}\ncontroller logs:\n{}", said.join("\n----\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Waits until an EtcdRemediation of `pod` shows a phase for which `done` holds.
 pub async fn wait_remediation(
     lab: &Lab,

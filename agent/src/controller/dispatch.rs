@@ -26,10 +26,7 @@ use etcd_medic_core::request::CreateRequest;
 use super::Ctx;
 use crate::error::{Code, Error, Result};
 
-/// Phases after which nothing more happens.
-pub fn is_final(status: Option<&EtcdRemediationStatus>) -> bool {
-    matches!(status.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed" | "Refused" | "Planned"))
-}
+pub use etcd_medic_client::crd::is_final;
 
 /// Drives `cr` to its end (or until this replica stops leading).
 pub async fn carry_out(ctx: Arc<Ctx>, cr: EtcdRemediation) {
@@ -102,7 +99,7 @@ async fn step(ctx: &Ctx, cr: &EtcdRemediation, status: &mut EtcdRemediationStatu
         (Some(id), Some(node)) => match agent(ctx, node).await?.get(id).await {
             // Only a remediation of this record's pod is mirrored (a status is writable by
             // whoever may write it, not only by this controller).
-            Ok(r) if r.namespace == ns && r.pod == cr.spec.pod && (cr.spec.pod_uid.is_none() || r.pod_uid == cr.spec.pod_uid) => (r, false),
+            Ok(r) if cr.is_of(&r) => (r, false),
             Ok(r) => {
                 let e =
                     Error::invalid(format!("the status names remediation {} of {}/{}, not of this record's pod", r.id, r.namespace, r.pod));
@@ -186,12 +183,8 @@ async fn step(ctx: &Ctx, cr: &EtcdRemediation, status: &mut EtcdRemediationStatu
 /// spec (a restore done is never asked again; a failed one is, by a later generation): the
 /// remediation ended and ran on a known node.
 pub fn wants_restore(cr: &EtcdRemediation) -> bool {
-    let s = cr.status.as_ref();
     let answered = |r: &RestoreStatus| r.phase != "Failed" || r.observed_generation >= cr.metadata.generation;
-    cr.spec.restore
-        && !cr.spec.dry_run
-        && matches!(s.and_then(|s| s.phase.as_deref()), Some("Succeeded" | "Failed"))
-        && s.is_some_and(|s| !s.restore.as_ref().is_some_and(answered) && s.remediation_id.is_some() && s.node.is_some())
+    cr.spec.restore && cr.ran_and_ended() && !cr.status.as_ref().and_then(|s| s.restore.as_ref()).is_some_and(answered)
 }
 
 /// How often a restore is tried while the agent cannot be asked, before it is Failed.
@@ -204,19 +197,20 @@ const RESTORE_TRIES: u32 = 10;
 /// authorizes the controller for every namespace. A blip is tried again, a bounded number of
 /// times, and only while the restore is still asked for.
 pub async fn restore(ctx: Arc<Ctx>, cr: EtcdRemediation) {
+    ask_restore(&ctx, &cr).await;
+    ctx.busy.lock().unwrap().remove(&(cr.namespace().unwrap_or_default(), cr.name_any()));
+}
+
+async fn ask_restore(ctx: &Ctx, cr: &EtcdRemediation) {
     let (ns, name) = (cr.namespace().unwrap_or_default(), cr.name_any());
     let key = (ns.clone(), name.clone());
     let asked = (cr.metadata.uid.clone().unwrap_or_default(), cr.metadata.generation.unwrap_or(0));
     let mut status = cr.status.clone().unwrap_or_default();
-    let (Some(id), Some(node)) = (status.remediation_id.clone(), status.node.clone()) else {
-        ctx.busy.lock().unwrap().remove(&key);
-        return;
-    };
+    let (Some(id), Some(node)) = (status.remediation_id.clone(), status.node.clone()) else { return };
     // Asked once per record and generation by this replica, even when writing the answer
     // failed (the agent answers a restore done already with the remediation, but a failed
     // one would be tried again on every look).
     if !ctx.restores.lock().unwrap().insert(asked.clone()) {
-        ctx.busy.lock().unwrap().remove(&key);
         return;
     }
     let mut backoff = Duration::from_secs(1);
@@ -226,13 +220,12 @@ pub async fn restore(ctx: Arc<Ctx>, cr: EtcdRemediation) {
             r.metadata.uid.as_deref() == Some(asked.0.as_str()) && r.metadata.generation == cr.metadata.generation && wants_restore(r)
         })
     };
-    while ctx.leading() && still_there(&ctx, &cr) && still_asked() {
+    while ctx.leading() && still_there(ctx, cr) && still_asked() {
         tries += 1;
         let answer = async {
-            let agent = agent(&ctx, &node).await?;
+            let agent = agent(ctx, &node).await?;
             let r = agent.get(&id).await?;
-            let mine = r.namespace == ns && r.pod == cr.spec.pod && (cr.spec.pod_uid.is_none() || r.pod_uid == cr.spec.pod_uid);
-            if !mine || r.dry_run || r.quarantine.is_none() {
+            if !cr.is_of(&r) || r.dry_run || r.quarantine.is_none() {
                 return Err(Error::invalid(format!(
                     "the status names remediation {id}, which is not a quarantine of this record's pod: nothing restored"
                 )));
@@ -260,13 +253,13 @@ pub async fn restore(ctx: Arc<Ctx>, cr: EtcdRemediation) {
             time: etcd_medic_core::contract::now(),
             observed_generation: cr.metadata.generation,
         });
-        if write_status(&ctx, &ns, &name, &status).await.is_err() {
+        if write_status(ctx, &ns, &name, &status).await.is_err() {
             break;
         }
         let kind = if code.is_none() { EventType::Normal } else { EventType::Warning };
         let why = code.map(|c| format!("{c}: ")).unwrap_or_default();
         tracing::info!(remediation = %format!("{ns}/{name}"), id = %id, phase, "restore {why}{message}");
-        ctx.event(&cr, kind, &format!("Restore{phase}"), &format!("{why}{message}")).await;
+        ctx.event(cr, kind, &format!("Restore{phase}"), &format!("{why}{message}")).await;
         if let Some(r) = ctx.rems.lock().unwrap().get_mut(&key)
             && r.metadata.uid == cr.metadata.uid
         {
@@ -274,7 +267,6 @@ pub async fn restore(ctx: Arc<Ctx>, cr: EtcdRemediation) {
         }
         break;
     }
-    ctx.busy.lock().unwrap().remove(&key);
 }
 
 /// An error that asking again may not repeat: the agent's absence, a blip, a busy agent.
@@ -340,19 +332,7 @@ async fn agent(ctx: &Ctx, node: &str) -> Result<AgentClient> {
 pub async fn write_status(ctx: &Ctx, ns: &str, name: &str, status: &EtcdRemediationStatus) -> Result<()> {
     let mut v = serde_json::to_value(status).map_err(|e| Error::new(Code::Internal, format!("status: {e}")))?;
     if let Value::Object(m) = &mut v {
-        for k in [
-            "phase",
-            "node",
-            "remediationID",
-            "diagnosis",
-            "steps",
-            "error",
-            "conditions",
-            "observedGeneration",
-            "clusterID",
-            "members",
-            "restore",
-        ] {
+        for k in etcd_medic_client::crd::STATUS_FIELDS {
             m.entry(k).or_insert(Value::Null);
         }
     }

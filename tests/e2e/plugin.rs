@@ -12,7 +12,8 @@ use etcd_medic_client::crd::EtcdRemediation;
 use etcd_medic_core::{Code, Error};
 use etcd_medic_lab::Lab;
 use etcd_medic_lab::agent::plugin_binary;
-use etcd_medic_lab::controller::{ControllerProcess, agent_for_controller, register_agent, wait_record};
+use etcd_medic_lab::apiserver::{Fault, FaultKind};
+use etcd_medic_lab::controller::{ControllerProcess, agent_for_controller, register_agent, remediations, wait_record};
 
 use crate::reference_failure::{KEYS, assert_every_key, broken_lab_with_mounts};
 
@@ -71,8 +72,15 @@ async fn a_person_diagnoses_heals_and_reads_the_history_with_kubectl() -> Result
     assert!(list.iter().all(|m| m["healthy"] == true && m["stale"] == false), "{members}");
     assert!(members["clusterID"].as_str().is_some_and(|id| id.len() == 16), "{members}");
 
+    // A flaky API server on the way: the record's first reads answer 500 twice, then 429
+    // (Retry-After 1). Each is asked again; the heal is followed to its end all the same.
+    let followed = "/apis/etcd-medic.io/v1alpha1/namespaces/apisix/etcdremediations/";
+    lab.api.inject(Fault::new(followed, FaultKind::Status(500)).method("GET").times(2));
+    lab.api.inject(Fault::new(followed, FaultKind::Throttle { retry_after_seconds: 1 }).method("GET").times(1));
     let h = kubectl_etcd_medic(&lab, &["heal", "apisix-etcd-1", "-n", "apisix", "--wait", "--timeout", "4m"]).await?;
     assert_eq!(h.code, 0, "{}{}\n{}", h.stdout, h.stderr, c.log_text());
+    assert_eq!(lab.api.faults_left(), [Some(0), Some(0)], "every fault struck the plugin");
+    lab.api.clear_faults();
     assert!(h.stdout.starts_with("Succeeded (remediation "), "{}", h.stdout);
     for step in ["Check Done", "Quarantine Done", "Restart Done", "Verify Done"] {
         assert_eq!(h.stderr.matches(step).count(), 1, "{step} is told once: {}", h.stderr);
@@ -139,6 +147,17 @@ async fn a_person_diagnoses_heals_and_reads_the_history_with_kubectl() -> Result
     assert_eq!(refused.code, exit_of(Code::PodRunning), "{}{}", refused.stdout, refused.stderr);
     assert!(refused.stdout.starts_with("Refused: PodRunning"), "{}", refused.stdout);
     assert!(refused.stderr.contains("Check PodRunning") && refused.stderr.trim_end().ends_with("Refused"), "{}", refused.stderr);
+
+    // A create whose answer is lost is never sent again (it would be a second heal): the
+    // person is told, and exactly one record was made.
+    let before = remediations(&lab, "apisix").len();
+    let records = "/apis/etcd-medic.io/v1alpha1/namespaces/apisix/etcdremediations";
+    lab.api.inject(Fault::new(records, FaultKind::LoseAnswer(500)).method("POST").times(1));
+    let lost = kubectl_etcd_medic(&lab, &["heal", "apisix-etcd-0", "-n", "apisix", "--dry-run"]).await?;
+    assert_eq!(lost.code, exit_of(Code::NotReady), "{}{}", lost.stdout, lost.stderr);
+    assert_eq!(lab.api.faults_left(), [Some(0)]);
+    assert_eq!(remediations(&lab, "apisix").len(), before + 1, "one record, never a second");
+    lab.api.clear_faults();
 
     let nothing = kubectl_etcd_medic(&lab, &["heal", "no-such-pod", "-n", "apisix"]).await?;
     assert_eq!(nothing.code, exit_of(Code::PodNotFound), "{}", nothing.stderr);

@@ -232,6 +232,12 @@ impl ApiServer {
         self.shared.faults.lock().unwrap().push(fault);
     }
 
+    /// How many more times each injected fault would strike (`None`: for ever): a test
+    /// proves its faults were met.
+    pub fn faults_left(&self) -> Vec<Option<u32>> {
+        self.shared.faults.lock().unwrap().iter().map(|f| f.times).collect()
+    }
+
     pub fn clear_faults(&self) {
         self.shared.faults.lock().unwrap().clear();
     }

@@ -227,9 +227,18 @@ pub struct ControllerArgs {
     /// How long a pod has not been Ready before it is a candidate.
     #[arg(long, env = "ETCD_MEDIC_FAILING_FOR", default_value = "60s", value_parser = parse_duration)]
     pub failing_for: std::time::Duration,
-    /// Hold every remediation while more than this percentage of the watched pods fail.
+    /// A failure that can only repeat (`member not found`, `bad member ID arg`, corrupt data)
+    /// is a candidate from its first crash while the others keep quorum; other failures wait
+    /// for `--min-restarts` and `--failing-for`.
+    #[arg(long, env = "ETCD_MEDIC_FIRST_CRASH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub first_crash: bool,
+    /// Hold every remediation while more than this percentage of the watched clusters
+    /// (StatefulSets) have a failing member...
     #[arg(long, env = "ETCD_MEDIC_MAX_FAILING_PERCENT", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=100))]
     pub max_failing_percent: u32,
+    /// ...and at least this many clusters do: one member of the only cluster is no storm.
+    #[arg(long, env = "ETCD_MEDIC_STORM_MIN_CLUSTERS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
+    pub storm_min_clusters: u32,
     /// Remediations per pod in 24 hours at most.
     #[arg(long, env = "ETCD_MEDIC_MAX_ATTEMPTS", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_attempts: u32,
@@ -292,9 +301,11 @@ impl ControllerArgs {
             thresholds: etcd_medic_core::detect::Thresholds {
                 min_restarts: self.min_restarts,
                 failing_for_secs: self.failing_for.as_secs() as i64,
+                first_crash: self.first_crash,
             },
             limits: etcd_medic_core::detect::Limits {
                 max_failing_percent: self.max_failing_percent,
+                storm_min_clusters: self.storm_min_clusters,
                 max_attempts: self.max_attempts,
                 cooldown_secs: self.cooldown.as_secs() as i64,
             },
@@ -310,7 +321,7 @@ impl ControllerArgs {
             identity: format!("{}_{suffix}", self.identity),
             admin: self.admin_listen,
             api_timeout: self.api_timeout,
-            tick: std::time::Duration::from_secs(1),
+            fallback: std::time::Duration::from_secs(10),
             poll: std::time::Duration::from_secs(1),
         })
     }

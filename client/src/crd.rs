@@ -156,6 +156,12 @@ pub struct DiagnosisStatus {
 #[serde(rename_all = "camelCase")]
 pub struct StepStatus {
     pub name: String,
+    /// When the agent started the step (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start: Option<String>,
+    /// When it ended; absent while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end: Option<String>,
     /// `Done`, or the code it failed with; absent while it runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<String>,
@@ -202,6 +208,14 @@ pub const STATUS_FIELDS: [&str; 11] = [
     "members",
     "restore",
 ];
+
+/// Annotation of the controller's own records: when the controller first saw the pod failing
+/// (RFC 3339).
+pub const DETECTED_AT: &str = "etcd-medic.io/detected-at";
+/// Annotation of the controller's own records: since when the pod had not been Ready when it
+/// was detected (its Ready condition's transition; for a member that served before, its first
+/// crash), RFC 3339.
+pub const FAILING_SINCE: &str = "etcd-medic.io/failing-since";
 
 /// Phases after which nothing more happens.
 pub fn is_final(status: Option<&EtcdRemediationStatus>) -> bool {
@@ -255,6 +269,8 @@ pub fn status_of(r: &Remediation, generation: Option<i64>, previous: Option<&Etc
             .iter()
             .map(|s| StepStatus {
                 name: s.name.as_str().into(),
+                start: Some(s.start.clone()),
+                end: s.end.clone(),
                 outcome: s.outcome.map(|o| match o {
                     Outcome::Done => "Done".to_string(),
                     Outcome::Failed(code) => code.as_str().to_string(),

@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::signature::Signature;
+
 /// When a failing pod becomes a candidate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Thresholds {
@@ -11,11 +13,14 @@ pub struct Thresholds {
     pub min_restarts: u32,
     /// Seconds the pod has not been Ready at least (`--failing-for`, default 60).
     pub failing_for_secs: i64,
+    /// A failure that can only repeat is a candidate from its first crash
+    /// ([`first_crash`]; `--first-crash`, default on).
+    pub first_crash: bool,
 }
 
 impl Default for Thresholds {
     fn default() -> Self {
-        Thresholds { min_restarts: 3, failing_for_secs: 60 }
+        Thresholds { min_restarts: 3, failing_for_secs: 60, first_crash: true }
     }
 }
 
@@ -48,16 +53,30 @@ pub enum NotFailing {
     TooRecent { secs: i64, needed: i64 },
 }
 
-/// A pod is a candidate when its etcd container is not running, crash-loops or exited with
-/// an error, restarted at least `min_restarts` times, and has not been Ready for at least
-/// `failing_for_secs`.
-pub fn detect(c: &ContainerSeen, t: &Thresholds) -> Result<(), NotFailing> {
+impl NotFailing {
+    /// The pod failed, but not yet long or often enough: the thresholds may still be met
+    /// (or the first-crash rule apply).
+    pub fn below_thresholds(&self) -> bool {
+        matches!(self, NotFailing::FewRestarts { .. } | NotFailing::TooRecent { .. })
+    }
+}
+
+/// The pod's etcd container is not running and crash-loops or exited with an error.
+pub fn failed(c: &ContainerSeen) -> Result<(), NotFailing> {
     if c.running {
         return Err(NotFailing::Running);
     }
     if !c.crash_loop && !c.exited_with_error {
         return Err(NotFailing::NoFailure);
     }
+    Ok(())
+}
+
+/// A pod is a candidate when its etcd container is not running, crash-loops or exited with
+/// an error, restarted at least `min_restarts` times, and has not been Ready for at least
+/// `failing_for_secs`.
+pub fn detect(c: &ContainerSeen, t: &Thresholds) -> Result<(), NotFailing> {
+    failed(c)?;
     if c.restarts < t.min_restarts {
         return Err(NotFailing::FewRestarts { restarts: c.restarts, needed: t.min_restarts });
     }
@@ -68,12 +87,78 @@ pub fn detect(c: &ContainerSeen, t: &Thresholds) -> Result<(), NotFailing> {
     Ok(())
 }
 
+/// The members of a failing pod's cluster (its StatefulSet's pods), as the watch sees them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ClusterSeen {
+    /// Pods of the cluster, the failing one included.
+    pub members: usize,
+    /// Of the others, those Ready now.
+    pub ready_others: usize,
+}
+
+impl ClusterSeen {
+    /// The cluster keeps a majority of its members without the failing one.
+    pub fn keeps_quorum_without_it(&self) -> bool {
+        self.members > 1 && self.ready_others * 2 > self.members
+    }
+}
+
+/// Why the first-crash rule does not make a pod a candidate.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "reason", rename_all_fields = "camelCase")]
+pub enum NotFirstCrash {
+    /// The rule is off (`--first-crash=false`).
+    Off,
+    /// The container has not failed (or runs).
+    NotFailed(NotFailing),
+    /// The signature may not repeat: the thresholds decide.
+    MayNotRepeat { signature: Signature },
+}
+
+/// The first-crash rule: a failure that can only repeat ([`Signature::repeats`]) makes a
+/// candidate after one failed start; waiting for more restarts would only leave the cluster
+/// a member short for longer. Every other failure waits for the thresholds of [`detect`].
+/// Whether the others keep quorum without it is [`decide`]'s question, as for every
+/// candidate.
+pub fn first_crash(c: &ContainerSeen, t: &Thresholds, signature: Signature) -> Result<(), NotFirstCrash> {
+    if !t.first_crash {
+        return Err(NotFirstCrash::Off);
+    }
+    failed(c).map_err(NotFirstCrash::NotFailed)?;
+    if !signature.repeats() {
+        return Err(NotFirstCrash::MayNotRepeat { signature });
+    }
+    Ok(())
+}
+
+/// How a pod became a candidate, for the record's labels and the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Candidacy {
+    /// Restarts and time not Ready reached the thresholds.
+    Thresholds,
+    /// A failure that can only repeat, at its first crash.
+    FirstCrash,
+}
+
+impl Candidacy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Candidacy::Thresholds => "thresholds",
+            Candidacy::FirstCrash => "firstCrash",
+        }
+    }
+}
+
 /// The limits of dispatching.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
-    /// Candidates among the watched pods above this percentage hold everything
-    /// (`--max-failing-percent`, default 20).
+    /// Clusters with a candidate among the watched clusters above this percentage hold
+    /// everything (`--max-failing-percent`, default 20)...
     pub max_failing_percent: u32,
+    /// ...once at least this many clusters fail (`--storm-min-clusters`, default 3): one
+    /// member of the only cluster is not a storm.
+    pub storm_min_clusters: u32,
     /// Remediations per pod in 24 hours at most (`--max-attempts`, default 3).
     pub max_attempts: u32,
     /// The wait after a first attempt; doubled after each further one in the window.
@@ -82,7 +167,7 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_failing_percent: 20, max_attempts: 3, cooldown_secs: 300 }
+        Limits { max_failing_percent: 20, storm_min_clusters: 3, max_attempts: 3, cooldown_secs: 300 }
     }
 }
 
@@ -92,16 +177,28 @@ pub struct Around {
     /// Where the annotation `etcd-medic.io/paused: "true"` was found: the pod, its
     /// StatefulSet or its namespace.
     pub paused_on: Option<String>,
-    /// Failing members of the candidate's cluster (its StatefulSet), the candidate included.
+    /// Failing members of the candidate's cluster (its StatefulSet), the candidate included,
+    /// candidates or not (yet).
     pub failing_in_cluster: usize,
-    /// Candidates among all watched pods, and how many pods are watched.
-    pub failing_watched: usize,
-    pub watched: usize,
+    /// The candidate's cluster: its members and the others Ready now.
+    pub cluster: ClusterSeen,
+    /// Clusters (StatefulSets) with a candidate among the watched pods, and how many clusters
+    /// the watched pods make.
+    pub failing_clusters: usize,
+    pub clusters: usize,
     /// A remediation of this cluster not yet ended (its pod's name).
     pub in_flight: Option<String>,
     /// Seconds ago of this pod's earlier remediations, within the last 24 hours.
     pub attempts_secs_ago: Vec<i64>,
+    /// Seconds ago of the agent's passing refusals of this pod (it was shutting down, the
+    /// cluster was locked, the container ran again), within the last 24 hours: nothing was
+    /// done, so they are no attempts, but each is asked again only after a back-off.
+    pub refusals_secs_ago: Vec<i64>,
 }
+
+/// The first wait after a passing refusal by the agent; doubled after each further one, up
+/// to the cooldown.
+pub const REFUSAL_RETRY_SECS: i64 = 5;
 
 /// Why nothing is dispatched now.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -115,11 +212,18 @@ pub enum Hold {
     ClusterStorm {
         failing: usize,
     },
-    /// Too many of the watched pods fail at once: something larger is wrong.
+    /// Without the candidate, its cluster's Ready members are no majority (a sole member,
+    /// others starting or unready): any change could cost the quorum.
+    NoQuorumWithout {
+        members: usize,
+        ready_others: usize,
+    },
+    /// Too many of the watched clusters fail at once: something larger is wrong.
     Storm {
-        failing: usize,
-        watched: usize,
+        failing_clusters: usize,
+        clusters: usize,
         max_percent: u32,
+        min_clusters: u32,
     },
     /// One remediation per cluster at a time.
     ClusterBusy {
@@ -140,6 +244,7 @@ impl Hold {
         match self {
             Hold::Paused { .. } => "Paused",
             Hold::ClusterStorm { .. } => "ClusterStorm",
+            Hold::NoQuorumWithout { .. } => "NoQuorumWithout",
             Hold::Storm { .. } => "Storm",
             Hold::ClusterBusy { .. } => "ClusterBusy",
             Hold::MaxAttempts { .. } => "MaxAttempts",
@@ -157,8 +262,16 @@ pub fn decide(a: &Around, l: &Limits) -> Result<(), Hold> {
     if a.failing_in_cluster > 1 {
         return Err(Hold::ClusterStorm { failing: a.failing_in_cluster });
     }
-    if a.watched > 0 && a.failing_watched * 100 > a.watched * l.max_failing_percent as usize {
-        return Err(Hold::Storm { failing: a.failing_watched, watched: a.watched, max_percent: l.max_failing_percent });
+    if !a.cluster.keeps_quorum_without_it() {
+        return Err(Hold::NoQuorumWithout { members: a.cluster.members, ready_others: a.cluster.ready_others });
+    }
+    if is_storm(a.failing_clusters, a.clusters, l) {
+        return Err(Hold::Storm {
+            failing_clusters: a.failing_clusters,
+            clusters: a.clusters,
+            max_percent: l.max_failing_percent,
+            min_clusters: l.storm_min_clusters,
+        });
     }
     if let Some(pod) = &a.in_flight {
         return Err(Hold::ClusterBusy { pod: pod.clone() });
@@ -174,7 +287,20 @@ pub fn decide(a: &Around, l: &Limits) -> Result<(), Hold> {
             return Err(Hold::Cooldown { retry_in_secs: wait - last });
         }
     }
+    let refused: Vec<i64> = a.refusals_secs_ago.iter().copied().filter(|s| (0..24 * 3600).contains(s)).collect();
+    if let Some(last) = refused.iter().min() {
+        let wait = REFUSAL_RETRY_SECS.saturating_mul(1 << (refused.len() - 1).min(16)).min(l.cooldown_secs.max(REFUSAL_RETRY_SECS));
+        if *last < wait {
+            return Err(Hold::Cooldown { retry_in_secs: wait - last });
+        }
+    }
     Ok(())
+}
+
+/// Many clusters failing at once: more than `max_failing_percent` of the watched clusters,
+/// and at least `storm_min_clusters` of them.
+pub fn is_storm(failing_clusters: usize, clusters: usize, l: &Limits) -> bool {
+    clusters > 0 && failing_clusters >= l.storm_min_clusters as usize && failing_clusters * 100 > clusters * l.max_failing_percent as usize
 }
 
 /// Whether an earlier record of this pod instance settles it, so that no new remediation is
@@ -221,7 +347,13 @@ mod tests {
     }
 
     fn alone() -> Around {
-        Around { failing_in_cluster: 1, failing_watched: 1, watched: 30, ..Default::default() }
+        Around {
+            failing_in_cluster: 1,
+            cluster: ClusterSeen { members: 3, ready_others: 2 },
+            failing_clusters: 1,
+            clusters: 10,
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -231,9 +363,73 @@ mod tests {
         let paused = Around { paused_on: Some("statefulset apisix/apisix-etcd".into()), failing_in_cluster: 2, ..alone() };
         assert_eq!(decide(&paused, &l).unwrap_err().as_str(), "Paused", "a person's pause wins");
         assert_eq!(decide(&Around { failing_in_cluster: 2, ..alone() }, &l), Err(Hold::ClusterStorm { failing: 2 }));
-        assert_eq!(decide(&Around { failing_watched: 7, watched: 30, ..alone() }, &l).unwrap_err().as_str(), "Storm");
-        assert_eq!(decide(&Around { failing_watched: 6, watched: 30, ..alone() }, &l), Ok(()), "20% of 30 is allowed");
+        assert_eq!(decide(&Around { failing_clusters: 7, clusters: 30, ..alone() }, &l).unwrap_err().as_str(), "Storm");
+        assert_eq!(decide(&Around { failing_clusters: 6, clusters: 30, ..alone() }, &l), Ok(()), "20% of 30 is allowed");
         assert_eq!(decide(&Around { in_flight: Some("apisix-etcd-0".into()), ..alone() }, &l).unwrap_err().as_str(), "ClusterBusy");
+    }
+
+    #[test]
+    fn one_member_of_the_only_cluster_is_no_storm() {
+        let l = Limits::default();
+        // One APISIX release: three etcd pods, one of them failing (33 % of the pods, 100 % of
+        // the clusters).
+        assert_eq!(decide(&Around { failing_clusters: 1, clusters: 1, ..alone() }, &l), Ok(()));
+        assert_eq!(decide(&Around { failing_clusters: 2, clusters: 2, ..alone() }, &l), Ok(()), "below the floor");
+        let three = decide(&Around { failing_clusters: 3, clusters: 3, ..alone() }, &l);
+        assert_eq!(three, Err(Hold::Storm { failing_clusters: 3, clusters: 3, max_percent: 20, min_clusters: 3 }));
+        assert_eq!(decide(&Around { failing_clusters: 3, clusters: 100, ..alone() }, &l), Ok(()), "3 % of the clusters");
+        assert_eq!(decide(&Around { failing_clusters: 21, clusters: 100, ..alone() }, &l).unwrap_err().as_str(), "Storm");
+        assert!(!is_storm(5, 0, &l), "nothing watched");
+        // The cluster's own majority stays a ClusterStorm, whatever the floor.
+        let two_of_three = Around { failing_in_cluster: 2, failing_clusters: 1, clusters: 1, ..alone() };
+        assert_eq!(decide(&two_of_three, &l), Err(Hold::ClusterStorm { failing: 2 }));
+    }
+
+    #[test]
+    fn a_failure_that_can_only_repeat_is_a_candidate_from_its_first_crash() {
+        let t = Thresholds::default();
+        let first = ContainerSeen { crash_loop: false, exited_with_error: true, restarts: 0, not_ready_for_secs: Some(0), ..crash(0, 0) };
+        assert!(detect(&first, &t).unwrap_err().below_thresholds(), "the thresholds alone wait");
+        assert_eq!(first_crash(&first, &t, Signature::MemberNotFound), Ok(()));
+        assert_eq!(first_crash(&crash(1, 2), &t, Signature::BadMemberId), Ok(()));
+        assert_eq!(first_crash(&crash(1, 2), &t, Signature::CorruptData), Ok(()));
+        assert_eq!(
+            first_crash(&first, &t, Signature::Unknown),
+            Err(NotFirstCrash::MayNotRepeat { signature: Signature::Unknown }),
+            "an unknown crash (a single OOM) waits for the thresholds"
+        );
+        assert_eq!(
+            first_crash(&first, &t, Signature::MemberRemoved),
+            Err(NotFirstCrash::MayNotRepeat { signature: Signature::MemberRemoved })
+        );
+        // Never while the container runs, and not when the rule is off.
+        let running = ContainerSeen { running: true, ..first.clone() };
+        assert_eq!(first_crash(&running, &t, Signature::MemberNotFound), Err(NotFirstCrash::NotFailed(NotFailing::Running)));
+        let off = Thresholds { first_crash: false, ..t };
+        assert_eq!(first_crash(&first, &off, Signature::MemberNotFound), Err(NotFirstCrash::Off));
+    }
+
+    #[test]
+    fn nothing_is_dispatched_unless_the_others_keep_quorum_without_the_member() {
+        let l = Limits::default();
+        let with = |members, ready_others| decide(&Around { cluster: ClusterSeen { members, ready_others }, ..alone() }, &l);
+        assert_eq!(with(3, 2), Ok(()));
+        assert_eq!(with(3, 1), Err(Hold::NoQuorumWithout { members: 3, ready_others: 1 }));
+        assert_eq!(with(1, 0).unwrap_err().as_str(), "NoQuorumWithout", "a sole member");
+        assert_eq!(with(2, 1).unwrap_err().as_str(), "NoQuorumWithout", "1 of 2 is no majority");
+        assert_eq!(with(5, 3), Ok(()));
+        assert_eq!(with(5, 2).unwrap_err().as_str(), "NoQuorumWithout");
+    }
+
+    #[test]
+    fn a_passing_refusal_is_asked_again_after_a_growing_wait() {
+        let l = Limits::default();
+        let after = |ago: Vec<i64>| decide(&Around { refusals_secs_ago: ago, ..alone() }, &l);
+        assert_eq!(after(vec![2]), Err(Hold::Cooldown { retry_in_secs: 3 }));
+        assert_eq!(after(vec![5]), Ok(()));
+        assert_eq!(after(vec![6, 20]), Err(Hold::Cooldown { retry_in_secs: 4 }), "twice the wait after two");
+        assert_eq!(after((0..20).map(|i| 100 + i).collect()), Err(Hold::Cooldown { retry_in_secs: 200 }), "never more than the cooldown");
+        assert_eq!(after(vec![90000]), Ok(()), "older than a day");
     }
 
     #[test]

@@ -35,6 +35,17 @@ pub enum Signature {
 }
 
 impl Signature {
+    /// The failure can only repeat: every start meets the same files and the same cluster and
+    /// fails the same way, so waiting for more restarts buys nothing (the first-crash rule of
+    /// `detect::first_crash`). The Bitnami start-up script runs the same `member update` with
+    /// the same stale (or empty) id on every start; a WAL or snapshot that etcd cannot read is
+    /// read again, unchanged. Not so for a removed member (an image of chart 11 or later wipes
+    /// and re-adds it on its next start), a split brain or a lost quorum (peers may come
+    /// back), or an unknown crash (a single OOM, a node blip): those wait for the thresholds.
+    pub fn repeats(self) -> bool {
+        matches!(self, Signature::MemberNotFound | Signature::BadMemberId | Signature::CorruptData)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Signature::MemberNotFound => "MemberNotFound",
@@ -463,6 +474,27 @@ mod tests {
         assert_eq!(decide(Signature::CorruptData, Some(Generation::Bitnami11)).0, Action::Replace, "the image cannot heal corrupt data");
         assert_eq!(decide(Signature::Unknown, None).1, Some(Code::UnknownFailure));
         assert_eq!(decide(Signature::MemberNotFound, None).0, Action::Heal);
+    }
+
+    #[test]
+    fn only_failures_that_meet_the_same_state_on_every_start_repeat() {
+        let repeating: Vec<Signature> = [
+            Signature::MemberNotFound,
+            Signature::MemberRemoved,
+            Signature::BadMemberId,
+            Signature::CorruptData,
+            Signature::ClusterIdMismatch,
+            Signature::QuorumLost,
+            Signature::Unknown,
+        ]
+        .into_iter()
+        .filter(|s| s.repeats())
+        .collect();
+        assert_eq!(repeating, [Signature::MemberNotFound, Signature::BadMemberId, Signature::CorruptData]);
+        // Whatever repeats is something the agent acts on, never a refusal.
+        for s in repeating {
+            assert_ne!(decide(s, None).0, Action::Refuse, "{s:?}");
+        }
     }
 
     #[test]

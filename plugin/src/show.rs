@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use kube::ResourceExt;
 
-use etcd_medic_client::crd::{EtcdRemediation, EtcdRemediationStatus, RestoreStatus};
+use etcd_medic_client::crd::{DETECTED_AT, EtcdRemediation, EtcdRemediationStatus, FAILING_SINCE, RestoreStatus, StepStatus};
 use etcd_medic_core::{Code, Error};
 
 /// `s` with control (and bidi) characters escaped.
@@ -75,6 +75,61 @@ fn age(cr: &EtcdRemediation, now: jiff::Timestamp) -> String {
     }
 }
 
+/// A step's own duration, from the record's step times (`None` while it runs, or for a
+/// record written before steps carried times).
+pub fn step_took(st: &StepStatus) -> Option<Duration> {
+    let t = |s: &Option<String>| s.as_deref().and_then(|s| s.parse::<jiff::Timestamp>().ok());
+    let ms = t(&st.end)?.as_millisecond() - t(&st.start)?.as_millisecond();
+    Some(Duration::from_millis(ms.max(0) as u64))
+}
+
+/// A duration as a person reads it: `12 ms`, `1.52 s`, `3m04s`.
+pub fn took(d: Duration) -> String {
+    match d.as_millis() {
+        ms @ 0..1000 => format!("{ms} ms"),
+        ms @ 1000..120_000 => format!("{:.2} s", ms as f64 / 1000.0),
+        ms => format!("{}m{:02}s", ms / 60_000, ms / 1000 % 60),
+    }
+}
+
+/// When the record's remediation ended: its last step's end.
+fn ended_at(s: &EtcdRemediationStatus) -> Option<jiff::Timestamp> {
+    let ended = s.conditions.iter().any(|c| c.r#type == "Processing" && c.status == "False");
+    ended.then(|| s.steps.iter().filter_map(|st| st.end.as_deref()?.parse().ok()).max()).flatten()
+}
+
+/// The times of a record the controller made: since when the pod had been failing (its
+/// first crash, for a member that served before), when it was detected, and, once ended,
+/// how long each took to the end. A person's record has none.
+pub fn times(cr: &EtcdRemediation) -> Vec<(&'static str, String)> {
+    let at = |k: &str| cr.annotations().get(k).and_then(|v| v.parse::<jiff::Timestamp>().ok());
+    let (since, detected) = (at(FAILING_SINCE), at(DETECTED_AT));
+    let end = cr.status.as_ref().and_then(ended_at);
+    let span = |from: jiff::Timestamp, to: jiff::Timestamp| {
+        took(Duration::from_millis((to.as_millisecond() - from.as_millisecond()).max(0) as u64))
+    };
+    let mut rows = vec![];
+    if let Some(t) = since {
+        rows.push(("Failing since", t.to_string()));
+    }
+    if let Some(t) = detected {
+        rows.push(("Detected", t.to_string() + &since.map(|s| format!(" ({} after)", span(s, t))).unwrap_or_default()));
+    }
+    if let Some(e) = end {
+        let mut said = vec![];
+        if let Some(s) = since {
+            said.push(format!("{} from the first crash", span(s, e)));
+        }
+        if let Some(d) = detected {
+            said.push(format!("{} from detection", span(d, e)));
+        }
+        if !said.is_empty() {
+            rows.push(("Ended", format!("{e} ({})", said.join(", "))));
+        }
+    }
+    rows
+}
+
 fn signature(s: Option<&EtcdRemediationStatus>) -> String {
     s.and_then(|s| s.diagnosis.as_ref()).map_or("-".into(), |d| safe(&d.signature))
 }
@@ -127,7 +182,7 @@ pub fn detail(cr: &EtcdRemediation) -> String {
     let s = cr.status.clone().unwrap_or_default();
     let mut out = String::new();
     let mut row = |k: &str, v: String| {
-        let _ = writeln!(out, "{k:<12} {v}");
+        let _ = writeln!(out, "{k:<14} {v}");
     };
     row("Name", format!("{}/{}", cr.namespace().unwrap_or_default(), safe(&cr.name_any())));
     row("Pod", safe(&cr.spec.pod) + &cr.spec.pod_uid.as_deref().map(|u| format!(" (uid {})", safe(u))).unwrap_or_default());
@@ -150,11 +205,15 @@ pub fn detail(cr: &EtcdRemediation) -> String {
     if let Some(r) = &s.restore {
         row("Restore", restore_line(&cr.name_any(), r).trim_end().to_string());
     }
+    for (k, v) in times(cr) {
+        row(k, v);
+    }
     if !s.steps.is_empty() {
         out.push_str("Steps:\n");
         for st in &s.steps {
             let outcome = st.outcome.as_deref().map_or("running".into(), safe);
-            let _ = writeln!(out, "  {:<10} {:<12} {}", safe(&st.name), outcome, safe(&st.message));
+            let d = step_took(st).map_or("-".into(), took);
+            let _ = writeln!(out, "  {:<10} {:<12} {:>9}  {}", safe(&st.name), outcome, d, safe(&st.message));
         }
     }
     out
@@ -251,7 +310,8 @@ impl Follow {
         for (i, st) in s.steps.iter().enumerate() {
             tell(format!("step/{i}/start"), format!("{} …", safe(&st.name)));
             if let Some(o) = &st.outcome {
-                tell(format!("step/{i}/end"), format!("{} {}: {}", safe(&st.name), safe(o), safe(&st.message)));
+                let d = step_took(st).map(|d| format!(" in {}", took(d))).unwrap_or_default();
+                tell(format!("step/{i}/end"), format!("{} {}{d}: {}", safe(&st.name), safe(o), safe(&st.message)));
             }
         }
         if ended && let Some((k, l)) = phase {
@@ -298,13 +358,54 @@ mod tests {
     fn a_heal_is_told_step_by_step_once_each() {
         let mut r = record("x", "etcd-1", 1, Some("Running"));
         let mut f = Follow::default();
-        let st =
-            |name: &str, outcome: Option<&str>| StepStatus { name: name.into(), outcome: outcome.map(String::from), message: "m".into() };
+        let st = |name: &str, outcome: Option<&str>| StepStatus {
+            name: name.into(),
+            start: Some("2026-12-07T10:00:00.100Z".into()),
+            end: outcome.map(|_| "2026-12-07T10:00:00.112Z".into()),
+            outcome: outcome.map(String::from),
+            message: "m".into(),
+        };
         r.status.as_mut().unwrap().steps = vec![st("Check", None)];
         assert_eq!(f.lines(&r, Duration::from_millis(1200)), ["[   1.2s] Running", "[   1.2s] Check …"]);
         assert!(f.lines(&r, Duration::from_secs(2)).is_empty(), "nothing new, nothing told");
         r.status.as_mut().unwrap().steps = vec![st("Check", Some("Done")), st("Lock", None)];
-        assert_eq!(f.lines(&r, Duration::from_secs(3)), ["[   3.0s] Check Done: m", "[   3.0s] Lock …"]);
+        assert_eq!(f.lines(&r, Duration::from_secs(3)), ["[   3.0s] Check Done in 12 ms: m", "[   3.0s] Lock …"], "each step its own time");
+        let old = StepStatus { start: None, ..st("Lock", Some("Done")) };
+        assert_eq!(step_took(&old), None, "a record written before steps carried times");
+    }
+
+    #[test]
+    fn status_shows_the_time_from_the_first_crash_and_from_detection() {
+        let mut r = record("x", "etcd-1", 1, Some("Succeeded"));
+        r.metadata.annotations = Some(
+            [
+                (FAILING_SINCE.to_string(), "2026-12-07T10:00:00Z".to_string()),
+                (DETECTED_AT.to_string(), "2026-12-07T10:00:00.250Z".to_string()),
+            ]
+            .into(),
+        );
+        let s = r.status.as_mut().unwrap();
+        s.conditions = vec![etcd_medic_client::crd::Condition {
+            r#type: "Processing".into(),
+            status: "False".into(),
+            reason: "Succeeded".into(),
+            message: String::new(),
+            last_transition_time: "2026-12-07T10:00:04Z".into(),
+            observed_generation: None,
+        }];
+        s.steps = vec![StepStatus {
+            name: "Verify".into(),
+            start: Some("2026-12-07T10:00:02Z".into()),
+            end: Some("2026-12-07T10:00:03.500Z".into()),
+            outcome: Some("Done".into()),
+            message: String::new(),
+        }];
+        let t = times(&r);
+        assert_eq!(t[1], ("Detected", "2026-12-07T10:00:00.25Z (250 ms after)".to_string()));
+        assert_eq!(t[2].1, "2026-12-07T10:00:03.5Z (3.50 s from the first crash, 3.25 s from detection)");
+        let d = detail(&r);
+        assert!(d.contains("Verify     Done            1.50 s"), "{d}");
+        assert_eq!(took(Duration::from_secs(184)), "3m04s");
     }
 
     #[test]

@@ -13,14 +13,20 @@ use etcd_medic_lab::controller::{
     ControllerProcess, agent_for_controller, register_agent, remediations, republish_agent, wait_record, wait_remediation,
 };
 use etcd_medic_lab::{Lab, NODE_NAME};
+use kube::ResourceExt;
 
 use crate::reference_failure::{KEYS, assert_every_key, broken_lab_with_mounts};
 
 const HEAL: Duration = Duration::from_secs(240);
 
-/// Thresholds at the lab's scale: a pod is a candidate after its first crash and a second
-/// not Ready; the lab's single node holds 3 etcd pods (33% would be a storm at 20%).
-const FAST: &[&str] = &["--min-restarts", "1", "--failing-for", "1s", "--max-failing-percent", "50"];
+/// The chart's defaults: every test here runs the controller as the chart installs it (the
+/// lab's helper would otherwise shorten the lease to 3 s), but the one whose name says why it
+/// lowers the thresholds.
+const DEFAULTS: &[&str] = &["--lease-duration", "15s"];
+
+/// Thresholds lowered to the one crash the lab holds a killed container after (the kubelet's
+/// back-off would take about 30 s to three restarts, and the default asks 60 s not Ready).
+const ONE_HELD_CRASH: &[&str] = &["--min-restarts", "1", "--failing-for", "1s"];
 
 fn phase(r: &etcd_medic_client::crd::EtcdRemediation) -> &str {
     r.status.as_ref().and_then(|s| s.phase.as_deref()).unwrap_or("")
@@ -51,8 +57,8 @@ async fn a_broken_member_is_healed_by_the_controller_alone_even_when_its_leader_
     let mut agent = agent_for_controller(&lab, &[("ETCD_MEDIC_FAILPOINT", "after:Quarantine")]).await?;
     let token = register_agent(&lab, &agent)?;
     let broken_uid = lab.set.pod_uid(1)?;
-    let mut a = ControllerProcess::start(&lab, &token, "replica-a", FAST).await?;
-    let mut b = ControllerProcess::start(&lab, &token, "replica-b", FAST).await?;
+    let mut a = ControllerProcess::start(&lab, &token, "replica-a", DEFAULTS).await?;
+    let mut b = ControllerProcess::start(&lab, &token, "replica-b", DEFAULTS).await?;
 
     let running = wait_remediation(&lab, "apisix-etcd-1", HEAL, |p| p == "Running", &[&a, &b]).await?;
     let status = running.status.clone().unwrap_or_default();
@@ -60,6 +66,10 @@ async fn a_broken_member_is_healed_by_the_controller_alone_even_when_its_leader_
     let id = status.remediation_id.clone().expect("the agent's id is recorded as soon as it answers");
     assert_eq!(running.spec.pod_uid.as_deref(), Some(broken_uid.as_str()), "the record names the pod instance");
     assert!(running.spec.reason.as_deref().is_some_and(|r| r.starts_with("MemberNotFound")), "{:?}", running.spec.reason);
+    // With the defaults (3 restarts, 60 s not Ready) a held pod would never be a candidate:
+    // `member not found` can only repeat, so its first crashes are enough.
+    assert_eq!(running.labels().get("etcd-medic.io/candidacy").map(String::as_str), Some("firstCrash"), "{:?}", running.metadata);
+    assert!(running.annotations().contains_key("etcd-medic.io/detected-at"), "{:?}", running.metadata);
     // Kill whichever replica leads, without releasing its lease.
     let (leader, standby) = if a.leads().await { (&mut a, &mut b) } else { (&mut b, &mut a) };
     leader.kill().await;
@@ -129,7 +139,7 @@ async fn a_pause_and_a_storm_hold_every_action() -> Result<()> {
     })?;
     let volume = lab.set.volume_path(1)?;
     let before = etcd_medic_lab::agent::tree(&volume);
-    let c = ControllerProcess::start(&lab, &token, "replica-a", FAST).await?;
+    let c = ControllerProcess::start(&lab, &token, "replica-a", DEFAULTS).await?;
     wait_held(&lab, &c, "apisix-etcd-1", "Paused").await?;
     // A record that claims to be the controller's own (its label is the maker's to write)
     // waits for the pause like any other.
@@ -184,11 +194,14 @@ async fn wait_held(lab: &Lab, c: &ControllerProcess, pod: &str, reason: &str) ->
     }
 }
 
-/// A crash the agent does not know (a member killed) is recorded Refused with its evidence
-/// by the controller itself; a hand-made EtcdRemediation is carried out as the
-/// controller's own (a dry run here: the agent's plan and diagnosis, nothing changed).
+/// A crash the agent does not know (a member killed) may not repeat: with the defaults it is
+/// not acted on at its first crash, and no record is made. Once the thresholds are met (here
+/// lowered to the one crash the lab holds it after) it is recorded Refused with its evidence
+/// by the controller itself; a hand-made EtcdRemediation is carried out as the controller's
+/// own (a dry run here: the agent's plan and diagnosis, nothing changed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_unknown_crash_is_refused_and_a_hand_made_request_is_carried_out() -> Result<()> {
+async fn an_unknown_crash_waits_for_the_thresholds_lowered_to_one_held_crash_then_is_refused_and_a_hand_made_request_is_carried_out()
+-> Result<()> {
     crate::init_tracing();
     let lab = Lab::start(etcd_medic_lab::objects::SetShape::apisix(3, NODE_NAME)).await?;
     let agent = agent_for_controller(&lab, &[]).await?;
@@ -196,10 +209,26 @@ async fn an_unknown_crash_is_refused_and_a_hand_made_request_is_carried_out() ->
     lab.set.switches().hold_restarts.store(true, Ordering::SeqCst);
     lab.set.crash_container(1)?;
     lab.set.hold_restarts(1, HEAL).await?;
-    let c = ControllerProcess::start(&lab, &token, "replica-a", FAST).await?;
+    let mut d = ControllerProcess::start(&lab, &token, "replica-d", DEFAULTS).await?;
+    // The controller has read the crash and said why it is no candidate yet.
+    let deadline = tokio::time::Instant::now() + HEAL;
+    while !d
+        .log_text()
+        .lines()
+        .any(|l| l.contains("not a candidate at its first crash") && l.contains("MayNotRepeat") && l.contains("apisix-etcd-1"))
+    {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "no first-crash verdict:\n{}", d.log_text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(remediations(&lab, "apisix").is_empty(), "an unknown crash is not acted on at its first crash");
+    assert_eq!(d.metric("etcd_medic_controller_detections_total{signature=\"Unknown\"}").await, Some(1.0), "detected, not recorded");
+    d.terminate().await;
+
+    let c = ControllerProcess::start(&lab, &token, "replica-a", ONE_HELD_CRASH).await?;
     let refused = wait_remediation(&lab, "apisix-etcd-1", HEAL, |p| !p.is_empty() && p != "Pending", &[&c]).await?;
     let s = refused.status.clone().unwrap_or_default();
     assert_eq!((phase(&refused), s.error.as_ref().map(|e| e.code.as_str())), ("Refused", Some("UnknownFailure")), "{s:?}");
+    assert_eq!(refused.labels().get("etcd-medic.io/candidacy").map(String::as_str), Some("thresholds"));
     assert_eq!(s.remediation_id, None, "nothing was dispatched");
     assert!(s.diagnosis.as_ref().is_some_and(|d| d.signature == "Unknown"), "{s:?}");
     assert!(agent_remediations(&agent, &token, "apisix-etcd-1").await?.is_empty());
@@ -238,7 +267,7 @@ async fn a_flaky_api_server_costs_nothing_twice() -> Result<()> {
     let records = "/apis/etcd-medic.io/v1alpha1/namespaces/apisix/etcdremediations";
     lab.api.inject(Fault::new(records, FaultKind::LoseAnswer(500)).method("POST").times(1));
     lab.api.inject(Fault::new(records, FaultKind::Status(500)).method("PATCH").every(2).times(4));
-    let c = ControllerProcess::start(&lab, &token, "replica-a", FAST).await?;
+    let c = ControllerProcess::start(&lab, &token, "replica-a", DEFAULTS).await?;
     // The controller's own Lease: the agent's cluster leases live in the same namespace.
     let lead = "/apis/coordination.k8s.io/v1/namespaces/etcd-medic/leases/etcd-medic-controller";
     lab.api.inject(Fault::new(lead, FaultKind::Status(500)).method("PUT").times(1));
@@ -256,6 +285,45 @@ async fn a_flaky_api_server_costs_nothing_twice() -> Result<()> {
     // And the renewal after it holds the lead.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert!(c.leads().await, "one failed renewal did not cost the lead:\n{}", c.log_text());
+    lab.set.wait_ready(1, HEAL).await?;
+    assert_every_key(&lab, 3, KEYS).await?;
+    lab.shutdown().await;
+    Ok(())
+}
+
+/// As a new user meets it: one APISIX release (three etcd pods, nothing else watched), the
+/// controller on the chart's defaults and already running when a member is drained and its
+/// replacement crashes on `member not found`. The crash's status change is looked at as the
+/// watch brings it, the pod is a candidate at that first crash (it can only repeat), and the
+/// member is healed with every key: no storm hold, no wait for three restarts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_crash_is_healed_from_its_watch_event_with_the_charts_defaults() -> Result<()> {
+    crate::init_tracing();
+    let lab = Lab::start(etcd_medic_lab::objects::SetShape::apisix(3, NODE_NAME)).await?;
+    if !lab.node.real_mounts {
+        etcd_medic_lab::skip("needs root: real mounts");
+        lab.shutdown().await;
+        return Ok(());
+    }
+    lab.write_keys(KEYS).await?;
+    let agent = agent_for_controller(&lab, &[]).await?;
+    let token = register_agent(&lab, &agent)?;
+    let c = ControllerProcess::start(&lab, &token, "replica-a", DEFAULTS).await?;
+    lab.drain_member(1).await?;
+    let done = wait_remediation(&lab, "apisix-etcd-1", HEAL, |p| matches!(p, "Succeeded" | "Failed" | "Refused"), &[&c]).await?;
+    assert_eq!(phase(&done), "Succeeded", "{done:?}\n{}\nagent:\n{}", c.log_text(), agent.log_text());
+    assert_eq!(done.labels().get("etcd-medic.io/candidacy").map(String::as_str), Some("firstCrash"));
+    // The record was made in a look that a watch event caused, before a third restart.
+    let log = c.log_text();
+    let dispatched: serde_json::Value = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["message"] == "dispatching")
+        .unwrap_or_else(|| panic!("no dispatch in the controller's log:\n{log}"));
+    assert_eq!(dispatched["look"], "event", "{dispatched}");
+    assert!(dispatched["restarts"].as_u64().is_some_and(|r| r < 3), "{dispatched}");
+    assert!(c.metric("etcd_medic_controller_looks_total{cause=\"event\"}").await.is_some_and(|n| n >= 1.0));
+    assert_eq!(c.metric("etcd_medic_controller_holds{reason=\"Storm\"}").await, None, "one member of the only cluster is no storm");
     lab.set.wait_ready(1, HEAL).await?;
     assert_every_key(&lab, 3, KEYS).await?;
     lab.shutdown().await;

@@ -50,15 +50,15 @@ fn exit_of(code: Code) -> i32 {
 /// `restore` of the healed member is refused while etcd runs on it (its code's exit), and a
 /// heal of a healthy member exits with the refusal's code.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_person_diagnoses_heals_and_reads_the_history_with_kubectl() -> Result<()> {
+async fn a_person_diagnoses_heals_and_reads_the_history_with_kubectl_while_the_controller_detects_nothing() -> Result<()> {
     crate::init_tracing();
     let Some((lab, _)) = broken_lab_with_mounts().await? else { return Ok(()) };
     lab.set.switches().hold_restarts.store(false, Ordering::SeqCst);
     let agent = agent_for_controller(&lab, &[]).await?;
     let token = register_agent(&lab, &agent)?;
-    // The controller carries out what is asked but never detects on its own here: every
-    // record is the plugin's.
-    let c = ControllerProcess::start(&lab, &token, "replica-a", &["--min-restarts", "100000"]).await?;
+    // The controller carries out what is asked but never detects on its own here (no
+    // first-crash rule, thresholds never met): every record is the plugin's.
+    let c = ControllerProcess::start(&lab, &token, "replica-a", &["--first-crash=false", "--min-restarts", "100000"]).await?;
 
     let d = kubectl_etcd_medic(&lab, &["diagnose", "apisix-etcd-1", "-n", "apisix", "--context", "lab"]).await?;
     assert_eq!(d.code, 0, "{}{}\n{}", d.stdout, d.stderr, c.log_text());

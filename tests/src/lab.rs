@@ -104,6 +104,16 @@ impl Lab {
     /// removes the member, the removal log is lost, and the replacement crash-loops on
     /// `member not found`. Returns the removed member's id.
     pub async fn break_member(&self, ordinal: usize) -> Result<u64> {
+        let old_id = self.drain_member(ordinal).await?;
+        let message = self.set.wait_crash_loop(ordinal, BREAK_WAIT, MEMBER_NOT_FOUND).await?;
+        anyhow::ensure!(message.contains("Updating member in existing cluster"), "termination message: {message}");
+        Ok(old_id)
+    }
+
+    /// [`Lab::break_member`] up to the member's removal: the replacement pod is starting and
+    /// is about to crash on `member not found` (a controller that runs may heal it before
+    /// anyone sees it loop). Returns the removed member's id.
+    pub async fn drain_member(&self, ordinal: usize) -> Result<u64> {
         use crate::etcd::{self, format_id};
         let id_file = self.set.data_dir(ordinal)?.join("member_id");
         let old_id = etcd::parse_id(&std::fs::read_to_string(&id_file)?).context("member_id holds a hex id")?;
@@ -115,8 +125,6 @@ impl Lab {
             anyhow::ensure!(tokio::time::Instant::now() < deadline, "the preStop hook did not remove {}", format_id(old_id));
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        let message = self.set.wait_crash_loop(ordinal, BREAK_WAIT, MEMBER_NOT_FOUND).await?;
-        anyhow::ensure!(message.contains("Updating member in existing cluster"), "termination message: {message}");
         Ok(old_id)
     }
 

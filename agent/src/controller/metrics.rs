@@ -27,6 +27,11 @@ pub struct ReasonLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabels {
+    pub cause: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
     pub phase: String,
 }
@@ -41,6 +46,7 @@ pub struct Metrics {
     pub to_success: Histogram,
     pub leader: Gauge,
     pub watched: Gauge,
+    pub looks: Family<CauseLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -73,7 +79,13 @@ impl Default for Metrics {
         registry.register("leader", "1 while this replica leads", leader.clone());
         let watched = Gauge::default();
         registry.register("watched_pods", "etcd pods watched", watched.clone());
-        Metrics { registry, detections, decisions, holds, remediations, to_dispatch, to_success, leader, watched }
+        let looks = Family::<CauseLabels, Counter>::default();
+        registry.register(
+            "looks",
+            "Looks at the watched pods, by cause: a watch event, a threshold or back-off falling due, the fallback",
+            looks.clone(),
+        );
+        Metrics { registry, detections, decisions, holds, remediations, to_dispatch, to_success, leader, watched, looks }
     }
 }
 

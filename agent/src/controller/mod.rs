@@ -63,8 +63,11 @@ pub struct Config {
     pub identity: String,
     pub admin: SocketAddr,
     pub api_timeout: Duration,
-    /// How often the watched pods are evaluated (and at once on a change).
-    pub tick: Duration,
+    /// The longest wait between two looks at the watched pods. A look is made at once on
+    /// every change the watches bring, and when the next threshold or back-off falls due;
+    /// this fallback only refreshes what is not watched (the pause annotations of
+    /// StatefulSets and namespaces).
+    pub fallback: Duration,
     /// How often a running remediation is looked at.
     pub poll: Duration,
 }
@@ -73,7 +76,10 @@ pub struct Config {
 #[derive(Clone, Debug)]
 struct Detected {
     at: Instant,
+    /// The same moment on the wall clock, for the record.
+    at_wall: jiff::Timestamp,
     restarts: u32,
+    terminated_now: bool,
     signature: Signature,
     evidence: Option<String>,
 }
@@ -212,7 +218,12 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         tokio::spawn(async move { election.keep(lease, &shutdown).await })
     };
     tokio::pin!(lost);
+    // Looks are made on the watches' changes (coalesced: a burst of events is one look) and
+    // when something the last look waited for falls due.
+    let mut next = Duration::ZERO;
+    let mut cause;
     loop {
+        cause = if next == ctx.cfg.fallback { Look::Fallback } else { Look::Due };
         tokio::select! {
             r = &mut lost => {
                 ctx.leading.store(false, Ordering::SeqCst);
@@ -224,11 +235,15 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
                 tracing::error!("{}; exiting to stand by anew", e.message);
                 return Err(e.into());
             }
-            _ = tokio::time::sleep(ctx.cfg.tick) => {}
-            _ = ctx.changed.notified() => {}
+            _ = tokio::time::sleep(next) => {}
+            _ = ctx.changed.notified() => cause = Look::Event,
         }
+        next = ctx.cfg.fallback;
         if ctx.ready() && ctx.leading() && !shutdown.stopping() {
-            evaluate(&ctx).await;
+            ctx.metrics.looks.get_or_create(&metrics::CauseLabels { cause: cause.as_str().into() }).inc();
+            if let Some(due) = evaluate(&ctx, cause).await {
+                next = next.min(due);
+            }
             reconcile(&ctx);
         }
     }
@@ -321,6 +336,14 @@ fn release_freed_memory() {
 /// create) is seen.
 const DECISION: &str = "etcd-medic.io/decision";
 
+/// The rule by which the pod became a candidate (`detect::Candidacy`), on the controller's
+/// own records.
+pub const CANDIDACY: &str = "etcd-medic.io/candidacy";
+/// When the controller first saw the pod failing, on its own records (RFC 3339).
+pub use etcd_medic_client::crd::DETECTED_AT;
+/// Since when the pod has not been Ready: its first crash, for a member that served before.
+pub use etcd_medic_client::crd::FAILING_SINCE;
+
 /// What the controller decided for a record of its own (`None`: a person's).
 pub fn decision(r: &EtcdRemediation) -> Option<&str> {
     r.labels().get(DECISION).map(String::as_str)
@@ -353,59 +376,157 @@ fn reconcile(ctx: &Arc<Ctx>) {
     }
 }
 
-/// One look at every watched pod: the candidates, the holds, the dispatches.
-async fn evaluate(ctx: &Arc<Ctx>) {
+/// What caused a look at the watched pods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Look {
+    /// A watch brought a change (events that come together make one look).
+    Event,
+    /// Something the last look waited for fell due (a threshold, a back-off), or the first
+    /// look after the lead was taken.
+    Due,
+    /// Nothing happened for `Config::fallback`.
+    Fallback,
+}
+
+impl Look {
+    fn as_str(self) -> &'static str {
+        match self {
+            Look::Event => "event",
+            Look::Due => "due",
+            Look::Fallback => "fallback",
+        }
+    }
+}
+
+/// A failing pod that is a candidate, and by which rule.
+struct Candidate {
+    pod: PodSeen,
+    by: detect::Candidacy,
+}
+
+/// One look at every watched pod: the candidates, the holds, the dispatches. Returns when
+/// the next look is due for a reason no watch event brings (a pod reaching `--failing-for`,
+/// a back-off ending), if any.
+async fn evaluate(ctx: &Arc<Ctx>, look: Look) -> Option<Duration> {
     let now = jiff::Timestamp::now();
-    let (candidates, watched) = {
+    let t = ctx.cfg.thresholds;
+    let mut due: Option<Duration> = None;
+    let mut wake = |d: Duration| due = Some(due.map_or(d, |x| x.min(d)));
+    // Only members of a StatefulSet: an etcd cluster the agent knows how to heal, and no
+    // stray pod that merely carries the label counts toward a storm.
+    let (by_thresholds, below, members) = {
         let pods = ctx.pods.lock().unwrap();
-        // Only members of a StatefulSet: an etcd cluster the agent knows how to heal, and no
-        // stray pod that merely carries the label counts toward a storm.
-        let c: Vec<PodSeen> = pods
-            .values()
-            .filter(|p| !p.deleting && p.cluster.is_some() && detect::detect(&p.container(now), &ctx.cfg.thresholds).is_ok())
-            .cloned()
-            .collect();
-        (c, pods.len())
+        let mut members: HashMap<(String, String), ClusterSeenAll> = HashMap::new();
+        let (mut by_thresholds, mut below) = (Vec::new(), Vec::new());
+        for p in pods.values() {
+            let Some(cluster) = &p.cluster else { continue };
+            let m = members.entry((p.namespace.clone(), cluster.clone())).or_default();
+            m.members += 1;
+            if p.ready() {
+                m.ready.insert(p.uid.clone());
+            }
+            if p.deleting {
+                continue;
+            }
+            match detect::detect(&p.container(now), &t) {
+                Ok(()) => by_thresholds.push(p.clone()),
+                Err(e) if e.below_thresholds() => {
+                    // Time alone makes it a candidate: look again then.
+                    if p.restarts >= t.min_restarts
+                        && let Some(since) = p.not_ready_since
+                    {
+                        let left = since.as_millisecond() + t.failing_for_secs * 1000 - now.as_millisecond();
+                        wake(Duration::from_millis(left.clamp(0, i64::MAX) as u64));
+                    }
+                    below.push(p.clone());
+                }
+                Err(_) => {}
+            }
+        }
+        (by_thresholds, below, members)
     };
     // Pods no longer failing are forgotten (a new failure is a new detection).
-    let failing: HashSet<&str> = candidates.iter().map(|p| p.uid.as_str()).collect();
+    let failing: HashSet<String> = by_thresholds.iter().chain(&below).map(|p| p.uid.clone()).collect();
     ctx.detected.lock().unwrap().retain(|uid, _| failing.contains(uid.as_str()));
     ctx.create_failed.lock().unwrap().retain(|uid, _| failing.contains(uid.as_str()));
     ctx.pauses.lock().unwrap().retain(|_, (at, _)| at.elapsed() < Duration::from_secs(10));
     ctx.held.lock().unwrap().retain(|uid, _| failing.contains(uid.as_str()));
+    let mut candidates: Vec<Candidate> =
+        by_thresholds.into_iter().map(|pod| Candidate { pod, by: detect::Candidacy::Thresholds }).collect();
+    // The first-crash rule: a failure that can only repeat, while the others keep quorum.
+    // Failing members per cluster, candidates or not (yet): more than one is a ClusterStorm.
     let mut per_cluster: HashMap<(String, String), usize> = HashMap::new();
-    for p in &candidates {
-        *per_cluster.entry((p.namespace.clone(), p.cluster.clone().unwrap_or_else(|| p.name.clone()))).or_default() += 1;
+    for p in candidates.iter().map(|c| &c.pod).chain(&below) {
+        *per_cluster.entry((p.namespace.clone(), p.cluster.clone().unwrap_or_default())).or_default() += 1;
     }
+    if t.first_crash {
+        for pod in below {
+            if recorded_for(ctx, &pod) {
+                continue;
+            }
+            let d = detection(ctx, &pod).await;
+            match detect::first_crash(&pod.container(now), &t, d.signature) {
+                Ok(()) => candidates.push(Candidate { pod, by: detect::Candidacy::FirstCrash }),
+                Err(why) => tracing::debug!(namespace = %pod.namespace, pod = %pod.name, why = ?why, "not a candidate at its first crash"),
+            }
+        }
+    }
+    let failing_clusters = candidates.iter().map(|c| (&c.pod.namespace, &c.pod.cluster)).collect::<HashSet<_>>().len();
     let mut holds: HashMap<&'static str, i64> = HashMap::new();
-    for pod in &candidates {
+    for Candidate { pod, by } in &candidates {
         if recorded_for(ctx, pod) {
             continue;
         }
         let d = detection(ctx, pod).await;
-        let cluster = pod.cluster.clone().unwrap_or_else(|| pod.name.clone());
+        let cluster = pod.cluster.clone().unwrap_or_default();
         let around = Around {
             paused_on: paused_on(ctx, pod).await,
             failing_in_cluster: per_cluster.get(&(pod.namespace.clone(), cluster.clone())).copied().unwrap_or(1),
-            failing_watched: candidates.len(),
-            watched,
+            cluster: members.get(&(pod.namespace.clone(), cluster.clone())).map(|m| m.without(&pod.uid)).unwrap_or_default(),
+            failing_clusters,
+            clusters: members.len(),
             in_flight: in_flight(ctx, &pod.namespace, &cluster),
-            attempts_secs_ago: attempts(ctx, pod, now),
+            attempts_secs_ago: attempts(ctx, pod, now, false),
+            refusals_secs_ago: attempts(ctx, pod, now, true),
         };
         match detect::decide(&around, &ctx.cfg.limits) {
             Err(hold) => {
+                match &hold {
+                    Hold::Cooldown { retry_in_secs } => wake(Duration::from_secs(*retry_in_secs as u64)),
+                    Hold::Paused { .. } => wake(Duration::from_secs(10)),
+                    _ => {}
+                }
                 *holds.entry(hold.as_str()).or_default() += 1;
                 tell_hold(ctx, pod, &hold).await;
             }
             Ok(()) => {
                 ctx.held.lock().unwrap().remove(&pod.uid);
-                record(ctx, pod, &d).await;
+                record(ctx, pod, &d, *by, look).await;
             }
         }
     }
     ctx.metrics.holds.clear();
     for (reason, n) in holds {
         ctx.metrics.holds.get_or_create(&metrics::ReasonLabels { reason: reason.into() }).set(n);
+    }
+    if let Some(retry) = ctx.create_failed.lock().unwrap().values().min() {
+        wake(retry.saturating_duration_since(Instant::now()));
+    }
+    due
+}
+
+/// A cluster's members as one look counts them.
+#[derive(Default)]
+struct ClusterSeenAll {
+    members: usize,
+    /// The Ready ones, by uid.
+    ready: HashSet<String>,
+}
+
+impl ClusterSeenAll {
+    /// The cluster as seen by the rule for one of its pods.
+    fn without(&self, uid: &str) -> detect::ClusterSeen {
+        detect::ClusterSeen { members: self.members, ready_others: self.ready.iter().filter(|u| *u != uid).count() }
     }
 }
 
@@ -422,16 +543,20 @@ fn recorded_for(ctx: &Ctx, pod: &PodSeen) -> bool {
 /// The pod's signature, read once per crash: its termination message, else the previous
 /// container's log tail (the chart does not set `FallbackToLogsOnError`).
 async fn detection(ctx: &Ctx, pod: &PodSeen) -> Detected {
-    if let Some(d) = ctx.detected.lock().unwrap().get(&pod.uid).filter(|d| d.restarts == pod.restarts) {
+    if let Some(d) =
+        ctx.detected.lock().unwrap().get(&pod.uid).filter(|d| d.restarts == pod.restarts && d.terminated_now == pod.terminated_now)
+    {
         return d.clone();
     }
     let (mut sig, mut evidence) = observe::signature_of(&pod.message);
     if sig == Signature::Unknown {
         let api: Api<Pod> = Api::namespaced(ctx.api.client().clone(), &pod.namespace);
         // Bounded in lines and bytes: a tenant's log may hold a few enormous lines.
+        // The crashed start: the current container while the kubelet has not started the
+        // next (its first crash), else the previous one.
         let lp = LogParams {
             container: ctx.cfg.container.clone(),
-            previous: true,
+            previous: !pod.terminated_now,
             tail_lines: Some(200),
             limit_bytes: Some(64 << 10),
             ..Default::default()
@@ -442,8 +567,9 @@ async fn detection(ctx: &Ctx, pod: &PodSeen) -> Detected {
             Err(_) => tracing::debug!(pod = %pod.name, "the previous log did not come in time"),
         }
     }
-    let first = ctx.detected.lock().unwrap().get(&pod.uid).map(|d| d.at);
-    let d = Detected { at: first.unwrap_or_else(Instant::now), restarts: pod.restarts, signature: sig, evidence };
+    let first = ctx.detected.lock().unwrap().get(&pod.uid).map(|d| (d.at, d.at_wall));
+    let (at, at_wall) = first.unwrap_or_else(|| (Instant::now(), jiff::Timestamp::now()));
+    let d = Detected { at, at_wall, restarts: pod.restarts, terminated_now: pod.terminated_now, signature: sig, evidence };
     if first.is_none() {
         ctx.metrics.detections.get_or_create(&metrics::SignatureLabels { signature: sig.as_str().into() }).inc();
         tracing::info!(namespace = %pod.namespace, pod = %pod.name, signature = sig.as_str(), restarts = pod.restarts, "failing etcd pod detected");
@@ -525,14 +651,15 @@ fn in_flight(ctx: &Ctx, namespace: &str, cluster: &str) -> Option<String> {
         .map(|r| r.spec.pod.clone())
 }
 
-/// How long ago this pod's earlier remediations (dispatched, not dry runs) were made.
-fn attempts(ctx: &Ctx, pod: &PodSeen, now: jiff::Timestamp) -> Vec<i64> {
+/// How long ago this pod's earlier remediations (dispatched, not dry runs) were made: the
+/// attempts, or (`refused`) those the agent refused, which changed nothing.
+fn attempts(ctx: &Ctx, pod: &PodSeen, now: jiff::Timestamp, refused: bool) -> Vec<i64> {
     ctx.rems
         .lock()
         .unwrap()
         .values()
         .filter(|r| r.namespace().as_deref() == Some(&pod.namespace) && r.spec.pod == pod.name && !r.spec.dry_run)
-        .filter(|r| r.status.as_ref().is_some_and(|s| s.remediation_id.is_some()))
+        .filter(|r| r.status.as_ref().is_some_and(|s| s.remediation_id.is_some() && (s.phase.as_deref() == Some("Refused")) == refused))
         .filter_map(|r| r.metadata.creation_timestamp.as_ref().map(|t| now.duration_since(t.0).as_secs()))
         .collect()
 }
@@ -555,7 +682,7 @@ async fn tell_hold(ctx: &Ctx, pod: &PodSeen, hold: &Hold) {
 /// Records the decision for a candidate that may be dispatched: an EtcdRemediation that the
 /// reconcile loop carries out, or, for a crash the agent must not touch, one that ends
 /// `Refused` here with the reason and the evidence.
-async fn record(ctx: &Ctx, pod: &PodSeen, d: &Detected) {
+async fn record(ctx: &Ctx, pod: &PodSeen, d: &Detected, by: detect::Candidacy, look: Look) {
     let (action, code, why) = signature::decide(d.signature, None);
     let evidence = d.evidence.clone().unwrap_or_default();
     if !ctx.leading() || ctx.create_failed.lock().unwrap().get(&pod.uid).is_some_and(|t| Instant::now() < *t) {
@@ -571,8 +698,15 @@ async fn record(ctx: &Ctx, pod: &PodSeen, d: &Detected) {
                     // A label value is at most 63 characters: a longer pod name is in the spec only.
                     ("etcd-medic.io/pod".to_string(), if pod.name.len() <= 63 { pod.name.clone() } else { String::new() }),
                     (DECISION.to_string(), if action == Action::Refuse { "refused" } else { "dispatch" }.to_string()),
+                    (CANDIDACY.to_string(), by.as_str().to_string()),
                 ]
                 .into(),
+            ),
+            annotations: Some(
+                [(DETECTED_AT.to_string(), d.at_wall.to_string())]
+                    .into_iter()
+                    .chain(pod.not_ready_since.map(|t| (FAILING_SINCE.to_string(), t.to_string())))
+                    .collect(),
             ),
             ..Default::default()
         },
@@ -620,7 +754,15 @@ async fn record(ctx: &Ctx, pod: &PodSeen, d: &Detected) {
         }
         _ => {
             ctx.metrics.decision("dispatch", d.signature.as_str());
-            tracing::info!(namespace = %pod.namespace, pod = %pod.name, remediation = %created.name_any(), "dispatching");
+            tracing::info!(
+                namespace = %pod.namespace,
+                pod = %pod.name,
+                remediation = %created.name_any(),
+                candidacy = by.as_str(),
+                look = look.as_str(),
+                restarts = pod.restarts,
+                "dispatching"
+            );
             ctx.event(&created, EventType::Normal, "Detected", &format!("{}: {evidence}", d.signature.as_str())).await;
         }
     }

@@ -28,6 +28,9 @@ pub struct PodSeen {
     pub crash_loop: bool,
     pub exited_with_error: bool,
     pub running: bool,
+    /// `state.terminated` is set: the crashed start is the current one (the kubelet has not
+    /// started the next yet), so its log is the current log, not `--previous`.
+    pub terminated_now: bool,
     pub restarts: u32,
     /// When its Ready condition turned False (else when it was created, while it has none).
     pub not_ready_since: Option<Timestamp>,
@@ -47,6 +50,11 @@ impl PodSeen {
             restarts: self.restarts,
             not_ready_for_secs: self.not_ready_since.map(|t| now.duration_since(t).as_secs()),
         }
+    }
+
+    /// Ready now (its Ready condition is True).
+    pub fn ready(&self) -> bool {
+        self.running && self.not_ready_since.is_none()
     }
 
     pub fn key(&self) -> (String, String) {
@@ -92,6 +100,7 @@ pub fn pod_seen(pod: &Pod, container: Option<&str>) -> PodSeen {
         crash_loop: state.and_then(|s| s.waiting.as_ref()).and_then(|w| w.reason.as_deref()) == Some("CrashLoopBackOff"),
         exited_with_error: [last, now_terminated].iter().flatten().any(|t| t.exit_code != 0),
         running: state.is_some_and(|s| s.running.is_some()),
+        terminated_now: now_terminated.is_some(),
         restarts: cs.map_or(0, |c| c.restart_count.max(0) as u32),
         not_ready_since,
         message: tail(message, MAX_MESSAGE),

@@ -2,7 +2,9 @@
 
 use std::time::Instant;
 
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::{WatchStreamExt, watcher};
 
 use super::check::Checked;
 use super::{Engine, Remediation, Step};
@@ -21,6 +23,12 @@ impl Engine<'_> {
         let mut verifier = Verifier::new(c.plan.profile, &c.peer_url, c.stale);
         let mut seen = String::from("nothing yet");
         let mut cleaned = String::new();
+        // The pod's changes wake the next look at once (its Ready turning True is usually the
+        // last thing to come); the poll stays for etcd's side and for an API server that
+        // refuses the watch.
+        let pods: kube::Api<Pod> = kube::Api::namespaced(self.locator.api.client().clone(), &c.plan.namespace);
+        let mut changes =
+            Some(watcher(pods, watcher::Config::default().fields(&format!("metadata.name={}", c.plan.pod))).default_backoff().boxed());
         while Instant::now() < deadline {
             if self.stopping() {
                 return Err(Error::new(Code::NotReady, format!("the agent is shutting down; verification resumes on restart ({seen})")));
@@ -55,7 +63,19 @@ impl Engine<'_> {
                 }
                 Verdict::Wait(s) => seen = s,
             }
-            tokio::time::sleep(poll_interval(started.elapsed())).await;
+            let pause = tokio::time::sleep(poll_interval(started.elapsed()));
+            match changes.as_mut() {
+                Some(stream) => tokio::select! {
+                    _ = pause => {}
+                    change = stream.next() => match change {
+                        // Changes that come together are one look.
+                        Some(Ok(_)) => tokio::time::sleep(std::time::Duration::from_millis(2)).await,
+                        Some(Err(e)) => tracing::debug!("the pod's watch failed: {e}; polling"),
+                        None => changes = None,
+                    },
+                },
+                None => pause.await,
+            }
         }
         Err(Error::new(Code::NotReady, format!("the member did not rejoin within {:?}: {seen}{cleaned}", self.opts.verify_timeout)))
     }

@@ -104,6 +104,14 @@ fn says(p: &Value, needle: &str) -> bool {
     termination_message(p).contains(needle)
 }
 
+/// The pod's etcd container has failed: its current or its last state is a non-zero exit
+/// (the kubelet restarts a first crash at once, so the first may show as either).
+fn crashed(p: &Value) -> bool {
+    ["/status/containerStatuses/0/state/terminated/exitCode", "/status/containerStatuses/0/lastState/terminated/exitCode"]
+        .iter()
+        .any(|f| p.pointer(f).and_then(Value::as_i64).is_some_and(|c| c != 0))
+}
+
 /// One run of `failure`: seconds from the first crash to the end, and how it ended.
 async fn run(failure: &str, keys: usize) -> Result<(f64, String)> {
     let lab = lab(keys).await?;
@@ -112,7 +120,7 @@ async fn run(failure: &str, keys: usize) -> Result<(f64, String)> {
             let (_agent, c) = medic(&lab).await?;
             let old = lab.set.pod_uid(1)?;
             lab.drain_member(1).await?;
-            let crash = until_pod(&lab, "crashed", |p| p["metadata"]["uid"] != old.as_str() && says(p, "member not found")).await?;
+            let crash = until_pod(&lab, "crashed", |p| p["metadata"]["uid"] != old.as_str() && crashed(p)).await?;
             let healed = until_healed(&lab, keys).await?;
             (healed - crash, ended(&lab, &c).await?)
         }
@@ -152,7 +160,7 @@ async fn run(failure: &str, keys: usize) -> Result<(f64, String)> {
         "manual" => {
             let old = lab.set.pod_uid(1)?;
             lab.drain_member(1).await?;
-            let crash = until_pod(&lab, "crashed", |p| p["metadata"]["uid"] != old.as_str() && says(p, "member not found")).await?;
+            let crash = until_pod(&lab, "crashed", |p| p["metadata"]["uid"] != old.as_str() && crashed(p)).await?;
             until_pod(&lab, "showed CrashLoopBackOff", |p| {
                 p.pointer("/status/containerStatuses/0/state/waiting/reason").and_then(Value::as_str) == Some("CrashLoopBackOff")
             })
@@ -181,7 +189,8 @@ async fn ended(lab: &Lab, c: &ControllerProcess) -> Result<String> {
         if etcd_medic_client::crd::is_final(Some(&s)) {
             let by = r.as_ref().and_then(|r| r.metadata.labels.as_ref()?.get("etcd-medic.io/candidacy").cloned()).unwrap_or_default();
             ensure!(s.phase.as_deref() == Some("Succeeded"), "the heal ended {:?}: {:?}\n{}", s.phase, s.error, c.log_text());
-            return Ok(format!("Succeeded ({by})"));
+            let n = remediations(lab, "apisix").into_iter().filter(|r| r.spec.pod == "apisix-etcd-1").count();
+            return Ok(format!("Succeeded ({by}, {n} record{})", if n == 1 { "" } else { "s" }));
         }
         ensure!(Instant::now() < deadline, "the record never ended:\n{}", c.log_text());
         tokio::time::sleep(Duration::from_millis(50)).await;

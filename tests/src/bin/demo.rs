@@ -1,23 +1,23 @@
 //! The demo: a real 3-member etcd cluster deployed like the APISIX chart's Bitnami etcd,
 //! broken the way users see it (`etcdserver: member not found`), then healed.
 //!
-//! A person with kubectl meets it: `kubectl etcd-medic diagnose` names the crash signature,
-//! `kubectl etcd-medic heal --wait` writes an `EtcdRemediation` and follows it step by step.
-//! Nobody calls the agent by hand: the real controller (`etcd-medic controller`, which would
-//! also have acted by itself a minute later) carries the record out by asking the real
-//! agent on the pod's node (`etcd-medic serve`, a bearer token checked by TokenReview and
-//! SubjectAccessReview against the lab's API server). The agent locates the pod's volume,
+//! Nobody calls anything by hand: the real controller (`etcd-medic controller`, on the chart's
+//! defaults) sees the replacement pod's first crash, reads `member not found` (a failure that
+//! can only repeat), records an `EtcdRemediation` and asks the real agent on the pod's node
+//! (`etcd-medic serve`, a bearer token checked by TokenReview and SubjectAccessReview against
+//! the lab's API server). A person's view comes after: `kubectl etcd-medic list` and `status`
+//! with the times from the first crash and from detection. The agent locates the pod's volume,
 //! checks every gate, takes the cluster's lease, moves the stale `member/snap`,
 //! `member/wal` and `member_id` into a quarantine on the volume, restarts the pod with a UID
 //! precondition, and verifies that the member rejoined.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
 use etcd_medic_lab::controller::{ControllerProcess, remediations};
 use etcd_medic_lab::etcd::{self, format_id};
 use etcd_medic_lab::objects::SetShape;
-use etcd_medic_lab::statefulset::container_state;
+use etcd_medic_lab::statefulset::{container_state, termination_message};
 use etcd_medic_lab::{Lab, NODE_NAME};
 
 const KEYS: usize = 1000;
@@ -62,46 +62,55 @@ async fn main() -> Result<()> {
     lab.write_keys(KEYS).await?;
     p.step(&format!("wrote {KEYS} keys under /apisix/routes/"));
 
-    let old_id = etcd::parse_id(&std::fs::read_to_string(lab.set.data_dir(1)?.join("member_id"))?).context("member_id")?;
-    p.step(&format!("draining apisix-etcd-1 (member {}): the preStop hook removes it; its removal log is lost", format_id(old_id)));
-    lab.break_member(1).await?;
-    let message = etcd_medic_lab::statefulset::termination_message(&lab.set.pod(1)?);
-    let pod = lab.set.pod(1)?;
-    p.step(&format!("apisix-etcd-1 is {}; last termination message:", container_state(&pod)));
-    for line in message.lines() {
-        println!("           | {line}");
-    }
-
-    // The agent on the node, and the controller beside it: nobody calls the agent by hand.
+    // The agent on the node, and the controller beside it, as the chart installs them:
+    // nobody calls the agent by hand.
     let agent = etcd_medic_lab::controller::agent_for_controller(&lab, &[]).await?;
     let token = etcd_medic_lab::controller::register_agent(&lab, &agent)?;
     p.step(&format!("etcd-medic serve is ready on http://{} (auth: TokenReview + SubjectAccessReview)", agent.addr));
-    let controller = ControllerProcess::start(&lab, &token, "demo", &[]).await?;
-    p.step("etcd-medic controller is ready, with its production defaults (it acts after 3 restarts and 60 s not Ready)");
+    let controller = ControllerProcess::start(&lab, &token, "demo", &["--lease-duration", "15s"]).await?;
+    p.step("etcd-medic controller is ready, with the chart's defaults");
 
-    // Before the controller would act, a person with kubectl asks: the plugin writes an
-    // EtcdRemediation with the person's kubeconfig; the controller carries it out through
-    // the agent on the pod's node.
-    p.step("a person with kubectl, before the controller would act:");
-    kubectl_etcd_medic(&lab, &["diagnose", "apisix-etcd-1", "-n", "apisix"]).await?;
-    let heal = Instant::now();
-    let out =
-        kubectl_etcd_medic(&lab, &["heal", "apisix-etcd-1", "-n", "apisix", "--wait", "--reason", "member not found after a drain"]).await;
-    let out = out.with_context(|| format!("controller log:\n{}\nagent log:\n{}", controller.log_text(), agent.log_text()))?;
-    let record =
-        remediations(&lab, "apisix").into_iter().find(|r| r.spec.pod == "apisix-etcd-1" && !r.spec.dry_run).context("the heal's record")?;
+    let old_id = etcd::parse_id(&std::fs::read_to_string(lab.set.data_dir(1)?.join("member_id"))?).context("member_id")?;
+    let old_uid = lab.set.pod_uid(1)?;
+    p.step(&format!("draining apisix-etcd-1 (member {}): the preStop hook removes it; its removal log is lost", format_id(old_id)));
+    lab.drain_member(1).await?;
+    // The replacement's first crash, as the kubelet reports it.
+    let crashed = loop {
+        let pod = lab.set.pod(1)?;
+        let message = termination_message(&pod);
+        if pod["metadata"]["uid"] != old_uid.as_str() && message.contains("member not found") {
+            p.step(&format!("apisix-etcd-1 crashed ({}); its termination message:", container_state(&pod)));
+            for line in message.lines() {
+                println!("           | {line}");
+            }
+            break Instant::now();
+        }
+        ensure!(p.0.elapsed() < Duration::from_secs(300), "apisix-etcd-1 never crashed");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    // The controller acts on that first crash: `member not found` can only repeat.
+    let record = loop {
+        let r = remediations(&lab, "apisix").into_iter().find(|r| r.spec.pod == "apisix-etcd-1" && !r.spec.dry_run);
+        if let Some(r) = r.filter(|r| etcd_medic_client::crd::is_final(r.status.as_ref())) {
+            break r;
+        }
+        ensure!(
+            crashed.elapsed() < Duration::from_secs(300),
+            "the controller did not heal it:\n{}\nagent log:\n{}",
+            controller.log_text(),
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
     let name = record.metadata.name.clone().unwrap_or_default();
-    let id = record.status.and_then(|s| s.remediation_id).context("the record names the agent's remediation")?;
-    ensure!(out.starts_with("Succeeded"), "the heal did not succeed: {out}");
+    let status = record.status.clone().unwrap_or_default();
+    ensure!(status.phase.as_deref() == Some("Succeeded"), "the heal did not succeed: {status:?}\n{}", controller.log_text());
+    let id = status.remediation_id.clone().context("the record names the agent's remediation")?;
+    p.step(&format!("the controller healed it on its own: EtcdRemediation {name} Succeeded"));
     let r = agent.get(&format!("/v1/remediations/{id}"), Some(&std::fs::read_to_string(&token)?)).await?.json();
     let members = etcd::member_list(&lab.set.endpoints()).await?;
     let new = members.iter().find(|m| m.name == "apisix-etcd-1").context("member rejoined")?;
-    p.step(&format!(
-        "apisix-etcd-1 rejoined as member {} (was {}) — remediation {id} Succeeded in {:.2}s",
-        format_id(new.id),
-        format_id(old_id),
-        heal.elapsed().as_secs_f64()
-    ));
+    p.step(&format!("apisix-etcd-1 rejoined as member {} (was {}), remediation {id}", format_id(new.id), format_id(old_id)));
     if let Some(q) = r["quarantinePath"].as_str().and_then(|q| q.rsplit('/').next()) {
         println!("           old data kept on the PVC at .etcd-medic/quarantine/{q} (kubectl etcd-medic restore {name} -n apisix)");
     }
@@ -119,10 +128,13 @@ async fn main() -> Result<()> {
     }
     ensure!(c.consistent && c.members.len() == 3 && c.members.iter().all(|(_, n, _)| *n == KEYS), "members disagree: {c:?}");
     p.step(&format!(
-        "healed: {} started voting members, {KEYS} keys equal on all members",
-        members.iter().filter(|m| m.started() && !m.is_learner).count()
+        "healed: {} started voting members, {KEYS} keys equal on all members — first crash → healthy in {:.2}s",
+        members.iter().filter(|m| m.started() && !m.is_learner).count(),
+        crashed.elapsed().as_secs_f64()
     ));
+    p.step("a person with kubectl, afterwards:");
     kubectl_etcd_medic(&lab, &["list", "-n", "apisix"]).await?;
+    kubectl_etcd_medic(&lab, &["status", "apisix-etcd-1", "-n", "apisix"]).await?;
     p.step(&format!("done in {:.1}s", p.0.elapsed().as_secs_f64()));
     drop(controller);
     drop(agent);

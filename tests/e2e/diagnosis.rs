@@ -80,28 +80,11 @@ async fn stop_and_hold(lab: &Lab, ordinal: usize) -> Result<()> {
     Ok(())
 }
 
-/// A record of a WAL file damaged in place: one byte of a key's name flipped, so the record
-/// still decodes and its CRC no longer matches (`walpb: crc mismatch` in 3.5 and 3.6).
-fn flip_a_byte_in_the_wal(data: &std::path::Path) -> Result<()> {
-    let wal = std::fs::read_dir(data.join("member/wal"))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
-        .min()
-        .context("no WAL file")?;
-    let mut bytes = std::fs::read(&wal)?;
-    let needle = b"/apisix/routes/00007";
-    let at = bytes.windows(needle.len()).position(|w| w == needle).context("key not found in the WAL")?;
-    bytes[at + needle.len() - 1] ^= 0x01;
-    std::fs::write(&wal, bytes)?;
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_corrupt_wal_is_healed_by_replacing_the_member_with_every_key() -> Result<()> {
     let Some(lab) = lab().await? else { return Ok(()) };
     stop_and_hold(&lab, 1).await?;
-    flip_a_byte_in_the_wal(&lab.set.data_dir(1)?)?;
+    etcd::flip_a_byte_in_the_wal(&lab.set.data_dir(1)?)?;
     lab.set.release_restarts();
     wait_crash_loop_saying(&lab, 1, "crc mismatch").await?;
     // Still listed under its id: the agent must remove it before the image adds it back.
@@ -276,7 +259,7 @@ async fn chart_11_heals_a_removed_member_itself_and_the_agent_stands_down() -> R
 async fn chart_11_corrupt_data_is_what_the_agent_heals() -> Result<()> {
     let Some(lab) = lab_of(chart_11()).await? else { return Ok(()) };
     stop_and_hold(&lab, 1).await?;
-    flip_a_byte_in_the_wal(&lab.set.data_dir(1)?)?;
+    etcd::flip_a_byte_in_the_wal(&lab.set.data_dir(1)?)?;
     lab.set.release_restarts();
     wait_crash_loop_saying(&lab, 1, "crc mismatch").await?;
     let r = heals_as(&lab, Signature::CorruptData, Action::Replace).await?;

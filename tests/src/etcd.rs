@@ -183,6 +183,23 @@ pub fn log_tail(path: &Path, n: usize) -> String {
         .join("\n")
 }
 
+/// A record of a WAL file damaged in place: one byte of a key's name flipped, so the record
+/// still decodes and its CRC no longer matches (`walpb: crc mismatch` in 3.5 and 3.6).
+pub fn flip_a_byte_in_the_wal(data: &Path) -> Result<()> {
+    let wal = std::fs::read_dir(data.join("member/wal"))?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .min()
+        .context("no WAL file")?;
+    let mut bytes = std::fs::read(&wal)?;
+    let needle = b"/apisix/routes/00007";
+    let at = bytes.windows(needle.len()).position(|w| w == needle).context("key not found in the WAL")?;
+    bytes[at + needle.len() - 1] ^= 0x01;
+    std::fs::write(&wal, bytes)?;
+    Ok(())
+}
+
 /// Member ids the way etcdctl prints them.
 pub fn format_id(id: u64) -> String {
     format!("{id:x}")

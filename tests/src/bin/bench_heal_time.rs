@@ -130,7 +130,7 @@ async fn run(failure: &str, keys: usize) -> Result<(f64, String)> {
             lab.set.switches().hold_restarts.store(true, std::sync::atomic::Ordering::SeqCst);
             lab.set.crash_container(1)?;
             lab.set.hold_restarts(1, LIMIT).await?;
-            flip_a_byte_in_the_wal(&lab.set.data_dir(1)?)?;
+            etcd::flip_a_byte_in_the_wal(&lab.set.data_dir(1)?)?;
             lab.set.release_restarts();
             let crash = until_pod(&lab, "crashed on its WAL", |p| says(p, "crc mismatch")).await?;
             let healed = until_healed(&lab, keys).await?;
@@ -195,23 +195,6 @@ async fn ended(lab: &Lab, c: &ControllerProcess) -> Result<String> {
         ensure!(Instant::now() < deadline, "the record never ended:\n{}", c.log_text());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// One byte of a key's name flipped in the oldest WAL file: the record decodes, its CRC
-/// does not match (`walpb: crc mismatch`).
-fn flip_a_byte_in_the_wal(data: &std::path::Path) -> Result<()> {
-    let wal = std::fs::read_dir(data.join("member/wal"))?
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
-        .min()
-        .context("no WAL file")?;
-    let mut bytes = std::fs::read(&wal)?;
-    let needle = b"/apisix/routes/00007";
-    let at = bytes.windows(needle.len()).position(|w| w == needle).context("key not found in the WAL")?;
-    bytes[at + needle.len() - 1] ^= 0x01;
-    std::fs::write(&wal, bytes)?;
-    Ok(())
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

@@ -209,6 +209,9 @@ pub const STATUS_FIELDS: [&str; 11] = [
     "restore",
 ];
 
+/// Label of the controller's own records: the rule by which the pod became a candidate
+/// (`firstCrash` or `thresholds`).
+pub const CANDIDACY: &str = "etcd-medic.io/candidacy";
 /// Annotation of the controller's own records: when the controller first saw the pod failing
 /// (RFC 3339).
 pub const DETECTED_AT: &str = "etcd-medic.io/detected-at";

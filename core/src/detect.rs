@@ -276,25 +276,33 @@ pub fn decide(a: &Around, l: &Limits) -> Result<(), Hold> {
     if let Some(pod) = &a.in_flight {
         return Err(Hold::ClusterBusy { pod: pod.clone() });
     }
-    let recent: Vec<i64> = a.attempts_secs_ago.iter().copied().filter(|s| (0..24 * 3600).contains(s)).collect();
+    let recent = within_a_day(&a.attempts_secs_ago);
     if recent.len() >= l.max_attempts as usize {
         return Err(Hold::MaxAttempts { attempts: recent.len(), max: l.max_attempts });
     }
-    if let Some(last) = recent.iter().min() {
-        // 1st retry after `cooldown`, then 2×, 4×, … of it.
-        let wait = l.cooldown_secs.saturating_mul(1 << (recent.len() - 1).min(16));
-        if *last < wait {
-            return Err(Hold::Cooldown { retry_in_secs: wait - last });
-        }
+    // 1st retry after `cooldown`, then 2×, 4×, … of it.
+    if let Some(retry_in_secs) = back_off(&recent, l.cooldown_secs, i64::MAX) {
+        return Err(Hold::Cooldown { retry_in_secs });
     }
-    let refused: Vec<i64> = a.refusals_secs_ago.iter().copied().filter(|s| (0..24 * 3600).contains(s)).collect();
-    if let Some(last) = refused.iter().min() {
-        let wait = REFUSAL_RETRY_SECS.saturating_mul(1 << (refused.len() - 1).min(16)).min(l.cooldown_secs.max(REFUSAL_RETRY_SECS));
-        if *last < wait {
-            return Err(Hold::Cooldown { retry_in_secs: wait - last });
-        }
+    // After a passing refusal: 5 s, then 2×, 4×, …, never more than the cooldown.
+    if let Some(retry_in_secs) = back_off(&within_a_day(&a.refusals_secs_ago), REFUSAL_RETRY_SECS, l.cooldown_secs.max(REFUSAL_RETRY_SECS))
+    {
+        return Err(Hold::Cooldown { retry_in_secs });
     }
     Ok(())
+}
+
+/// The times (seconds ago) that fall within the last 24 hours.
+fn within_a_day(secs_ago: &[i64]) -> Vec<i64> {
+    secs_ago.iter().copied().filter(|s| (0..24 * 3600).contains(s)).collect()
+}
+
+/// Seconds left to wait after the latest of `recent`: `first` after one, doubled for each
+/// further one, at most `cap`. `None` once the wait is over (or nothing happened).
+fn back_off(recent: &[i64], first: i64, cap: i64) -> Option<i64> {
+    let last = *recent.iter().min()?;
+    let wait = first.saturating_mul(1 << (recent.len() - 1).min(16)).min(cap);
+    (last < wait).then_some(wait - last)
 }
 
 /// Many clusters failing at once: more than `max_failing_percent` of the watched clusters,

@@ -30,7 +30,7 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 
-use etcd_medic_client::crd::{DiagnosisStatus, EtcdRemediation, EtcdRemediationSpec};
+use etcd_medic_client::crd::{CANDIDACY, DETECTED_AT, DiagnosisStatus, EtcdRemediation, EtcdRemediationSpec, FAILING_SINCE};
 use etcd_medic_core::detect::{self, Around, Hold, Limits, Thresholds};
 use etcd_medic_core::signature::{self, Action, Signature};
 
@@ -336,14 +336,6 @@ fn release_freed_memory() {
 /// create) is seen.
 const DECISION: &str = "etcd-medic.io/decision";
 
-/// The rule by which the pod became a candidate (`detect::Candidacy`), on the controller's
-/// own records.
-pub const CANDIDACY: &str = "etcd-medic.io/candidacy";
-/// When the controller first saw the pod failing, on its own records (RFC 3339).
-pub use etcd_medic_client::crd::DETECTED_AT;
-/// Since when the pod has not been Ready: its first crash, for a member that served before.
-pub use etcd_medic_client::crd::FAILING_SINCE;
-
 /// What the controller decided for a record of its own (`None`: a person's).
 pub fn decision(r: &EtcdRemediation) -> Option<&str> {
     r.labels().get(DECISION).map(String::as_str)
@@ -398,10 +390,12 @@ impl Look {
     }
 }
 
-/// A failing pod that is a candidate, and by which rule.
+/// A failing pod that is a candidate, and by which rule (with its signature, when the rule
+/// read it).
 struct Candidate {
     pod: PodSeen,
     by: detect::Candidacy,
+    read: Option<Detected>,
 }
 
 /// One look at every watched pod: the candidates, the holds, the dispatches. Returns when
@@ -452,13 +446,13 @@ async fn evaluate(ctx: &Arc<Ctx>, look: Look) -> Option<Duration> {
     ctx.pauses.lock().unwrap().retain(|_, (at, _)| at.elapsed() < Duration::from_secs(10));
     ctx.held.lock().unwrap().retain(|uid, _| failing.contains(uid.as_str()));
     let mut candidates: Vec<Candidate> =
-        by_thresholds.into_iter().map(|pod| Candidate { pod, by: detect::Candidacy::Thresholds }).collect();
-    // The first-crash rule: a failure that can only repeat, while the others keep quorum.
+        by_thresholds.into_iter().map(|pod| Candidate { pod, by: detect::Candidacy::Thresholds, read: None }).collect();
     // Failing members per cluster, candidates or not (yet): more than one is a ClusterStorm.
     let mut per_cluster: HashMap<(String, String), usize> = HashMap::new();
     for p in candidates.iter().map(|c| &c.pod).chain(&below) {
         *per_cluster.entry((p.namespace.clone(), p.cluster.clone().unwrap_or_default())).or_default() += 1;
     }
+    // The first-crash rule: a failure that can only repeat.
     if t.first_crash {
         for pod in below {
             if recorded_for(ctx, &pod) {
@@ -466,18 +460,22 @@ async fn evaluate(ctx: &Arc<Ctx>, look: Look) -> Option<Duration> {
             }
             let d = detection(ctx, &pod).await;
             match detect::first_crash(&pod.container(now), &t, d.signature) {
-                Ok(()) => candidates.push(Candidate { pod, by: detect::Candidacy::FirstCrash }),
+                Ok(()) => candidates.push(Candidate { pod, by: detect::Candidacy::FirstCrash, read: Some(d) }),
                 Err(why) => tracing::debug!(namespace = %pod.namespace, pod = %pod.name, why = ?why, "not a candidate at its first crash"),
             }
         }
     }
     let failing_clusters = candidates.iter().map(|c| (&c.pod.namespace, &c.pod.cluster)).collect::<HashSet<_>>().len();
     let mut holds: HashMap<&'static str, i64> = HashMap::new();
-    for Candidate { pod, by } in &candidates {
+    for Candidate { pod, by, read } in candidates {
+        let pod = &pod;
         if recorded_for(ctx, pod) {
             continue;
         }
-        let d = detection(ctx, pod).await;
+        let d = match read {
+            Some(d) => d,
+            None => detection(ctx, pod).await,
+        };
         let cluster = pod.cluster.clone().unwrap_or_default();
         let around = Around {
             paused_on: paused_on(ctx, pod).await,
@@ -501,7 +499,7 @@ async fn evaluate(ctx: &Arc<Ctx>, look: Look) -> Option<Duration> {
             }
             Ok(()) => {
                 ctx.held.lock().unwrap().remove(&pod.uid);
-                record(ctx, pod, &d, *by, look).await;
+                record(ctx, pod, &d, by, look).await;
             }
         }
     }

@@ -264,3 +264,29 @@ async fn a_dead_engine_task_is_recorded_and_never_wedges_its_pod() -> Result<()>
     lab.shutdown().await;
     Ok(())
 }
+
+/// The agent's Verify watches the pod to look again as soon as it changes; an API server (or
+/// an older role without `watch`) that refuses that watch, or fails it, costs only the
+/// watch: the member is still seen back by the poll, and the heal succeeds with every key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_falls_back_to_its_poll_when_the_pods_watch_is_refused_or_fails() -> Result<()> {
+    for kind in [FaultKind::Status(403), FaultKind::Status(500)] {
+        let Some((lab, _)) = crate::reference_failure::broken_lab_with_mounts().await? else { return Ok(()) };
+        // Every request of Verify's watch (its list and its watch, by the pod's name): no other
+        // read of the agent selects a pod by name.
+        lab.api.inject(Fault::new(PODS, kind.clone()).method("GET").query("fieldSelector=metadata.name"));
+        let r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
+        let struck = lab
+            .api
+            .seen()
+            .iter()
+            .filter(|q| q.method == "GET" && q.path == PODS && q.query.contains("fieldSelector=metadata.name"))
+            .count();
+        lab.api.clear_faults();
+        assert_eq!(r.phase, Phase::Succeeded, "{kind:?}: {r:?}");
+        assert!(struck >= 1, "{kind:?}: Verify asked for the watch");
+        crate::reference_failure::assert_every_key(&lab, 3, crate::reference_failure::KEYS).await?;
+        lab.shutdown().await;
+    }
+    Ok(())
+}

@@ -72,6 +72,8 @@ pub struct Fault {
     pub kind: FaultKind,
     /// Only requests with this method (`GET`, `PUT`, …); all when `None`.
     pub method: Option<String>,
+    /// Only requests whose query string holds this; all when `None`.
+    pub query: Option<String>,
     /// Strike every `every`-th matching request (1: every one).
     pub every: u32,
     /// Strike at most this many times; for ever when `None`.
@@ -81,7 +83,13 @@ pub struct Fault {
 
 impl Fault {
     pub fn new(path_prefix: impl Into<String>, kind: FaultKind) -> Self {
-        Fault { path_prefix: path_prefix.into(), kind, method: None, every: 1, times: None, matched: 0 }
+        Fault { path_prefix: path_prefix.into(), kind, method: None, query: None, every: 1, times: None, matched: 0 }
+    }
+
+    /// Only requests whose query string holds `part` (e.g. `watch=true`).
+    pub fn query(mut self, part: &str) -> Self {
+        self.query = Some(part.to_string());
+        self
     }
 
     pub fn method(mut self, m: &str) -> Self {
@@ -100,8 +108,12 @@ impl Fault {
     }
 
     /// Whether this request is struck (counting it).
-    fn strikes(&mut self, method: &str, path: &str) -> bool {
-        if !path.starts_with(&self.path_prefix) || self.method.as_deref().is_some_and(|m| m != method) || self.times == Some(0) {
+    fn strikes(&mut self, method: &str, path: &str, query: &str) -> bool {
+        if !path.starts_with(&self.path_prefix)
+            || self.method.as_deref().is_some_and(|m| m != method)
+            || self.query.as_deref().is_some_and(|q| !query.contains(q))
+            || self.times == Some(0)
+        {
             return false;
         }
         self.matched += 1;
@@ -399,7 +411,7 @@ async fn handle(State(shared): State<Arc<Shared>>, req: Request) -> Response {
     });
 
     let method = parts.method.to_string();
-    let fault = shared.faults.lock().unwrap().iter_mut().find_map(|f| f.strikes(&method, &path).then(|| f.kind.clone()));
+    let fault = shared.faults.lock().unwrap().iter_mut().find_map(|f| f.strikes(&method, &path, &query).then(|| f.kind.clone()));
     match fault {
         Some(FaultKind::Status(code)) => {
             let e = ApiError::new(code, "InternalError", format!("injected fault: {code}"));

@@ -212,6 +212,8 @@ pub const STATUS_FIELDS: [&str; 11] = [
 /// Label of the controller's own records: the rule by which the pod became a candidate
 /// (`firstCrash` or `thresholds`).
 pub const CANDIDACY: &str = "etcd-medic.io/candidacy";
+/// Annotation of the controller's own records: the pod's restart count when it was recorded.
+pub const RESTARTS: &str = "etcd-medic.io/restarts";
 /// Annotation of the controller's own records: when the controller first saw the pod failing
 /// (RFC 3339).
 pub const DETECTED_AT: &str = "etcd-medic.io/detected-at";

@@ -329,3 +329,51 @@ async fn the_first_crash_is_healed_from_its_watch_event_with_the_charts_defaults
     lab.shutdown().await;
     Ok(())
 }
+
+/// The same on the kubelet's own schedule (`SimOptions::kubelet`): the first crash is
+/// restarted at once, so the agent asked at that crash may find the container running again
+/// and refuse (`PodRunning`, which changed nothing). That refusal is no attempt and holds
+/// nothing once the pod crashed again: the next crash, a second later, is acted on as its
+/// watch event comes, not after a back-off. The member is healed with every key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_the_kubelets_schedule_a_crash_after_a_passing_refusal_is_acted_on_at_once() -> Result<()> {
+    crate::init_tracing();
+    let opts = etcd_medic_lab::LabOptions { sim: etcd_medic_lab::statefulset::SimOptions::kubelet(), ..Default::default() };
+    let lab = Lab::start_with(etcd_medic_lab::objects::SetShape::apisix(3, NODE_NAME), opts).await?;
+    if !lab.node.real_mounts {
+        etcd_medic_lab::skip("needs root: real mounts");
+        lab.shutdown().await;
+        return Ok(());
+    }
+    lab.write_keys(KEYS).await?;
+    let agent = agent_for_controller(&lab, &[]).await?;
+    let token = register_agent(&lab, &agent)?;
+    let c = ControllerProcess::start(&lab, &token, "replica-a", DEFAULTS).await?;
+    lab.drain_member(1).await?;
+    let done = wait_remediation(&lab, "apisix-etcd-1", HEAL, |p| p == "Succeeded" || p == "Failed", &[&c]).await?;
+    assert_eq!(phase(&done), "Succeeded", "{done:?}\n{}\nagent:\n{}", c.log_text(), agent.log_text());
+    let records: Vec<_> = remediations(&lab, "apisix").into_iter().filter(|r| r.spec.pod == "apisix-etcd-1").collect();
+    let refused: Vec<_> = records.iter().filter(|r| phase(r) == "Refused").collect();
+    for r in &refused {
+        let s = r.status.clone().unwrap_or_default();
+        assert_eq!(s.error.map(|e| e.code), Some("PodRunning".into()), "only a passing refusal before the heal: {records:?}");
+    }
+    assert_eq!(records.len(), refused.len() + 1, "one heal: {records:?}");
+    // The kubelet sets the restarted container running within microseconds of the first
+    // crash's status; the agent, asked after it, always meets it running.
+    assert!(!refused.is_empty(), "the first crash's request met a running container: {records:?}");
+    // Every dispatch came from a watch event: none waited out a refusal's back-off.
+    let log = c.log_text();
+    let looks: Vec<String> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["message"] == "dispatching")
+        .map(|l| l["look"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(looks.len(), records.len(), "{log}");
+    assert!(looks.iter().all(|l| l == "event"), "{looks:?}\n{log}");
+    lab.set.wait_ready(1, HEAL).await?;
+    assert_every_key(&lab, 3, KEYS).await?;
+    lab.shutdown().await;
+    Ok(())
+}

@@ -30,7 +30,7 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::watcher;
 
-use etcd_medic_client::crd::{CANDIDACY, DETECTED_AT, DiagnosisStatus, EtcdRemediation, EtcdRemediationSpec, FAILING_SINCE};
+use etcd_medic_client::crd::{CANDIDACY, DETECTED_AT, DiagnosisStatus, EtcdRemediation, EtcdRemediationSpec, FAILING_SINCE, RESTARTS};
 use etcd_medic_core::detect::{self, Around, Hold, Limits, Thresholds};
 use etcd_medic_core::signature::{self, Action, Signature};
 
@@ -650,14 +650,22 @@ fn in_flight(ctx: &Ctx, namespace: &str, cluster: &str) -> Option<String> {
 }
 
 /// How long ago this pod's earlier remediations (dispatched, not dry runs) were made: the
-/// attempts, or (`refused`) those the agent refused, which changed nothing.
+/// attempts, or (`refused`) those the agent refused, which changed nothing. A refusal made
+/// at an earlier crash of this pod instance no longer counts: the new crash is asked again
+/// at once (a first crash the kubelet restarted at once meets the agent with its container
+/// running; its second crash, moments later, is the one to act on).
 fn attempts(ctx: &Ctx, pod: &PodSeen, now: jiff::Timestamp, refused: bool) -> Vec<i64> {
+    let at_an_earlier_crash = |r: &EtcdRemediation| {
+        r.spec.pod_uid.as_deref() == Some(pod.uid.as_str())
+            && r.annotations().get(RESTARTS).and_then(|n| n.parse::<u32>().ok()).is_some_and(|n| n < pod.restarts)
+    };
     ctx.rems
         .lock()
         .unwrap()
         .values()
         .filter(|r| r.namespace().as_deref() == Some(&pod.namespace) && r.spec.pod == pod.name && !r.spec.dry_run)
         .filter(|r| r.status.as_ref().is_some_and(|s| s.remediation_id.is_some() && (s.phase.as_deref() == Some("Refused")) == refused))
+        .filter(|r| !refused || !at_an_earlier_crash(r))
         .filter_map(|r| r.metadata.creation_timestamp.as_ref().map(|t| now.duration_since(t.0).as_secs()))
         .collect()
 }
@@ -701,7 +709,7 @@ async fn record(ctx: &Ctx, pod: &PodSeen, d: &Detected, by: detect::Candidacy, l
                 .into(),
             ),
             annotations: Some(
-                [(DETECTED_AT.to_string(), d.at_wall.to_string())]
+                [(DETECTED_AT.to_string(), d.at_wall.to_string()), (RESTARTS.to_string(), pod.restarts.to_string())]
                     .into_iter()
                     .chain(pod.not_ready_since.map(|t| (FAILING_SINCE.to_string(), t.to_string())))
                     .collect(),

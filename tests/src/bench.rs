@@ -81,8 +81,14 @@ pub fn pad(dir: &Path, bytes: u64) -> Result<()> {
     Ok(())
 }
 
+/// How often the benchmarks' harness looks (the pod, the agent's remediation): small
+/// against the few milliseconds the agent's own steps take, so that its lag does not
+/// hide them.
+pub const POLL_MS: u64 = 2;
+
 /// Waits until pod `ordinal` is a new instance (not `old_uid`), Ready, and its member is
-/// started, voting and healthy: what the agent's verification waits for. Polls every 20 ms.
+/// started, voting and healthy: what the agent's verification waits for. Polls every
+/// [`POLL_MS`].
 pub async fn wait_rejoined(lab: &Lab, ordinal: usize, old_uid: &str, timeout: Duration) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let name = lab.set.shape().pod_name(ordinal);
@@ -102,7 +108,7 @@ pub async fn wait_rejoined(lab: &Lab, ordinal: usize, old_uid: &str, timeout: Du
                 return Ok(());
             }
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
     }
 }
 

@@ -73,7 +73,7 @@ struct Heal {
     peak_rss: u64,
 }
 
-/// One agent heal: POST, then GET every 20 ms until it ended. Returns the remediation.
+/// One agent heal: POST, then GET every `POLL_MS` until it ended. Returns the remediation.
 async fn agent_heal(agent: &ServedAgent, uid: &str, h: &mut Heal) -> Result<serde_json::Value> {
     let u0 = usage(agent.pid())?;
     let t = Instant::now();
@@ -87,7 +87,7 @@ async fn agent_heal(agent: &ServedAgent, uid: &str, h: &mut Heal) -> Result<serd
             break r;
         }
         ensure!(t.elapsed() < Duration::from_secs(300), "no end: {r}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(Duration::from_millis(bench::POLL_MS)).await;
     };
     let wall = t.elapsed().as_secs_f64();
     ensure!(done["phase"] == "Succeeded", "{done}");
@@ -118,17 +118,17 @@ const OUTSIDE: &str = "outside the steps";
 fn buys(part: &str) -> &'static str {
     match part {
         "Check" => {
-            "the pod, claim and volume from the API server, the fd-proven walk and mount proof, etcd's member list and each              member's status (quorum before and after), the crash log read and diagnosed, no process holding the data"
+            "the pod, claim and volume from the API server, the fd-proven walk and mount proof, etcd's member list and each member's status (quorum before and after), the crash log read and diagnosed, no process holding the data"
         }
         "Lock" => "the cluster's Lease created (one remediation per cluster, across nodes)",
         "Quarantine" => "etcd's locks held through the moves, `O_EXCL` manifest, per-name `renameat2`, fsyncs",
         "Membership" => "the stale entry cleared (none here: the preStop hook removed it) and `data/` kept non-empty",
         "Restart" => "the pod deleted with a UID precondition",
         "Verify" => {
-            "the floor (c) itself: the replacement starting and catching up; plus the lag between the member being back and              the agent's next look (woken by the pod's watch, else a 50 ms poll)"
+            "the floor (c) itself: the replacement starting and catching up; plus the lag between the member being back and the agent's next look (woken by the pod's watch, else a 50 ms poll)"
         }
         "Retention" => "old quarantines pruned from the journal's record, never from the volume's word",
-        _ => "admission (auth cached), the journal written and fsynced before and after each step, the harness's 20 ms poll",
+        _ => "admission (auth cached), the journal written and fsynced before and after each step, the harness's 2 ms poll",
     }
 }
 
@@ -354,7 +354,7 @@ async fn main() -> Result<()> {
         md,
         "- **(a)** the real agent (`etcd-medic serve`, the static release binary) asked over HTTP: from the POST to the GET that shows"
     )?;
-    writeln!(md, "  `Succeeded` (polled every 20 ms) — gates, lease, quarantine, restart with a UID precondition, verification;")?;
+    writeln!(md, "  `Succeeded` (polled every 2 ms) — gates, lease, quarantine, restart with a UID precondition, verification;")?;
     writeln!(md, "- **(b)** the manual fix users do today, scripted at machine speed: find the dir, delete `member/snap`, `member/wal`")?;
     writeln!(md, "  and `member_id`, delete the pod, until the member is back (pod Ready, member started, voting, healthy);")?;
     writeln!(md, "- **(c)** the floor: the same deletion done before the clock starts, so only the restart and an empty member")?;
@@ -363,7 +363,7 @@ async fn main() -> Result<()> {
     writeln!(md, "\nThe last three columns compare the rows within each run (they ran back to back), median over the runs.")?;
     writeln!(
         md,
-        "The agent's verification looks again when the pod changes (a watch) and at least every 50 ms; the harness polls every 20 ms."
+        "The agent's verification looks again when the pod changes (a watch) and at least every 50 ms; the harness polls every 2 ms."
     )?;
     writeln!(md, "\nTarget: the agent adds less than 0.5 s over (c). Moving the data aside is a rename, so its time does not grow with")?;
     writeln!(md, "the data, unlike deleting it:\n")?;

@@ -153,11 +153,15 @@ async fn latency(a: &Args, md: &mut String) -> Result<()> {
             tokio::time::sleep(Duration::from_secs(6)).await;
         }
         let before: Vec<String> = remediations(&lab, "apisix").into_iter().filter_map(|r| r.metadata.name).collect();
-        let old = lab.set.pod_uid(1)?;
+        // A member each run: the controller's cooldown (5 min by default) rightly holds a pod
+        // healed minutes ago.
+        let ordinal = (run + 1) % 3;
+        let pod = lab.set.shape().pod_name(ordinal);
+        let old = lab.set.pod_uid(ordinal)?;
         // Every change the stand-in stores, as it stores it: the clock reads the moments
         // themselves, not a poll of them.
         let mut changes = lab.api.store().subscribe();
-        lab.drain_member(1).await?;
+        lab.drain_member(ordinal).await?;
         let (mut crashed, mut posted, mut done) = (None, None, None);
         let deadline = Instant::now() + Duration::from_secs(300);
         while done.is_none() {
@@ -171,7 +175,7 @@ async fn latency(a: &Args, md: &mut String) -> Result<()> {
             };
             let o = &change.object;
             match change.resource.plural {
-                "pods" if crashed.is_none() && o["metadata"]["name"] == "apisix-etcd-1" && o["metadata"]["uid"] != old.as_str() => {
+                "pods" if crashed.is_none() && o["metadata"]["name"] == pod.as_str() && o["metadata"]["uid"] != old.as_str() => {
                     let failed = ["state", "lastState"].iter().any(|k| {
                         o.pointer(&format!("/status/containerStatuses/0/{k}/terminated/exitCode"))
                             .and_then(Value::as_i64)

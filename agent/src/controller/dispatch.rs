@@ -37,6 +37,9 @@ pub async fn carry_out(ctx: Arc<Ctx>, cr: EtcdRemediation) {
     // A status not written yet (the write failed): written again before anything else, so
     // that a recorded remediation id is never lost to a blip.
     let mut unwritten = false;
+    // A remediation is looked at soon after it is asked (a refusal comes within
+    // milliseconds, a heal within a second or two), then less often, up to `poll`.
+    let mut look_in = ctx.cfg.poll.min(Duration::from_millis(50));
     while ctx.leading() && still_there(&ctx, &cr) {
         if unwritten {
             match write_status(&ctx, &ns, &name, &status).await {
@@ -49,7 +52,8 @@ pub async fn carry_out(ctx: Arc<Ctx>, cr: EtcdRemediation) {
             Ok(true) => break,
             Ok(false) => {
                 backoff = Duration::from_secs(1);
-                tokio::time::sleep(ctx.cfg.poll).await;
+                tokio::time::sleep(look_in).await;
+                look_in = (look_in * 2).min(ctx.cfg.poll);
             }
             // The record was deleted: nothing to report to.
             Err(e) if e.code == Code::RemediationNotFound => break,

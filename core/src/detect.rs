@@ -305,6 +305,14 @@ fn back_off(recent: &[i64], first: i64, cap: i64) -> Option<i64> {
     (last < wait).then_some(wait - last)
 }
 
+/// Whether the agent's passing refusal of an earlier record still holds this pod back: not
+/// once the same pod instance has crashed again since (`recorded_at` is the restart count
+/// the record was made at). A first crash the kubelet restarts at once can meet the agent
+/// with its container running; the crash after it is new evidence, acted on as it comes.
+pub fn refusal_holds(same_instance: bool, recorded_at: Option<u32>, restarts_now: u32) -> bool {
+    !(same_instance && recorded_at.is_some_and(|n| n < restarts_now))
+}
+
 /// Many clusters failing at once: more than `max_failing_percent` of the watched clusters,
 /// and at least `storm_min_clusters` of them.
 pub fn is_storm(failing_clusters: usize, clusters: usize, l: &Limits) -> bool {
@@ -438,6 +446,14 @@ mod tests {
         assert_eq!(after(vec![6, 20]), Err(Hold::Cooldown { retry_in_secs: 4 }), "twice the wait after two");
         assert_eq!(after((0..20).map(|i| 100 + i).collect()), Err(Hold::Cooldown { retry_in_secs: 200 }), "never more than the cooldown");
         assert_eq!(after(vec![90000]), Ok(()), "older than a day");
+    }
+
+    #[test]
+    fn a_refusal_at_an_earlier_crash_of_the_same_instance_holds_nothing() {
+        assert!(!refusal_holds(true, Some(0), 1), "the pod crashed again since");
+        assert!(refusal_holds(true, Some(1), 1), "the same crash: the back-off stands");
+        assert!(refusal_holds(false, Some(0), 3), "another instance's refusal: its own back-off");
+        assert!(refusal_holds(true, None, 3), "a record that does not say when: the back-off stands");
     }
 
     #[test]

@@ -650,14 +650,12 @@ fn in_flight(ctx: &Ctx, namespace: &str, cluster: &str) -> Option<String> {
 }
 
 /// How long ago this pod's earlier remediations (dispatched, not dry runs) were made: the
-/// attempts, or (`refused`) those the agent refused, which changed nothing. A refusal made
-/// at an earlier crash of this pod instance no longer counts: the new crash is asked again
-/// at once (a first crash the kubelet restarted at once meets the agent with its container
-/// running; its second crash, moments later, is the one to act on).
+/// attempts, or (`refused`) those the agent refused, which changed nothing, while they hold
+/// (`detect::refusal_holds`).
 fn attempts(ctx: &Ctx, pod: &PodSeen, now: jiff::Timestamp, refused: bool) -> Vec<i64> {
-    let at_an_earlier_crash = |r: &EtcdRemediation| {
-        r.spec.pod_uid.as_deref() == Some(pod.uid.as_str())
-            && r.annotations().get(RESTARTS).and_then(|n| n.parse::<u32>().ok()).is_some_and(|n| n < pod.restarts)
+    let holds = |r: &EtcdRemediation| {
+        let recorded_at = r.annotations().get(RESTARTS).and_then(|n| n.parse::<u32>().ok());
+        detect::refusal_holds(r.spec.pod_uid.as_deref() == Some(pod.uid.as_str()), recorded_at, pod.restarts)
     };
     ctx.rems
         .lock()
@@ -665,7 +663,7 @@ fn attempts(ctx: &Ctx, pod: &PodSeen, now: jiff::Timestamp, refused: bool) -> Ve
         .values()
         .filter(|r| r.namespace().as_deref() == Some(&pod.namespace) && r.spec.pod == pod.name && !r.spec.dry_run)
         .filter(|r| r.status.as_ref().is_some_and(|s| s.remediation_id.is_some() && (s.phase.as_deref() == Some("Refused")) == refused))
-        .filter(|r| !refused || !at_an_earlier_crash(r))
+        .filter(|r| !refused || holds(r))
         .filter_map(|r| r.metadata.creation_timestamp.as_ref().map(|t| now.duration_since(t.0).as_secs()))
         .collect()
 }

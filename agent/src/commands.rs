@@ -65,8 +65,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
 
 async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
     args.validate()?;
-    let listener =
-        tokio::net::TcpListener::bind(args.listen).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
+    let listener = crate::server::listen(args.listen)?;
     let config = crate::server::Config {
         layout: args.node.layout()?,
         api_timeout: args.node.api_timeout,

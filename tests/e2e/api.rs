@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use etcd_medic_lab::agent::{Serve, ServedAgent};
 use etcd_medic_lab::apiserver::{AccessRule, Fault, FaultKind, TokenIdentity};
 use etcd_medic_lab::http::request;
@@ -298,7 +298,9 @@ async fn a_controller_heals_over_http_after_a_flood_of_bad_requests() -> Result<
                     2 => (br#"{"namespace":"apisix","pod":"apisix-etcd-1"}"#.to_vec(), vec![]),
                     _ => (br#"{"namespace":"a b","pod":"x"}"#.to_vec(), vec![("Authorization", auth.as_str())]),
                 };
-                request(addr, "POST", "/v1/remediations", &headers, Some(&body)).await
+                request(addr, "POST", "/v1/remediations", &headers, Some(&body))
+                    .await
+                    .with_context(|| format!("flood request {i} (kind {})", i % 4))
             })
         })
         .collect();

@@ -77,11 +77,18 @@ pub async fn request(addr: SocketAddr, method: &str, path: &str, extra: &[(&str,
                 let _ = s.write_all(b).await;
             }
         }
-        let _ = s.read_to_end(&mut raw).await;
-        anyhow::Ok(raw)
+        // A reset is kept to say why an answer is missing.
+        let reset = s.read_to_end(&mut raw).await.err().map(|e| e.to_string());
+        anyhow::Ok((raw, reset))
     };
-    let raw = tokio::time::timeout(Duration::from_secs(90), io).await.context("no answer within 90 s")??;
-    parse(&raw).with_context(|| format!("{method} {path}: {:?}", String::from_utf8_lossy(&raw[..raw.len().min(300)])))
+    let (raw, reset) = tokio::time::timeout(Duration::from_secs(90), io).await.context("no answer within 90 s")??;
+    parse(&raw).with_context(|| {
+        format!(
+            "{method} {path}: {:?} (read: {})",
+            String::from_utf8_lossy(&raw[..raw.len().min(300)]),
+            reset.as_deref().unwrap_or("to the end")
+        )
+    })
 }
 
 fn parse(raw: &[u8]) -> Result<Response> {

@@ -192,8 +192,7 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         create_failed: Mutex::default(),
         changed: tokio::sync::Notify::new(),
     });
-    let admin =
-        tokio::net::TcpListener::bind(ctx.cfg.admin).await.map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", ctx.cfg.admin))?;
+    let admin = crate::server::listen(ctx.cfg.admin)?;
     tokio::spawn(serve_admin(ctx.clone(), admin, shutdown.clone()));
     for scope in scopes {
         tokio::spawn(watch_pods(ctx.clone(), scope.clone()));

@@ -454,6 +454,20 @@ pub fn router(agent: Arc<Agent>) -> axum::Router {
         .with_state(agent)
 }
 
+/// Connections the kernel queues before the agent accepts them. The default of 128 overflows
+/// under a flood, and a connection that overflowed may be reset with its request unanswered;
+/// the kernel caps this at `net.core.somaxconn`.
+const BACKLOG: u32 = 4096;
+
+/// A listener on `addr` with a deep accept queue (see [`BACKLOG`]).
+pub fn listen(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let cannot = |e: std::io::Error| anyhow::anyhow!("cannot listen on {addr}: {e}");
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4() } else { tokio::net::TcpSocket::new_v6() }.map_err(cannot)?;
+    socket.set_reuseaddr(true).map_err(cannot)?;
+    socket.bind(addr).map_err(cannot)?;
+    socket.listen(BACKLOG).map_err(cannot)
+}
+
 /// Binds nothing itself: serves `listener` until the agent's shutdown begins (see
 /// `crate::shutdown`), then stops accepting, lets each running remediation reach a safe
 /// point (journaled), and returns.

@@ -9,6 +9,7 @@ use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use k8s_openapi::api::core::v1::Pod;
 
 use crate::error::{Code, Error, Result};
+use crate::scope::SetScope;
 pub use etcd_medic_core::member::{Member, Seen, agreed_healthy, learners_in};
 
 /// How the agent reaches etcd: the client TLS of `--etcd-cacert`, `--etcd-cert` and
@@ -59,68 +60,73 @@ impl Etcd {
         Client::connect([endpoint], Some(opts)).await.map_err(|e| unavailable(&format!("connect to {endpoint}"), e))
     }
 
-    /// The cluster id and member list from the first endpoint that answers a linearizable read,
-    /// and each member's health: it answered a status request within 2 s, without alarms, naming
-    /// the leader that the answering members agree on (see [`agreed_healthy`]). A member cut off
-    /// from the leader, or one that answers but follows no leader, is not healthy.
-    pub async fn members(&self, endpoints: &[String]) -> Result<(u64, Vec<Member>)> {
-        let mut last_err = None;
-        for e in endpoints {
-            let list = async {
-                let mut c = self.connect(e).await?;
-                // A linearizable read completes only through a leader with a quorum and leaves
-                // this member applied at least that far: the list that follows is current.
-                c.get("etcd-medic/linearizable-probe", Some(etcd_client::GetOptions::new().with_count_only()))
-                    .await
-                    .map_err(|err| unavailable(&format!("a linearizable read through {e}"), err))?;
-                c.member_list().await.map_err(|err| unavailable(&format!("member list from {e}"), err))
-            };
-            match tokio::time::timeout(Duration::from_secs(5), list).await {
-                Ok(Ok(resp)) => {
-                    let mut seen = Vec::new();
-                    for m in resp.members() {
-                        seen.push((m.id(), m.is_learner(), self.status_of(m.client_urls()).await));
-                    }
-                    let healthy = agreed_healthy(&seen);
-                    let out = resp
-                        .members()
-                        .iter()
-                        .map(|m| Member {
-                            id: m.id(),
-                            name: m.name().to_string(),
-                            peer_urls: m.peer_urls().to_vec(),
-                            client_urls: m.client_urls().to_vec(),
-                            is_learner: m.is_learner(),
-                            healthy: healthy.contains(&m.id()),
-                        })
-                        .collect();
-                    return Ok((resp.header().map(|h| h.cluster_id()).unwrap_or_default(), out));
+    /// The cluster id and member list from the first endpoint of `t` that answers a
+    /// linearizable read, proven to be the set's (see [`SetScope::prove`]) and, once the
+    /// remediation knows its cluster, the same cluster as at the check; then each member's
+    /// health: it answered a status request at its pod within 2 s, without alarms, naming the
+    /// leader that the answering members agree on (see [`agreed_healthy`]). A member cut off
+    /// from the leader, or one that answers but follows no leader, is not healthy. The whole
+    /// takes at most [`MEMBERS_DEADLINE`], whatever the endpoints do.
+    pub async fn members(&self, t: &Target) -> Result<(u64, Vec<Member>)> {
+        let listed = tokio::time::timeout(MEMBERS_DEADLINE, async {
+            let mut last_err = None;
+            for e in &t.endpoints {
+                let list = async {
+                    let mut c = self.connect(e).await?;
+                    // A linearizable read completes only through a leader with a quorum and leaves
+                    // this member applied at least that far: the list that follows is current.
+                    c.get("etcd-medic/linearizable-probe", Some(etcd_client::GetOptions::new().with_count_only()))
+                        .await
+                        .map_err(|err| unavailable(&format!("a linearizable read through {e}"), err))?;
+                    c.member_list().await.map_err(|err| unavailable(&format!("member list from {e}"), err))
+                };
+                match tokio::time::timeout(Duration::from_secs(5), list).await {
+                    Ok(Ok(resp)) => return Ok(resp),
+                    Ok(Err(err)) => last_err = Some(err.to_string()),
+                    Err(_) => last_err = Some(format!("{e} did not answer in 5 s")),
                 }
-                Ok(Err(err)) => last_err = Some(err.to_string()),
-                Err(_) => last_err = Some(format!("{e} did not answer in 5 s")),
             }
+            Err(last_err)
+        })
+        .await;
+        let resp = match listed {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(last_err)) => {
+                return Err(Error::new(
+                    Code::QuorumAtRisk,
+                    format!("no etcd endpoint answered ({:?}): {}", t.endpoints, last_err.unwrap_or_else(|| "no endpoints".into())),
+                ));
+            }
+            Err(_) => {
+                return Err(Error::new(
+                    Code::QuorumAtRisk,
+                    format!("the etcd endpoints ({:?}) gave no member list within {MEMBERS_DEADLINE:?}", t.endpoints),
+                ));
+            }
+        };
+        let (cluster_id, mut out) = t.accept(&resp)?;
+        let seen = futures::future::join_all(out.iter().map(|m| self.status_of(t.scope.status_endpoint(m)))).await;
+        let seen: Vec<_> = out.iter().zip(seen).map(|(m, s)| (m.id, m.is_learner, s)).collect();
+        let healthy = agreed_healthy(&seen);
+        for m in &mut out {
+            m.healthy = healthy.contains(&m.id);
         }
-        Err(Error::new(
-            Code::QuorumAtRisk,
-            format!("no etcd endpoint answered ({endpoints:?}): {}", last_err.unwrap_or_else(|| "no endpoints".into())),
-        ))
+        Ok((cluster_id, out))
     }
 
-    async fn status_of(&self, urls: &[String]) -> Option<Seen> {
-        for u in urls {
-            let check = async { self.connect(u).await.ok()?.status().await.ok() };
-            if let Ok(Some(s)) = tokio::time::timeout(Duration::from_secs(2), check).await {
-                return Some(Seen { leader: s.leader(), clean: s.errors().is_empty() });
-            }
-        }
-        None
+    /// What a member's pod answers to a status request within 2 s.
+    async fn status_of(&self, endpoint: Option<String>) -> Option<Seen> {
+        let u = endpoint?;
+        let check = async { self.connect(&u).await.ok()?.status().await.ok() };
+        let s = tokio::time::timeout(Duration::from_secs(2), check).await.ok()??;
+        Some(Seen { leader: s.leader(), clean: s.errors().is_empty() })
     }
 
-    /// Removes member `id` through the first healthy endpoint.
+    /// Removes member `id` through the first endpoint that answers as the target cluster.
     /// A remove that was applied but whose answer was lost is retried and then answers `member
     /// not found`: that is success.
-    pub async fn remove_member(&self, endpoints: &[String], id: u64) -> Result<()> {
-        let c = self.first_client(endpoints).await?;
+    pub async fn remove_member(&self, t: &Target, id: u64) -> Result<()> {
+        let c = self.proven_client(t).await?;
         let r = retry_unhealthy(&format!("member remove {id:x}"), Duration::from_secs(30), || {
             let mut c = c.clone();
             async move { c.member_remove(id).await }
@@ -136,10 +142,10 @@ impl Etcd {
     /// Adds a member with `peer_url` (a learner when `learner`) and returns its id. An add whose
     /// answer was lost (a timeout on a busy cluster) may still have been applied: the member
     /// list decides, so the member is never added twice.
-    pub async fn add_member(&self, endpoints: &[String], peer_url: &str, learner: bool) -> Result<u64> {
+    pub async fn add_member(&self, t: &Target, peer_url: &str, learner: bool) -> Result<u64> {
         let mut last = None;
         for _ in 0..3 {
-            let c = self.first_client(endpoints).await?;
+            let c = self.proven_client(t).await?;
             let added = retry_unhealthy(&format!("member add {peer_url}"), Duration::from_secs(30), || {
                 let mut c = c.clone();
                 let url = peer_url.to_string();
@@ -150,7 +156,7 @@ impl Etcd {
             match added {
                 Ok(resp) => return Ok(resp.member().map(|m| m.id()).unwrap_or_default()),
                 Err(e) => {
-                    let (_, list) = self.members(endpoints).await?;
+                    let (_, list) = self.members(t).await?;
                     if let Some(m) = list.iter().find(|m| m.peer_urls.iter().any(|u| u == peer_url) && m.name.is_empty()) {
                         return Ok(m.id);
                     }
@@ -163,8 +169,8 @@ impl Etcd {
 
     /// Promotes learner `id` to a voting member: `Ok(false)` while it has not caught up with
     /// the leader yet (etcd refuses until then), `Ok(true)` once it votes.
-    pub async fn promote_member(&self, endpoints: &[String], id: u64) -> Result<bool> {
-        let mut c = self.first_client(endpoints).await?;
+    pub async fn promote_member(&self, t: &Target, id: u64) -> Result<bool> {
+        let mut c = self.proven_client(t).await?;
         match c.member_promote(id).await {
             Ok(_) => Ok(true),
             Err(e) if e.to_string().contains("not in sync") || e.to_string().contains("unhealthy cluster") => Ok(false),
@@ -175,27 +181,89 @@ impl Etcd {
     }
 
     /// Whether the cluster's version has learners (etcd 3.4 and later), from the first member
-    /// that answers a status request.
-    pub async fn supports_learners(&self, endpoints: &[String]) -> Result<bool> {
-        let mut c = self.first_client(endpoints).await?;
+    /// that answers a status request as the target cluster.
+    pub async fn supports_learners(&self, t: &Target) -> Result<bool> {
+        let mut c = self.proven_client(t).await?;
         let status = c.status().await.map_err(|e| unavailable("status", e))?;
         Ok(learners_in(status.version()))
     }
 
-    async fn first_client(&self, endpoints: &[String]) -> Result<Client> {
-        for e in endpoints {
-            if let Ok(Ok(c)) = tokio::time::timeout(Duration::from_secs(3), async {
+    /// A client of the first endpoint whose member list, read on that very connection, is
+    /// the target's (proven the set's, the cluster of the check): the change that follows goes
+    /// over the same connection, so a relay cannot swap clusters between the proof and it.
+    async fn proven_client(&self, t: &Target) -> Result<Client> {
+        let mut refused = None;
+        for e in &t.endpoints {
+            let attempt = tokio::time::timeout(Duration::from_secs(5), async {
                 // Membership changes wait for the change to apply: a busy cluster needs more than 5 s.
                 let mut c = self.connect_with(e, Duration::from_secs(15)).await?;
-                c.status().await.map_err(|err| unavailable(e, err))?;
+                let resp = c.member_list().await.map_err(|err| unavailable(e, err))?;
+                t.accept(&resp)?;
                 Ok::<_, Error>(c)
             })
-            .await
-            {
-                return Ok(c);
+            .await;
+            match attempt {
+                Ok(Ok(c)) => return Ok(c),
+                Ok(Err(err)) if err.code == Code::ForeignMember => refused = Some(err),
+                _ => {}
             }
         }
-        Err(Error::new(Code::QuorumAtRisk, format!("no etcd endpoint answered among {endpoints:?}")))
+        Err(refused.unwrap_or_else(|| Error::new(Code::QuorumAtRisk, format!("no etcd endpoint answered among {:?}", t.endpoints))))
+    }
+}
+
+/// The most members taken from an answer: etcd advises 3 to 7; a longer list is no set's.
+pub const MAX_MEMBERS: usize = 64;
+/// The most bytes of a member's name, and of each of its URLs (at most 8 of each), kept.
+const MAX_FIELD: usize = 512;
+/// The whole member list with every member's health, whatever the endpoints do.
+pub const MEMBERS_DEADLINE: Duration = Duration::from_secs(15);
+
+/// An etcd cluster as a remediation may act on it: the StatefulSet that proves it, the
+/// endpoints asked (its pods), and the cluster id it answered with at the check.
+#[derive(Clone, Debug)]
+pub struct Target {
+    pub scope: SetScope,
+    pub endpoints: Vec<String>,
+    pub cluster_id: Option<u64>,
+}
+
+impl Target {
+    /// The id and members of a member list answer, if it is the target's: bounded in size,
+    /// every member a pod of the set, and the cluster of the check once there was one.
+    fn accept(&self, resp: &etcd_client::MemberListResponse) -> Result<(u64, Vec<Member>)> {
+        let listed = resp.members();
+        if listed.len() > MAX_MEMBERS {
+            return Err(Error::new(
+                Code::ForeignMember,
+                format!("the etcd cluster that answered at the pods of {} lists more than {MAX_MEMBERS} members", self.scope.describe()),
+            ));
+        }
+        let field = |s: &str| -> String { s.chars().take(MAX_FIELD).collect() };
+        let urls = |u: &[String]| -> Vec<String> { u.iter().take(8).map(|u| field(u)).collect() };
+        let members: Vec<Member> = listed
+            .iter()
+            .map(|m| Member {
+                id: m.id(),
+                name: field(m.name()),
+                peer_urls: urls(m.peer_urls()),
+                client_urls: urls(m.client_urls()),
+                is_learner: m.is_learner(),
+                healthy: false,
+            })
+            .collect();
+        self.scope.prove(&members)?;
+        let id = resp.header().map(|h| h.cluster_id()).unwrap_or_default();
+        if let Some(expected) = self.cluster_id.filter(|e| *e != id) {
+            return Err(Error::new(
+                Code::ForeignMember,
+                format!(
+                    "the pods of {} answered for cluster {id:016x}, not {expected:016x} as when the remediation began: nothing more is done",
+                    self.scope.describe()
+                ),
+            ));
+        }
+        Ok((id, members))
     }
 }
 
@@ -205,7 +273,7 @@ fn unavailable(what: &str, e: impl std::fmt::Display) -> Error {
 
 /// The scheme the pod's etcd serves clients with: that of the first URL it advertises
 /// (`--advertise-client-urls` or `ETCD_ADVERTISE_CLIENT_URLS`), else `http`.
-fn client_scheme(pod: &Pod, container: &str) -> &'static str {
+pub(crate) fn client_scheme(pod: &Pod, container: &str) -> &'static str {
     let Some(c) = pod.spec.as_ref().and_then(|s| s.containers.iter().find(|c| c.name == container)) else { return "http" };
     let from_env = c.env.iter().flatten().find(|e| e.name == "ETCD_ADVERTISE_CLIENT_URLS").and_then(|e| e.value.clone());
     let from_args =
@@ -214,22 +282,6 @@ fn client_scheme(pod: &Pod, container: &str) -> &'static str {
         Some(u) if u.trim_start().starts_with("https://") => "https",
         _ => "http",
     }
-}
-
-/// Client URLs of the other pods of the same StatefulSet: `status.podIP` and the container
-/// port named `client`, with the scheme the pod advertises.
-pub fn sibling_endpoints(pod: &Pod, siblings: &[Pod], container: &str) -> Vec<String> {
-    let scheme = client_scheme(pod, container);
-    siblings
-        .iter()
-        .filter(|p| p.metadata.name != pod.metadata.name && crate::identity::same_set(pod, p))
-        .filter_map(|p| {
-            let ip = p.status.as_ref()?.pod_ip.clone()?;
-            let c = p.spec.as_ref()?.containers.iter().find(|c| c.name == container)?;
-            let port = c.ports.as_ref()?.iter().find(|p| p.name.as_deref() == Some("client"))?.container_port;
-            Some(format!("{scheme}://{ip}:{port}"))
-        })
-        .collect()
 }
 
 async fn retry_unhealthy<T, F, Fut>(what: &str, deadline: Duration, mut op: F) -> Result<T>
@@ -275,7 +327,8 @@ mod tests {
             pod("apisix-etcd-2", "apisix-etcd", "10.0.0.3", 2379),
             pod("other-0", "other", "10.0.0.9", 2379),
         ];
-        assert_eq!(sibling_endpoints(&me, &all, "etcd"), ["http://10.0.0.1:2379", "http://10.0.0.3:2379"]);
+        let siblings = |p: &Pod| SetScope::of(p, &all, "etcd").unwrap().sibling_endpoints();
+        assert_eq!(siblings(&me), ["http://10.0.0.1:2379", "http://10.0.0.3:2379"]);
         // A member that advertises https is reached over https.
         let mut tls = me.clone();
         tls.spec.as_mut().unwrap().containers[0].env = Some(vec![k8s_openapi::api::core::v1::EnvVar {
@@ -283,6 +336,6 @@ mod tests {
             value: Some("https://$(MY_POD_NAME):2379".into()),
             ..Default::default()
         }]);
-        assert_eq!(sibling_endpoints(&tls, &all, "etcd"), ["https://10.0.0.1:2379", "https://10.0.0.3:2379"]);
+        assert_eq!(siblings(&tls), ["https://10.0.0.1:2379", "https://10.0.0.3:2379"]);
     }
 }

@@ -3,9 +3,8 @@
 //! tenant's bare pod advertising a victim's URL, with `etcdEndpoints` pointing at the
 //! victim's cluster, would make the agent a confused deputy. So, before any etcd call:
 //! the pod is a StatefulSet's, its peer URL names the pod itself (its IP, or its own
-//! `<hostname>.<subdomain>.<namespace>.svc` name, on its own `peer` port), and caller-given
-//! endpoints are accepted only where the pod's cluster can be established from its own
-//! StatefulSet's pods. Pure.
+//! `<hostname>.<subdomain>.<namespace>.svc` name, on its own `peer` port). Which cluster is
+//! the set's is `crate::scope`'s to prove. Pure.
 
 use k8s_openapi::api::core::v1::{Container, Pod};
 
@@ -32,7 +31,7 @@ pub fn same_set(a: &Pod, b: &Pod) -> bool {
 }
 
 /// The host and port of a URL (`scheme://[userinfo@]host[:port][/…]`), IPv6 brackets removed.
-fn host_port(url: &str) -> Option<(String, Option<u16>)> {
+pub(crate) fn host_port(url: &str) -> Option<(String, Option<u16>)> {
     let rest = url.split_once("://").map(|(_, r)| r).unwrap_or(url);
     let authority = rest.split(['/', '?', '#']).next()?;
     let authority = authority.rsplit_once('@').map(|(_, a)| a).unwrap_or(authority);
@@ -89,21 +88,6 @@ pub fn check_member_identity(pod: &Pod, container: &Container, peer_url: &str) -
     ))
 }
 
-/// The endpoints to ask: the StatefulSet's own pods, or the caller's where those serve the
-/// same cluster (checked by the caller once it can ask). Caller endpoints for a pod whose
-/// cluster cannot be established from its own set are refused: they cannot be vouched for.
-pub fn choose_endpoints(discovered: &[String], given: &[String]) -> Result<Vec<String>> {
-    if given.is_empty() {
-        return Ok(discovered.to_vec());
-    }
-    if discovered.is_empty() {
-        return Err(Error::invalid(
-            "etcdEndpoints are accepted only where the pod's cluster can be established from its StatefulSet's other pods (none serve a `client` port here)",
-        ));
-    }
-    Ok(given.to_vec())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,15 +142,5 @@ mod tests {
         let bare = pod("apisix", "x", None, "10.0.0.99");
         assert!(same_set(&a, &b));
         assert!(!same_set(&a, &other_ns) && !same_set(&a, &bare) && !same_set(&bare, &bare));
-    }
-
-    #[test]
-    fn caller_endpoints_need_a_cluster_established_from_the_set() {
-        let found = vec!["http://10.0.0.10:2379".to_string()];
-        let given = vec!["http://10.0.0.12:2379".to_string()];
-        assert_eq!(choose_endpoints(&found, &[]).unwrap(), found);
-        assert_eq!(choose_endpoints(&found, &given).unwrap(), given);
-        assert_eq!(choose_endpoints(&[], &given).unwrap_err().code, Code::InvalidRequest);
-        assert!(choose_endpoints(&[], &[]).unwrap().is_empty());
     }
 }

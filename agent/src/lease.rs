@@ -28,12 +28,11 @@ pub fn holding(l: &Lease) -> Holding {
 }
 
 /// The lock gate of a dry run: refused as `acquire` would be, without writing anything.
-pub async fn check_free(api: &KubeApi, namespace: &str, cluster_id: u64, me: &str) -> Result<()> {
-    let name = lease_name(cluster_id);
-    if let Some(l) = api.lease(namespace, &name).await?
+pub async fn check_free(api: &KubeApi, namespace: &str, name: &str, me: &str) -> Result<()> {
+    if let Some(l) = api.lease(namespace, name).await?
         && let Some(holder) = etcd_medic_core::lease::held_by_other(&holding(&l), me, Timestamp::now())
     {
-        return Err(busy(&holder, namespace, &name));
+        return Err(busy(&holder, namespace, name));
     }
     Ok(())
 }
@@ -65,12 +64,12 @@ impl ClusterLock {
     pub async fn acquire(
         api: &KubeApi,
         namespace: &str,
-        cluster_id: u64,
+        name: &str,
         me: &str,
         stop: &AtomicBool,
         gone: &(dyn Fn(&str) -> bool + Send + Sync),
     ) -> Result<Self> {
-        let name = lease_name(cluster_id);
+        let name = name.to_string();
         let spec = || LeaseSpec {
             holder_identity: Some(me.to_string()),
             lease_duration_seconds: Some(DURATION.as_secs() as i32),

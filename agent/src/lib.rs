@@ -20,6 +20,7 @@ pub mod lease;
 pub mod locate;
 pub mod profile;
 pub mod quarantine;
+pub mod scope;
 pub mod server;
 pub mod shutdown;
 pub mod telemetry;

@@ -35,6 +35,9 @@ pub enum Code {
     UnknownFailure,
     /// The image heals this failure itself on its next start: the agent stands down.
     SelfHealing,
+    /// The etcd cluster that answered lists a member that is not a pod of the failing pod's
+    /// StatefulSet: it is not provably this set's cluster, and nothing of it is told back.
+    ForeignMember,
     TooManyRequests,
     NotReady,
     /// No remediation with that id on this node.
@@ -47,7 +50,7 @@ pub enum Code {
 }
 
 impl Code {
-    pub const ALL: [Code; 29] = [
+    pub const ALL: [Code; 30] = [
         Code::InvalidRequest,
         Code::Unauthenticated,
         Code::Forbidden,
@@ -71,6 +74,7 @@ impl Code {
         Code::SplitBrain,
         Code::UnknownFailure,
         Code::SelfHealing,
+        Code::ForeignMember,
         Code::TooManyRequests,
         Code::NotReady,
         Code::RemediationNotFound,
@@ -92,7 +96,7 @@ impl Code {
             PayloadTooLarge => 413,
             WrongNode => 421,
             PodHealthy | PodRunning | QuorumAtRisk | SoleMember | DataDirNotFound | NotEtcdData | UnsafePath | NotAMount
-            | InsufficientSpace | UnsupportedProfile | SplitBrain | UnknownFailure | SelfHealing => 422,
+            | InsufficientSpace | UnsupportedProfile | SplitBrain | UnknownFailure | SelfHealing | ForeignMember => 422,
             TooManyRequests => 429,
             NotReady => 503,
             Internal => 500,
@@ -125,6 +129,7 @@ impl Code {
             SplitBrain => "SplitBrain",
             UnknownFailure => "UnknownFailure",
             SelfHealing => "SelfHealing",
+            ForeignMember => "ForeignMember",
             TooManyRequests => "TooManyRequests",
             NotReady => "NotReady",
             RemediationNotFound => "RemediationNotFound",
@@ -161,6 +166,7 @@ impl Code {
             SplitBrain => "The member's peers disagree on the cluster's id",
             UnknownFailure => "The crash matches no known failure",
             SelfHealing => "The image heals this failure itself",
+            ForeignMember => "The etcd cluster that answered is not the StatefulSet's",
             TooManyRequests => "Too many requests",
             NotReady => "The agent is not ready",
             RemediationNotFound => "No such remediation on this node",
@@ -279,7 +285,7 @@ mod tests {
         assert_eq!(by_status(404), ["PodNotFound", "PVCNotFound", "PVNotFound", "RemediationNotFound", "NotFound"]);
         assert_eq!(by_status(409), ["PodUIDMismatch", "ClusterLocked"]);
         assert_eq!(by_status(421), ["WrongNode"]);
-        assert_eq!(by_status(422).len(), 13);
+        assert_eq!(by_status(422).len(), 14);
         assert_eq!(Code::PayloadTooLarge.http_status(), 413);
         assert_eq!(Code::TooManyRequests.http_status(), 429);
         assert_eq!(Code::NotReady.http_status(), 503);

@@ -13,8 +13,11 @@ pub const RENEW_EVERY: Duration = Duration::from_secs(10);
 /// A renewal that keeps failing gives up this long before the lease would expire.
 pub const RENEW_MARGIN: Duration = Duration::from_secs(15);
 
-pub fn lease_name(cluster_id: u64) -> String {
-    format!("etcd-medic-{cluster_id:016x}")
+/// The lock of the etcd StatefulSet `namespace`/UID `set_uid`: named by what Kubernetes
+/// proves (never by the cluster id an endpoint reports, which a relay to another tenant's
+/// cluster would make that tenant's). A UID has a fixed form, so the name is unambiguous.
+pub fn lease_name(namespace: &str, set_uid: &str) -> String {
+    format!("etcd-medic-{namespace}-{set_uid}")
 }
 
 /// A Lease as these decisions need it.

@@ -194,13 +194,15 @@ async fn every_status_of_the_contract_comes_with_its_code() -> Result<()> {
         real_ids.push(real_id);
         real_ids.push(anew.json()["id"].as_str().unwrap().to_string());
         agent.wait_finished(real_ids.last().unwrap(), Some(CONTROLLER), Duration::from_secs(60)).await?;
-        // Endpoints of another etcd cluster: the gates would guard the wrong cluster.
+        // Endpoints of another etcd cluster: the gates would guard the wrong cluster. Refused
+        // before anything is asked of them, and nothing of them is told back.
         let mut other = etcd_medic_lab::etcd::EtcdCluster::start(1).await?;
         let elsewhere =
             json!({"namespace": "apisix", "pod": "apisix-etcd-2", "dryRun": true, "force": true, "etcdEndpoints": other.endpoints()});
         let r = agent.post(Some(CONTROLLER), &elsewhere).await?;
         assert_problem(&r, 400, "InvalidRequest");
-        assert!(r.json()["detail"].as_str().unwrap().contains("sibling members serve cluster"), "{}", r.text());
+        assert!(r.json()["detail"].as_str().unwrap().contains("must each name a pod of StatefulSet apisix/apisix-etcd"), "{}", r.text());
+        assert!(!r.text().contains(&other.endpoints()[0]), "{}", r.text());
         drop(other);
         // The volume shrunk to what it holds plus 4 MiB: no room for the member to fetch a
         // snapshot while the quarantine keeps the old data. InsufficientSpace.

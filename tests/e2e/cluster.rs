@@ -138,7 +138,7 @@ async fn the_agent_reaches_an_etcd_that_requires_client_certificates() -> Result
         .stdout(std::fs::File::create(p("etcd.log"))?)
         .stderr(std::fs::File::create(p("etcd.err"))?);
     let _etcd = etcd_medic_lab::process::spawn_tied(cmd)?;
-    let endpoints = [url.clone()];
+    let endpoints = etcd_medic_lab::objects::lone_target("https", client, peer);
     // Not configured yet: no TLS, no answer.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let plain = etcd_medic::etcd::Etcd::default();

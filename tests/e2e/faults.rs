@@ -91,8 +91,7 @@ fn planted(name: &str, holder: &str, skewed_by: i64) -> Lease {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_is_taken_over_only_when_unchanged_whatever_the_clocks_say() -> Result<()> {
     let Some((lab, _)) = crate::reference_failure::broken_lab_with_mounts().await? else { return Ok(()) };
-    let (cluster_id, _) = etcd_medic::etcd::Etcd::default().members(&lab.set.other_endpoints(1)).await?;
-    let name = etcd_medic::lease::lease_name(cluster_id);
+    let name = lab.target(1)?.scope.lease_name();
     // A live holder on a node whose clock is 10 minutes behind: its renewTime looks long
     // expired to us, but it renews every 500 ms. Never taken over.
     lab.api.create(&planted(&name, "node-b/live", 600))?;

@@ -15,6 +15,7 @@ mod locate;
 mod plugin;
 mod reference_failure;
 mod remediate;
+mod tenancy;
 
 use std::sync::Once;
 

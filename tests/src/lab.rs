@@ -91,6 +91,16 @@ impl Lab {
         Ok(Lab { set, node, api, dir })
     }
 
+    /// The set's cluster as the agent targets it for pod `ordinal`: its scope proven from the
+    /// pods the stand-in holds now, the set's other pods as endpoints.
+    pub fn target(&self, ordinal: usize) -> Result<etcd_medic::etcd::Target> {
+        let ns = self.set.shape().namespace.clone();
+        let pods: Vec<k8s_openapi::api::core::v1::Pod> = self.api.list(Some(&ns));
+        let me = pods.iter().find(|p| p.metadata.name.as_deref() == Some(self.set.shape().pod_name(ordinal).as_str()));
+        let scope = etcd_medic::scope::SetScope::of(me.context("no such pod")?, &pods, "etcd").map_err(|e| anyhow::anyhow!(e))?;
+        Ok(etcd_medic::etcd::Target { endpoints: scope.sibling_endpoints(), scope, cluster_id: None })
+    }
+
     /// Writes `n` keys `/apisix/routes/<i>` through the cluster, as APISIX stores its config.
     pub async fn write_keys(&self, n: usize) -> Result<()> {
         let mut c = crate::etcd::live_client(&self.set.endpoints()).await?;

@@ -180,9 +180,23 @@ pub fn pv(shape: &SetShape, ordinal: usize) -> Value {
     json!({"metadata": {"name": shape.pv_name(ordinal)}, "spec": spec, "status": {"phase": "Bound"}})
 }
 
+/// The target of a lone etcd at `127.0.0.1` (`scheme` for clients): a StatefulSet `lone`
+/// of one pod, asked at its own client endpoint.
+pub fn lone_target(scheme: &str, client_port: u16, peer_port: u16) -> etcd_medic::etcd::Target {
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
+        "metadata": {"name": "lone-0", "namespace": "lab", "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "lone", "uid": "lone-uid", "controller": true}]},
+        "spec": {"containers": [{"name": "etcd", "env": [{"name": "ETCD_ADVERTISE_CLIENT_URLS", "value": format!("{scheme}://127.0.0.1:{client_port}")}],
+            "ports": [{"name": "client", "containerPort": client_port}, {"name": "peer", "containerPort": peer_port}]}]},
+        "status": {"podIP": "127.0.0.1"}
+    }))
+    .expect("a pod");
+    let scope = etcd_medic::scope::SetScope::of(&pod, std::slice::from_ref(&pod), "etcd").expect("a set's pod");
+    etcd_medic::etcd::Target { endpoints: vec![format!("{scheme}://127.0.0.1:{client_port}")], scope, cluster_id: None }
+}
+
 /// The pod of `ordinal`. `members` are every member's lab identity: their loopback ports
 /// take the place of the headless service's DNS names.
-pub fn pod(shape: &SetShape, ordinal: usize, members: &[MemberSpec]) -> Value {
+pub fn pod(shape: &SetShape, set_uid: &str, ordinal: usize, members: &[MemberSpec]) -> Value {
     let me = &members[ordinal];
     let initial_cluster = crate::etcd::initial_cluster(members);
     let (env, command, args) = match &shape.profile {
@@ -254,7 +268,7 @@ pub fn pod(shape: &SetShape, ordinal: usize, members: &[MemberSpec]) -> Value {
             "name": shape.pod_name(ordinal), "namespace": shape.namespace,
             "labels": merge(shape.labels(), json!({"statefulset.kubernetes.io/pod-name": shape.pod_name(ordinal)})),
             "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": shape.set_name(),
-                                 "uid": "", "controller": true, "blockOwnerDeletion": true}],
+                                 "uid": set_uid, "controller": true, "blockOwnerDeletion": true}],
         },
         "spec": {
             "nodeName": shape.node_name,
@@ -291,7 +305,7 @@ mod tests {
     fn objects_parse_as_kubernetes_types() {
         let s = SetShape::apisix(3, "node-a");
         let members: Vec<MemberSpec> = (0..3).map(|i| MemberSpec::new(s.pod_name(i))).collect();
-        let p: k8s_openapi::api::core::v1::Pod = serde_json::from_value(pod(&s, 1, &members)).unwrap();
+        let p: k8s_openapi::api::core::v1::Pod = serde_json::from_value(pod(&s, "set-uid", 1, &members)).unwrap();
         assert_eq!(p.spec.unwrap().containers[0].name, "etcd");
         let _: k8s_openapi::api::core::v1::PersistentVolume = serde_json::from_value(pv(&s, 1)).unwrap();
         let _: k8s_openapi::api::core::v1::PersistentVolumeClaim = serde_json::from_value(pvc(&s, 1)).unwrap();

@@ -103,6 +103,8 @@ struct PodRun {
 
 struct Inner {
     shape: SetShape,
+    /// The StatefulSet's UID, in its pods' controller reference as the real controller sets it.
+    set_uid: String,
     members: Vec<MemberSpec>,
     api: Arc<ApiServer>,
     node: Arc<NodeTree>,
@@ -145,7 +147,8 @@ impl StatefulSetSim {
         let members: Vec<MemberSpec> = (0..shape.replicas).map(|i| MemberSpec::new(shape.pod_name(i))).collect();
         let ns = shape.namespace.clone();
         let _ = store.create(res("namespaces", ""), "", json!({"metadata": {"name": ns}}));
-        store.create(res("statefulsets", "apps"), &ns, objects::statefulset(&shape)).map_err(|e| anyhow!(e.message))?;
+        let set = store.create(res("statefulsets", "apps"), &ns, objects::statefulset(&shape)).map_err(|e| anyhow!(e.message))?;
+        let set_uid = set["metadata"]["uid"].as_str().unwrap_or_default().to_string();
         for i in 0..shape.replicas {
             store.create(res("persistentvolumes", ""), "", objects::pv(&shape, i)).map_err(|e| anyhow!(e.message))?;
             store.create(res("persistentvolumeclaims", ""), &ns, objects::pvc(&shape, i)).map_err(|e| anyhow!(e.message))?;
@@ -155,6 +158,7 @@ impl StatefulSetSim {
             installed: Mutex::new(vec![false; shape.replicas]),
             pids: Mutex::new(vec![None; shape.replicas]),
             shape,
+            set_uid,
             members,
             api,
             node,
@@ -367,7 +371,7 @@ fn create_pod(inner: &Arc<Inner>, ordinal: usize) -> Result<()> {
     let created = inner
         .api
         .store()
-        .create(res("pods", ""), &s.namespace, objects::pod(s, ordinal, &inner.members))
+        .create(res("pods", ""), &s.namespace, objects::pod(s, &inner.set_uid, ordinal, &inner.members))
         .map_err(|e| anyhow!(e.message))?;
     let uid = created["metadata"]["uid"].as_str().unwrap().to_string();
     inner.node.attach(&uid, &s.pv_name(ordinal), &s.node_name, &s.volume_source(ordinal))?;

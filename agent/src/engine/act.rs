@@ -96,7 +96,7 @@ impl Engine<'_> {
         let etcd = &self.opts.etcd;
         let mut done = Vec::new();
         if let Some(id) = c.stale {
-            etcd.remove_member(&c.endpoints, id).await?;
+            etcd.remove_member(&c.target, id).await?;
             done.push(format!("removed stale member {id:x}"));
         }
         match c.plan.profile {
@@ -105,12 +105,12 @@ impl Engine<'_> {
             }
             Profile::Bitnami => done.push("data/ is left empty: the image removes any entry with its peer URL and re-adds itself".into()),
             Profile::Plain => {
-                let (_, members) = etcd.members(&c.endpoints).await?;
+                let (_, members) = etcd.members(&c.target).await?;
                 match plain_add(&members, &c.peer_url, c.stale)? {
                     Add::Already(id) => done.push(format!("{} is already member {id:x}", c.member_name)),
                     Add::Add => {
-                        let learner = etcd.supports_learners(&c.endpoints).await?;
-                        let id = etcd.add_member(&c.endpoints, &c.peer_url, learner).await?;
+                        let learner = etcd.supports_learners(&c.target).await?;
+                        let id = etcd.add_member(&c.target, &c.peer_url, learner).await?;
                         let what = if learner { "learner" } else { "voting member" };
                         done.push(format!("added {} as {what} {id:x}", c.member_name));
                     }

@@ -5,10 +5,12 @@ use std::sync::{Arc, Mutex};
 
 use super::{Engine, Remediation, Step};
 use crate::error::{Code, Error, Result};
+use crate::etcd::Target;
 use crate::host::processes as guard;
 use crate::host::volume::Volume;
 use crate::locate::{Plan, blocking, container};
 use crate::profile::Profile;
+use crate::scope::SetScope;
 use etcd_medic_core::contract::PlanMember;
 use etcd_medic_core::member::{Basis, stale_member};
 use etcd_medic_core::quorum::{Change, check_quorum};
@@ -32,8 +34,8 @@ pub struct Checked {
     pub vol: Arc<Volume>,
     /// The data dir, relative to the volume root.
     pub data: PathBuf,
-    pub endpoints: Vec<String>,
-    pub cluster_id: u64,
+    /// The set's cluster, proven, with the id it answered with at the check.
+    pub target: Target,
     pub peer_url: String,
     pub member_name: String,
     pub stale: Option<u64>,
@@ -91,30 +93,20 @@ impl Engine<'_> {
         // The member this pod may stand for is the one its peer URL names, and that must be
         // the pod itself: checked before any etcd call.
         crate::identity::check_member_identity(&pod, c, &peer_url)?;
-        let discovered = crate::etcd::sibling_endpoints(&pod, &self.locator.api.pods(ns).await?, &plan.container);
-        let endpoints = crate::identity::choose_endpoints(&discovered, &self.opts.etcd_endpoints)?;
+        // The cluster is the StatefulSet: what etcd answers counts only as far as the set's
+        // pods prove it (see `crate::scope`), and only the set's pods are asked.
+        let scope = SetScope::of(&pod, &self.locator.api.pods(ns).await?, &plan.container)?;
+        scope.check_given(&self.opts.etcd_endpoints)?;
+        let endpoints = if self.opts.etcd_endpoints.is_empty() { scope.sibling_endpoints() } else { self.opts.etcd_endpoints.clone() };
         if endpoints.is_empty() {
             return Err(Error::new(
                 Code::SoleMember,
                 format!("pod {ns}/{name} has no sibling etcd members: a sole member has nothing to rejoin; restore it from a backup"),
             ));
         }
-        let given = endpoints != discovered;
-        let etcd = &self.opts.etcd;
-        let (cluster_id, members) = etcd.members(&endpoints).await.map_err(|e| {
-            // What hosts a caller named answered is not told back: no probing through the agent.
-            if given { Error::invalid("none of the etcd endpoints given answered as a member of an etcd cluster") } else { e }
-        })?;
-        // Endpoints a caller gave must be the pod's own cluster: the quorum check and the
-        // cluster's lock would otherwise guard another one.
-        if given {
-            let (siblings_id, _) = etcd.members(&discovered).await?;
-            if siblings_id != cluster_id {
-                return Err(Error::invalid(format!(
-                    "the etcd endpoints given ({endpoints:?}) serve cluster {cluster_id:016x}, but the pod's sibling members serve cluster {siblings_id:016x}"
-                )));
-            }
-        }
+        let mut target = Target { scope, endpoints, cluster_id: None };
+        let (cluster_id, members) = self.opts.etcd.members(&target).await?;
+        target.cluster_id = Some(cluster_id);
         let stale = stale_member(&members, &peer_url, Basis::FirstCheck);
         // What etcd said is kept before it is judged: a quorum refusal shows the members.
         plan.cluster_id = Some(format!("{cluster_id:016x}"));
@@ -131,7 +123,7 @@ impl Engine<'_> {
             members.len()
         );
         let member_name = flags.name;
-        Ok((Checked { plan, vol, data, endpoints, cluster_id, peer_url, member_name, stale }, msg))
+        Ok((Checked { plan, vol, data, target, peer_url, member_name, stale }, msg))
     }
 
     /// What a resumed remediation needs, from its journal and the cluster as it is now. The
@@ -142,8 +134,8 @@ impl Engine<'_> {
         let (_, flags) = container::start_flags(&pod, &plan.container, &plan.pod)
             .ok_or_else(|| Error::new(Code::NotReady, "the pod lost its etcd container"))?;
         let peer_url = flags.peer_url.ok_or_else(|| Error::new(Code::UnsupportedProfile, "the pod names no peer URL"))?;
-        let endpoints = self.endpoints_of(&r, &pod).await?;
-        let (cluster_id, members) = self.opts.etcd.members(&endpoints).await?;
+        let target = self.target_of(&r, &pod).await?;
+        let (_, members) = self.opts.etcd.members(&target).await?;
         let located = self.locator.open(&plan.namespace, &plan.pod, None, false).await?;
         // Only the entry the first run found stale may go (the journal records it, never the
         // volume: the tenant writes there).
@@ -154,18 +146,20 @@ impl Engine<'_> {
         let done = r.steps.iter().filter(|s| s.done()).map(|s| s.name).next_back();
         let msg = format!("resuming remediation {} after {}", r.id, done.map_or("nothing", |s| s.as_str()));
         let (vol, data, member_name) = (located.volume, located.data, flags.name);
-        Ok((Checked { plan, vol, data, endpoints, cluster_id, peer_url, member_name, stale }, msg))
+        Ok((Checked { plan, vol, data, target, peer_url, member_name, stale }, msg))
     }
 
-    /// The etcd endpoints of a journaled remediation: those its caller gave, else the agent's
-    /// own, else the pod's siblings as they are now.
-    pub(super) async fn endpoints_of(&self, r: &Remediation, pod: &k8s_openapi::api::core::v1::Pod) -> Result<Vec<String>> {
-        let given = if r.etcd_endpoints.is_empty() { &self.opts.etcd_endpoints } else { &r.etcd_endpoints };
-        if !given.is_empty() {
-            return Ok(given.clone());
-        }
+    /// The cluster of a journaled remediation: the pod's set as it is now, the endpoints its
+    /// caller gave (checked again), else the agent's own, else the set's other pods, and the
+    /// cluster id journaled at the check (a cluster that answers with another is not asked).
+    pub(super) async fn target_of(&self, r: &Remediation, pod: &k8s_openapi::api::core::v1::Pod) -> Result<Target> {
         let plan = r.plan.as_ref().ok_or_else(|| Error::new(Code::NotReady, format!("journal {} has no plan", r.id)))?;
-        Ok(crate::etcd::sibling_endpoints(pod, &self.locator.api.pods(&plan.namespace).await?, &plan.container))
+        let scope = SetScope::of(pod, &self.locator.api.pods(&plan.namespace).await?, &plan.container)?;
+        let given = if r.etcd_endpoints.is_empty() { &self.opts.etcd_endpoints } else { &r.etcd_endpoints };
+        scope.check_given(given)?;
+        let endpoints = if given.is_empty() { scope.sibling_endpoints() } else { given.clone() };
+        let cluster_id = plan.cluster_id.as_deref().and_then(|id| u64::from_str_radix(id, 16).ok());
+        Ok(Target { scope, endpoints, cluster_id })
     }
 }
 

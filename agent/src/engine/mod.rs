@@ -252,8 +252,9 @@ impl Engine<'_> {
             let me = self.holder(r);
             return self
                 .step(r, Step::Lock, false, async {
-                    crate::lease::check_free(&self.locator.api, self.lease_namespace(&ns), checked.cluster_id, &me).await?;
-                    Ok(((), format!("lease {} is free", crate::lease::lease_name(checked.cluster_id))))
+                    let name = checked.target.scope.lease_name();
+                    crate::lease::check_free(&self.locator.api, self.lease_namespace(&ns), &name, &me).await?;
+                    Ok(((), format!("lease {name} is free")))
                 })
                 .await;
         }
@@ -269,9 +270,9 @@ impl Engine<'_> {
                 let node = self.locator.layout.node_name.clone();
                 let state_dir = self.opts.state_dir.clone();
                 let gone = move |h: &str| h.split_once('/').is_some_and(|(n, id)| n == node && !crate::journal::is_running(&state_dir, id));
-                let l =
-                    ClusterLock::acquire(&self.locator.api, self.lease_namespace(&ns), checked.cluster_id, &me, self.stop, &gone).await?;
-                Ok((l, format!("lease {} held by {me}", crate::lease::lease_name(checked.cluster_id))))
+                let name = checked.target.scope.lease_name();
+                let l = ClusterLock::acquire(&self.locator.api, self.lease_namespace(&ns), &name, &me, self.stop, &gone).await?;
+                Ok((l, format!("lease {name} held by {me}")))
             })
             .await?;
         // Renewed in the background from here on, whatever step runs.

@@ -35,7 +35,12 @@ impl Engine<'_> {
             }
             // A lease lost while waiting fails the remediation: another agent may act now.
             lock.check().map_err(|e| Error::new(e.code, format!("{} (while verifying: {seen})", e.message)))?;
-            let (_, members) = self.opts.etcd.members(&c.endpoints).await.unwrap_or_default();
+            let members = match self.opts.etcd.members(&c.target).await {
+                Ok((_, members)) => members,
+                // Another cluster answers at the set's pods: nothing more is asked of it.
+                Err(e) if e.code == Code::ForeignMember => return Err(e),
+                Err(_) => Vec::new(),
+            };
             let pod = self.locator.api.pod(&c.plan.namespace, &c.plan.pod).await.ok().map(|p| PodSeen {
                 replaced: p.metadata.uid != old_uid,
                 ready: pod_ready(&p),
@@ -43,7 +48,7 @@ impl Engine<'_> {
             });
             match verifier.observe(&members, pod, Instant::now()) {
                 Verdict::Rejoined { message, .. } => return Ok(((), format!("{message}{cleaned}"))),
-                Verdict::Promote(id) => match self.opts.etcd.promote_member(&c.endpoints, id).await {
+                Verdict::Promote(id) => match self.opts.etcd.promote_member(&c.target, id).await {
                     Ok(true) => {
                         verifier.promoted(id);
                         continue;
@@ -52,7 +57,7 @@ impl Engine<'_> {
                     Err(e) => seen = e.message,
                 },
                 Verdict::RemoveOrphan(id) => {
-                    cleaned = match self.opts.etcd.remove_member(&c.endpoints, id).await {
+                    cleaned = match self.opts.etcd.remove_member(&c.target, id).await {
                         Ok(()) => {
                             tracing::warn!("removed member {id:x}: added by an interrupted start of the image, never started");
                             format!("; removed unstarted member {id:x} left by an interrupted `member add`")
@@ -117,8 +122,8 @@ impl Engine<'_> {
             }
         }
         let (_, flags) = container::start_flags(&pod, &plan.container, &plan.pod)?;
-        let endpoints = self.endpoints_of(r, &pod).await.ok()?;
-        let (_, members) = self.opts.etcd.members(&endpoints).await.ok()?;
+        let target = self.target_of(r, &pod).await.ok()?;
+        let (_, members) = self.opts.etcd.members(&target).await.ok()?;
         rejoined(&members, &flags.peer_url?, stale)
             .filter(|m| !m.is_learner)
             .map(|m| format!("member {:x} started and voting with the pod's peer URL after the restart", m.id))

@@ -75,13 +75,15 @@ fn populate(api: &ApiServer, pods: usize, etcd: usize) -> Result<()> {
         let members: Vec<MemberSpec> = (0..3).map(|i| MemberSpec { name: shape.pod_name(i), client_port: 2379, peer_port: 2380 }).collect();
         store.create(set_res, &shape.namespace, objects::statefulset(&shape)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         for i in 0..3 {
-            store.create(pod_res, &shape.namespace, running(objects::pod(&shape, i, &members))).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            store
+                .create(pod_res, &shape.namespace, running(objects::pod(&shape, "bench-set-uid", i, &members)))
+                .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         }
     }
     let shape = SetShape::apisix(3, "node-0");
     let members: Vec<MemberSpec> = (0..3).map(|i| MemberSpec { name: shape.pod_name(i), client_port: 2379, peer_port: 2380 }).collect();
     for n in 0..pods - etcd {
-        let mut p = running(objects::pod(&shape, 0, &members));
+        let mut p = running(objects::pod(&shape, "bench-set-uid", 0, &members));
         let ns = format!("tenant-{}", n % 1000);
         p["metadata"]["name"] = json!(format!("web-{n}"));
         p["metadata"]["namespace"] = json!(ns);

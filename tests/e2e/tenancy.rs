@@ -1,0 +1,143 @@
+//! Tenants against each other, mounted for real. A tenant owns a namespace: it creates pods and
+//! StatefulSets there, chooses what its etcd prints and answers, writes its volumes, and may
+//! call the agent for its own namespace (as `etcd-medic-caller` lets it). Nothing it does may
+//! reach another tenant's cluster, or tell it anything about one.
+
+use std::time::Duration;
+
+use anyhow::Result;
+use etcd_medic_lab::agent::{Serve, ServedAgent};
+use etcd_medic_lab::apiserver::TokenIdentity;
+use etcd_medic_lab::etcd::ClusterState;
+use etcd_medic_lab::objects::{SetShape, StartProfile};
+use etcd_medic_lab::statefulset::{SimOptions, StatefulSetSim};
+use etcd_medic_lab::{Lab, NODE_NAME};
+use serde_json::json;
+
+const TENANT: &str = "tenant-token";
+
+/// A TCP relay: every connection to `listen` is spliced to `to`.
+async fn relay(listen: std::net::SocketAddr, to: String) -> Result<tokio::task::JoinHandle<()>> {
+    let l = tokio::net::TcpListener::bind(listen).await?;
+    Ok(tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = l.accept().await {
+            let to = to.clone();
+            tokio::spawn(async move {
+                if let Ok(mut out) = tokio::net::TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
+                }
+            });
+        }
+    }))
+}
+
+/// The victim (the APISIX release, healthy, with its keys) and a tenant's StatefulSet of two
+/// plain pods (`existing` once installed, as the agent requires): pod 0 crash-loops on its
+/// data, pod 1's client port is a relay to the victim's first member. The tenant may call the agent for its namespace only.
+struct Attack {
+    lab: Lab,
+    tenant: StatefulSetSim,
+    _relay: tokio::task::JoinHandle<()>,
+}
+
+impl Attack {
+    async fn mount() -> Result<Option<Attack>> {
+        let lab = Lab::start(SetShape::apisix(3, NODE_NAME)).await?;
+        if !lab.node.real_mounts {
+            etcd_medic_lab::skip("needs root: the tenant's pod needs a real volume");
+            lab.shutdown().await;
+            return Ok(None);
+        }
+        lab.write_keys(20).await?;
+        let mut shape = SetShape::apisix(2, NODE_NAME);
+        (shape.namespace, shape.release, shape.cluster_token) = ("tenant".into(), "evil".into(), "evil-token".into());
+        shape.profile = StartProfile::Plain { state: ClusterState::Existing };
+        let tenant =
+            StatefulSetSim::start(lab.api.clone(), lab.node.clone(), shape, lab.dir.path().join("tenant-logs"), SimOptions::default())
+                .await?;
+        // The tenant's own two-member cluster, then both containers stopped and kept from
+        // starting: pod 0 fails on its real data, pod 1's client port is free for the relay.
+        tenant.wait_all_ready(Duration::from_secs(60)).await?;
+        tenant.switches().hold_restarts.store(true, std::sync::atomic::Ordering::SeqCst);
+        for i in [0, 1] {
+            tenant.crash_container(i)?;
+            tenant.hold_restarts(i, Duration::from_secs(30)).await?;
+        }
+        let client = tenant.members()[1].client_url();
+        let listen = client.trim_start_matches("http://").parse()?;
+        let victim = lab.set.members()[0].client_url().trim_start_matches("http://").to_string();
+        let _relay = relay(listen, victim).await?;
+        lab.api.add_identity(
+            TENANT,
+            TokenIdentity {
+                username: "system:serviceaccount:tenant:caller".into(),
+                groups: vec!["system:authenticated".into()],
+                audiences: vec![],
+            },
+        );
+        lab.api.allow_remediations("system:serviceaccount:tenant:caller", Some("tenant"));
+        Ok(Some(Attack { lab, tenant, _relay }))
+    }
+
+    /// The victim's cluster id and members (id, learner) as the victim sees them.
+    async fn victim(&self) -> Result<(u64, Vec<(u64, bool)>)> {
+        let mut c = etcd_medic_lab::etcd::live_client(&self.lab.set.endpoints()).await?;
+        let list = c.member_list().await?;
+        let mut m: Vec<(u64, bool)> = list.members().iter().map(|m| (m.id(), m.is_learner())).collect();
+        m.sort();
+        Ok((list.header().map(|h| h.cluster_id()).unwrap_or_default(), m))
+    }
+
+    async fn shutdown(self) {
+        self.tenant.shutdown().await;
+        self.lab.shutdown().await;
+    }
+}
+
+/// A relay in the tenant's pod to the victim's client port: the dry run is refused
+/// `ForeignMember` and tells nothing of the victim (its cluster id, names, URLs); the real run
+/// is refused at Check, before anything moves, and the victim's membership is as it was: the
+/// tenant's peer URL never joins it, not as a learner, not as a voter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_to_another_tenants_etcd_gets_nothing_of_it() -> Result<()> {
+    let Some(attack) = Attack::mount().await? else { return Ok(()) };
+    let agent = ServedAgent::start(&attack.lab, Serve::new(&attack.lab)).await?;
+    agent.wait_ready(Duration::from_secs(30)).await?;
+    let before = attack.victim().await?;
+    let victim_names = ["apisix-etcd-0", "apisix-etcd-1", "apisix-etcd-2"];
+    let victim_urls: Vec<String> = attack.lab.set.members().iter().flat_map(|m| [m.peer_url(), m.client_url()]).collect();
+    let tells_nothing = |text: &str| {
+        assert!(
+            !text.contains(&format!("{:016x}", before.0)) && !text.contains(&format!("{:x}", before.0)),
+            "the victim's cluster id: {text}"
+        );
+        for n in victim_names.iter().map(|s| s.to_string()).chain(victim_urls.iter().cloned()) {
+            assert!(!text.contains(&n), "{n} told: {text}");
+        }
+    };
+
+    let ask = |dry: bool| json!({"namespace": "tenant", "pod": "evil-etcd-0", "force": true, "dryRun": dry});
+    let dry = agent.post(Some(TENANT), &ask(true)).await?;
+    assert_eq!((dry.status, dry.code().as_deref()), (422, Some("ForeignMember")), "{}", dry.text());
+    tells_nothing(&dry.text());
+
+    let real = agent.post(Some(TENANT), &ask(false)).await?;
+    assert_eq!(real.status, 202, "{}", real.text());
+    let id = real.json()["id"].as_str().unwrap().to_string();
+    let done = agent.wait_finished(&id, Some(TENANT), Duration::from_secs(60)).await?;
+    assert_eq!((done["phase"].as_str(), done["error"]["code"].as_str()), (Some("Refused"), Some("ForeignMember")), "{done}");
+    tells_nothing(&done.to_string());
+    assert!(done["quarantine"].is_null(), "nothing moved: {done}");
+    let listed = agent.get("/v1/remediations?namespace=tenant", Some(TENANT)).await?;
+    tells_nothing(&listed.text());
+
+    // The victim: the same members, none added; its keys are all there.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(attack.victim().await?, before, "the victim's membership did not change");
+    let mut c = etcd_medic_lab::etcd::live_client(&attack.lab.set.endpoints()).await?;
+    assert_eq!(c.get("/apisix/routes/", Some(etcd_client::GetOptions::new().with_prefix().with_count_only())).await?.count(), 20);
+    assert!(!agent.log_text().contains(&format!("{:016x}", before.0)), "nor in the agent's log");
+    drop(agent);
+    attack.shutdown().await;
+    Ok(())
+}

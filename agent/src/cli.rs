@@ -200,6 +200,11 @@ pub struct ServeArgs {
     /// Requests /v1 serves at once; more are answered 429.
     #[arg(long, env = "ETCD_MEDIC_MAX_IN_FLIGHT", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight: u32,
+    /// Identities (user names, comma-separated) with a reserve of a quarter of the slots and
+    /// no per-identity bound: the controller's service account. Every other identity may
+    /// hold a quarter of the slots at once.
+    #[arg(long, env = "ETCD_MEDIC_RESERVED_FOR", value_delimiter = ',')]
+    pub reserved_for: Vec<String>,
     /// Serve HTTPS with this certificate (PEM, chain first); read again when it changes.
     #[arg(long, env = "ETCD_MEDIC_TLS_CERT_FILE", requires = "tls_key_file")]
     pub tls_cert_file: Option<PathBuf>,

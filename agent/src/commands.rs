@@ -74,6 +74,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         audiences: args.audiences.clone(),
         rate_limit: args.rate_limit,
         max_in_flight: args.max_in_flight,
+        reserved_for: args.reserved_for.clone(),
         tls: args.tls_cert_file.clone().zip(args.tls_key_file.clone()),
     };
     let shutdown = Shutdown::on_signals("no new requests; running remediations stop at a safe point");

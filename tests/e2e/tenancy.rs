@@ -141,3 +141,88 @@ async fn a_relay_to_another_tenants_etcd_gets_nothing_of_it() -> Result<()> {
     attack.shutdown().await;
     Ok(())
 }
+
+/// One slow POST: its headers from `from`, then one byte of a 100-byte body and nothing more.
+/// Answers the status line it finally got, and after how long.
+async fn slow_post(agent: std::net::SocketAddr, from: std::net::IpAddr, token: Option<String>) -> Result<(String, Duration)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.bind((from, 0).into())?;
+    let mut s = socket.connect(agent).await?;
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let head =
+        format!("POST /v1/remediations HTTP/1.1\r\nHost: agent\r\n{auth}Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{");
+    let started = tokio::time::Instant::now();
+    s.write_all(head.as_bytes()).await?;
+    let mut raw = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw)).await;
+    let text = String::from_utf8_lossy(&raw);
+    Ok((text.lines().next().unwrap_or("(no answer)").to_string(), started.elapsed()))
+}
+
+/// Slow bodies from 40 pods of 40 tenants' identities and 40 unauthenticated ones, all at
+/// once, with the agent as the chart runs it (32 slots, the controller's identity reserved):
+/// the unauthenticated are answered 401 at once, no identity holds more than its share, no
+/// slow body is held past 5 s, and the controller's calls are answered throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_bodies_take_no_slot_from_the_controller() -> Result<()> {
+    let lab = Lab::start(SetShape::apisix(1, NODE_NAME)).await?;
+    const CONTROLLER: &str = "controller-token";
+    let controller = "system:serviceaccount:etcd-medic:etcd-medic-controller";
+    lab.api.add_identity(CONTROLLER, TokenIdentity { username: controller.into(), groups: vec![], audiences: vec![] });
+    lab.api.allow_remediations(controller, None);
+    for i in 0..40 {
+        let user = format!("system:serviceaccount:tenant-{i}:caller");
+        lab.api.add_identity(&format!("slow-{i}"), TokenIdentity { username: user.clone(), groups: vec![], audiences: vec![] });
+        lab.api.allow_remediations(&user, Some(&format!("tenant-{i}")));
+    }
+    let mut how = Serve::new(&lab);
+    how.args = vec!["--reserved-for".into(), controller.into()];
+    let agent = ServedAgent::start(&lab, how).await?;
+    agent.wait_ready(Duration::from_secs(30)).await?;
+    // Their tokens reviewed once, as a caller that called before would have them.
+    for i in 0..40 {
+        agent.get("/v1/remediations?namespace=tenant-0", Some(&format!("slow-{i}"))).await?;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let addr = agent.addr;
+    let slow: Vec<_> = (0..80u8)
+        .map(|i| {
+            let from = std::net::IpAddr::from([127, 0, 1, i + 1]);
+            let token = (i < 40).then(|| format!("slow-{i}"));
+            tokio::spawn(slow_post(addr, from, token))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut took = Vec::new();
+    for _ in 0..20 {
+        let t = tokio::time::Instant::now();
+        let r = agent.get("/v1/remediations?namespace=apisix", Some(CONTROLLER)).await?;
+        took.push(t.elapsed());
+        assert_eq!(r.status, 200, "the controller is served during the flood: {}", r.text());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut by_line = std::collections::BTreeMap::<String, Vec<Duration>>::new();
+    for s in slow {
+        let (line, after) = s.await??;
+        by_line.entry(line).or_default().push(after);
+    }
+    took.sort();
+    eprintln!(
+        "the controller's GET during 80 slow bodies: median {:?}, max {:?}; slow ones: {:?}",
+        took[took.len() / 2],
+        took.last().unwrap(),
+        by_line.iter().map(|(l, d)| (l.as_str(), d.len(), d.iter().max())).collect::<Vec<_>>()
+    );
+    let count = |prefix: &str| by_line.iter().filter(|(l, _)| l.starts_with(prefix)).map(|(_, d)| d.len()).sum::<usize>();
+    assert_eq!(count("HTTP/1.1 401"), 40, "{by_line:?}");
+    assert_eq!(count("HTTP/1.1 400") + count("HTTP/1.1 429"), 40, "{by_line:?}");
+    assert!(count("HTTP/1.1 400") <= 24, "no more slow bodies than the shared slots: {by_line:?}");
+    for (line, after) in &by_line {
+        assert!(after.iter().all(|d| *d < Duration::from_secs(15)), "{line}: answered within the body timeout: {after:?}");
+    }
+    drop(agent);
+    lab.shutdown().await;
+    Ok(())
+}

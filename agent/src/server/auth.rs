@@ -83,7 +83,11 @@ pub struct Auth {
 struct Reviews {
     api: KubeApi,
     audiences: Vec<String>,
-    tokens: Cache<String, std::result::Result<User, String>>,
+    /// Tokens the API server accepted, and apart from them those it refused (by a keyed hash):
+    /// a flood of made-up tokens fills only the second, never evicting a caller's good one.
+    tokens: Cache<String, User>,
+    refused: Cache<u64, String>,
+    hasher: std::collections::hash_map::RandomState,
     access: Cache<(String, String, &'static str), std::result::Result<(), String>>,
 }
 
@@ -93,34 +97,48 @@ impl Auth {
     }
 
     pub fn kubernetes(api: KubeApi, audiences: Vec<String>) -> Self {
-        Auth { reviews: Some(Reviews { api, audiences, tokens: Cache::new(), access: Cache::new() }) }
+        Auth {
+            reviews: Some(Reviews {
+                api,
+                audiences,
+                tokens: Cache::new(),
+                refused: Cache::new(),
+                hasher: Default::default(),
+                access: Cache::new(),
+            }),
+        }
     }
 
     /// Who is calling (401 when the token is missing or not valid).
     pub async fn authenticate(&self, headers: &HeaderMap) -> Result<User> {
         let Some(r) = &self.reviews else { return Ok(User::anonymous()) };
         let token = bearer(headers)?;
-        let verdict = match r.tokens.get(&token.to_string()) {
-            Some(v) => v,
-            None => {
-                let status = r.api.token_review(token, &r.audiences).await?;
-                // An API server that ignored the audiences asked for must not pass a token
-                // issued for someone else (as kube-apiserver's own webhook client checks).
-                let audience_ok =
-                    r.audiences.is_empty() || status.audiences.as_ref().is_some_and(|a| a.iter().any(|x| r.audiences.contains(x)));
-                let v = match (status.authenticated, status.user) {
-                    (Some(true), _) if !audience_ok => Err(format!("the token is not for audience {:?}", r.audiences)),
-                    (Some(true), Some(u)) => Ok(User {
-                        name: u.username.unwrap_or_default(),
-                        uid: u.uid,
-                        groups: u.groups.unwrap_or_default(),
-                        extra: u.extra.unwrap_or_default(),
-                    }),
-                    _ => Err(status.error.filter(|e| !e.is_empty()).unwrap_or_else(|| "the token is not valid".into())),
-                };
-                r.tokens.put(token.to_string(), v.clone());
-                v
+        let hash = std::hash::BuildHasher::hash_one(&r.hasher, token);
+        let verdict = if let Some(user) = r.tokens.get(&token.to_string()) {
+            Ok(user)
+        } else if let Some(why) = r.refused.get(&hash) {
+            Err(why)
+        } else {
+            let status = r.api.token_review(token, &r.audiences).await?;
+            // An API server that ignored the audiences asked for must not pass a token
+            // issued for someone else (as kube-apiserver's own webhook client checks).
+            let audience_ok =
+                r.audiences.is_empty() || status.audiences.as_ref().is_some_and(|a| a.iter().any(|x| r.audiences.contains(x)));
+            let v = match (status.authenticated, status.user) {
+                (Some(true), _) if !audience_ok => Err(format!("the token is not for audience {:?}", r.audiences)),
+                (Some(true), Some(u)) => Ok(User {
+                    name: u.username.unwrap_or_default(),
+                    uid: u.uid,
+                    groups: u.groups.unwrap_or_default(),
+                    extra: u.extra.unwrap_or_default(),
+                }),
+                _ => Err(status.error.filter(|e| !e.is_empty()).unwrap_or_else(|| "the token is not valid".into())),
+            };
+            match &v {
+                Ok(user) => r.tokens.put(token.to_string(), user.clone()),
+                Err(why) => r.refused.put(hash, why.clone()),
             }
+            v
         };
         verdict.map_err(|why| Error::new(Code::Unauthenticated, format!("TokenReview refused the token: {why}")))
     }

@@ -6,6 +6,7 @@
 //! in-memory snapshot of what is running), so history survives restarts. A dry run runs
 //! the checks inline and answers with the plan or the refusal.
 
+pub mod admit;
 pub mod auth;
 pub mod limit;
 pub mod metrics;
@@ -18,7 +19,6 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
@@ -26,8 +26,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Json};
 use serde::Deserialize;
-use tokio::sync::Semaphore;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -37,7 +37,7 @@ use crate::error::{Code, Error, Result};
 use crate::kubeapi::KubeApi;
 use crate::locate::{Locator, NodeLayout};
 use crate::shutdown::Shutdown;
-use auth::Auth;
+use auth::{Auth, User};
 use etcd_medic_core::contract::RemediationList;
 use etcd_medic_core::progress::Update;
 use etcd_medic_core::request::CreateRequest;
@@ -63,6 +63,9 @@ pub struct Config {
     pub audiences: Vec<String>,
     pub rate_limit: u32,
     pub max_in_flight: u32,
+    /// Identities (user names) not bounded per identity, for which a reserve of slots is kept:
+    /// the controller's service account.
+    pub reserved_for: Vec<String>,
     /// Serve HTTPS with this certificate and key (PEM files, read again when they change).
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
@@ -87,7 +90,7 @@ pub struct Agent {
     shutdown: Shutdown,
     tasks: TaskTracker,
     limiter: RateLimiter,
-    slots: Arc<Semaphore>,
+    slots: Arc<admit::Slots>,
 }
 
 type Answer = std::result::Result<Response, Failure>;
@@ -123,7 +126,7 @@ impl Agent {
     pub fn new(cfg: Config, shutdown: Shutdown) -> Arc<Self> {
         Arc::new(Agent {
             limiter: RateLimiter::new(cfg.rate_limit),
-            slots: Arc::new(Semaphore::new(cfg.max_in_flight as usize)),
+            slots: admit::Slots::new(cfg.max_in_flight),
             cfg,
             ready: OnceLock::new(),
             not_ready_why: Mutex::new("starting".into()),
@@ -292,9 +295,8 @@ impl Agent {
         crate::journal::list(&self.cfg.engine.state_dir).into_iter().find(|r| resume::blocks_new(r, namespace, pod, pod_uid, false))
     }
 
-    async fn create(self: &Arc<Self>, headers: &HeaderMap, body: std::result::Result<Bytes, BytesRejection>) -> Answer {
+    async fn create(self: &Arc<Self>, user: &User, headers: &HeaderMap, body: std::result::Result<Bytes, BytesRejection>) -> Answer {
         let ready = self.ready()?;
-        let user = ready.auth.authenticate(headers).await?;
         let body = body.map_err(|rej| {
             if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
                 Error::new(Code::PayloadTooLarge, format!("the body is larger than {BODY_LIMIT} bytes"))
@@ -310,7 +312,7 @@ impl Agent {
             }
         }
         let req = CreateRequest::parse(&body)?;
-        ready.auth.authorize(&user, "create", &req.namespace).await?;
+        ready.auth.authorize(user, "create", &req.namespace).await?;
         let pod = ready.locator.api.pod(&req.namespace, &req.pod).await?;
         let uid = ready.locator.admit(&pod, req.pod_uid.as_deref())?;
         let mut r = Remediation::new(&self.cfg.layout.node_name, &req.namespace, &req.pod, Some(&uid));
@@ -357,21 +359,19 @@ impl Agent {
         }
     }
 
-    async fn show(&self, headers: &HeaderMap, id: &str) -> Answer {
+    async fn show(&self, user: &User, id: &str) -> Answer {
         let ready = self.ready()?;
-        let user = ready.auth.authenticate(headers).await?;
         let r = self.find(id)?;
-        ready.auth.authorize(&user, "get", &r.namespace).await?;
+        ready.auth.authorize(user, "get", &r.namespace).await?;
         Ok(Json(r).into_response())
     }
 
     /// Puts the quarantine of remediation `id` back (see `engine::restore`), once no
     /// remediation of its pod runs; authorized as `update` in the pod's namespace.
-    async fn restore(&self, headers: &HeaderMap, id: &str) -> Answer {
+    async fn restore(&self, user: &User, id: &str) -> Answer {
         let ready = self.ready()?;
-        let user = ready.auth.authenticate(headers).await?;
         let r = self.find(id)?;
-        ready.auth.authorize(&user, "update", &r.namespace).await?;
+        ready.auth.authorize(user, "update", &r.namespace).await?;
         // Admission is held throughout: no remediation of this pod starts while its data moves back.
         let _admitting = self.admission.lock().await;
         let busy = self.runs.lock().unwrap().values().any(|x| !x.dry_run && x.namespace == r.namespace && x.pod == r.pod);
@@ -387,9 +387,8 @@ impl Agent {
         Ok(Json(done).into_response())
     }
 
-    async fn list(&self, headers: &HeaderMap, q: ListQuery) -> Answer {
+    async fn list(&self, user: &User, q: ListQuery) -> Answer {
         let ready = self.ready()?;
-        let user = ready.auth.authenticate(headers).await?;
         if let Some(ns) = &q.namespace {
             etcd_medic_core::names::validate_namespace(ns)?;
         }
@@ -397,7 +396,7 @@ impl Agent {
         if !(1..=1000).contains(&limit) {
             return Err(Error::invalid("limit must be 1 to 1000").into());
         }
-        ready.auth.authorize(&user, "get", q.namespace.as_deref().unwrap_or_default()).await?;
+        ready.auth.authorize(user, "get", q.namespace.as_deref().unwrap_or_default()).await?;
         let mut all: HashMap<String, Remediation> =
             crate::journal::list(&self.cfg.engine.state_dir).into_iter().map(|r| (r.id.clone(), r)).collect();
         all.extend(self.runs.lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())));
@@ -438,7 +437,7 @@ pub fn router(agent: Arc<Agent>) -> axum::Router {
         .route("/v1/remediations/{id}", get(show))
         .route("/v1/remediations/{id}/restore", post(restore))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .layer(middleware::from_fn_with_state(agent.clone(), limits))
+        .route_layer(middleware::from_fn_with_state(agent.clone(), limits))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, REQUEST_TIMEOUT));
     axum::Router::new()
         .route("/healthz", get(healthz))
@@ -495,25 +494,76 @@ pub async fn serve(agent: Arc<Agent>, listener: tokio::net::TcpListener) -> anyh
     Ok(())
 }
 
-/// Per-client rate and a bound on requests served at once; both answer 429.
+/// How long a request's body may take to arrive once its headers did.
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Admission to `/v1`, cheapest first, each refusal answered before the body is read: the
+/// client's rate (429); who is calling, from the headers alone (401, or 503 while not
+/// ready); a slot, within the caller's share or the controller's reserve (429); a declared
+/// length over the limit (413). Only then is the body read, whole, within [`BODY_TIMEOUT`]
+/// (a slower one is answered 400 and its connection closed), and the handler runs with the
+/// caller's identity.
 async fn limits(State(a): State<Arc<Agent>>, req: Request, next: Next) -> Response {
     let client = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
     if !a.limiter.allow(client, Instant::now()) {
         return linger(req, too_many(format!("{client} sends more than {} requests per second", a.cfg.rate_limit))).await;
     }
-    let Ok(_slot) = a.slots.clone().try_acquire_owned() else {
-        return linger(req, too_many(format!("the agent is serving {} requests already", a.cfg.max_in_flight))).await;
+    let user = match a.ready() {
+        Ok(ready) => ready.auth.authenticate(req.headers()).await,
+        Err(e) => Err(e),
+    };
+    let user = match user {
+        Ok(u) => u,
+        Err(e) => return linger(req, Failure::from(e).into_response()).await,
+    };
+    let priority = a.cfg.reserved_for.iter().any(|r| *r == user.name);
+    let _slot = match a.slots.take(&user.name, priority) {
+        Ok(slot) => slot,
+        Err(admit::Busy::Identity(n)) => return linger(req, too_many(format!("{} has {n} requests in flight already", user.name))).await,
+        Err(admit::Busy::All(n)) => return linger(req, too_many(format!("the agent is serving {n} requests already"))).await,
     };
     // A declared length over the limit is refused before the body is handled: a client that
     // sent `Expect: 100-continue` never sends it, and one that did not is heard out (see
     // `linger`), so that the answer is not lost to a reset.
     let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
-        let refused =
-            Failure::from(Error::new(Code::PayloadTooLarge, format!("the body is larger than {BODY_LIMIT} bytes"))).into_response();
-        return linger(req, refused).await;
+        return linger(req, too_large()).await;
     }
+    let (parts, body) = req.into_parts();
+    let body = match tokio::time::timeout(BODY_TIMEOUT, read_body(body)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(resp)) => return resp,
+        Err(_) => {
+            let mut resp =
+                Failure::from(Error::invalid(format!("the request body did not arrive within {BODY_TIMEOUT:?}"))).into_response();
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        }
+    };
+    let mut req = Request::from_parts(parts, axum::body::Body::from(body));
+    req.extensions_mut().insert(user);
     next.run(req).await
+}
+
+/// The whole body, at most [`BODY_LIMIT`] bytes (413 beyond, the connection closed).
+async fn read_body(body: axum::body::Body) -> std::result::Result<Bytes, Response> {
+    use futures::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| Failure::from(Error::invalid(format!("the body could not be read: {e}"))).into_response())?;
+        if buf.len() + chunk.len() > BODY_LIMIT {
+            let mut resp = too_large();
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Err(resp);
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(buf))
+}
+
+fn too_large() -> Response {
+    Failure::from(Error::new(Code::PayloadTooLarge, format!("the body is larger than {BODY_LIMIT} bytes"))).into_response()
 }
 
 /// How much of an unread body an early answer waits for, and how long.
@@ -595,8 +645,13 @@ enum CallerErrors {
         CallerErrors,
     ),
     security(("bearer" = [])))]
-async fn create(State(a): State<Arc<Agent>>, headers: HeaderMap, body: std::result::Result<Bytes, BytesRejection>) -> Answer {
-    a.create(&headers, body).await
+async fn create(
+    State(a): State<Arc<Agent>>,
+    Extension(user): Extension<User>,
+    headers: HeaderMap,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Answer {
+    a.create(&user, &headers, body).await
 }
 
 #[utoipa::path(get, path = "/v1/remediations/{id}", tag = "remediations",
@@ -607,8 +662,8 @@ async fn create(State(a): State<Arc<Agent>>, headers: HeaderMap, body: std::resu
         CallerErrors,
     ),
     security(("bearer" = [])))]
-async fn show(State(a): State<Arc<Agent>>, headers: HeaderMap, Path(id): Path<String>) -> Answer {
-    a.show(&headers, &id).await
+async fn show(State(a): State<Arc<Agent>>, Extension(user): Extension<User>, Path(id): Path<String>) -> Answer {
+    a.show(&user, &id).await
 }
 
 #[utoipa::path(post, path = "/v1/remediations/{id}/restore", tag = "remediations",
@@ -622,8 +677,8 @@ async fn show(State(a): State<Arc<Agent>>, headers: HeaderMap, Path(id): Path<St
         CallerErrors,
     ),
     security(("bearer" = [])))]
-async fn restore(State(a): State<Arc<Agent>>, headers: HeaderMap, Path(id): Path<String>) -> Answer {
-    a.restore(&headers, &id).await
+async fn restore(State(a): State<Arc<Agent>>, Extension(user): Extension<User>, Path(id): Path<String>) -> Answer {
+    a.restore(&user, &id).await
 }
 
 #[utoipa::path(get, path = "/v1/remediations", tag = "remediations", params(ListQuery),
@@ -635,11 +690,11 @@ async fn restore(State(a): State<Arc<Agent>>, headers: HeaderMap, Path(id): Path
     security(("bearer" = [])))]
 async fn list(
     State(a): State<Arc<Agent>>,
-    headers: HeaderMap,
+    Extension(user): Extension<User>,
     q: std::result::Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Answer {
     let Query(q) = q.map_err(|e| Error::invalid(format!("bad query: {}", e.body_text())))?;
-    a.list(&headers, q).await
+    a.list(&user, q).await
 }
 
 #[utoipa::path(get, path = "/healthz", tag = "probes", responses((status = 200, description = "The process serves", body = String, content_type = "text/plain")))]
@@ -708,6 +763,7 @@ mod tests {
             audiences: vec![],
             rate_limit: 1,
             max_in_flight: 1,
+            reserved_for: vec![],
             tls: None,
         };
         Agent::new(cfg, Shutdown::new())
@@ -754,11 +810,15 @@ mod tests {
         let (code, body) = status(&app, "GET", "/nowhere").await;
         assert_eq!(code, 404);
         assert!(body.contains(r#""code":"NotFound""#), "{body}");
-        let (code, body) = status(&app, "DELETE", "/v1/remediations").await;
+        let (code, body) = status(&app, "POST", "/healthz").await;
         assert_eq!(code, 405);
         assert!(body.contains(r#""code":"MethodNotAllowed""#), "{body}");
-        let (code, body) = status(&app, "POST", "/v1/remediations/abc/restore").await;
-        assert_eq!(code, 503, "{body}");
-        assert!(body.contains(r#""code":"NotReady""#), "{body}");
+        // Under /v1 who is calling is settled first, whatever the method: nothing about the
+        // API is answered before (here: not ready, so nobody can be authenticated).
+        for (method, path) in [("DELETE", "/v1/remediations"), ("POST", "/v1/remediations/abc/restore")] {
+            let (code, body) = status(&app, method, path).await;
+            assert_eq!(code, 503, "{body}");
+            assert!(body.contains(r#""code":"NotReady""#), "{body}");
+        }
     }
 }

@@ -214,8 +214,9 @@ impl Etcd {
 
 /// The most members taken from an answer: etcd advises 3 to 7; a longer list is no set's.
 pub const MAX_MEMBERS: usize = 64;
-/// The most bytes of a member's name, and of each of its URLs (at most 8 of each), kept.
-const MAX_FIELD: usize = 512;
+/// The most bytes of a member's name, and of each of its URLs (at most 4 of each), kept for
+/// the record (the proof reads every URL): a journal stays small whatever etcd answers.
+const MAX_FIELD: usize = 256;
 /// The whole member list with every member's health, whatever the endpoints do.
 pub const MEMBERS_DEADLINE: Duration = Duration::from_secs(15);
 
@@ -240,7 +241,7 @@ impl Target {
             ));
         }
         let field = |s: &str| -> String { s.chars().take(MAX_FIELD).collect() };
-        let urls = |u: &[String]| -> Vec<String> { u.iter().take(8).map(|u| field(u)).collect() };
+        let urls = |u: &[String]| -> Vec<String> { u.iter().take(4).map(|u| field(u)).collect() };
         let members: Vec<Member> = listed
             .iter()
             .map(|m| Member {

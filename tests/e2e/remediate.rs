@@ -139,11 +139,9 @@ async fn refusals_change_nothing() -> Result<()> {
     assert_refused(&lab, 1, false, Code::PodRunning).await?;
     holder.kill()?;
     holder.wait()?;
-    // Another node holds the cluster's lease.
-    let mut c = etcd::live_client(&lab.set.other_endpoints(1)).await?;
-    let cluster_id = c.member_list().await?.header().unwrap().cluster_id();
+    // Another node holds the cluster's lease (named by the set's namespace and UID).
     let lease: k8s_openapi::api::coordination::v1::Lease = serde_json::from_value(serde_json::json!({
-        "metadata": {"name": format!("etcd-medic-{cluster_id:016x}"), "namespace": "apisix"},
+        "metadata": {"name": lab.target(1)?.scope.lease_name(), "namespace": "apisix"},
         "spec": {"holderIdentity": "lab-node-b", "leaseDurationSeconds": 60, "renewTime": jiff::Timestamp::now().to_string()},
     }))?;
     lab.api.create(&lease)?;
@@ -325,7 +323,7 @@ async fn killed_at_every_step_the_agent_finishes_without_repeating_anything() ->
         // This round's remediations: the killed one, and a new one where the killed one had
         // changed nothing (it is closed as abandoned). One succeeded; one moved the data.
         let round: Vec<etcd_medic::engine::Remediation> =
-            etcd_medic::journal::list(state.path()).into_iter().filter(|j| !ids.contains(&j.id)).collect();
+            etcd_medic::journal::list_where(state.path(), |j| !ids.contains(&j.id));
         let done = |j: &etcd_medic::engine::Remediation, name: &str| j.steps.iter().filter(|s| s.name == name && s.done()).count();
         let healed: Vec<_> = round.iter().filter(|j| j.phase == Phase::Succeeded).collect();
         assert_eq!(healed.len(), 1, "{point}: {round:?}");

@@ -15,6 +15,7 @@ use etcd_medic_lab::{Lab, NODE_NAME};
 use serde_json::json;
 
 const TENANT: &str = "tenant-token";
+const VICTIM: &str = "victim-token";
 
 /// A TCP relay: every connection to `listen` is spliced to `to`.
 async fn relay(listen: std::net::SocketAddr, to: String) -> Result<tokio::task::JoinHandle<()>> {
@@ -76,6 +77,15 @@ impl Attack {
             },
         );
         lab.api.allow_remediations("system:serviceaccount:tenant:caller", Some("tenant"));
+        lab.api.add_identity(
+            VICTIM,
+            TokenIdentity {
+                username: "system:serviceaccount:apisix:caller".into(),
+                groups: vec!["system:authenticated".into()],
+                audiences: vec![],
+            },
+        );
+        lab.api.allow_remediations("system:serviceaccount:apisix:caller", Some("apisix"));
         Ok(Some(Attack { lab, tenant, _relay }))
     }
 
@@ -131,12 +141,43 @@ async fn a_relay_to_another_tenants_etcd_gets_nothing_of_it() -> Result<()> {
     let listed = agent.get("/v1/remediations?namespace=tenant", Some(TENANT)).await?;
     tells_nothing(&listed.text());
 
+    // No lock was taken in the victim's name: locks are named by namespace and set UID.
+    let leases: Vec<k8s_openapi::api::coordination::v1::Lease> = attack.lab.api.list(None);
+    let names: Vec<String> = leases.iter().filter_map(|l| l.metadata.name.clone()).collect();
+    assert!(names.iter().all(|n| !n.contains(&format!("{:016x}", before.0)) && !n.contains("apisix")), "{names:?}");
     // The victim: the same members, none added; its keys are all there.
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(attack.victim().await?, before, "the victim's membership did not change");
     let mut c = etcd_medic_lab::etcd::live_client(&attack.lab.set.endpoints()).await?;
     assert_eq!(c.get("/apisix/routes/", Some(etcd_client::GetOptions::new().with_prefix().with_count_only())).await?.count(), 20);
     assert!(!agent.log_text().contains(&format!("{:016x}", before.0)), "nor in the agent's log");
+
+    // A flood of the tenant's dry runs keeps 20 of its journals, small ones, and never
+    // pushes out the victim's own (made first, as the controller's dry run would be).
+    let victims = agent.post(Some(VICTIM), &json!({"namespace": "apisix", "pod": "apisix-etcd-1", "dryRun": true})).await?;
+    let victims_id = victims.json()["id"].as_str().unwrap_or_default().to_string();
+    assert!(!victims_id.is_empty(), "{}", victims.text());
+    let mut sent = 0;
+    while sent < 60 {
+        let r = agent.post(Some(TENANT), &ask(true)).await?;
+        match r.status {
+            429 => tokio::time::sleep(Duration::from_millis(100)).await,
+            _ => {
+                assert_eq!(r.code().as_deref(), Some("ForeignMember"), "{}", r.text());
+                sent += 1;
+            }
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let journals: Vec<(String, u64)> = std::fs::read_dir(Serve::new(&attack.lab).state_dir.join("remediations"))?
+        .flatten()
+        .map(|e| (std::fs::read_to_string(e.path()).unwrap_or_default(), e.metadata().map(|m| m.len()).unwrap_or(0)))
+        .collect();
+    let tenants = journals.iter().filter(|(j, _)| j.contains(r#""namespace": "tenant""#)).count();
+    assert!(tenants <= 21, "{tenants} of the tenant's journals kept");
+    assert!(journals.iter().all(|(_, len)| *len < 16 * 1024), "journals stay small");
+    let kept = agent.get(&format!("/v1/remediations/{victims_id}"), Some(VICTIM)).await?;
+    assert_eq!(kept.status, 200, "the victim's journal is kept: {}", kept.text());
     drop(agent);
     attack.shutdown().await;
     Ok(())

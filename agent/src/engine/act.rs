@@ -151,11 +151,11 @@ impl Engine<'_> {
         let keep = self.opts.keep_quarantines;
         let (ns, pod, id) = (ns.to_string(), pod.to_string(), id.to_string());
         blocking(move || {
-            let mut mine: Vec<Remediation> = crate::journal::list(&state_dir)
-                .into_iter()
-                .filter(|j| j.namespace == ns && j.pod == pod)
-                .filter(|j| j.quarantine.as_ref().is_some_and(|q| q.state == QuarantineState::Quarantined || j.id == id))
-                .collect();
+            let mut mine: Vec<Remediation> = crate::journal::list_where(&state_dir, |j| {
+                j.namespace == ns
+                    && j.pod == pod
+                    && j.quarantine.as_ref().is_some_and(|q| q.state == QuarantineState::Quarantined || j.id == id)
+            });
             mine.sort_by(|a, b| a.quarantine.as_ref().map(|q| &q.name).cmp(&b.quarantine.as_ref().map(|q| &q.name)));
             let names: Vec<String> = mine.iter().filter_map(|j| j.quarantine.as_ref().map(|q| q.name.clone())).collect();
             let Some(succeeded) = mine.iter().find(|j| j.id == id).and_then(|j| j.quarantine.as_ref()).map(|q| q.name.clone()) else {

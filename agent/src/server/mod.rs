@@ -48,9 +48,9 @@ use report::Reporter;
 
 /// Request bodies above this are refused with 413 before they are read whole.
 pub const BODY_LIMIT: usize = 64 * 1024;
-/// Finished remediations whose journals are kept (newest first; dry runs and refusals
-/// included). Running ones are never pruned.
-const JOURNALS_KEPT: usize = 1000;
+/// The most journal bytes one list answer reads (the newest first): a node's history is
+/// paged by namespace and limit, never read whole into memory.
+const LIST_BYTES: u64 = 16 << 20;
 /// A request (a dry run included) that takes longer is answered 503.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -190,7 +190,7 @@ impl Agent {
     /// closed as Refused (nothing changed) otherwise.
     async fn resume_all(self: &Arc<Self>) {
         let _admitting = self.admission.lock().await;
-        for mut r in crate::journal::list(&self.cfg.engine.state_dir).into_iter().filter(|r| r.phase == Phase::Running) {
+        for mut r in crate::journal::list_where(&self.cfg.engine.state_dir, |r| r.phase == Phase::Running) {
             if resume::needs_resume(&r) {
                 tracing::warn!(id = %r.id, namespace = %r.namespace, pod = %r.pod, "resuming a remediation the agent left unfinished");
                 let opts = self.options(false, false, None);
@@ -256,7 +256,7 @@ impl Agent {
     async fn run(self: &Arc<Self>, opts: Options, r: Remediation) -> Remediation {
         let done = self.run_engine(opts, r).await;
         let state_dir = self.cfg.engine.state_dir.clone();
-        let _ = tokio::task::spawn_blocking(move || crate::journal::prune(&state_dir, JOURNALS_KEPT)).await;
+        let _ = tokio::task::spawn_blocking(move || crate::journal::prune(&state_dir)).await;
         done
     }
 
@@ -292,7 +292,7 @@ impl Agent {
         if let Some(r) = self.runs.lock().unwrap().values().find(|r| resume::blocks_new(r, namespace, pod, pod_uid, true)) {
             return Some(r.clone());
         }
-        crate::journal::list(&self.cfg.engine.state_dir).into_iter().find(|r| resume::blocks_new(r, namespace, pod, pod_uid, false))
+        crate::journal::list_where(&self.cfg.engine.state_dir, |r| resume::blocks_new(r, namespace, pod, pod_uid, false)).into_iter().next()
     }
 
     async fn create(self: &Arc<Self>, user: &User, headers: &HeaderMap, body: std::result::Result<Bytes, BytesRejection>) -> Answer {
@@ -397,10 +397,33 @@ impl Agent {
             return Err(Error::invalid("limit must be 1 to 1000").into());
         }
         ready.auth.authorize(user, "get", q.namespace.as_deref().unwrap_or_default()).await?;
-        let mut all: HashMap<String, Remediation> =
-            crate::journal::list(&self.cfg.engine.state_dir).into_iter().map(|r| (r.id.clone(), r)).collect();
-        all.extend(self.runs.lock().unwrap().iter().map(|(k, v)| (k.clone(), v.clone())));
-        let mut items: Vec<Remediation> = all.into_values().filter(|r| q.namespace.as_ref().is_none_or(|ns| &r.namespace == ns)).collect();
+        let of_ns = |ns: &str| q.namespace.as_ref().is_none_or(|want| want == ns);
+        let running: Vec<Remediation> = self.runs.lock().unwrap().values().filter(|r| of_ns(&r.namespace)).cloned().collect();
+        let state_dir = self.cfg.engine.state_dir.clone();
+        let journaled = {
+            let ns = q.namespace.clone();
+            let skip: std::collections::HashSet<String> = running.iter().map(|r| r.id.clone()).collect();
+            tokio::task::spawn_blocking(move || {
+                let mut out = Vec::new();
+                let mut bytes = 0;
+                for e in crate::journal::index(&state_dir).into_iter().filter(|e| ns.as_ref().is_none_or(|n| *n == e.namespace)) {
+                    if out.len() >= limit as usize || bytes + e.bytes > LIST_BYTES {
+                        break;
+                    }
+                    if skip.contains(&e.id) {
+                        continue;
+                    }
+                    if let Ok(r) = crate::journal::read(&state_dir, &e.id) {
+                        bytes += e.bytes;
+                        out.push(r);
+                    }
+                }
+                out
+            })
+            .await
+            .unwrap_or_default()
+        };
+        let mut items: Vec<Remediation> = running.into_iter().chain(journaled).collect();
         items.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| b.id.cmp(&a.id)));
         items.truncate(limit as usize);
         Ok(Json(RemediationList { items }).into_response())

@@ -168,15 +168,12 @@ pub struct NodeArgs {
     /// etcd client endpoints to use instead of discovering them from the sibling pods.
     #[arg(long, env = "ETCD_MEDIC_ETCD_ENDPOINTS", value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
-    /// CA bundle to verify etcd's serving certificate.
-    #[arg(long, env = "ETCD_MEDIC_ETCD_CACERT")]
-    pub etcd_cacert: Option<PathBuf>,
-    /// Client certificate for etcd.
-    #[arg(long, env = "ETCD_MEDIC_ETCD_CERT")]
-    pub etcd_cert: Option<PathBuf>,
-    /// Client key for etcd.
-    #[arg(long, env = "ETCD_MEDIC_ETCD_KEY")]
-    pub etcd_key: Option<PathBuf>,
+    /// Client TLS per etcd StatefulSet: `<dir>/<namespace>/<statefulset>/` holds `ca.crt`,
+    /// `tls.crt` and `tls.key` (a kubernetes.io/tls Secret with its CA, mounted there). Only
+    /// that set's `https://` endpoints get them; a set without a directory gets no client
+    /// certificate.
+    #[arg(long, env = "ETCD_MEDIC_ETCD_TLS_DIR")]
+    pub etcd_tls_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -350,9 +347,9 @@ pub fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, Strin
 }
 
 impl NodeArgs {
-    /// How to reach etcd: reads the client TLS files now (used for `https://` endpoints).
+    /// How to reach etcd: each set's client TLS from `--etcd-tls-dir`, read when it is targeted.
     pub fn etcd(&self) -> Result<crate::etcd::Etcd> {
-        crate::etcd::Etcd::with_tls(self.etcd_cacert.as_deref(), self.etcd_cert.as_deref(), self.etcd_key.as_deref())
+        Ok(crate::etcd::Etcd::with_tls_dir(self.etcd_tls_dir.clone()))
     }
 
     /// The locator of this node, with a client of the API server from the environment.

@@ -2,7 +2,7 @@
 //! each member's health, and the membership changes a remediation makes (retrying
 //! `etcdserver: unhealthy cluster`, which etcd answers for seconds after any change).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
@@ -12,48 +12,39 @@ use crate::error::{Code, Error, Result};
 use crate::scope::SetScope;
 pub use etcd_medic_core::member::{Member, Seen, agreed_healthy, learners_in};
 
-/// How the agent reaches etcd: the client TLS of `--etcd-cacert`, `--etcd-cert` and
-/// `--etcd-key` (read once at start; only `https://` endpoints use it). A value the engine
-/// is given, never a process-wide setting.
-#[derive(Clone, Default)]
+/// How the agent reaches etcd: per StatefulSet, the client TLS files an operator mounted at
+/// `<--etcd-tls-dir>/<namespace>/<statefulset>/` (`ca.crt`, `tls.crt`, `tls.key`: a
+/// `kubernetes.io/tls` Secret with its CA), read when a remediation targets that set; only
+/// `https://` endpoints use them. One cluster's certificate is never presented to another's
+/// endpoints, and a set without its own files gets none. A value the engine is given, never
+/// a process-wide setting.
+#[derive(Clone, Debug, Default)]
 pub struct Etcd {
-    tls: Option<TlsOptions>,
-}
-
-impl std::fmt::Debug for Etcd {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Etcd").field("tls", &self.tls.is_some()).finish()
-    }
+    tls_dir: Option<PathBuf>,
 }
 
 impl Etcd {
-    /// Reads the etcd client TLS files once at start (a missing file is an error then, not at the
-    /// first remediation). Only `https://` endpoints use them.
-    pub fn with_tls(ca: Option<&Path>, cert: Option<&Path>, key: Option<&Path>) -> Result<Self> {
-        if ca.is_none() && cert.is_none() && key.is_none() {
-            return Ok(Etcd::default());
-        }
-        let read = |p: &Path| std::fs::read(p).map_err(|e| Error::invalid(format!("etcd TLS: {}: {e}", p.display())));
-        let mut tls = TlsOptions::new();
-        if let Some(ca) = ca {
-            tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
-        }
-        match (cert, key) {
-            (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(read(c)?, read(k)?)),
-            (None, None) => {}
-            _ => return Err(Error::invalid("--etcd-cert and --etcd-key go together")),
-        }
-        Ok(Etcd { tls: Some(tls) })
+    pub fn with_tls_dir(dir: Option<PathBuf>) -> Self {
+        Etcd { tls_dir: dir }
     }
 
-    async fn connect(&self, endpoint: &str) -> Result<Client> {
-        self.connect_with(endpoint, Duration::from_secs(5)).await
+    /// The target of `scope` at `endpoints`, with the set's own client TLS if it has some.
+    pub fn target(&self, scope: SetScope, endpoints: Vec<String>, cluster_id: Option<u64>) -> Result<Target> {
+        let tls = match &self.tls_dir {
+            Some(dir) => tls_of(&dir.join(&scope.namespace).join(&scope.name), &scope)?,
+            None => None,
+        };
+        Ok(Target { scope, endpoints, cluster_id, tls })
     }
 
-    async fn connect_with(&self, endpoint: &str, timeout: Duration) -> Result<Client> {
+    async fn connect(&self, t: &Target, endpoint: &str) -> Result<Client> {
+        self.connect_with(t, endpoint, Duration::from_secs(5)).await
+    }
+
+    async fn connect_with(&self, t: &Target, endpoint: &str, timeout: Duration) -> Result<Client> {
         let mut opts = ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(timeout);
         if endpoint.starts_with("https://")
-            && let Some(tls) = self.tls.as_ref()
+            && let Some(tls) = t.tls.as_ref()
         {
             opts = opts.with_tls(tls.clone());
         }
@@ -72,7 +63,7 @@ impl Etcd {
             let mut last_err = None;
             for e in &t.endpoints {
                 let list = async {
-                    let mut c = self.connect(e).await?;
+                    let mut c = self.connect(t, e).await?;
                     // A linearizable read completes only through a leader with a quorum and leaves
                     // this member applied at least that far: the list that follows is current.
                     c.get("etcd-medic/linearizable-probe", Some(etcd_client::GetOptions::new().with_count_only()))
@@ -105,7 +96,7 @@ impl Etcd {
             }
         };
         let (cluster_id, mut out) = t.accept(&resp)?;
-        let seen = futures::future::join_all(out.iter().map(|m| self.status_of(t.scope.status_endpoint(m)))).await;
+        let seen = futures::future::join_all(out.iter().map(|m| self.status_of(t, t.scope.status_endpoint(m)))).await;
         let seen: Vec<_> = out.iter().zip(seen).map(|(m, s)| (m.id, m.is_learner, s)).collect();
         let healthy = agreed_healthy(&seen);
         for m in &mut out {
@@ -115,9 +106,9 @@ impl Etcd {
     }
 
     /// What a member's pod answers to a status request within 2 s.
-    async fn status_of(&self, endpoint: Option<String>) -> Option<Seen> {
+    async fn status_of(&self, t: &Target, endpoint: Option<String>) -> Option<Seen> {
         let u = endpoint?;
-        let check = async { self.connect(&u).await.ok()?.status().await.ok() };
+        let check = async { self.connect(t, &u).await.ok()?.status().await.ok() };
         let s = tokio::time::timeout(Duration::from_secs(2), check).await.ok()??;
         Some(Seen { leader: s.leader(), clean: s.errors().is_empty() })
     }
@@ -196,7 +187,7 @@ impl Etcd {
         for e in &t.endpoints {
             let attempt = tokio::time::timeout(Duration::from_secs(5), async {
                 // Membership changes wait for the change to apply: a busy cluster needs more than 5 s.
-                let mut c = self.connect_with(e, Duration::from_secs(15)).await?;
+                let mut c = self.connect_with(t, e, Duration::from_secs(15)).await?;
                 let resp = c.member_list().await.map_err(|err| unavailable(e, err))?;
                 t.accept(&resp)?;
                 Ok::<_, Error>(c)
@@ -222,11 +213,52 @@ pub const MEMBERS_DEADLINE: Duration = Duration::from_secs(15);
 
 /// An etcd cluster as a remediation may act on it: the StatefulSet that proves it, the
 /// endpoints asked (its pods), and the cluster id it answered with at the check.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Target {
     pub scope: SetScope,
     pub endpoints: Vec<String>,
     pub cluster_id: Option<u64>,
+    /// The set's own client TLS (see [`Etcd::target`]).
+    tls: Option<TlsOptions>,
+}
+
+impl std::fmt::Debug for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Target")
+            .field("scope", &self.scope)
+            .field("endpoints", &self.endpoints)
+            .field("cluster_id", &self.cluster_id)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+/// The client TLS in `dir`, if it exists: `ca.crt` (optional), `tls.crt` and `tls.key`
+/// (together). Files of another shape are an error naming the set, not a silent plain
+/// connection.
+fn tls_of(dir: &Path, scope: &SetScope) -> Result<Option<TlsOptions>> {
+    if !dir.is_dir() {
+        return Ok(None);
+    }
+    let bad = |why: String| Error::invalid(format!("etcd client TLS of {} in {}: {why}", scope.describe(), dir.display()));
+    let read = |name: &str| -> Result<Option<Vec<u8>>> {
+        match std::fs::read(dir.join(name)) {
+            Ok(b) if b.len() <= 1 << 20 => Ok(Some(b)),
+            Ok(_) => Err(bad(format!("{name} is over 1 MiB"))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(bad(format!("{name}: {e}"))),
+        }
+    };
+    let mut tls = TlsOptions::new();
+    if let Some(ca) = read("ca.crt")? {
+        tls = tls.ca_certificate(Certificate::from_pem(ca));
+    }
+    match (read("tls.crt")?, read("tls.key")?) {
+        (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(c, k)),
+        (None, None) => {}
+        _ => return Err(bad("tls.crt and tls.key go together".into())),
+    }
+    Ok(Some(tls))
 }
 
 impl Target {

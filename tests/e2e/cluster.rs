@@ -85,9 +85,10 @@ async fn a_panicking_test_leaves_no_etcd_behind() -> Result<()> {
     Ok(())
 }
 
-/// The agent's etcd client over TLS (`--etcd-cacert`, `--etcd-cert`, `--etcd-key`) against a
-/// real etcd that requires client certificates: before the files are configured the agent
-/// cannot reach it; with them, the member list and each member's status answer.
+/// The agent's etcd client over TLS (`--etcd-tls-dir`, per StatefulSet) against a real etcd
+/// that requires client certificates: before the set's files are there the agent cannot
+/// reach it; with them, the member list and each member's status answer; a set of another
+/// namespace at the same endpoint is never given them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_agent_reaches_an_etcd_that_requires_client_certificates() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -138,12 +139,27 @@ async fn the_agent_reaches_an_etcd_that_requires_client_certificates() -> Result
         .stdout(std::fs::File::create(p("etcd.log"))?)
         .stderr(std::fs::File::create(p("etcd.err"))?);
     let _etcd = etcd_medic_lab::process::spawn_tied(cmd)?;
-    let endpoints = etcd_medic_lab::objects::lone_target("https", client, peer);
+    let tls_dir = p("etcd-tls");
+    let etcd = etcd_medic::etcd::Etcd::with_tls_dir(Some(tls_dir.clone()));
     // Not configured yet: no TLS, no answer.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let plain = etcd_medic::etcd::Etcd::default();
-    assert!(plain.members(&endpoints).await.is_err(), "an https etcd answered a client without TLS");
-    let etcd = etcd_medic::etcd::Etcd::with_tls(Some(&p("ca.crt")), Some(&p("client.crt")), Some(&p("client.key")))?;
+    let before = etcd_medic_lab::objects::lone_target(&etcd, "lab", "https", client, peer)?;
+    assert!(etcd.members(&before).await.is_err(), "an https etcd answered a client without TLS");
+    // The set's Secret, as the chart mounts it: <dir>/<namespace>/<statefulset>/.
+    let set_dir = tls_dir.join("lab/lone");
+    std::fs::create_dir_all(&set_dir)?;
+    for (from, to) in [("ca.crt", "ca.crt"), ("client.crt", "tls.crt"), ("client.key", "tls.key")] {
+        std::fs::copy(p(from), set_dir.join(to))?;
+    }
+    let endpoints = etcd_medic_lab::objects::lone_target(&etcd, "lab", "https", client, peer)?;
+    // Another namespace's set of the same name, at the same endpoint: no certificate for it.
+    let other = etcd_medic_lab::objects::lone_target(&etcd, "tenant", "https", client, peer)?;
+    assert!(etcd.members(&other).await.is_err(), "another set was given this set's certificate");
+    // A set whose files are half there is an error that names it, not a plain connection.
+    std::fs::create_dir_all(tls_dir.join("half/lone"))?;
+    std::fs::copy(p("client.crt"), tls_dir.join("half/lone/tls.crt"))?;
+    let half = etcd_medic_lab::objects::lone_target(&etcd, "half", "https", client, peer).unwrap_err();
+    assert!(half.message.contains("StatefulSet half/lone") && half.message.contains("go together"), "{half}");
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let (cluster_id, members) = loop {
         match etcd.members(&endpoints).await {

@@ -322,8 +322,7 @@ async fn killed_at_every_step_the_agent_finishes_without_repeating_anything() ->
         assert!(second.status.success(), "{point}: {out}\n{}", String::from_utf8_lossy(&second.stderr));
         // This round's remediations: the killed one, and a new one where the killed one had
         // changed nothing (it is closed as abandoned). One succeeded; one moved the data.
-        let round: Vec<etcd_medic::engine::Remediation> =
-            etcd_medic::journal::list_where(state.path(), |j| !ids.contains(&j.id));
+        let round: Vec<etcd_medic::engine::Remediation> = etcd_medic::journal::list_where(state.path(), |j| !ids.contains(&j.id));
         let done = |j: &etcd_medic::engine::Remediation, name: &str| j.steps.iter().filter(|s| s.name == name && s.done()).count();
         let healed: Vec<_> = round.iter().filter(|j| j.phase == Phase::Succeeded).collect();
         assert_eq!(healed.len(), 1, "{point}: {round:?}");

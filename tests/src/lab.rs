@@ -98,7 +98,8 @@ impl Lab {
         let pods: Vec<k8s_openapi::api::core::v1::Pod> = self.api.list(Some(&ns));
         let me = pods.iter().find(|p| p.metadata.name.as_deref() == Some(self.set.shape().pod_name(ordinal).as_str()));
         let scope = etcd_medic::scope::SetScope::of(me.context("no such pod")?, &pods, "etcd").map_err(|e| anyhow::anyhow!(e))?;
-        Ok(etcd_medic::etcd::Target { endpoints: scope.sibling_endpoints(), scope, cluster_id: None })
+        let endpoints = scope.sibling_endpoints();
+        etcd_medic::etcd::Etcd::default().target(scope, endpoints, None).map_err(|e| anyhow::anyhow!(e))
     }
 
     /// Writes `n` keys `/apisix/routes/<i>` through the cluster, as APISIX stores its config.

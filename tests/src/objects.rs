@@ -180,18 +180,24 @@ pub fn pv(shape: &SetShape, ordinal: usize) -> Value {
     json!({"metadata": {"name": shape.pv_name(ordinal)}, "spec": spec, "status": {"phase": "Bound"}})
 }
 
-/// The target of a lone etcd at `127.0.0.1` (`scheme` for clients): a StatefulSet `lone`
-/// of one pod, asked at its own client endpoint.
-pub fn lone_target(scheme: &str, client_port: u16, peer_port: u16) -> etcd_medic::etcd::Target {
+/// The target of a lone etcd at `127.0.0.1` (`scheme` for clients): a StatefulSet
+/// `<namespace>/lone` of one pod, asked at its own client endpoint, as `etcd` reaches it.
+pub fn lone_target(
+    etcd: &etcd_medic::etcd::Etcd,
+    namespace: &str,
+    scheme: &str,
+    client_port: u16,
+    peer_port: u16,
+) -> etcd_medic::Result<etcd_medic::etcd::Target> {
     let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(json!({
-        "metadata": {"name": "lone-0", "namespace": "lab", "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "lone", "uid": "lone-uid", "controller": true}]},
+        "metadata": {"name": "lone-0", "namespace": namespace, "ownerReferences": [{"apiVersion": "apps/v1", "kind": "StatefulSet", "name": "lone", "uid": "lone-uid", "controller": true}]},
         "spec": {"containers": [{"name": "etcd", "env": [{"name": "ETCD_ADVERTISE_CLIENT_URLS", "value": format!("{scheme}://127.0.0.1:{client_port}")}],
             "ports": [{"name": "client", "containerPort": client_port}, {"name": "peer", "containerPort": peer_port}]}]},
         "status": {"podIP": "127.0.0.1"}
     }))
     .expect("a pod");
     let scope = etcd_medic::scope::SetScope::of(&pod, std::slice::from_ref(&pod), "etcd").expect("a set's pod");
-    etcd_medic::etcd::Target { endpoints: vec![format!("{scheme}://127.0.0.1:{client_port}")], scope, cluster_id: None }
+    etcd.target(scope, vec![format!("{scheme}://127.0.0.1:{client_port}")], None)
 }
 
 /// The pod of `ordinal`. `members` are every member's lab identity: their loopback ports

@@ -104,7 +104,7 @@ impl Engine<'_> {
                 format!("pod {ns}/{name} has no sibling etcd members: a sole member has nothing to rejoin; restore it from a backup"),
             ));
         }
-        let mut target = Target { scope, endpoints, cluster_id: None };
+        let mut target = self.opts.etcd.target(scope, endpoints, None)?;
         let (cluster_id, members) = self.opts.etcd.members(&target).await?;
         target.cluster_id = Some(cluster_id);
         let stale = stale_member(&members, &peer_url, Basis::FirstCheck);
@@ -159,7 +159,7 @@ impl Engine<'_> {
         scope.check_given(given)?;
         let endpoints = if given.is_empty() { scope.sibling_endpoints() } else { given.clone() };
         let cluster_id = plan.cluster_id.as_deref().and_then(|id| u64::from_str_radix(id, 16).ok());
-        Ok(Target { scope, endpoints, cluster_id })
+        self.opts.etcd.target(scope, endpoints, cluster_id)
     }
 }
 

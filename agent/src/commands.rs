@@ -56,7 +56,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             remediate(&pod, &node, opts).await
         }
         Command::Restore { quarantine_id, node } => {
-            let (_, said) = crate::engine::restore(&node.locator().await?, &node.state_dir, &quarantine_id).await?;
+            let (_, said) =
+                crate::engine::restore(&node.locator().await?, &node.state_dir, &quarantine_id, &crate::failpoint::Failpoint::from_env())
+                    .await?;
             println!("{said}");
             Ok(())
         }

@@ -241,7 +241,7 @@ impl Bench {
     /// the same broken member.
     async fn undo(&self, r: &Remediation) -> Result<()> {
         if r.quarantine.is_some() {
-            match etcd_medic::engine::restore(&self.locator, self.state.path(), &r.id).await {
+            match etcd_medic::engine::restore(&self.locator, self.state.path(), &r.id, &etcd_medic::failpoint::Failpoint::NONE).await {
                 // Refused before the quarantine was made: nothing to put back.
                 Err(e) if e.code == Code::DataDirNotFound => {}
                 other => {
@@ -335,7 +335,9 @@ async fn links_swapped_in_at_every_step_never_lead_outside_the_volume() -> Resul
                             let mut sw = Swapper::start(b.backing(), t, b.canary.clone());
                             sw.strike();
                             tokio::time::sleep(Duration::from_millis(5)).await;
-                            let res = etcd_medic::engine::restore(&b.locator, b.state.path(), &r.id).await;
+                            let res =
+                                etcd_medic::engine::restore(&b.locator, b.state.path(), &r.id, &etcd_medic::failpoint::Failpoint::NONE)
+                                    .await;
                             let n = sw.stop();
                             let what = format!("restore under {t:?}: {:?} after {n} swaps", res.as_ref().map_err(|e| e.code));
                             b.assert_canary(&before, &what);
@@ -468,9 +470,10 @@ async fn planted_fifos_devices_huge_files_and_forged_quarantines_are_never_trust
     crate::reference_failure::assert_every_key(&b.lab, 3, 100).await?;
 
     // Restoring a forged quarantine name, or one that retention removed, is refused.
-    let bad = etcd_medic::engine::restore(&b.locator, b.state.path(), "forged").await.unwrap_err();
+    let bad = etcd_medic::engine::restore(&b.locator, b.state.path(), "forged", &etcd_medic::failpoint::Failpoint::NONE).await.unwrap_err();
     assert_eq!(bad.code, Code::InvalidRequest, "{bad}");
-    let pruned = etcd_medic::engine::restore(&b.locator, b.state.path(), &first.id).await.unwrap_err();
+    let pruned =
+        etcd_medic::engine::restore(&b.locator, b.state.path(), &first.id, &etcd_medic::failpoint::Failpoint::NONE).await.unwrap_err();
     assert_eq!(pruned.code, Code::InvalidRequest, "{pruned}");
     b.assert_canary(&before, "restore of forged quarantines");
     drop(agent);

@@ -286,17 +286,16 @@ async fn kubelet_side_failures_on_a_csi_volume() -> Result<()> {
     assert!(e.message.contains("--kubelet-root"), "{e}");
     lab.node.attach(&uid, &pv, NODE_NAME, &source)?;
 
-    // A PV of a type the agent finds by search: two matching directories are refused.
+    // An NFS PV: refused before any I/O on it (a network filesystem can hang every call, and
+    // its server may be a tenant's to stop).
     let original = lab.api.get::<PersistentVolume>("", &pv).unwrap();
     lab.api.modify::<PersistentVolume>("", &pv, |p| {
         let spec = p.spec.as_mut().unwrap();
         spec.csi = None;
         spec.nfs = Some(serde_json::from_value(serde_json::json!({"server": "nfs.lab", "path": "/exports/etcd"})).unwrap());
     })?;
-    std::fs::create_dir_all(pod_dir.join("volumes/kubernetes.io~nfs").join(&pv))?;
-    let e = assert_code(locate(&lab, 0).await, Code::UnsafePath);
-    assert!(e.message.contains("2 directories"), "{e}");
-    std::fs::remove_dir(pod_dir.join("volumes/kubernetes.io~nfs").join(&pv))?;
+    let e = assert_code(locate(&lab, 0).await, Code::UnsupportedProfile);
+    assert!(e.message.contains("\"nfs\""), "{e}");
 
     // A local PV whose kubelet directory is a plain directory, not a mount.
     lab.api.modify::<PersistentVolume>("", &pv, |p| {

@@ -267,3 +267,46 @@ async fn slow_bodies_take_no_slot_from_the_controller() -> Result<()> {
     lab.shutdown().await;
     Ok(())
 }
+
+/// A restore whose volume stops answering midway (its disk work held, as on a hung
+/// filesystem): its caller is answered `NotReady` within the wait, the pod is kept from any
+/// remediation until the work ends (`ClusterLocked`), and every other pod on the node is
+/// served at once, as is every probe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_restore_holds_only_its_own_pod() -> Result<()> {
+    let Some((lab, _)) = crate::reference_failure::broken_lab_with_mounts().await? else { return Ok(()) };
+    let healed = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
+    assert_eq!(healed.phase, etcd_medic::engine::Phase::Succeeded, "{healed:?}");
+    // The member stopped, so that its quarantine may go back.
+    lab.set.switches().hold_restarts.store(true, std::sync::atomic::Ordering::SeqCst);
+    lab.set.crash_container(1)?;
+    lab.set.hold_restarts(1, Duration::from_secs(30)).await?;
+    let how = Serve { auth: "none", env: vec![("ETCD_MEDIC_FAILPOINT".into(), "in:Restore".into())], ..Serve::new(&lab) };
+    let agent = ServedAgent::start(&lab, how).await?;
+    agent.wait_ready(Duration::from_secs(30)).await?;
+    let addr = agent.addr;
+    let id = healed.id.clone();
+    let restore = tokio::spawn(async move {
+        let t = tokio::time::Instant::now();
+        let r = etcd_medic_lab::http::request(addr, "POST", &format!("/v1/remediations/{id}/restore"), &[], None).await;
+        (r, t.elapsed())
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Other pods are served meanwhile, at once; this pod is not remediated beside the restore.
+    let t = tokio::time::Instant::now();
+    let other = agent.post(None, &json!({"namespace": "apisix", "pod": "apisix-etcd-2", "dryRun": true})).await?;
+    let other_took = t.elapsed();
+    assert_eq!(other.code().as_deref(), Some("PodRunning"), "{}", other.text());
+    assert_eq!(agent.get("/healthz", None).await?.status, 200);
+    let same = agent.post(None, &json!({"namespace": "apisix", "pod": "apisix-etcd-1"})).await?;
+    assert_eq!((same.status, same.code().as_deref()), (409, Some("ClusterLocked")), "{}", same.text());
+    let again = etcd_medic_lab::http::request(addr, "POST", &format!("/v1/remediations/{}/restore", healed.id), &[], None).await?;
+    assert_eq!(again.code().as_deref(), Some("ClusterLocked"), "{}", again.text());
+    let (r, took) = restore.await?;
+    let r = r?;
+    assert_eq!((r.status, r.code().as_deref()), (503, Some("NotReady")), "{}", r.text());
+    eprintln!("another pod's dry run during the hung restore: {other_took:?}; the restore's caller answered after {took:?}");
+    drop(agent);
+    lab.shutdown().await;
+    Ok(())
+}

@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use crate::error::{Error, Result};
+use crate::failpoint::Failpoint;
 use crate::host::processes as guard;
 use crate::locate::{Locator, blocking};
 use crate::quarantine;
@@ -12,7 +13,7 @@ use etcd_medic_core::contract::{QuarantineState, Remediation};
 /// pod's data dir as it is now, refusing while any process holds the data. What is put back
 /// and from where comes from the journal; the volume is only checked to hold it. Answers
 /// the remediation as journaled afterwards, and what was done.
-pub async fn restore(locator: &Locator, state_dir: &Path, id: &str) -> Result<(Remediation, String)> {
+pub async fn restore(locator: &Locator, state_dir: &Path, id: &str, failpoint: &Failpoint) -> Result<(Remediation, String)> {
     let id = id.rsplit('-').next().unwrap_or(id);
     let mut r = crate::journal::read(state_dir, id)?;
     let q =
@@ -25,7 +26,10 @@ pub async fn restore(locator: &Locator, state_dir: &Path, id: &str) -> Result<(R
     let located = locator.open(&r.namespace, &r.pod, None, false).await?;
     let (vol, data, proc_root) = (located.volume.clone(), located.data.clone(), locator.layout.proc_root.clone());
     let (name, items) = (q.name.clone(), q.items.clone());
+    let failpoint = failpoint.clone();
     let back = blocking(move || {
+        // Test hook: the volume stops answering (a hung filesystem) in the middle.
+        failpoint.hold("in:Restore");
         let locks = vol.lock(&vol.etcd_lock_files(&data)?)?;
         guard::no_holders(&proc_root, &vol, &data)?;
         let back = quarantine::restore(&vol, &name, &data, &items)?;

@@ -110,32 +110,6 @@ pub fn cross_check_vol_data(mount: &Path, pv: &str, driver: &str, handle: &str, 
     Ok(())
 }
 
-/// `pods/<uid>/volumes/*/<name>` under the kubelet root (the kubelet's own directories):
-/// exactly one match is accepted, relative to the kubelet root.
-pub fn search_volume(kubelet_root: &Path, uid: &str, name: &str) -> Result<PathBuf> {
-    let vols = Path::new("pods").join(uid).join("volumes");
-    let base = kubelet_root.join(&vols);
-    crate::host::volume::open_dir_beneath(kubelet_root, &vols)?;
-    let mut found = Vec::new();
-    for plugin in std::fs::read_dir(&base).map_err(|e| Error::new(Code::DataDirNotFound, format!("{}: {e}", base.display())))?.flatten() {
-        if plugin.path().join(name).symlink_metadata().is_ok() {
-            found.push(vols.join(plugin.file_name()).join(name));
-        }
-    }
-    match found.len() {
-        1 => Ok(found.remove(0)),
-        0 => Err(Error::new(Code::DataDirNotFound, format!("no directory {name:?} under {} (is the pod being deleted?)", base.display()))),
-        n => Err(Error::new(
-            Code::UnsafePath,
-            format!(
-                "{n} directories named {name:?} under {}: {}; the agent acts only on an exact match",
-                base.display(),
-                found.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
-            ),
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -122,7 +122,9 @@ impl Locator {
         let layout = self.layout.clone();
         let (namespace, name) = (namespace.to_string(), name.to_string());
         blocking(move || {
-            let expected = volume::expected_path(&uid, &volume_name, &kind);
+            let expected = volume::expected_path(&uid, &volume_name, &kind).ok_or_else(|| {
+                Error::new(Code::UnsupportedProfile, format!("volume {volume_name:?} is of a kind the agent does not act on"))
+            })?;
             let kubelet_root = match expected {
                 Expected::Host(_) => None,
                 _ => Some(
@@ -136,7 +138,7 @@ impl Locator {
                         .path,
                 ),
             };
-            let vol = open_volume(&layout, &expected, kubelet_root.as_deref(), &kind, &uid)?;
+            let vol = open_volume(&layout, &expected, kubelet_root.as_deref(), &kind)?;
             let data: PathBuf = mm.sub_path.as_deref().map(PathBuf::from).unwrap_or_default().join(&mm.rel);
             match vol.entry(&data)? {
                 Some(e) if e.kind == Kind::Dir => {}
@@ -198,7 +200,9 @@ impl Locator {
             })?;
             let pv = self.api.pv(&pv_name).await?;
             volume::check_binding(&pvc, &pv)?;
-            return Ok((pv_name.clone(), Some(claim), Some(pv_name), volume::pv_kind(&pv)));
+            let kind = volume::pv_kind(&pv);
+            volume::check_supported(&kind, vol)?;
+            return Ok((pv_name.clone(), Some(claim), Some(pv_name), kind));
         }
         if v.host_path.is_some() {
             // An inline hostPath (a kubeadm static etcd, say) is the node's own data, not a
@@ -212,6 +216,7 @@ impl Locator {
             let plugin = serde_json::to_value(v).ok().and_then(|j| j.as_object().and_then(|o| o.keys().find(|k| *k != "name").cloned()));
             VolumeKind::Other { plugin: plugin.unwrap_or_default() }
         });
+        volume::check_supported(&kind, vol)?;
         Ok((v.name.clone(), None, None, kind))
     }
 }
@@ -222,7 +227,7 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 
 }
 
 /// Opens and proves the volume root where the kubelet (or the PV) puts it.
-fn open_volume(layout: &NodeLayout, expected: &Expected, kubelet_root: Option<&Path>, kind: &VolumeKind, uid: &str) -> Result<Volume> {
+fn open_volume(layout: &NodeLayout, expected: &Expected, kubelet_root: Option<&Path>, kind: &VolumeKind) -> Result<Volume> {
     let no_root = || Error::new(Code::Internal, "kubelet root not resolved for a kubelet path");
     match expected {
         Expected::Host(p) => {
@@ -242,13 +247,6 @@ fn open_volume(layout: &NodeLayout, expected: &Expected, kubelet_root: Option<&P
             if !matches!(kind, VolumeKind::EmptyDir) {
                 require_mount(&vol, &layout.proc_root)?;
             }
-            Ok(vol)
-        }
-        Expected::Search { name } => {
-            let kr = kubelet_root.ok_or_else(no_root)?;
-            let one = kubelet_root::search_volume(kr, uid, name)?;
-            let vol = Volume::open(kr, &one)?;
-            require_mount(&vol, &layout.proc_root)?;
             Ok(vol)
         }
     }

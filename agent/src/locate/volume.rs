@@ -164,6 +164,22 @@ pub fn claim_name(pod: &Pod, v: &Volume) -> Option<String> {
     v.ephemeral.as_ref().map(|_| format!("{}-{}", pod.metadata.name.as_deref().unwrap_or_default(), v.name))
 }
 
+/// The kinds the agent acts on: CSI (and in-tree plugins migrated to it), local and hostPath
+/// PVs, emptyDir; all on the node's own disks or attached to it. Anything else (NFS, CephFS,
+/// iSCSI…) is `UnsupportedProfile` before any I/O: a network filesystem can hang every call
+/// on it, and its server may be a tenant's to stop.
+pub fn check_supported(kind: &VolumeKind, volume: &str) -> Result<()> {
+    match kind {
+        VolumeKind::Other { plugin } => Err(Error::new(
+            Code::UnsupportedProfile,
+            format!(
+                "volume {volume:?} is of kind {plugin:?}: the agent acts only on CSI, local and hostPath PersistentVolumes (and emptyDir)"
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Where to look for the volume root on the host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Expected {
@@ -171,21 +187,20 @@ pub enum Expected {
     Kubelet(PathBuf),
     /// On the host outside the kubelet root (hostPath PVs and volumes): this absolute path.
     Host(PathBuf),
-    /// Search `pods/<uid>/volumes/*/<name>`: exactly one match is accepted.
-    Search { name: String },
 }
 
 /// The kubelet's own layout: `pods/<uid>/volumes/<plugin with / as ~>/<name>`, with the
-/// PV's name (not the PVC's) for persistent volumes.
-pub fn expected_path(pod_uid: &str, name: &str, kind: &VolumeKind) -> Expected {
+/// PV's name (not the PVC's) for persistent volumes. `None` for a kind the agent does not
+/// support (see [`check_supported`]).
+pub fn expected_path(pod_uid: &str, name: &str, kind: &VolumeKind) -> Option<Expected> {
     let vols = Path::new("pods").join(pod_uid).join("volumes");
-    match kind {
+    Some(match kind {
         VolumeKind::Csi { .. } => Expected::Kubelet(vols.join("kubernetes.io~csi").join(name).join("mount")),
         VolumeKind::Local { .. } => Expected::Kubelet(vols.join("kubernetes.io~local-volume").join(name)),
         VolumeKind::EmptyDir => Expected::Kubelet(vols.join("kubernetes.io~empty-dir").join(name)),
         VolumeKind::HostPath { path } => Expected::Host(PathBuf::from(path)),
-        VolumeKind::Other { .. } => Expected::Search { name: name.to_string() },
-    }
+        VolumeKind::Other { .. } => return None,
+    })
 }
 
 /// Host directories a hostPath PV must never be: the system's, the kubelet's and
@@ -277,7 +292,7 @@ mod tests {
     #[test]
     fn kinds_and_paths_per_volume_type() {
         let csi = pv_kind(&pv(json!({"csi": {"driver": "ebs.csi.aws.com", "volumeHandle": "vol-1"}})));
-        assert_eq!(expected_path("u", "pv-1", &csi), Expected::Kubelet("pods/u/volumes/kubernetes.io~csi/pv-1/mount".into()));
+        assert_eq!(expected_path("u", "pv-1", &csi), Some(Expected::Kubelet("pods/u/volumes/kubernetes.io~csi/pv-1/mount".into())));
         let migrated = pv_kind(&pv(json!({"awsElasticBlockStore": {"volumeID": "vol-2"}})));
         assert_eq!(
             migrated,
@@ -290,15 +305,17 @@ mod tests {
         let gce = pv_kind(&pv(json!({"gcePersistentDisk": {"pdName": "disk-1"}})));
         assert!(matches!(gce, VolumeKind::Csi { ref driver, .. } if driver == "pd.csi.storage.gke.io"));
         let local = pv_kind(&pv(json!({"local": {"path": "/mnt/disks/ssd1"}})));
-        assert_eq!(expected_path("u", "pv-1", &local), Expected::Kubelet("pods/u/volumes/kubernetes.io~local-volume/pv-1".into()));
+        assert_eq!(expected_path("u", "pv-1", &local), Some(Expected::Kubelet("pods/u/volumes/kubernetes.io~local-volume/pv-1".into())));
         let hp = pv_kind(&pv(json!({"hostPath": {"path": "/var/local-path-provisioner/pvc-1_ns_data"}})));
-        assert_eq!(expected_path("u", "pv-1", &hp), Expected::Host("/var/local-path-provisioner/pvc-1_ns_data".into()));
+        assert_eq!(expected_path("u", "pv-1", &hp), Some(Expected::Host("/var/local-path-provisioner/pvc-1_ns_data".into())));
         let nfs = pv_kind(&pv(json!({"nfs": {"server": "s", "path": "/x"}, "accessModes": ["ReadWriteMany"]})));
         assert_eq!(nfs, VolumeKind::Other { plugin: "nfs".into() });
-        assert_eq!(expected_path("u", "pv-1", &nfs), Expected::Search { name: "pv-1".into() });
+        assert_eq!(expected_path("u", "pv-1", &nfs), None);
+        assert_eq!(check_supported(&nfs, "data").unwrap_err().code, Code::UnsupportedProfile);
+        assert!(check_supported(&csi, "data").is_ok() && check_supported(&local, "data").is_ok() && check_supported(&hp, "data").is_ok());
         assert_eq!(
             expected_path("u", "data", &VolumeKind::EmptyDir),
-            Expected::Kubelet("pods/u/volumes/kubernetes.io~empty-dir/data".into())
+            Some(Expected::Kubelet("pods/u/volumes/kubernetes.io~empty-dir/data".into()))
         );
     }
 

@@ -53,6 +53,8 @@ pub const BODY_LIMIT: usize = 64 * 1024;
 const LIST_BYTES: u64 = 16 << 20;
 /// A request (a dry run included) that takes longer is answered 503.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a restore's caller waits for its disk work (which goes on after).
+const RESTORE_WAIT: Duration = Duration::from_secs(20);
 
 pub struct Config {
     pub layout: NodeLayout,
@@ -86,6 +88,8 @@ pub struct Agent {
     runs: Mutex<HashMap<String, Remediation>>,
     /// Serialises admission: two POSTs for one pod UID start one remediation.
     admission: tokio::sync::Mutex<()>,
+    /// Pods (namespace, name) whose quarantine is being put back.
+    restoring: Mutex<std::collections::HashSet<(String, String)>>,
     metrics: Metrics,
     shutdown: Shutdown,
     tasks: TaskTracker,
@@ -132,6 +136,7 @@ impl Agent {
             not_ready_why: Mutex::new("starting".into()),
             runs: Mutex::new(HashMap::new()),
             admission: tokio::sync::Mutex::new(()),
+            restoring: Mutex::default(),
             metrics: Metrics::default(),
             shutdown,
             tasks: TaskTracker::new(),
@@ -341,6 +346,13 @@ impl Agent {
         if let Some(existing) = self.existing(&req.namespace, &req.pod, &uid) {
             return Ok((StatusCode::OK, Json(existing)).into_response());
         }
+        if self.restoring.lock().unwrap().contains(&(req.namespace.clone(), req.pod.clone())) {
+            return Err(Error::new(
+                Code::ClusterLocked,
+                format!("a restore of pod {}/{} runs; retry once it has ended", req.namespace, req.pod),
+            )
+            .into());
+        }
         self.runs.lock().unwrap().insert(r.id.clone(), r.clone());
         self.spawn(opts, r.clone());
         let location = format!("/v1/remediations/{}", r.id);
@@ -367,24 +379,52 @@ impl Agent {
     }
 
     /// Puts the quarantine of remediation `id` back (see `engine::restore`), once no
-    /// remediation of its pod runs; authorized as `update` in the pod's namespace.
-    async fn restore(&self, user: &User, id: &str) -> Answer {
+    /// remediation of its pod runs; authorized as `update` in the pod's namespace. The pod is
+    /// marked as restoring (no remediation of it starts) until the disk work has ended, however
+    /// long a hung volume takes; nothing else on the node waits for it, and the caller waits at
+    /// most [`RESTORE_WAIT`].
+    async fn restore(self: &Arc<Self>, user: &User, id: &str) -> Answer {
         let ready = self.ready()?;
         let r = self.find(id)?;
         ready.auth.authorize(user, "update", &r.namespace).await?;
-        // Admission is held throughout: no remediation of this pod starts while its data moves back.
-        let _admitting = self.admission.lock().await;
-        let busy = self.runs.lock().unwrap().values().any(|x| !x.dry_run && x.namespace == r.namespace && x.pod == r.pod);
-        if busy || resume::needs_resume(&r) {
-            return Err(Error::invalid(format!(
-                "a remediation of pod {}/{} is running or unfinished; restore once it has ended",
-                r.namespace, r.pod
-            ))
-            .into());
+        let key = (r.namespace.clone(), r.pod.clone());
+        {
+            let _admitting = self.admission.lock().await;
+            let busy = self.runs.lock().unwrap().values().any(|x| !x.dry_run && x.namespace == r.namespace && x.pod == r.pod);
+            if busy || resume::needs_resume(&r) {
+                return Err(Error::invalid(format!(
+                    "a remediation of pod {}/{} is running or unfinished; restore once it has ended",
+                    r.namespace, r.pod
+                ))
+                .into());
+            }
+            if !self.restoring.lock().unwrap().insert(key.clone()) {
+                return Err(Error::new(Code::ClusterLocked, format!("a restore of pod {}/{} runs already", r.namespace, r.pod)).into());
+            }
         }
-        let (done, said) = crate::engine::restore(&ready.locator, &self.cfg.engine.state_dir, id).await?;
-        tracing::info!(user = %user.name, id = %id, namespace = %r.namespace, pod = %r.pod, "restore: {said}");
-        Ok(Json(done).into_response())
+        let agent = self.clone();
+        let (id, who) = (id.to_string(), user.name.clone());
+        let work = tokio::spawn(async move {
+            let ready = agent.ready.get().expect("ready: checked above");
+            let done = crate::engine::restore(&ready.locator, &agent.cfg.engine.state_dir, &id, &agent.cfg.engine.failpoint).await;
+            agent.restoring.lock().unwrap().remove(&key);
+            if let Ok((_, said)) = &done {
+                tracing::info!(user = %who, id = %id, namespace = %key.0, pod = %key.1, "restore: {said}");
+            }
+            done
+        });
+        match tokio::time::timeout(RESTORE_WAIT, work).await {
+            Ok(Ok(done)) => Ok(Json(done?.0).into_response()),
+            Ok(Err(e)) => Err(Error::new(Code::Internal, format!("the restore did not complete: {e}")).into()),
+            Err(_) => Err(Error::new(
+                Code::NotReady,
+                format!(
+                    "the restore of pod {}/{} has not finished within {RESTORE_WAIT:?} (the volume is slow or does not answer); it goes on, and no remediation of the pod starts until it ends: ask again later",
+                    r.namespace, r.pod
+                ),
+            )
+            .into()),
+        }
     }
 
     async fn list(&self, user: &User, q: ListQuery) -> Answer {

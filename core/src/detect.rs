@@ -182,10 +182,14 @@ pub struct Around {
     pub failing_in_cluster: usize,
     /// The candidate's cluster: its members and the others Ready now.
     pub cluster: ClusterSeen,
-    /// Clusters (StatefulSets) with a candidate among the watched pods, and how many clusters
-    /// the watched pods make.
+    /// Clusters (StatefulSets) of the candidate's namespace with a candidate, and how many
+    /// clusters the namespace's watched pods make: one tenant's failures hold only its own.
     pub failing_clusters: usize,
     pub clusters: usize,
+    /// Namespaces with a candidate, and how many namespaces the watched pods are in: many
+    /// tenants failing at once hold every heal.
+    pub failing_namespaces: usize,
+    pub namespaces: usize,
     /// A remediation of this cluster not yet ended (its pod's name).
     pub in_flight: Option<String>,
     /// Seconds ago of this pod's earlier remediations, within the last 24 hours.
@@ -218,8 +222,17 @@ pub enum Hold {
         members: usize,
         ready_others: usize,
     },
-    /// Too many of the watched clusters fail at once: something larger is wrong.
+    /// Too many of the watched namespaces have failing clusters at once: something larger
+    /// than one tenant is wrong.
     Storm {
+        failing_namespaces: usize,
+        namespaces: usize,
+        max_percent: u32,
+        min_clusters: u32,
+    },
+    /// Too many clusters of the candidate's namespace fail at once: that namespace's heals
+    /// are held, and no other's.
+    NamespaceStorm {
         failing_clusters: usize,
         clusters: usize,
         max_percent: u32,
@@ -246,6 +259,7 @@ impl Hold {
             Hold::ClusterStorm { .. } => "ClusterStorm",
             Hold::NoQuorumWithout { .. } => "NoQuorumWithout",
             Hold::Storm { .. } => "Storm",
+            Hold::NamespaceStorm { .. } => "NamespaceStorm",
             Hold::ClusterBusy { .. } => "ClusterBusy",
             Hold::MaxAttempts { .. } => "MaxAttempts",
             Hold::Cooldown { .. } => "Cooldown",
@@ -265,8 +279,16 @@ pub fn decide(a: &Around, l: &Limits) -> Result<(), Hold> {
     if !a.cluster.keeps_quorum_without_it() {
         return Err(Hold::NoQuorumWithout { members: a.cluster.members, ready_others: a.cluster.ready_others });
     }
-    if is_storm(a.failing_clusters, a.clusters, l) {
+    if is_storm(a.failing_namespaces, a.namespaces, l) {
         return Err(Hold::Storm {
+            failing_namespaces: a.failing_namespaces,
+            namespaces: a.namespaces,
+            max_percent: l.max_failing_percent,
+            min_clusters: l.storm_min_clusters,
+        });
+    }
+    if is_storm(a.failing_clusters, a.clusters, l) {
+        return Err(Hold::NamespaceStorm {
             failing_clusters: a.failing_clusters,
             clusters: a.clusters,
             max_percent: l.max_failing_percent,
@@ -313,8 +335,8 @@ pub fn refusal_holds(same_instance: bool, recorded_at: Option<u32>, restarts_now
     !(same_instance && recorded_at.is_some_and(|n| n < restarts_now))
 }
 
-/// Many clusters failing at once: more than `max_failing_percent` of the watched clusters,
-/// and at least `storm_min_clusters` of them.
+/// Many failing at once: more than `max_failing_percent` of those watched (clusters of one
+/// namespace, or namespaces), and at least `storm_min_clusters` of them.
 pub fn is_storm(failing_clusters: usize, clusters: usize, l: &Limits) -> bool {
     clusters > 0 && failing_clusters >= l.storm_min_clusters as usize && failing_clusters * 100 > clusters * l.max_failing_percent as usize
 }
@@ -368,6 +390,8 @@ mod tests {
             cluster: ClusterSeen { members: 3, ready_others: 2 },
             failing_clusters: 1,
             clusters: 10,
+            failing_namespaces: 1,
+            namespaces: 10,
             ..Default::default()
         }
     }
@@ -379,9 +403,22 @@ mod tests {
         let paused = Around { paused_on: Some("statefulset apisix/apisix-etcd".into()), failing_in_cluster: 2, ..alone() };
         assert_eq!(decide(&paused, &l).unwrap_err().as_str(), "Paused", "a person's pause wins");
         assert_eq!(decide(&Around { failing_in_cluster: 2, ..alone() }, &l), Err(Hold::ClusterStorm { failing: 2 }));
-        assert_eq!(decide(&Around { failing_clusters: 7, clusters: 30, ..alone() }, &l).unwrap_err().as_str(), "Storm");
+        assert_eq!(decide(&Around { failing_clusters: 7, clusters: 30, ..alone() }, &l).unwrap_err().as_str(), "NamespaceStorm");
         assert_eq!(decide(&Around { failing_clusters: 6, clusters: 30, ..alone() }, &l), Ok(()), "20% of 30 is allowed");
+        assert_eq!(decide(&Around { failing_namespaces: 7, namespaces: 30, ..alone() }, &l).unwrap_err().as_str(), "Storm");
         assert_eq!(decide(&Around { in_flight: Some("apisix-etcd-0".into()), ..alone() }, &l).unwrap_err().as_str(), "ClusterBusy");
+    }
+
+    #[test]
+    fn one_tenants_failures_hold_only_that_tenants_heals() {
+        let l = Limits::default();
+        // A tenant's ten crash-looping clusters: its own namespace is a storm...
+        let tenant = Around { failing_clusters: 10, clusters: 10, failing_namespaces: 2, namespaces: 2, ..alone() };
+        assert_eq!(decide(&tenant, &l).unwrap_err().as_str(), "NamespaceStorm");
+        // ...while the victim's one failing member, in its own namespace, is healed: two
+        // namespaces failing are below the floor of three.
+        let victim = Around { failing_clusters: 1, clusters: 1, failing_namespaces: 2, namespaces: 2, ..alone() };
+        assert_eq!(decide(&victim, &l), Ok(()));
     }
 
     #[test]
@@ -391,10 +428,10 @@ mod tests {
         // the clusters).
         assert_eq!(decide(&Around { failing_clusters: 1, clusters: 1, ..alone() }, &l), Ok(()));
         assert_eq!(decide(&Around { failing_clusters: 2, clusters: 2, ..alone() }, &l), Ok(()), "below the floor");
-        let three = decide(&Around { failing_clusters: 3, clusters: 3, ..alone() }, &l);
-        assert_eq!(three, Err(Hold::Storm { failing_clusters: 3, clusters: 3, max_percent: 20, min_clusters: 3 }));
-        assert_eq!(decide(&Around { failing_clusters: 3, clusters: 100, ..alone() }, &l), Ok(()), "3 % of the clusters");
-        assert_eq!(decide(&Around { failing_clusters: 21, clusters: 100, ..alone() }, &l).unwrap_err().as_str(), "Storm");
+        let three = decide(&Around { failing_namespaces: 3, namespaces: 3, ..alone() }, &l);
+        assert_eq!(three, Err(Hold::Storm { failing_namespaces: 3, namespaces: 3, max_percent: 20, min_clusters: 3 }));
+        assert_eq!(decide(&Around { failing_namespaces: 3, namespaces: 100, ..alone() }, &l), Ok(()), "3 % of the namespaces");
+        assert_eq!(decide(&Around { failing_namespaces: 21, namespaces: 100, ..alone() }, &l).unwrap_err().as_str(), "Storm");
         assert!(!is_storm(5, 0, &l), "nothing watched");
         // The cluster's own majority stays a ClusterStorm, whatever the floor.
         let two_of_three = Around { failing_in_cluster: 2, failing_clusters: 1, clusters: 1, ..alone() };

@@ -377,3 +377,52 @@ async fn on_the_kubelets_schedule_the_first_crashes_are_healed_and_a_passing_ref
     lab.shutdown().await;
     Ok(())
 }
+
+/// A tenant's ten crash-looping etcd StatefulSets (labelled as the Bitnami chart labels them,
+/// three pods each, one failing in each) are a storm of that namespace alone: its own pods
+/// are held `NamespaceStorm`, and the victim's member, failing in its own namespace at the
+/// same time, is healed by the controller run as the chart installs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_tenants_ten_crash_loops_hold_only_its_own_heals() -> Result<()> {
+    let lab = etcd_medic_lab::Lab::start(etcd_medic_lab::objects::SetShape::apisix(3, NODE_NAME)).await?;
+    if !lab.node.real_mounts {
+        etcd_medic_lab::skip("needs root: real mounts");
+        lab.shutdown().await;
+        return Ok(());
+    }
+    lab.write_keys(KEYS).await?;
+    let store = lab.api.store();
+    let res = |group: &str, plural: &str| etcd_medic_lab::apiserver::store::find_resource(group, "v1", plural).expect("a known resource");
+    let _ = store.create(res("", "namespaces"), "", json!({"metadata": {"name": "tenant"}}));
+    for set in 0..10 {
+        let mut shape = etcd_medic_lab::objects::SetShape::apisix(3, NODE_NAME);
+        (shape.namespace, shape.release) = ("tenant".into(), format!("t{set}"));
+        let made = store
+            .create(res("apps", "statefulsets"), "tenant", etcd_medic_lab::objects::statefulset(&shape))
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+        let uid = made["metadata"]["uid"].as_str().unwrap_or_default().to_string();
+        let members: Vec<_> = (0..3).map(|i| etcd_medic_lab::etcd::MemberSpec::new(shape.pod_name(i))).collect();
+        for i in 0..3 {
+            let pod = etcd_medic_lab::objects::pod(&shape, &uid, i, &members);
+            let pod = if i == 1 { etcd_medic_lab::objects::crash_looping(pod) } else { etcd_medic_lab::objects::running(pod) };
+            store.create(res("", "pods"), "tenant", pod).map_err(|e| anyhow::anyhow!(e.message))?;
+        }
+    }
+    let agent = agent_for_controller(&lab, &[]).await?;
+    let token = register_agent(&lab, &agent)?;
+    let c = ControllerProcess::start(&lab, &token, "replica-a", DEFAULTS).await?;
+    let deadline = tokio::time::Instant::now() + HEAL;
+    while c.metric("etcd_medic_controller_holds{reason=\"NamespaceStorm\"}").await.is_none_or(|n| n < 10.0) {
+        anyhow::ensure!(tokio::time::Instant::now() < deadline, "the tenant's pods were never held:\n{}", c.log_text());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    lab.drain_member(1).await?;
+    let done = wait_remediation(&lab, "apisix-etcd-1", HEAL, |p| matches!(p, "Succeeded" | "Failed" | "Refused"), &[&c]).await?;
+    assert_eq!(phase(&done), "Succeeded", "{done:?}\n{}", c.log_text());
+    assert!(remediations(&lab, "tenant").is_empty(), "nothing was recorded for the tenant's held pods");
+    assert_eq!(c.metric("etcd_medic_controller_holds{reason=\"Storm\"}").await, None, "two namespaces failing are no storm");
+    lab.set.wait_ready(1, HEAL).await?;
+    assert_every_key(&lab, 3, KEYS).await?;
+    lab.shutdown().await;
+    Ok(())
+}

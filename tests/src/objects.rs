@@ -180,6 +180,35 @@ pub fn pv(shape: &SetShape, ordinal: usize) -> Value {
     json!({"metadata": {"name": shape.pv_name(ordinal)}, "spec": spec, "status": {"phase": "Bound"}})
 }
 
+/// `pod` as the kubelet reports it running and Ready since long ago (an object only: no
+/// process runs it).
+pub fn running(mut pod: Value) -> Value {
+    let t = "2026-12-01T00:00:00Z";
+    pod["status"]["phase"] = json!("Running");
+    pod["status"]["conditions"] = json!([
+        {"type": "Initialized", "status": "True", "lastTransitionTime": t},
+        {"type": "Ready", "status": "True", "lastTransitionTime": t},
+        {"type": "ContainersReady", "status": "True", "lastTransitionTime": t},
+        {"type": "PodScheduled", "status": "True", "lastTransitionTime": t},
+    ]);
+    pod["status"]["containerStatuses"] = json!([{"name": "etcd", "image": pod.pointer("/spec/containers/0/image"), "imageID": "",
+        "ready": true, "started": true, "restartCount": 0, "state": {"running": {"startedAt": t}}}]);
+    pod
+}
+
+/// `pod` as the kubelet reports a container crash-looping for long (5 restarts, not Ready
+/// since long ago): past the controller's thresholds whatever its log says.
+pub fn crash_looping(pod: Value) -> Value {
+    let mut pod = running(pod);
+    let t = "2026-12-01T00:00:00Z";
+    pod["status"]["conditions"][1] = json!({"type": "Ready", "status": "False", "lastTransitionTime": t});
+    pod["status"]["containerStatuses"] = json!([{"name": "etcd", "image": pod.pointer("/spec/containers/0/image"), "imageID": "",
+        "ready": false, "started": false, "restartCount": 5,
+        "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 5m0s restarting failed container"}},
+        "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "startedAt": t, "finishedAt": t}}}]);
+    pod
+}
+
 /// The target of a lone etcd at `127.0.0.1` (`scheme` for clients): a StatefulSet
 /// `<namespace>/lone` of one pod, asked at its own client endpoint, as `etcd` reaches it.
 pub fn lone_target(

@@ -85,6 +85,8 @@ pub async fn carry_out(ctx: Arc<Ctx>, cr: EtcdRemediation) {
         r.status = Some(status);
     }
     ctx.busy.lock().unwrap().remove(&key);
+    // A worker is free: records waiting for one start at the next look.
+    ctx.changed.notify_one();
 }
 
 /// The record is still the one being carried out: not deleted, not replaced by another of
@@ -203,6 +205,7 @@ const RESTORE_TRIES: u32 = 10;
 pub async fn restore(ctx: Arc<Ctx>, cr: EtcdRemediation) {
     ask_restore(&ctx, &cr).await;
     ctx.busy.lock().unwrap().remove(&(cr.namespace().unwrap_or_default(), cr.name_any()));
+    ctx.changed.notify_one();
 }
 
 async fn ask_restore(ctx: &Ctx, cr: &EtcdRemediation) {

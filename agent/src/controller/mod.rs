@@ -109,7 +109,7 @@ pub struct Ctx {
     /// Pods (by uid) whose record could not be created, and when to try again: a refusal of
     /// the API server (a quota, a webhook, an invalid name) is not asked again every second.
     create_failed: Mutex<HashMap<String, Instant>>,
-    changed: tokio::sync::Notify,
+    pub(crate) changed: tokio::sync::Notify,
 }
 
 impl Ctx {
@@ -258,7 +258,7 @@ async fn watch_pods(ctx: Arc<Ctx>, scope: Option<String>) {
 /// Keeps `ctx.rems` as the watch of `scope` sees the EtcdRemediations.
 async fn watch_remediations(ctx: Arc<Ctx>, scope: Option<String>) {
     let api: Api<EtcdRemediation> = scoped(&ctx, &scope);
-    keep_watching(ctx, api, watcher::Config::default(), "etcdremediations", scope, |c| &c.rems, |_, r| r).await
+    keep_watching(ctx, api, watcher::Config::default(), "etcdremediations", scope, |c| &c.rems, slim).await
 }
 
 fn scoped<K>(ctx: &Ctx, scope: &Option<String>) -> Api<K>
@@ -340,11 +340,18 @@ pub fn decision(r: &EtcdRemediation) -> Option<&str> {
     r.labels().get(DECISION).map(String::as_str)
 }
 
-/// Starts carrying out every EtcdRemediation that has not ended, and every restore asked of
-/// one that has, unless a task of this replica is already at it.
+/// Records carried out at once by this replica, and at most this many of one namespace: a
+/// tenant's thousand records wait their turn, and never delay another namespace's.
+pub const WORKERS: usize = 32;
+pub const WORKERS_PER_NAMESPACE: usize = 4;
+
+/// Starts carrying out the EtcdRemediations that have not ended, and the restores asked of
+/// ones that have, unless a task of this replica is already at it: within [`WORKERS`], and
+/// [`WORKERS_PER_NAMESPACE`] per namespace, the least served namespaces first, each
+/// namespace's oldest records first. The rest wait for a worker to end (each end is a look).
 fn reconcile(ctx: &Arc<Ctx>) {
     let refused = |r: &EtcdRemediation| decision(r) == Some("refused");
-    let work: Vec<(EtcdRemediation, bool)> = ctx
+    let mut work: Vec<(EtcdRemediation, bool)> = ctx
         .rems
         .lock()
         .unwrap()
@@ -355,16 +362,63 @@ fn reconcile(ctx: &Arc<Ctx>) {
             (open || dispatch::wants_restore(r)).then(|| (r.clone(), open))
         })
         .collect();
-    for (r, open) in work {
-        let key = (r.namespace().unwrap_or_default(), r.name_any());
-        if ctx.busy.lock().unwrap().insert(key) {
-            if open {
-                tokio::spawn(dispatch::carry_out(ctx.clone(), r));
-            } else {
-                tokio::spawn(dispatch::restore(ctx.clone(), r));
-            }
+    work.sort_by(|(a, _), (b, _)| {
+        a.metadata.creation_timestamp.cmp(&b.metadata.creation_timestamp).then_with(|| a.name_any().cmp(&b.name_any()))
+    });
+    let mut busy = ctx.busy.lock().unwrap();
+    let mut per_ns: HashMap<String, usize> = HashMap::new();
+    for (ns, _) in busy.iter() {
+        *per_ns.entry(ns.clone()).or_default() += 1;
+    }
+    for (r, open) in pick_fairly(work, &busy, &mut per_ns, WORKERS.saturating_sub(busy.len())) {
+        busy.insert((r.namespace().unwrap_or_default(), r.name_any()));
+        if open {
+            tokio::spawn(dispatch::carry_out(ctx.clone(), r));
+        } else {
+            tokio::spawn(dispatch::restore(ctx.clone(), r));
         }
     }
+}
+
+/// Up to `room` of `work` (oldest first) not in `busy`: round by round, one more per
+/// namespace, the namespaces with the fewest at work first, none above its share. Pure.
+fn pick_fairly<T: kube::Resource>(
+    work: Vec<(T, bool)>,
+    busy: &HashSet<(String, String)>,
+    per_ns: &mut HashMap<String, usize>,
+    mut room: usize,
+) -> Vec<(T, bool)> {
+    let mut queues: std::collections::BTreeMap<String, std::collections::VecDeque<(T, bool)>> = Default::default();
+    for (r, open) in work {
+        let key = (r.meta().namespace.clone().unwrap_or_default(), r.meta().name.clone().unwrap_or_default());
+        if !busy.contains(&key) {
+            queues.entry(key.0).or_default().push_back((r, open));
+        }
+    }
+    let mut picked = Vec::new();
+    while room > 0 {
+        let next = queues
+            .iter()
+            .filter(|(ns, q)| !q.is_empty() && per_ns.get(*ns).copied().unwrap_or(0) < WORKERS_PER_NAMESPACE)
+            .min_by_key(|(ns, _)| per_ns.get(*ns).copied().unwrap_or(0))
+            .map(|(ns, _)| ns.clone());
+        let Some(ns) = next else { break };
+        let item = queues.get_mut(&ns).and_then(|q| q.pop_front()).expect("a non-empty queue");
+        *per_ns.entry(ns).or_default() += 1;
+        picked.push(item);
+        room -= 1;
+    }
+    picked
+}
+
+/// What the controller keeps of a record: not its managed fields, nor annotations other
+/// than its own (a record's annotations can be 256 KiB, and a tenant writes them).
+fn slim(_: &Ctx, mut r: EtcdRemediation) -> EtcdRemediation {
+    r.metadata.managed_fields = None;
+    if let Some(a) = r.metadata.annotations.as_mut() {
+        a.retain(|k, v| k.starts_with("etcd-medic.io/") && v.len() <= 1024);
+    }
+    r
 }
 
 /// What caused a look at the watched pods.
@@ -464,7 +518,17 @@ async fn evaluate(ctx: &Arc<Ctx>, look: Look) -> Option<Duration> {
             }
         }
     }
-    let failing_clusters = candidates.iter().map(|c| (&c.pod.namespace, &c.pod.cluster)).collect::<HashSet<_>>().len();
+    // Storms are counted per namespace (one tenant's failures hold only its own heals) and
+    // across namespaces (many tenants failing at once hold every heal).
+    let mut failing_clusters_in: HashMap<String, usize> = HashMap::new();
+    for (ns, _) in candidates.iter().map(|c| (&c.pod.namespace, &c.pod.cluster)).collect::<HashSet<_>>() {
+        *failing_clusters_in.entry(ns.clone()).or_default() += 1;
+    }
+    let mut clusters_in: HashMap<String, usize> = HashMap::new();
+    for (ns, _) in members.keys() {
+        *clusters_in.entry(ns.clone()).or_default() += 1;
+    }
+    let (failing_namespaces, namespaces) = (failing_clusters_in.len(), clusters_in.len());
     let mut holds: HashMap<&'static str, i64> = HashMap::new();
     for Candidate { pod, by, read } in candidates {
         let pod = &pod;
@@ -480,8 +544,10 @@ async fn evaluate(ctx: &Arc<Ctx>, look: Look) -> Option<Duration> {
             paused_on: paused_on(ctx, pod).await,
             failing_in_cluster: per_cluster.get(&(pod.namespace.clone(), cluster.clone())).copied().unwrap_or(1),
             cluster: members.get(&(pod.namespace.clone(), cluster.clone())).map(|m| m.without(&pod.uid)).unwrap_or_default(),
-            failing_clusters,
-            clusters: members.len(),
+            failing_clusters: failing_clusters_in.get(&pod.namespace).copied().unwrap_or(1),
+            clusters: clusters_in.get(&pod.namespace).copied().unwrap_or(1),
+            failing_namespaces,
+            namespaces,
             in_flight: in_flight(ctx, &pod.namespace, &cluster),
             attempts_secs_ago: attempts(ctx, pod, now, false),
             refusals_secs_ago: attempts(ctx, pod, now, true),
@@ -817,6 +883,38 @@ async fn serve_admin(ctx: Arc<Ctx>, listener: tokio::net::TcpListener, shutdown:
     let stop = shutdown.clone();
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { stop.stopped().await }).await {
         tracing::error!("the admin server stopped: {e}");
+    }
+}
+
+#[cfg(test)]
+mod fair_tests {
+    use super::*;
+
+    fn rec(ns: &str, name: &str) -> (EtcdRemediation, bool) {
+        let mut r = EtcdRemediation::new(name, Default::default());
+        r.metadata.namespace = Some(ns.into());
+        (r, true)
+    }
+
+    #[test]
+    fn a_tenants_thousand_records_never_delay_another_namespace() {
+        let mut work: Vec<_> = (0..1000).map(|i| rec("tenant", &format!("r{i:04}"))).collect();
+        work.push(rec("apisix", "heal"));
+        let mut per_ns = HashMap::new();
+        let picked = pick_fairly(work, &HashSet::new(), &mut per_ns, WORKERS);
+        let names: Vec<String> = picked.iter().map(|(r, _)| format!("{}/{}", r.namespace().unwrap(), r.name_any())).collect();
+        assert_eq!(names.len(), WORKERS_PER_NAMESPACE + 1, "{names:?}");
+        assert!(names.contains(&"apisix/heal".to_string()));
+        assert_eq!(names[0..2], ["apisix/heal", "tenant/r0000"], "the least served namespace first, the oldest of each");
+        // With the tenant at its share already, only others are started.
+        let again = pick_fairly(vec![rec("tenant", "r9"), rec("b", "x")], &HashSet::new(), &mut per_ns, WORKERS);
+        assert_eq!(again.len(), 1);
+        assert_eq!(again[0].0.namespace().as_deref(), Some("b"));
+        // Busy ones are never started twice, and room bounds the total.
+        let busy: HashSet<(String, String)> = [("c".to_string(), "1".to_string())].into();
+        let picked = pick_fairly(vec![rec("c", "1"), rec("c", "2"), rec("d", "1")], &busy, &mut HashMap::new(), 1);
+        assert_eq!(picked.len(), 1);
+        assert_ne!((picked[0].0.namespace(), picked[0].0.name_any()), (Some("c".to_string()), "1".to_string()));
     }
 }
 

@@ -50,20 +50,6 @@ fn args() -> Result<Args> {
 }
 
 /// A pod as the kubelet reports a healthy one.
-fn running(mut pod: Value) -> Value {
-    let t = "2026-12-01T00:00:00Z";
-    pod["status"]["phase"] = json!("Running");
-    pod["status"]["conditions"] = json!([
-        {"type": "Initialized", "status": "True", "lastTransitionTime": t},
-        {"type": "Ready", "status": "True", "lastTransitionTime": t},
-        {"type": "ContainersReady", "status": "True", "lastTransitionTime": t},
-        {"type": "PodScheduled", "status": "True", "lastTransitionTime": t},
-    ]);
-    pod["status"]["containerStatuses"] = json!([{"name": "etcd", "image": pod.pointer("/spec/containers/0/image"), "imageID": "",
-        "ready": true, "started": true, "restartCount": 0, "state": {"running": {"startedAt": t}}}]);
-    pod
-}
-
 /// Fills the stand-in: `etcd` members in sets of 3 (one namespace each), the rest other pods.
 fn populate(api: &ApiServer, pods: usize, etcd: usize) -> Result<()> {
     let store = api.store();
@@ -76,14 +62,14 @@ fn populate(api: &ApiServer, pods: usize, etcd: usize) -> Result<()> {
         store.create(set_res, &shape.namespace, objects::statefulset(&shape)).map_err(|e| anyhow::anyhow!("{e:?}"))?;
         for i in 0..3 {
             store
-                .create(pod_res, &shape.namespace, running(objects::pod(&shape, "bench-set-uid", i, &members)))
+                .create(pod_res, &shape.namespace, objects::running(objects::pod(&shape, "bench-set-uid", i, &members)))
                 .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         }
     }
     let shape = SetShape::apisix(3, "node-0");
     let members: Vec<MemberSpec> = (0..3).map(|i| MemberSpec { name: shape.pod_name(i), client_port: 2379, peer_port: 2380 }).collect();
     for n in 0..pods - etcd {
-        let mut p = running(objects::pod(&shape, "bench-set-uid", 0, &members));
+        let mut p = objects::running(objects::pod(&shape, "bench-set-uid", 0, &members));
         let ns = format!("tenant-{}", n % 1000);
         p["metadata"]["name"] = json!(format!("web-{n}"));
         p["metadata"]["namespace"] = json!(ns);

@@ -38,6 +38,8 @@ VARIANTS = {
         "agent": {
             "tls": {"enabled": True, "secretName": "etcd-medic-tls", "caSecretName": "etcd-medic-ca"},
             "nodeSelector": {"node-role/etcd": "true"},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "etcd", "effect": "NoSchedule"}],
+            "tolerateControlPlane": True,
             "port": 9443,
             "etcdClientTLS": [
                 {"namespace": "apisix", "statefulSet": "apisix-etcd", "secretName": "apisix-etcd-client"},
@@ -45,6 +47,7 @@ VARIANTS = {
             ],
         },
         "controller": {"namespaces": ["apisix", "etcd"], "dryRun": True, "maxFailingPercent": 34, "cooldown": "10m", "replicas": 3},
+        "networkPolicy": {"labelledCallers": True, "etcdClientPorts": [2379, 12379]},
         "audience": "etcd-medic.example",
     },
     "agents-only-custom-root": {

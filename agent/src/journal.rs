@@ -183,7 +183,7 @@ pub fn prune(state_dir: &Path) {
             }
         }
     }
-    bad.sort_by(|a, b| b.0.cmp(&a.0));
+    bad.sort_by_key(|b| std::cmp::Reverse(b.0));
     for (_, p) in bad.into_iter().skip(BAD_KEPT) {
         let _ = std::fs::remove_file(p);
     }

@@ -43,7 +43,8 @@ pub fn main() -> ExitCode {
     match rt.block_on(run(cli)) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {}: {}", e.code, e.message);
+            // The message can carry what a tenant wrote (an API server's or agent's answer).
+            eprintln!("error: {}: {}", e.code, show::safe(&e.message));
             ExitCode::from(e.exit_code())
         }
     }

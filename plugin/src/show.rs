@@ -12,12 +12,24 @@ use kube::ResourceExt;
 use etcd_medic_client::crd::{DETECTED_AT, EtcdRemediation, EtcdRemediationStatus, FAILING_SINCE, RestoreStatus, StepStatus};
 use etcd_medic_core::{Code, Error};
 
-/// `s` with control (and bidi) characters escaped.
+/// `s` with what could change how a terminal shows it escaped: control characters, every
+/// bidi mark and override (U+061C, U+200E/F, U+202A–E, U+2066–9) and zero-width or
+/// invisible ones (U+200B–D, U+2060–4, U+FEFF, U+00AD, U+180E).
 pub fn safe(s: &str) -> String {
     s.chars()
         .flat_map(|c| {
-            let bidi = matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{200e}' | '\u{200f}');
-            if c.is_control() || bidi { c.escape_unicode().collect::<Vec<_>>() } else { vec![c] }
+            let hidden = matches!(
+                c,
+                '\u{061c}'
+                    | '\u{200b}'..='\u{200f}'
+                    | '\u{202a}'..='\u{202e}'
+                    | '\u{2060}'..='\u{2064}'
+                    | '\u{2066}'..='\u{2069}'
+                    | '\u{feff}'
+                    | '\u{00ad}'
+                    | '\u{180e}'
+            );
+            if c.is_control() || hidden { c.escape_unicode().collect::<Vec<_>>() } else { vec![c] }
         })
         .collect()
 }
@@ -324,6 +336,15 @@ impl Follow {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nothing_a_tenant_writes_can_hide_or_reorder_what_the_terminal_shows() {
+        for c in ['\u{061c}', '\u{200b}', '\u{200d}', '\u{202e}', '\u{2066}', '\u{2060}', '\u{feff}', '\u{00ad}', '\u{1b}', '\n'] {
+            let shown = safe(&format!("a{c}b"));
+            assert!(!shown.contains(c) && shown.starts_with('a') && shown.ends_with('b'), "{:?} -> {shown}", c);
+        }
+        assert_eq!(safe("apisix-etcd-1 ü 漢"), "apisix-etcd-1 ü 漢");
+    }
     use etcd_medic_client::crd::{ErrorStatus, EtcdRemediationSpec, StepStatus};
 
     fn record(name: &str, pod: &str, secs_ago: i64, phase: Option<&str>) -> EtcdRemediation {

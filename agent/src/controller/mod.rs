@@ -13,6 +13,12 @@ pub mod dispatch;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
+mod pause;
+mod record;
+pub(crate) use pause::paused_on;
+use record::{record, tell_hold};
+mod watch;
+mod workers;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -21,18 +27,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod};
 use kube::ResourceExt;
-use kube::api::{Api, LogParams, ObjectMeta, PostParams};
-use kube::runtime::WatchStreamExt;
+use kube::api::{Api, LogParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
 
-use etcd_medic_client::crd::{CANDIDACY, DETECTED_AT, DiagnosisStatus, EtcdRemediation, EtcdRemediationSpec, FAILING_SINCE, RESTARTS};
+use etcd_medic_client::crd::{EtcdRemediation, RESTARTS};
 use etcd_medic_core::detect::{self, Around, Hold, Limits, Thresholds};
-use etcd_medic_core::signature::{self, Action, Signature};
+use etcd_medic_core::signature::{self, Signature};
 
 use crate::error::{Code, Error};
 use crate::kubeapi::KubeApi;
@@ -195,8 +197,8 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let admin = crate::server::listen(ctx.cfg.admin)?;
     tokio::spawn(serve_admin(ctx.clone(), admin, shutdown.clone()));
     for scope in scopes {
-        tokio::spawn(watch_pods(ctx.clone(), scope.clone()));
-        tokio::spawn(watch_remediations(ctx.clone(), scope));
+        tokio::spawn(watch::watch_pods(ctx.clone(), scope.clone()));
+        tokio::spawn(watch::watch_remediations(ctx.clone(), scope));
     }
     let election = leader::Election {
         api: ctx.api.clone(),
@@ -243,90 +245,8 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             if let Some(due) = evaluate(&ctx, cause).await {
                 next = next.min(due);
             }
-            reconcile(&ctx);
+            workers::reconcile(&ctx);
         }
-    }
-}
-
-/// Keeps `ctx.pods` as the watch of `scope` (a namespace, or all) sees the selected pods.
-async fn watch_pods(ctx: Arc<Ctx>, scope: Option<String>) {
-    let api: Api<Pod> = scoped(&ctx, &scope);
-    let config = watcher::Config::default().labels(&ctx.cfg.selector);
-    keep_watching(ctx, api, config, "pods", scope, |c| &c.pods, |c, p| observe::pod_seen(&p, c.cfg.container.as_deref())).await
-}
-
-/// Keeps `ctx.rems` as the watch of `scope` sees the EtcdRemediations.
-async fn watch_remediations(ctx: Arc<Ctx>, scope: Option<String>) {
-    let api: Api<EtcdRemediation> = scoped(&ctx, &scope);
-    keep_watching(ctx, api, watcher::Config::default(), "etcdremediations", scope, |c| &c.rems, slim).await
-}
-
-fn scoped<K>(ctx: &Ctx, scope: &Option<String>) -> Api<K>
-where
-    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
-    K::DynamicType: Default,
-{
-    match scope {
-        Some(ns) => Api::namespaced(ctx.api.client().clone(), ns),
-        None => Api::all(ctx.api.client().clone()),
-    }
-}
-
-/// The cache a watch keeps, by (namespace, name).
-type Cache<V> = Mutex<HashMap<(String, String), V>>;
-
-/// Keeps one of `ctx`'s caches as a watch of `api` sees its objects (`keep` makes what is
-/// kept of one). A relist drops what it no longer has (deleted while the watch was down);
-/// the first list in counts toward readiness, and the memory its decoding took is handed
-/// back.
-async fn keep_watching<K, V>(
-    ctx: Arc<Ctx>,
-    api: Api<K>,
-    config: watcher::Config,
-    what: &str,
-    scope: Option<String>,
-    cache: for<'a> fn(&'a Ctx) -> &'a Cache<V>,
-    keep: fn(&Ctx, K) -> V,
-) where
-    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug + Send + 'static,
-{
-    let name = format!("{what}/{}", scope.as_deref().unwrap_or("*"));
-    let mut listed: HashSet<(String, String)> = HashSet::new();
-    let mut stream = watcher(api, config).default_backoff().boxed();
-    while let Some(ev) = stream.next().await {
-        let in_scope = |k: &(String, String)| scope.as_ref().is_none_or(|ns| *ns == k.0);
-        match ev {
-            Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) => {
-                let key = (o.namespace().unwrap_or_default(), o.name_any());
-                listed.insert(key.clone());
-                let kept = keep(&ctx, o);
-                cache(&ctx).lock().unwrap().insert(key, kept);
-            }
-            Ok(watcher::Event::Delete(o)) => {
-                cache(&ctx).lock().unwrap().remove(&(o.namespace().unwrap_or_default(), o.name_any()));
-            }
-            Ok(watcher::Event::Init) => listed.clear(),
-            Ok(watcher::Event::InitDone) => {
-                cache(&ctx).lock().unwrap().retain(|k, _| !in_scope(k) || listed.contains(k));
-                if ctx.synced.lock().unwrap().insert(name.clone()) {
-                    tracing::info!(watch = %name, "first list in");
-                }
-                release_freed_memory();
-            }
-            Err(e) => tracing::warn!(watch = %name, "watch failed: {e}; retrying (is the EtcdRemediation CRD installed?)"),
-        }
-        ctx.metrics.watched.set(ctx.pods.lock().unwrap().len() as i64);
-        ctx.changed.notify_one();
-    }
-}
-
-/// A list decodes every selected pod in full before the controller keeps its few fields:
-/// the allocator keeps that peak. Hand it back to the system once a list is in.
-fn release_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap pages to the system.
-    unsafe {
-        libc::malloc_trim(0);
     }
 }
 
@@ -338,87 +258,6 @@ const DECISION: &str = "etcd-medic.io/decision";
 /// What the controller decided for a record of its own (`None`: a person's).
 pub fn decision(r: &EtcdRemediation) -> Option<&str> {
     r.labels().get(DECISION).map(String::as_str)
-}
-
-/// Records carried out at once by this replica, and at most this many of one namespace: a
-/// tenant's thousand records wait their turn, and never delay another namespace's.
-pub const WORKERS: usize = 32;
-pub const WORKERS_PER_NAMESPACE: usize = 4;
-
-/// Starts carrying out the EtcdRemediations that have not ended, and the restores asked of
-/// ones that have, unless a task of this replica is already at it: within [`WORKERS`], and
-/// [`WORKERS_PER_NAMESPACE`] per namespace, the least served namespaces first, each
-/// namespace's oldest records first. The rest wait for a worker to end (each end is a look).
-fn reconcile(ctx: &Arc<Ctx>) {
-    let refused = |r: &EtcdRemediation| decision(r) == Some("refused");
-    let mut work: Vec<(EtcdRemediation, bool)> = ctx
-        .rems
-        .lock()
-        .unwrap()
-        .values()
-        .filter(|r| r.metadata.deletion_timestamp.is_none())
-        .filter_map(|r| {
-            let open = !refused(r) && !dispatch::is_final(r.status.as_ref());
-            (open || dispatch::wants_restore(r)).then(|| (r.clone(), open))
-        })
-        .collect();
-    work.sort_by(|(a, _), (b, _)| {
-        a.metadata.creation_timestamp.cmp(&b.metadata.creation_timestamp).then_with(|| a.name_any().cmp(&b.name_any()))
-    });
-    let mut busy = ctx.busy.lock().unwrap();
-    let mut per_ns: HashMap<String, usize> = HashMap::new();
-    for (ns, _) in busy.iter() {
-        *per_ns.entry(ns.clone()).or_default() += 1;
-    }
-    for (r, open) in pick_fairly(work, &busy, &mut per_ns, WORKERS.saturating_sub(busy.len())) {
-        busy.insert((r.namespace().unwrap_or_default(), r.name_any()));
-        if open {
-            tokio::spawn(dispatch::carry_out(ctx.clone(), r));
-        } else {
-            tokio::spawn(dispatch::restore(ctx.clone(), r));
-        }
-    }
-}
-
-/// Up to `room` of `work` (oldest first) not in `busy`: round by round, one more per
-/// namespace, the namespaces with the fewest at work first, none above its share. Pure.
-fn pick_fairly<T: kube::Resource>(
-    work: Vec<(T, bool)>,
-    busy: &HashSet<(String, String)>,
-    per_ns: &mut HashMap<String, usize>,
-    mut room: usize,
-) -> Vec<(T, bool)> {
-    let mut queues: std::collections::BTreeMap<String, std::collections::VecDeque<(T, bool)>> = Default::default();
-    for (r, open) in work {
-        let key = (r.meta().namespace.clone().unwrap_or_default(), r.meta().name.clone().unwrap_or_default());
-        if !busy.contains(&key) {
-            queues.entry(key.0).or_default().push_back((r, open));
-        }
-    }
-    let mut picked = Vec::new();
-    while room > 0 {
-        let next = queues
-            .iter()
-            .filter(|(ns, q)| !q.is_empty() && per_ns.get(*ns).copied().unwrap_or(0) < WORKERS_PER_NAMESPACE)
-            .min_by_key(|(ns, _)| per_ns.get(*ns).copied().unwrap_or(0))
-            .map(|(ns, _)| ns.clone());
-        let Some(ns) = next else { break };
-        let item = queues.get_mut(&ns).and_then(|q| q.pop_front()).expect("a non-empty queue");
-        *per_ns.entry(ns).or_default() += 1;
-        picked.push(item);
-        room -= 1;
-    }
-    picked
-}
-
-/// What the controller keeps of a record: not its managed fields, nor annotations other
-/// than its own (a record's annotations can be 256 KiB, and a tenant writes them).
-fn slim(_: &Ctx, mut r: EtcdRemediation) -> EtcdRemediation {
-    r.metadata.managed_fields = None;
-    if let Some(a) = r.metadata.annotations.as_mut() {
-        a.retain(|k, v| k.starts_with("etcd-medic.io/") && v.len() <= 1024);
-    }
-    r
 }
 
 /// What caused a look at the watched pods.
@@ -642,58 +481,6 @@ async fn detection(ctx: &Ctx, pod: &PodSeen) -> Detected {
 }
 
 /// Where a pause annotation holds this pod: on it, its StatefulSet or its namespace (the
-/// latter two looked up at most every 10 s).
-async fn paused_on(ctx: &Ctx, pod: &PodSeen) -> Option<String> {
-    if pod.paused {
-        return Some(format!("pod {}/{}", pod.namespace, pod.name));
-    }
-    if let Some(set) = &pod.cluster {
-        let key = format!("statefulset {}/{set}", pod.namespace);
-        let api: Api<StatefulSet> = Api::namespaced(ctx.api.client().clone(), &pod.namespace);
-        if cached_pause(ctx, &key, || async {
-            api.get_opt(set).await.map(|s| s.is_some_and(|s| observe::is_paused(s.metadata.annotations.as_ref())))
-        })
-        .await
-        {
-            return Some(key);
-        }
-    }
-    let key = format!("namespace {}", pod.namespace);
-    let api: Api<Namespace> = Api::all(ctx.api.client().clone());
-    let ns = pod.namespace.clone();
-    if cached_pause(ctx, &key, || async move {
-        api.get_opt(&ns).await.map(|n| n.is_some_and(|n| observe::is_paused(n.metadata.annotations.as_ref())))
-    })
-    .await
-    {
-        return Some(key);
-    }
-    None
-}
-
-async fn cached_pause<F, Fut>(ctx: &Ctx, key: &str, look: F) -> bool
-where
-    F: FnOnce() -> Fut,
-    Fut: Future<Output = kube::Result<bool>>,
-{
-    if let Some((at, paused)) = ctx.pauses.lock().unwrap().get(key)
-        && at.elapsed() < Duration::from_secs(10)
-    {
-        return *paused;
-    }
-    // Unreadable counts as paused: the controller does not act on what it cannot see.
-    let paused = match tokio::time::timeout(ctx.cfg.api_timeout, look()).await {
-        Ok(Ok(p)) => p,
-        Ok(Err(e)) => {
-            tracing::warn!("cannot read the pause annotation of {key}: {e}; holding");
-            true
-        }
-        Err(_) => true,
-    };
-    ctx.pauses.lock().unwrap().insert(key.to_string(), (Instant::now(), paused));
-    paused
-}
-
 /// A remediation of `cluster` not yet ended (its pod's name).
 fn in_flight(ctx: &Ctx, namespace: &str, cluster: &str) -> Option<String> {
     let pods = ctx.pods.lock().unwrap();
@@ -733,131 +520,6 @@ fn attempts(ctx: &Ctx, pod: &PodSeen, now: jiff::Timestamp, refused: bool) -> Ve
         .collect()
 }
 
-/// A hold, told once per pod and reason: a log line, a decision counted, an Event.
-async fn tell_hold(ctx: &Ctx, pod: &PodSeen, hold: &Hold) {
-    let reason = hold.as_str().to_string();
-    if ctx.held.lock().unwrap().insert(pod.uid.clone(), reason.clone()).as_deref() == Some(reason.as_str()) {
-        return;
-    }
-    let detail = serde_json::to_string(hold).unwrap_or_default();
-    tracing::info!(namespace = %pod.namespace, pod = %pod.name, hold = %reason, detail = %detail, "remediation held");
-    ctx.metrics.decision("hold", &reason);
-    // The hold is in the Event's reason: Events of one reason fold into one series, whose
-    // note stays the first one's.
-    let note = format!("etcd-medic holds the remediation of this failing pod: {reason} {detail}");
-    ctx.pod_event(pod, EventType::Warning, &format!("Held{reason}"), &note).await;
-}
-
-/// Records the decision for a candidate that may be dispatched: an EtcdRemediation that the
-/// reconcile loop carries out, or, for a crash the agent must not touch, one that ends
-/// `Refused` here with the reason and the evidence.
-async fn record(ctx: &Ctx, pod: &PodSeen, d: &Detected, by: detect::Candidacy, look: Look) {
-    let (action, code, why) = signature::decide(d.signature, None);
-    let evidence = d.evidence.clone().unwrap_or_default();
-    if !ctx.leading() || ctx.create_failed.lock().unwrap().get(&pod.uid).is_some_and(|t| Instant::now() < *t) {
-        return;
-    }
-    let cr = EtcdRemediation {
-        metadata: ObjectMeta {
-            name: Some(record_name(&pod.name, &pod.uid, records_of(ctx, pod))),
-            namespace: Some(pod.namespace.clone()),
-            labels: Some(
-                [
-                    ("app.kubernetes.io/managed-by".to_string(), "etcd-medic-controller".to_string()),
-                    // A label value is at most 63 characters: a longer pod name is in the spec only.
-                    ("etcd-medic.io/pod".to_string(), if pod.name.len() <= 63 { pod.name.clone() } else { String::new() }),
-                    (DECISION.to_string(), if action == Action::Refuse { "refused" } else { "dispatch" }.to_string()),
-                    (CANDIDACY.to_string(), by.as_str().to_string()),
-                ]
-                .into(),
-            ),
-            annotations: Some(
-                [(DETECTED_AT.to_string(), d.at_wall.to_string()), (RESTARTS.to_string(), pod.restarts.to_string())]
-                    .into_iter()
-                    .chain(pod.not_ready_since.map(|t| (FAILING_SINCE.to_string(), t.to_string())))
-                    .collect(),
-            ),
-            ..Default::default()
-        },
-        spec: EtcdRemediationSpec {
-            pod: pod.name.clone(),
-            pod_uid: Some(pod.uid.clone()),
-            reason: Some(signature::truncate(&format!("{}: {evidence}", d.signature.as_str()), 1000)),
-            dry_run: ctx.cfg.dry_run,
-            force: false,
-            restore: false,
-        },
-        status: None,
-    };
-    let api: Api<EtcdRemediation> = Api::namespaced(ctx.api.client().clone(), &pod.namespace);
-    let created = match api.create(&PostParams::default(), &cr).await {
-        Ok(c) => c,
-        // The name is this instance's and attempt's: a create whose answer was lost went
-        // through, and the watch brings the record.
-        Err(kube::Error::Api(s)) if s.code == 409 => return,
-        Err(e) => {
-            tracing::warn!(namespace = %pod.namespace, pod = %pod.name, "cannot record the EtcdRemediation: {e}; again in 30s");
-            ctx.create_failed.lock().unwrap().insert(pod.uid.clone(), Instant::now() + Duration::from_secs(30));
-            return;
-        }
-    };
-    let key = (pod.namespace.clone(), created.name_any());
-    ctx.rems.lock().unwrap().insert(key, created.clone());
-    match (action, code) {
-        (Action::Refuse, Some(code)) => {
-            ctx.metrics.decision("refuse", code.as_str());
-            let mut status = dispatch::ended(&Default::default(), created.metadata.generation, "Refused", &Error::new(code, why.clone()));
-            status.diagnosis = Some(DiagnosisStatus {
-                signature: d.signature.as_str().into(),
-                action: "refuse".into(),
-                evidence: d.evidence.clone().into_iter().collect(),
-            });
-            tracing::warn!(namespace = %pod.namespace, pod = %pod.name, code = %code, "refused: {why}");
-            if dispatch::write_status(ctx, &pod.namespace, &created.name_any(), &status).await.is_ok() {
-                let mut done = created.clone();
-                done.status = Some(status);
-                ctx.rems.lock().unwrap().insert((pod.namespace.clone(), created.name_any()), done);
-            }
-            ctx.metrics.remediations.get_or_create(&metrics::PhaseLabels { phase: "Refused".into() }).inc();
-            ctx.event(&created, EventType::Warning, "RemediationRefused", &format!("{code}: {why} (evidence: {evidence})")).await;
-        }
-        _ => {
-            ctx.metrics.decision("dispatch", d.signature.as_str());
-            tracing::info!(
-                namespace = %pod.namespace,
-                pod = %pod.name,
-                remediation = %created.name_any(),
-                candidacy = by.as_str(),
-                look = look.as_str(),
-                restarts = pod.restarts,
-                "dispatching"
-            );
-            ctx.event(&created, EventType::Normal, "Detected", &format!("{}: {evidence}", d.signature.as_str())).await;
-        }
-    }
-    ctx.changed.notify_one();
-}
-
-/// The records of this pod instance so far.
-fn records_of(ctx: &Ctx, pod: &PodSeen) -> usize {
-    ctx.rems
-        .lock()
-        .unwrap()
-        .values()
-        .filter(|r| r.namespace().as_deref() == Some(&pod.namespace) && r.spec.pod_uid.as_deref() == Some(&pod.uid))
-        .count()
-}
-
-/// A record's name: the pod's, its instance (the UID's first 8 characters) and the attempt,
-/// so that asking twice for one attempt is an AlreadyExists, never a second record. At most
-/// 253 characters.
-pub fn record_name(pod: &str, uid: &str, earlier: usize) -> String {
-    let suffix = format!("-{}-{}", uid.chars().filter(char::is_ascii_alphanumeric).take(8).collect::<String>().to_lowercase(), earlier + 1);
-    let mut base = pod.to_string();
-    base.truncate(253 - suffix.len());
-    format!("{}{suffix}", base.trim_end_matches(['-', '.']))
-}
-
 /// `/healthz`, `/readyz` (every watch listed) and `/metrics`, on the admin port.
 async fn serve_admin(ctx: Arc<Ctx>, listener: tokio::net::TcpListener, shutdown: Shutdown) {
     use axum::http::StatusCode;
@@ -883,50 +545,5 @@ async fn serve_admin(ctx: Arc<Ctx>, listener: tokio::net::TcpListener, shutdown:
     let stop = shutdown.clone();
     if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { stop.stopped().await }).await {
         tracing::error!("the admin server stopped: {e}");
-    }
-}
-
-#[cfg(test)]
-mod fair_tests {
-    use super::*;
-
-    fn rec(ns: &str, name: &str) -> (EtcdRemediation, bool) {
-        let mut r = EtcdRemediation::new(name, Default::default());
-        r.metadata.namespace = Some(ns.into());
-        (r, true)
-    }
-
-    #[test]
-    fn a_tenants_thousand_records_never_delay_another_namespace() {
-        let mut work: Vec<_> = (0..1000).map(|i| rec("tenant", &format!("r{i:04}"))).collect();
-        work.push(rec("apisix", "heal"));
-        let mut per_ns = HashMap::new();
-        let picked = pick_fairly(work, &HashSet::new(), &mut per_ns, WORKERS);
-        let names: Vec<String> = picked.iter().map(|(r, _)| format!("{}/{}", r.namespace().unwrap(), r.name_any())).collect();
-        assert_eq!(names.len(), WORKERS_PER_NAMESPACE + 1, "{names:?}");
-        assert!(names.contains(&"apisix/heal".to_string()));
-        assert_eq!(names[0..2], ["apisix/heal", "tenant/r0000"], "the least served namespace first, the oldest of each");
-        // With the tenant at its share already, only others are started.
-        let again = pick_fairly(vec![rec("tenant", "r9"), rec("b", "x")], &HashSet::new(), &mut per_ns, WORKERS);
-        assert_eq!(again.len(), 1);
-        assert_eq!(again[0].0.namespace().as_deref(), Some("b"));
-        // Busy ones are never started twice, and room bounds the total.
-        let busy: HashSet<(String, String)> = [("c".to_string(), "1".to_string())].into();
-        let picked = pick_fairly(vec![rec("c", "1"), rec("c", "2"), rec("d", "1")], &busy, &mut HashMap::new(), 1);
-        assert_eq!(picked.len(), 1);
-        assert_ne!((picked[0].0.namespace(), picked[0].0.name_any()), (Some("c".to_string()), "1".to_string()));
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_record_is_named_for_its_pod_instance_and_attempt() {
-        assert_eq!(record_name("apisix-etcd-1", "4396a12d-23e6-4ea5", 0), "apisix-etcd-1-4396a12d-1");
-        assert_eq!(record_name("apisix-etcd-1", "4396A12D-23e6", 2), "apisix-etcd-1-4396a12d-3");
-        let long = record_name(&"e".repeat(300), "u1", 0);
-        assert!(long.len() <= 253 && long.ends_with("-u1-1"), "{long}");
     }
 }

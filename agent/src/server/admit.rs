@@ -5,7 +5,18 @@
 //! the heals of everyone else.
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::{Agent, BODY_LIMIT, Failure};
+use crate::error::{Code, Error};
 
 /// The slots of `/v1`: `shared` for everyone, `reserved` only for the reserved identities,
 /// and no identity above `per_identity` at once.
@@ -85,6 +96,103 @@ impl Drop for Slot {
             }
         }
     }
+}
+
+/// How long a request's body may take to arrive once its headers did.
+const BODY_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Admission to `/v1`, cheapest first, each refusal answered before the body is read: the
+/// client's rate (429); who is calling, from the headers alone (401, or 503 while not
+/// ready); a slot, within the caller's share or the controller's reserve (429); a declared
+/// length over the limit (413). Only then is the body read, whole, within [`BODY_TIMEOUT`]
+/// (a slower one is answered 400 and its connection closed), and the handler runs with the
+/// caller's identity.
+pub(super) async fn limits(State(a): State<Arc<Agent>>, req: Request, next: Next) -> Response {
+    let client = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+    if !a.limiter.allow(client, Instant::now()) {
+        return linger(req, too_many(format!("{client} sends more than {} requests per second", a.cfg.rate_limit))).await;
+    }
+    let user = match a.ready() {
+        Ok(ready) => ready.auth.authenticate(req.headers()).await,
+        Err(e) => Err(e),
+    };
+    let user = match user {
+        Ok(u) => u,
+        Err(e) => return linger(req, Failure::from(e).into_response()).await,
+    };
+    let priority = a.cfg.reserved_for.contains(&user.name);
+    let _slot = match a.slots.take(&user.name, priority) {
+        Ok(slot) => slot,
+        Err(Busy::Identity(n)) => return linger(req, too_many(format!("{} has {n} requests in flight already", user.name))).await,
+        Err(Busy::All(n)) => return linger(req, too_many(format!("the agent is serving {n} requests already"))).await,
+    };
+    // A declared length over the limit is refused before the body is handled: a client that
+    // sent `Expect: 100-continue` never sends it, and one that did not is heard out (see
+    // `linger`), so that the answer is not lost to a reset.
+    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
+        return linger(req, too_large()).await;
+    }
+    let (parts, body) = req.into_parts();
+    let body = match tokio::time::timeout(BODY_TIMEOUT, read_body(body)).await {
+        Ok(Ok(bytes)) => bytes,
+        Ok(Err(resp)) => return resp,
+        Err(_) => {
+            let mut resp =
+                Failure::from(Error::invalid(format!("the request body did not arrive within {BODY_TIMEOUT:?}"))).into_response();
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return resp;
+        }
+    };
+    let mut req = Request::from_parts(parts, axum::body::Body::from(body));
+    req.extensions_mut().insert(user);
+    next.run(req).await
+}
+
+/// The whole body, at most [`BODY_LIMIT`] bytes (413 beyond, the connection closed).
+async fn read_body(body: axum::body::Body) -> std::result::Result<Bytes, Response> {
+    use futures::StreamExt;
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| Failure::from(Error::invalid(format!("the body could not be read: {e}"))).into_response())?;
+        if buf.len() + chunk.len() > BODY_LIMIT {
+            let mut resp = too_large();
+            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Err(resp);
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(Bytes::from(buf))
+}
+
+fn too_large() -> Response {
+    Failure::from(Error::new(Code::PayloadTooLarge, format!("the body is larger than {BODY_LIMIT} bytes"))).into_response()
+}
+
+/// How much of an unread body an early answer waits for, and how long.
+const LINGER_BYTES: usize = 1 << 20;
+const LINGER_TIME: Duration = Duration::from_secs(1);
+
+/// Answers early with `resp`, the way nginx's lingering close does: what the client still
+/// sends of its body is read and dropped first (at most [`LINGER_BYTES`], [`LINGER_TIME`]),
+/// and the connection is closed after the answer. A client that writes its whole body
+/// without waiting (Python's `urllib`, most scripts) is then reading when the answer comes,
+/// instead of meeting a reset that discards it. A client that asked `Expect: 100-continue`
+/// is answered at once: it sends nothing until told to.
+async fn linger(req: Request, mut resp: Response) -> Response {
+    let waits = req.headers().get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    if !waits {
+        let _ = tokio::time::timeout(LINGER_TIME, axum::body::to_bytes(req.into_body(), LINGER_BYTES)).await;
+    }
+    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+fn too_many(why: String) -> Response {
+    let mut resp = Failure::from(Error::new(Code::TooManyRequests, format!("{why}; retry shortly"))).into_response();
+    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    resp
 }
 
 #[cfg(test)]

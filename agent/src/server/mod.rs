@@ -12,21 +12,22 @@ pub mod limit;
 pub mod metrics;
 pub mod openapi;
 pub mod report;
+mod routes;
 pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Extension, Json};
 use serde::Deserialize;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -496,19 +497,19 @@ pub struct ListQuery {
 /// The whole HTTP surface.
 pub fn router(agent: Arc<Agent>) -> axum::Router {
     let v1 = axum::Router::new()
-        .route("/v1/remediations", post(create).get(list))
-        .route("/v1/remediations/{id}", get(show))
-        .route("/v1/remediations/{id}/restore", post(restore))
+        .route("/v1/remediations", post(routes::create).get(routes::list))
+        .route("/v1/remediations/{id}", get(routes::show))
+        .route("/v1/remediations/{id}/restore", post(routes::restore))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
-        .route_layer(middleware::from_fn_with_state(agent.clone(), limits))
+        .route_layer(middleware::from_fn_with_state(agent.clone(), admit::limits))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, REQUEST_TIMEOUT));
     axum::Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_text))
-        .route("/openapi.json", get(openapi_json))
+        .route("/healthz", get(routes::healthz))
+        .route("/readyz", get(routes::readyz))
+        .route("/metrics", get(routes::metrics_text))
+        .route("/openapi.json", get(routes::openapi_json))
         .merge(v1)
-        .fallback(fallback)
+        .fallback(routes::fallback)
         .layer(middleware::from_fn_with_state(agent.clone(), observe))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_| {
             Failure::from(Error::new(Code::Internal, "the agent hit a bug handling this request; nothing was done")).into_response()
@@ -557,103 +558,6 @@ pub async fn serve(agent: Arc<Agent>, listener: tokio::net::TcpListener) -> anyh
     Ok(())
 }
 
-/// How long a request's body may take to arrive once its headers did.
-const BODY_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Admission to `/v1`, cheapest first, each refusal answered before the body is read: the
-/// client's rate (429); who is calling, from the headers alone (401, or 503 while not
-/// ready); a slot, within the caller's share or the controller's reserve (429); a declared
-/// length over the limit (413). Only then is the body read, whole, within [`BODY_TIMEOUT`]
-/// (a slower one is answered 400 and its connection closed), and the handler runs with the
-/// caller's identity.
-async fn limits(State(a): State<Arc<Agent>>, req: Request, next: Next) -> Response {
-    let client = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip()).unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
-    if !a.limiter.allow(client, Instant::now()) {
-        return linger(req, too_many(format!("{client} sends more than {} requests per second", a.cfg.rate_limit))).await;
-    }
-    let user = match a.ready() {
-        Ok(ready) => ready.auth.authenticate(req.headers()).await,
-        Err(e) => Err(e),
-    };
-    let user = match user {
-        Ok(u) => u,
-        Err(e) => return linger(req, Failure::from(e).into_response()).await,
-    };
-    let priority = a.cfg.reserved_for.iter().any(|r| *r == user.name);
-    let _slot = match a.slots.take(&user.name, priority) {
-        Ok(slot) => slot,
-        Err(admit::Busy::Identity(n)) => return linger(req, too_many(format!("{} has {n} requests in flight already", user.name))).await,
-        Err(admit::Busy::All(n)) => return linger(req, too_many(format!("the agent is serving {n} requests already"))).await,
-    };
-    // A declared length over the limit is refused before the body is handled: a client that
-    // sent `Expect: 100-continue` never sends it, and one that did not is heard out (see
-    // `linger`), so that the answer is not lost to a reset.
-    let declared = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
-        return linger(req, too_large()).await;
-    }
-    let (parts, body) = req.into_parts();
-    let body = match tokio::time::timeout(BODY_TIMEOUT, read_body(body)).await {
-        Ok(Ok(bytes)) => bytes,
-        Ok(Err(resp)) => return resp,
-        Err(_) => {
-            let mut resp =
-                Failure::from(Error::invalid(format!("the request body did not arrive within {BODY_TIMEOUT:?}"))).into_response();
-            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return resp;
-        }
-    };
-    let mut req = Request::from_parts(parts, axum::body::Body::from(body));
-    req.extensions_mut().insert(user);
-    next.run(req).await
-}
-
-/// The whole body, at most [`BODY_LIMIT`] bytes (413 beyond, the connection closed).
-async fn read_body(body: axum::body::Body) -> std::result::Result<Bytes, Response> {
-    use futures::StreamExt;
-    let mut stream = body.into_data_stream();
-    let mut buf = Vec::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| Failure::from(Error::invalid(format!("the body could not be read: {e}"))).into_response())?;
-        if buf.len() + chunk.len() > BODY_LIMIT {
-            let mut resp = too_large();
-            resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return Err(resp);
-        }
-        buf.extend_from_slice(&chunk);
-    }
-    Ok(Bytes::from(buf))
-}
-
-fn too_large() -> Response {
-    Failure::from(Error::new(Code::PayloadTooLarge, format!("the body is larger than {BODY_LIMIT} bytes"))).into_response()
-}
-
-/// How much of an unread body an early answer waits for, and how long.
-const LINGER_BYTES: usize = 1 << 20;
-const LINGER_TIME: Duration = Duration::from_secs(1);
-
-/// Answers early with `resp`, the way nginx's lingering close does: what the client still
-/// sends of its body is read and dropped first (at most [`LINGER_BYTES`], [`LINGER_TIME`]),
-/// and the connection is closed after the answer. A client that writes its whole body
-/// without waiting (Python's `urllib`, most scripts) is then reading when the answer comes,
-/// instead of meeting a reset that discards it. A client that asked `Expect: 100-continue`
-/// is answered at once: it sends nothing until told to.
-async fn linger(req: Request, mut resp: Response) -> Response {
-    let waits = req.headers().get(header::EXPECT).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
-    if !waits {
-        let _ = tokio::time::timeout(LINGER_TIME, axum::body::to_bytes(req.into_body(), LINGER_BYTES)).await;
-    }
-    resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
-    resp
-}
-
-fn too_many(why: String) -> Response {
-    let mut resp = Failure::from(Error::new(Code::TooManyRequests, format!("{why}; retry shortly"))).into_response();
-    resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    resp
-}
-
 /// Counts every answer, and turns any error answer that is not problem+json yet (axum's own
 /// 405, a timeout, a body rejection) into one with the contract's code.
 async fn observe(State(a): State<Arc<Agent>>, req: Request, next: Next) -> Response {
@@ -679,116 +583,6 @@ async fn observe(State(a): State<Arc<Agent>>, req: Request, next: Next) -> Respo
     a.metrics.http.get_or_create(&HttpLabels { route, status: resp.status().as_u16() }).inc();
     resp
 }
-
-/// The answers every `/v1` operation may give a caller, whatever it asked.
-#[derive(utoipa::IntoResponses)]
-#[allow(dead_code)]
-enum CallerErrors {
-    #[response(status = 401, description = "Unauthenticated", content_type = "application/problem+json")]
-    Unauthenticated(Problem),
-    #[response(status = 403, description = "Forbidden", content_type = "application/problem+json")]
-    Forbidden(Problem),
-    #[response(status = 429, description = "TooManyRequests", content_type = "application/problem+json")]
-    TooManyRequests(Problem),
-    #[response(status = 503, description = "NotReady", content_type = "application/problem+json")]
-    NotReady(Problem),
-}
-
-#[utoipa::path(post, path = "/v1/remediations", tag = "remediations", request_body = CreateRequest,
-    description = "Asks this node's agent to remediate one pod. Answered at once: 202 with the new remediation (phase Pending) and its Location; 200 with the existing one when this pod instance (UID) already has one running or finished (Refused ones excepted: nothing was changed, so asking again is safe); 200 with phase Planned for a dry run, which runs every gate inline. Refusals of a remediation that runs in the background show in its phase (Refused) and error.code.",
-    responses(
-        (status = 202, description = "Accepted; runs in the background", body = Remediation, headers(("Location" = String, description = "/v1/remediations/{id}"))),
-        (status = 200, description = "The existing remediation of this pod instance, or a dry run's plan (phase Planned)", body = Remediation),
-        (status = 400, description = "InvalidRequest", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "PodNotFound, PVCNotFound, PVNotFound", body = Problem, content_type = "application/problem+json"),
-        (status = 409, description = "PodUIDMismatch, ClusterLocked (dry run)", body = Problem, content_type = "application/problem+json"),
-        (status = 413, description = "PayloadTooLarge", body = Problem, content_type = "application/problem+json"),
-        (status = 421, description = "WrongNode: detail names the pod's node", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "A gate refused (dry run): PodHealthy, PodRunning, QuorumAtRisk, SoleMember, DataDirNotFound, NotEtcdData, UnsafePath, NotAMount, InsufficientSpace, UnsupportedProfile, SplitBrain, UnknownFailure, SelfHealing, ForeignMember", body = Problem, content_type = "application/problem+json"),
-        CallerErrors,
-    ),
-    security(("bearer" = [])))]
-async fn create(
-    State(a): State<Arc<Agent>>,
-    Extension(user): Extension<User>,
-    headers: HeaderMap,
-    body: std::result::Result<Bytes, BytesRejection>,
-) -> Answer {
-    a.create(&user, &headers, body).await
-}
-
-#[utoipa::path(get, path = "/v1/remediations/{id}", tag = "remediations",
-    params(("id" = String, Path, description = "The remediation's id")),
-    responses(
-        (status = 200, description = "The remediation: phase, step, steps with timings, error", body = Remediation),
-        (status = 404, description = "RemediationNotFound", body = Problem, content_type = "application/problem+json"),
-        CallerErrors,
-    ),
-    security(("bearer" = [])))]
-async fn show(State(a): State<Arc<Agent>>, Extension(user): Extension<User>, Path(id): Path<String>) -> Answer {
-    a.show(&user, &id).await
-}
-
-#[utoipa::path(post, path = "/v1/remediations/{id}/restore", tag = "remediations",
-    description = "Puts the quarantine of remediation `id` back into its pod's data dir as it is now (what and from where come from the node's journal), and answers the remediation with `quarantine.state` Restored. Authorized as `update` on etcdremediations in the pod's namespace. Refused while any process uses the data (PodRunning: scale the StatefulSet down or wait for the crash loop's back-off), while a remediation of the pod runs, and when files of the same name came back meanwhile (UnsafePath). Restoring twice answers the same.",
-    params(("id" = String, Path, description = "The remediation's id")),
-    responses(
-        (status = 200, description = "Restored (or restored already): the remediation as journaled", body = Remediation),
-        (status = 400, description = "InvalidRequest: nothing was quarantined, retention removed it, or a remediation of the pod runs", body = Problem, content_type = "application/problem+json"),
-        (status = 404, description = "RemediationNotFound, or the pod's volume is gone (PodNotFound, PVCNotFound, PVNotFound, DataDirNotFound)", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "PodRunning, UnsafePath, NotAMount", body = Problem, content_type = "application/problem+json"),
-        CallerErrors,
-    ),
-    security(("bearer" = [])))]
-async fn restore(State(a): State<Arc<Agent>>, Extension(user): Extension<User>, Path(id): Path<String>) -> Answer {
-    a.restore(&user, &id).await
-}
-
-#[utoipa::path(get, path = "/v1/remediations", tag = "remediations", params(ListQuery),
-    responses(
-        (status = 200, description = "This node's remediations, newest first", body = RemediationList),
-        (status = 400, description = "InvalidRequest", body = Problem, content_type = "application/problem+json"),
-        CallerErrors,
-    ),
-    security(("bearer" = [])))]
-async fn list(
-    State(a): State<Arc<Agent>>,
-    Extension(user): Extension<User>,
-    q: std::result::Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Answer {
-    let Query(q) = q.map_err(|e| Error::invalid(format!("bad query: {}", e.body_text())))?;
-    a.list(&user, q).await
-}
-
-#[utoipa::path(get, path = "/healthz", tag = "probes", responses((status = 200, description = "The process serves", body = String, content_type = "text/plain")))]
-async fn healthz() -> &'static str {
-    "ok"
-}
-
-#[utoipa::path(get, path = "/readyz", tag = "probes", responses(
-    (status = 200, description = "The API server answers and the state dir is writable", body = String, content_type = "text/plain"),
-    (status = 503, description = "NotReady, with why", body = Problem, content_type = "application/problem+json"),
-))]
-async fn readyz(State(a): State<Arc<Agent>>) -> Answer {
-    a.ready()?;
-    Ok("ok".into_response())
-}
-
-#[utoipa::path(get, path = "/metrics", tag = "probes", responses((status = 200, description = "OpenMetrics text", body = String, content_type = "application/openmetrics-text")))]
-async fn metrics_text(State(a): State<Arc<Agent>>) -> Response {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], a.metrics.encode()).into_response()
-}
-
-#[utoipa::path(get, path = "/openapi.json", tag = "probes", responses((status = 200, description = "This document", content_type = "application/json")))]
-async fn openapi_json() -> Response {
-    ([(header::CONTENT_TYPE, "application/json")], openapi::document()).into_response()
-}
-
-async fn fallback(req: Request) -> Failure {
-    Error::new(Code::NotFound, format!("no such path: {} {}", req.method(), req.uri().path())).into()
-}
-
-use crate::error::Problem;
 
 #[cfg(test)]
 mod tests {
@@ -834,7 +628,7 @@ mod tests {
 
     fn request(method: &str, path: &str) -> Request {
         let mut req = Request::builder().method(method).uri(path).body(Body::empty()).unwrap();
-        req.extensions_mut().insert(ConnectInfo(SocketAddr::from(([10, 0, 0, 9], 40000))));
+        req.extensions_mut().insert(axum::extract::ConnectInfo(SocketAddr::from(([10, 0, 0, 9], 40000))));
         req
     }
 

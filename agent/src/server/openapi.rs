@@ -12,7 +12,16 @@ use utoipa::{Modify, OpenApi};
         version = "v1",
         description = "The node-local API of etcd-medic: remediate an etcd member stuck in `etcdserver: member not found`. Errors are application/problem+json with a stable `code`."
     ),
-    paths(super::create, super::list, super::show, super::restore, super::healthz, super::readyz, super::metrics_text, super::openapi_json),
+    paths(
+        super::routes::create,
+        super::routes::list,
+        super::routes::show,
+        super::routes::restore,
+        super::routes::healthz,
+        super::routes::readyz,
+        super::routes::metrics_text,
+        super::routes::openapi_json
+    ),
     modifiers(&Bearer)
 )]
 pub struct ApiDoc;

@@ -45,7 +45,7 @@ fn args() -> Result<Args> {
             other => anyhow::bail!("unknown flag {other}; see the source's header"),
         }
     }
-    ensure!(a.etcd <= a.pods && a.etcd % 3 == 0, "--etcd must be a multiple of 3, at most --pods");
+    ensure!(a.etcd <= a.pods && a.etcd.is_multiple_of(3), "--etcd must be a multiple of 3, at most --pods");
     Ok(a)
 }
 

@@ -217,7 +217,7 @@ async fn main() -> Result<()> {
         ("unknown", "an unknown crash (killed at every start): not healed, the controller's `Refused` record"),
         ("manual", "`member not found` healed by a person following the known fix (a lower bound)"),
     ];
-    let mut md = format!("| from the first crash of | to | median | min | max | how each run ended |\n|---|---|---|---|---|---|\n");
+    let mut md = "| from the first crash of | to | median | min | max | how each run ended |\n|---|---|---|---|---|---|\n".to_string();
     for (failure, what) in all.iter().filter(|(f, _)| a.only.is_empty() || a.only.iter().any(|o| o == f)) {
         let mut secs = vec![];
         let mut hows = vec![];

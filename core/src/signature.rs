@@ -156,8 +156,9 @@ const RULES: &[Rule] = &[
     Rule { signature: Signature::BadMemberId, any: &["bad member ID arg"], with: &[] },
 ];
 
-/// The text of a line the rules look at: a zap JSON line's `msg` and `error` (and `level`),
-/// any other line whole.
+/// The text of a line the rules look at: a zap JSON line's `msg` and `error` (and `level`);
+/// an etcd 3.4 plain-text (capnslog) line without its quoted parts, where etcd puts what
+/// clients chose (a key in "apply request took too long"); any other line whole.
 fn searched(line: &str) -> std::borrow::Cow<'_, str> {
     let t = line.trim();
     if t.starts_with('{')
@@ -166,7 +167,41 @@ fn searched(line: &str) -> std::borrow::Cow<'_, str> {
         let field = |k: &str| m.get(k).and_then(|v| v.as_str()).unwrap_or("").to_string();
         return format!("{} {} {}", field("level"), field("msg"), field("error")).into();
     }
+    if capnslog(t) {
+        return unquoted(t).into();
+    }
     line.into()
+}
+
+/// `2026-12-01 12:00:00.123456 W | etcdserver: …`: etcd 3.4's plain-text log line.
+fn capnslog(t: &str) -> bool {
+    let b = t.as_bytes();
+    let digits = |r: std::ops::Range<usize>| b.get(r).is_some_and(|s| s.iter().all(u8::is_ascii_digit));
+    digits(0..4)
+        && b.get(4) == Some(&b'-')
+        && digits(5..7)
+        && b.get(7) == Some(&b'-')
+        && digits(8..10)
+        && b.get(10) == Some(&b' ')
+        && t.get(11..).and_then(|rest| rest.split_once(' ')).is_some_and(|(_, after)| {
+            let mut c = after.chars();
+            matches!(c.next(), Some('C' | 'E' | 'W' | 'N' | 'I' | 'D' | 'T')) && c.as_str().starts_with(" | ")
+        })
+}
+
+/// `t` with every double-quoted part (escapes included) left out.
+fn unquoted(t: &str) -> String {
+    let (mut out, mut quoted, mut escaped) = (String::with_capacity(t.len()), false, false);
+    for c in t.chars() {
+        match (quoted, escaped, c) {
+            (true, true, _) => escaped = false,
+            (true, false, '\\') => escaped = true,
+            (_, _, '"') => quoted = !quoted,
+            (false, _, c) => out.push(c),
+            (true, false, _) => {}
+        }
+    }
+    out
 }
 
 /// The signature of a crash log's lines (oldest first) and the lines that show it.
@@ -369,6 +404,19 @@ pub fn cri_lines(text: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_a_client_chose_never_makes_a_signature() {
+        // etcd 3.4 quotes the key of a slow request: a client can write any phrase there.
+        let slow = r#"2026-12-01 12:00:00.123456 W | etcdserver: read-only range request "key:\"/apisix/etcdserver: member not found\" " with result "range_response_count:0" took too long (1.2s) to execute"#;
+        assert_eq!(classify(&[slow]).0, Signature::Unknown);
+        let crc = r#"2026-12-01 12:00:00.123456 W | etcdserver: apply request "key:\"crc mismatch\"" took too long"#;
+        assert_eq!(classify(&[crc]).0, Signature::Unknown);
+        // What etcd itself says, unquoted, still counts; so do lines of other shapes.
+        let fatal = "2026-12-01 12:00:00.123456 C | etcdserver: read wal error (walpb: crc mismatch) and cannot be repaired";
+        assert_eq!(classify(&[fatal]).0, Signature::CorruptData);
+        assert_eq!(classify(&["Error: etcdserver: member not found"]).0, Signature::MemberNotFound);
+    }
 
     fn lines(text: &str) -> Vec<&str> {
         text.lines().collect()

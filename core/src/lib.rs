@@ -20,6 +20,7 @@ pub mod resume;
 pub mod retention;
 pub mod signature;
 pub mod verify;
+pub mod wal;
 
 pub use contract::{Outcome, Phase, Remediation, Step};
 pub use error::{Code, Error, Problem, Result};

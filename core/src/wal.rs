@@ -59,71 +59,161 @@ pub struct WalFacts {
     pub verdict: Option<Verdict>,
 }
 
+/// The largest record read (etcd's requests are at most a few MiB; a segment is 64 MiB):
+/// a larger length is damage, never an allocation.
+pub const MAX_RECORD: u64 = 64 << 20;
+
 /// Reads the segments (their bytes, in name order) of one WAL.
 pub fn read(segments: &[&[u8]]) -> WalFacts {
-    let mut f = WalFacts::default();
-    let mut crc: u32 = 0;
-    let mut seen_crc_record = false;
-    for (si, seg) in segments.iter().enumerate() {
-        let mut off: usize = 0;
-        loop {
-            if f.records >= MAX_RECORDS {
-                f.verdict = Some(Verdict::TooLong { records: f.records });
-                return f;
+    let mut r = Reader::default();
+    for (i, seg) in segments.iter().enumerate() {
+        if !r.segment(*seg, seg.len() as u64, i + 1 == segments.len()) {
+            break;
+        }
+    }
+    r.finish()
+}
+
+/// Reads a WAL one segment at a time, one record at a time: memory stays at one record
+/// whatever the segments' sizes.
+#[derive(Default)]
+pub struct Reader {
+    f: WalFacts,
+    crc: u32,
+    seen_crc_record: bool,
+    segment: usize,
+    ended: bool,
+}
+
+/// What a segment's stream ran into.
+enum Stop {
+    /// Read to its end (or its zero-filled rest).
+    End,
+    /// A verdict other than whole.
+    Verdict(Verdict),
+}
+
+impl Reader {
+    /// Reads the next segment: `len` bytes from `r`, `last` when no segment follows. `false`
+    /// once a verdict other than whole is reached (the rest is not read).
+    pub fn segment(&mut self, r: impl std::io::Read, len: u64, last: bool) -> bool {
+        if self.ended {
+            return false;
+        }
+        let mut src = Src { r, len, left: len };
+        let si = self.segment;
+        self.segment += 1;
+        match self.read_segment(&mut src, si, last) {
+            Stop::End => true,
+            Stop::Verdict(v) => {
+                self.f.verdict = Some(v);
+                self.ended = true;
+                false
             }
-            let Some(head) = seg.get(off..off + 8) else {
-                // Fewer than 8 bytes left: a torn length, unless all zero (the end).
-                if seg[off.min(seg.len())..].iter().any(|b| *b != 0) {
-                    return torn(f, si, off, segments);
-                }
-                break;
-            };
+        }
+    }
+
+    pub fn finish(mut self) -> WalFacts {
+        if self.f.verdict.is_none() {
+            self.f.verdict = Some(Verdict::Whole);
+        }
+        self.f
+    }
+
+    fn read_segment(&mut self, src: &mut Src<impl std::io::Read>, si: usize, last: bool) -> Stop {
+        let corrupt = |off: u64, why: String| Stop::Verdict(Verdict::Corrupt { segment: si, offset: off, why });
+        // A record cut short: torn when it is the last segment's and nothing but zeros
+        // follows (etcd's own `isTornEntry` looks at sectors the same way).
+        let torn_or_corrupt = |src: &mut Src<_>, off: u64, why: String| {
+            if last && src.rest_is_zero() { Stop::Verdict(Verdict::TornTail { segment: si, offset: off }) } else { corrupt(off, why) }
+        };
+        // The segment ends inside a record: a torn write when it is the last segment.
+        let cut_short = |off: u64, why: &str| {
+            if last { Stop::Verdict(Verdict::TornTail { segment: si, offset: off }) } else { corrupt(off, why.to_string()) }
+        };
+        loop {
+            if self.f.records >= MAX_RECORDS {
+                return Stop::Verdict(Verdict::TooLong { records: self.f.records });
+            }
+            let off = src.offset();
+            if src.left < 8 {
+                return if src.rest_is_zero() { Stop::End } else { cut_short(off, "a length cut short") };
+            }
+            let Some(head) = src.take(8) else { return corrupt(off, "unreadable".into()) };
             let len_field = u64::from_le_bytes(head.try_into().expect("8 bytes"));
             if len_field == 0 {
                 // The preallocated rest of the segment: the end of what was written.
-                if seg[off..].iter().any(|b| *b != 0) && si + 1 == segments.len() {
-                    return corrupt(f, si, off, "a zero length with data after it");
-                }
-                break;
+                return if !last || src.rest_is_zero() { Stop::End } else { corrupt(off, "a zero length with data after it".into()) };
             }
             let (rec_len, pad) = frame_size(len_field);
-            let start = off + 8;
-            let end = start.checked_add(rec_len as usize).and_then(|e| e.checked_add(pad as usize));
-            let Some(body) = end.and_then(|e| seg.get(start..e)).map(|b| &b[..rec_len as usize]) else {
-                // A length past the end of the segment: torn if nothing but zeros follow.
-                return torn(f, si, off, segments);
-            };
-            let Some(rec) = Record::decode(body) else {
-                return torn_or_corrupt(f, si, off, seg, end.unwrap_or(seg.len()), segments, "the record does not decode");
+            if rec_len.saturating_add(pad) > src.left {
+                return cut_short(off, "a record past the segment's end");
+            }
+            if rec_len > MAX_RECORD {
+                return corrupt(off, format!("a record of {rec_len} bytes"));
+            }
+            let Some(body) = src.take(rec_len as usize) else { return corrupt(off, "unreadable".into()) };
+            if src.take(pad as usize).is_none() {
+                return corrupt(off, "unreadable".into());
+            }
+            let Some(rec) = Record::decode(&body) else {
+                return torn_or_corrupt(src, off, "the record does not decode".into());
             };
             if rec.kind == CRC {
                 // Carries the CRC of everything before this segment (0 at the very start).
-                if seen_crc_record && crc != 0 && rec.crc != crc {
-                    return corrupt(f, si, off, &format!("segment CRC {:08x}, expected {crc:08x}", rec.crc));
+                if self.seen_crc_record && self.crc != 0 && rec.crc != self.crc {
+                    return corrupt(off, format!("segment CRC {:08x}, expected {:08x}", rec.crc, self.crc));
                 }
-                crc = rec.crc;
-                seen_crc_record = true;
+                self.crc = rec.crc;
+                self.seen_crc_record = true;
             } else {
-                crc = crc32c_append(crc, rec.data);
+                let crc = crc32c_append(self.crc, rec.data);
                 if rec.crc != crc {
-                    return torn_or_corrupt(
-                        f,
-                        si,
-                        off,
-                        seg,
-                        end.unwrap_or(seg.len()),
-                        segments,
-                        &format!("CRC {:08x}, expected {crc:08x}", rec.crc),
-                    );
+                    return torn_or_corrupt(src, off, format!("CRC {:08x}, expected {crc:08x}", rec.crc));
                 }
-                apply(&mut f, &rec);
+                self.crc = crc;
+                apply(&mut self.f, &rec);
             }
-            f.records += 1;
-            off = end.expect("checked above");
+            self.f.records += 1;
         }
     }
-    f.verdict = Some(Verdict::Whole);
-    f
+}
+
+/// A segment's bytes as a stream of known length.
+struct Src<R> {
+    r: R,
+    len: u64,
+    left: u64,
+}
+
+impl<R: std::io::Read> Src<R> {
+    fn offset(&self) -> u64 {
+        self.len - self.left
+    }
+
+    /// The next `n` bytes (`n` is at most what is left).
+    fn take(&mut self, n: usize) -> Option<Vec<u8>> {
+        let mut buf = vec![0u8; n];
+        self.r.read_exact(&mut buf).ok()?;
+        self.left -= n as u64;
+        Some(buf)
+    }
+
+    /// Whether what is left reads as zeros (read in chunks, never whole).
+    fn rest_is_zero(&mut self) -> bool {
+        let mut chunk = [0u8; 64 * 1024];
+        while self.left > 0 {
+            let n = self.left.min(chunk.len() as u64) as usize;
+            if self.r.read_exact(&mut chunk[..n]).is_err() {
+                return false;
+            }
+            self.left -= n as u64;
+            if chunk[..n].iter().any(|b| *b != 0) {
+                return false;
+            }
+        }
+        true
+    }
 }
 
 /// The record length and padding of a length field.
@@ -161,27 +251,6 @@ fn apply(f: &mut WalFacts, rec: &Record) {
         }
         _ => {}
     }
-}
-
-/// A damaged record is a torn tail when nothing but zeros follows it in the last segment
-/// (etcd's own `isTornEntry` looks at sectors the same way).
-fn torn_or_corrupt(f: WalFacts, si: usize, off: usize, seg: &[u8], end: usize, segments: &[&[u8]], why: &str) -> WalFacts {
-    let rest = seg.get(end.min(seg.len())..).unwrap_or_default();
-    if si + 1 == segments.len() && rest.iter().all(|b| *b == 0) { torn(f, si, off, segments) } else { corrupt(f, si, off, why) }
-}
-
-fn torn(mut f: WalFacts, si: usize, off: usize, segments: &[&[u8]]) -> WalFacts {
-    f.verdict = Some(if si + 1 == segments.len() {
-        Verdict::TornTail { segment: si, offset: off as u64 }
-    } else {
-        Verdict::Corrupt { segment: si, offset: off as u64, why: "a segment ends mid-record and another follows".into() }
-    });
-    f
-}
-
-fn corrupt(mut f: WalFacts, si: usize, off: usize, why: &str) -> WalFacts {
-    f.verdict = Some(Verdict::Corrupt { segment: si, offset: off as u64, why: why.into() });
-    f
 }
 
 /// A `walpb.Record`.

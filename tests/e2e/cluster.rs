@@ -219,6 +219,19 @@ async fn the_wal_read_offline_says_what_etcd_said() -> Result<()> {
             "member {i}: {f:?}, etcd said term {term} index {index}"
         );
     }
+    // Streamed from the files one record at a time, as the agent reads a volume: the same.
+    let mut names: Vec<_> = std::fs::read_dir(c.data_dir(2).join("member/wal"))?.flatten().map(|e| e.path()).collect();
+    names.retain(|p| p.extension().is_some_and(|x| x == "wal"));
+    names.sort();
+    let mut reader = wal::Reader::default();
+    for (i, n) in names.iter().enumerate() {
+        let file = std::fs::File::open(n)?;
+        let len = file.metadata()?.len();
+        assert!(reader.segment(std::io::BufReader::new(file), len, i + 1 == names.len()));
+    }
+    let streamed = reader.finish();
+    let whole = wal::read(&wal_segments(&c.data_dir(2))?.iter().map(Vec::as_slice).collect::<Vec<_>>());
+    assert_eq!(streamed, whole);
     // A crash mid-write: the last record of the last segment cut short.
     let mut segs = wal_segments(&c.data_dir(1))?;
     let last = segs.last_mut().expect("a segment");

@@ -3,6 +3,7 @@
 //! No I/O, no Kubernetes client, no async runtime: the agent observes and acts, this
 //! crate decides, and its tests run without a cluster, a server or a node.
 
+pub mod bolt;
 pub mod contract;
 pub mod detect;
 pub mod duration;

@@ -176,6 +176,17 @@ async fn the_agent_reaches_an_etcd_that_requires_client_certificates() -> Result
     Ok(())
 }
 
+/// What a db file says, read at offsets as the agent reads a volume's file.
+fn read_db(path: &std::path::Path) -> Result<etcd_medic::core::bolt::DbFacts> {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::File::open(path)?;
+    let size = file.metadata()?.len();
+    Ok(etcd_medic::core::bolt::read(size, &mut |off, len| {
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, off).ok().map(|_| buf)
+    }))
+}
+
 /// A member's WAL segments, in name order.
 fn wal_segments(data: &std::path::Path) -> Result<Vec<Vec<u8>>> {
     let mut names: Vec<_> = std::fs::read_dir(data.join("member/wal"))?
@@ -187,7 +198,7 @@ fn wal_segments(data: &std::path::Path) -> Result<Vec<Vec<u8>>> {
     Ok(names.iter().map(std::fs::read).collect::<std::io::Result<_>>()?)
 }
 
-/// The WAL read offline says what etcd said online (the vendored etcd; CI runs it again on
+/// The WAL and the db read offline say what etcd said online (the vendored etcd; CI runs it again on
 /// the newer minor): each member's node id and the cluster id as the member list and status
 /// gave them, a term and commit at least as far as the member's status said before it
 /// stopped, every CRC whole. One flipped byte (where etcd refuses to start: `crc mismatch`)
@@ -200,11 +211,13 @@ async fn the_wal_read_offline_says_what_etcd_said() -> Result<()> {
         c.put(&format!("/apisix/routes/{i:05}"), &format!("{{\"id\":\"{i}\"}}")).await?;
     }
     let mut said = Vec::new();
+    let mut revision = 0;
     for e in c.endpoints() {
         let mut client = etcd_client::Client::connect([e], None).await?;
         let s = client.status().await?;
         let h = s.header().expect("a header");
         said.push((h.member_id(), h.cluster_id(), s.raft_term(), s.raft_index()));
+        revision = client.get("/apisix/routes/", None).await?.header().expect("a header").revision();
     }
     for i in 0..3 {
         c.stop(i).await;
@@ -219,6 +232,29 @@ async fn the_wal_read_offline_says_what_etcd_said() -> Result<()> {
             "member {i}: {f:?}, etcd said term {term} index {index}"
         );
     }
+    // The db read offline: the revision of the last write as etcd answered it, a consistent
+    // index and term at least as far as the member's status.
+    for (i, (_, _, term, index)) in said.iter().enumerate() {
+        let f = read_db(&c.data_dir(i).join("member/snap/db"))?;
+        assert_eq!(f.verdict, etcd_medic::core::bolt::DbVerdict::Sane, "member {i}: {f:?}");
+        assert_eq!(f.revision, Some(revision as u64), "member {i}: {f:?}");
+        assert!(f.consistent_index >= Some(*index) && f.term >= Some(*term), "member {i}: {f:?}, etcd said term {term} index {index}");
+    }
+    // Cut short, or both meta pages damaged: etcd cannot open it, nor do we read it as sane.
+    let db = c.data_dir(2).join("member/snap/db");
+    let bytes = std::fs::read(&db)?;
+    let page = read_db(&db)?.page_size as usize;
+    let mut both = bytes.clone();
+    both[16 + 20] ^= 1;
+    both[page + 16 + 20] ^= 1;
+    for (what, damaged) in [("cut short", bytes[..bytes.len() / 2].to_vec()), ("both meta pages", both.clone())] {
+        let f = etcd_medic::core::bolt::read(damaged.len() as u64, &mut |o, l| damaged.get(o as usize..o as usize + l).map(<[u8]>::to_vec));
+        assert!(matches!(f.verdict, etcd_medic::core::bolt::DbVerdict::Corrupt { .. }), "{what}: {f:?}");
+    }
+    std::fs::write(&db, &both)?;
+    c.restart(2)?;
+    let (status, log) = c.wait_exit(2, Duration::from_secs(30)).await?;
+    assert!(!status.success() && log.contains("failed to open database"), "etcd itself refuses it: {log}");
     // Streamed from the files one record at a time, as the agent reads a volume: the same.
     let mut names: Vec<_> = std::fs::read_dir(c.data_dir(2).join("member/wal"))?.flatten().map(|e| e.path()).collect();
     names.retain(|p| p.extension().is_some_and(|x| x == "wal"));

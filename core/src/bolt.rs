@@ -341,4 +341,15 @@ mod tests {
         let f = read(0, &mut reader(&[]));
         assert!(matches!(f.verdict, DbVerdict::Corrupt { .. }));
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Any bytes: an answer, never a panic.
+        #[test]
+        fn any_bytes_get_an_answer(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..20000)) {
+            let f = read(bytes.len() as u64, &mut reader(&bytes));
+            proptest::prop_assert!(f.revision.is_none() || f.verdict == DbVerdict::Sane);
+        }
+    }
 }

@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod commands;
 pub mod controller;
+pub mod data;
 pub mod diagnose;
 pub mod engine;
 pub mod etcd;

@@ -38,6 +38,9 @@ pub enum Code {
     /// The etcd cluster that answered lists a member that is not a pod of the failing pod's
     /// StatefulSet: it is not provably this set's cluster, and nothing of it is told back.
     ForeignMember,
+    /// The member data on the volume is another member's, one the cluster lists: not this
+    /// pod's to move, and moving it would not heal the pod.
+    NotThisMember,
     TooManyRequests,
     NotReady,
     /// No remediation with that id on this node.
@@ -50,7 +53,7 @@ pub enum Code {
 }
 
 impl Code {
-    pub const ALL: [Code; 30] = [
+    pub const ALL: [Code; 31] = [
         Code::InvalidRequest,
         Code::Unauthenticated,
         Code::Forbidden,
@@ -75,6 +78,7 @@ impl Code {
         Code::UnknownFailure,
         Code::SelfHealing,
         Code::ForeignMember,
+        Code::NotThisMember,
         Code::TooManyRequests,
         Code::NotReady,
         Code::RemediationNotFound,
@@ -96,7 +100,7 @@ impl Code {
             PayloadTooLarge => 413,
             WrongNode => 421,
             PodHealthy | PodRunning | QuorumAtRisk | SoleMember | DataDirNotFound | NotEtcdData | UnsafePath | NotAMount
-            | InsufficientSpace | UnsupportedProfile | SplitBrain | UnknownFailure | SelfHealing | ForeignMember => 422,
+            | InsufficientSpace | UnsupportedProfile | SplitBrain | UnknownFailure | SelfHealing | ForeignMember | NotThisMember => 422,
             TooManyRequests => 429,
             NotReady => 503,
             Internal => 500,
@@ -130,6 +134,7 @@ impl Code {
             UnknownFailure => "UnknownFailure",
             SelfHealing => "SelfHealing",
             ForeignMember => "ForeignMember",
+            NotThisMember => "NotThisMember",
             TooManyRequests => "TooManyRequests",
             NotReady => "NotReady",
             RemediationNotFound => "RemediationNotFound",
@@ -167,6 +172,7 @@ impl Code {
             UnknownFailure => "The crash matches no known failure",
             SelfHealing => "The image heals this failure itself",
             ForeignMember => "The etcd cluster that answered is not the StatefulSet's",
+            NotThisMember => "The data on the volume is another member's",
             TooManyRequests => "Too many requests",
             NotReady => "The agent is not ready",
             RemediationNotFound => "No such remediation on this node",
@@ -285,7 +291,7 @@ mod tests {
         assert_eq!(by_status(404), ["PodNotFound", "PVCNotFound", "PVNotFound", "RemediationNotFound", "NotFound"]);
         assert_eq!(by_status(409), ["PodUIDMismatch", "ClusterLocked"]);
         assert_eq!(by_status(421), ["WrongNode"]);
-        assert_eq!(by_status(422).len(), 14);
+        assert_eq!(by_status(422).len(), 15);
         assert_eq!(Code::PayloadTooLarge.http_status(), 413);
         assert_eq!(Code::TooManyRequests.http_status(), 429);
         assert_eq!(Code::NotReady.http_status(), 503);

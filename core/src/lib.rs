@@ -5,6 +5,7 @@
 
 pub mod bolt;
 pub mod contract;
+pub mod data;
 pub mod detect;
 pub mod duration;
 pub mod error;

@@ -519,3 +519,39 @@ async fn an_add_interrupted_by_the_restart_is_cleaned_up() -> Result<()> {
     lab.shutdown().await;
     Ok(())
 }
+
+/// Replaces `to`'s WAL segments with copies of `from`'s (the files, not a link).
+fn copy_wal(from: &std::path::Path, to: &std::path::Path) -> Result<()> {
+    let (src, dst) = (from.join("member/wal"), to.join("member/wal"));
+    for e in std::fs::read_dir(&dst)?.flatten() {
+        if e.path().extension().is_some_and(|x| x == "wal") {
+            std::fs::remove_file(e.path())?;
+        }
+    }
+    for e in std::fs::read_dir(&src)?.flatten() {
+        if e.path().extension().is_some_and(|x| x == "wal") {
+            std::fs::copy(e.path(), dst.join(e.file_name()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The files decide whose they are, whatever the log says (`member not found` here): a WAL
+/// that is another listed member's is `NotThisMember`, one written in another cluster is
+/// `SplitBrain`, forced or not; nothing moves and the membership stays as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_files_decide_whose_data_it_is() -> Result<()> {
+    let (lab, _) = crate::reference_failure::broken_lab().await?;
+    lab.set.hold_restarts(1, WAIT).await?;
+    copy_wal(&lab.set.data_dir(0)?, &lab.set.data_dir(1)?)?;
+    assert_refused(&lab, 1, false, Code::NotThisMember).await?;
+    assert_refused(&lab, 1, true, Code::NotThisMember).await?;
+    // A member of another cluster (another token, another id): its WAL on this volume.
+    let mut other = etcd::EtcdCluster::start(1).await?;
+    other.stop(0).await;
+    copy_wal(&other.data_dir(0), &lab.set.data_dir(1)?)?;
+    assert_refused(&lab, 1, true, Code::SplitBrain).await?;
+    lab.set.release_restarts();
+    lab.shutdown().await;
+    Ok(())
+}

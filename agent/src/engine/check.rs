@@ -112,15 +112,25 @@ impl Engine<'_> {
         plan.cluster_id = Some(format!("{cluster_id:016x}"));
         plan.members = members.iter().map(|m| PlanMember::of(m, stale)).collect();
         lock(found).plan = Some(plan.clone());
+        // What the files themselves say, before anything moves: another cluster's data, or
+        // another listed member's, is not this pod's stale member's.
+        let facts = {
+            let (vol, data) = (vol.clone(), data.clone());
+            blocking(move || crate::data::facts(&vol, &data)).await?
+        };
+        tracing::info!(namespace = %ns, pod = %name, "the member's files: {}", facts.summary());
+        let listed: Vec<u64> = members.iter().map(|m| m.id).collect();
+        etcd_medic_core::data::judge(&facts, cluster_id, &listed, stale)?;
         check_quorum(&members.iter().map(|m| m.view()).collect::<Vec<_>>(), stale, Change::ReplaceMember)?;
         check_space(&plan, &vol)?;
         let why = failure.map(|f| f.reason).unwrap_or_else(|| "forced".into());
         let msg = format!(
-            "{} ({}), {} of {} members healthy, {why}; {diagnosed}",
+            "{} ({}), {} of {} members healthy, {why}; {diagnosed}; {}",
             plan.host_path.display(),
             plan.profile.as_str(),
             members.iter().filter(|m| m.healthy).count(),
-            members.len()
+            members.len(),
+            facts.summary()
         );
         let member_name = flags.name;
         Ok((Checked { plan, vol, data, target, peer_url, member_name, stale }, msg))

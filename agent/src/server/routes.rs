@@ -41,7 +41,7 @@ enum CallerErrors {
         (status = 409, description = "PodUIDMismatch, ClusterLocked (dry run)", body = Problem, content_type = "application/problem+json"),
         (status = 413, description = "PayloadTooLarge", body = Problem, content_type = "application/problem+json"),
         (status = 421, description = "WrongNode: detail names the pod's node", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "A gate refused (dry run): PodHealthy, PodRunning, QuorumAtRisk, SoleMember, DataDirNotFound, NotEtcdData, UnsafePath, NotAMount, InsufficientSpace, UnsupportedProfile, SplitBrain, UnknownFailure, SelfHealing, ForeignMember", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "A gate refused (dry run): PodHealthy, PodRunning, QuorumAtRisk, SoleMember, DataDirNotFound, NotEtcdData, UnsafePath, NotAMount, InsufficientSpace, UnsupportedProfile, SplitBrain, UnknownFailure, SelfHealing, ForeignMember, NotThisMember", body = Problem, content_type = "application/problem+json"),
         CallerErrors,
     ),
     security(("bearer" = [])))]

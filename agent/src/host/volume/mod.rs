@@ -15,18 +15,21 @@
 //! No other module calls `std::fs` on a path under a volume (`scripts/check-volume-access`).
 
 use std::collections::HashSet;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::fs::File;
-use std::io::Read;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use pathrs::flags::{OpenFlags, ResolverFlags};
+use pathrs::flags::ResolverFlags;
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
 use crate::error::{Code, Error, Result};
+
+mod read;
+mod walk;
+use walk::{Walk, empty_dir, for_each_entry, open_subdir};
 
 /// How far a walk of a tenant's tree may go before the agent refuses to vouch for it.
 #[derive(Clone, Copy, Debug)]
@@ -247,74 +250,6 @@ impl Volume {
             Err(e) if is_enoent(&e) => Ok(None),
             Err(e) => Err(e),
         }
-    }
-
-    /// The regular file `rel` opened for reading through its `O_PATH` handle (non-blocking,
-    /// the same inode), with its description. `Ok(None)` when it does not exist; a link,
-    /// FIFO, device or directory is `UnsafePath`.
-    fn open_regular(&self, rel: &Path) -> Result<Option<(File, Entry)>> {
-        let h = match self.handle(rel) {
-            Ok(h) => h,
-            Err(e) if is_enoent(&e) => return Ok(None),
-            Err(e) => return Err(e),
-        };
-        let e = self.stat_fd(&h, rel)?;
-        if e.kind != Kind::File {
-            return Err(Error::new(
-                Code::UnsafePath,
-                format!("{} is not a regular file ({:?}); not read", self.shown(rel).display(), e.kind),
-            ));
-        }
-        Ok(Some((self.reopen(&h, rel, OFlags::RDONLY)?, e)))
-    }
-
-    /// The bytes of the regular file `rel`, at most `cap` of them. `Ok(None)` when it does not
-    /// exist; a link, FIFO, device or directory is `UnsafePath`, a larger file is refused
-    /// with its size.
-    pub fn read_small(&self, rel: &Path, cap: u64) -> Result<Option<Vec<u8>>> {
-        let Some((f, e)) = self.open_regular(rel)? else { return Ok(None) };
-        if e.len > cap {
-            return Err(Error::new(
-                Code::UnsafePath,
-                format!("{} is {} bytes, more than the {cap} the agent reads", self.shown(rel).display(), e.len),
-            ));
-        }
-        let mut buf = Vec::with_capacity(e.len as usize);
-        f.take(cap + 1)
-            .read_to_end(&mut buf)
-            .map_err(|err| Error::new(Code::UnsafePath, format!("read {}: {err}", self.shown(rel).display())))?;
-        if buf.len() as u64 > cap {
-            return Err(Error::new(Code::UnsafePath, format!("{} grew past {cap} bytes while read", self.shown(rel).display())));
-        }
-        Ok(Some(buf))
-    }
-
-    /// The last `cap` bytes (at most) of the regular file `rel`, whatever its size, and
-    /// whether that is the whole file. Same rules as `read_small`; a file that grows while it
-    /// is read yields no more than `cap` bytes.
-    pub fn read_tail(&self, rel: &Path, cap: u64) -> Result<Option<(Vec<u8>, bool)>> {
-        use std::io::{Seek, SeekFrom};
-        let Some((mut f, e)) = self.open_regular(rel)? else { return Ok(None) };
-        let from = e.len.saturating_sub(cap);
-        f.seek(SeekFrom::Start(from)).map_err(|err| Error::new(Code::UnsafePath, format!("seek {}: {err}", self.shown(rel).display())))?;
-        let mut buf = Vec::with_capacity(cap.min(e.len) as usize);
-        f.take(cap)
-            .read_to_end(&mut buf)
-            .map_err(|err| Error::new(Code::UnsafePath, format!("read {}: {err}", self.shown(rel).display())))?;
-        Ok(Some((buf, from == 0)))
-    }
-
-    /// The same inode as `h`, opened for I/O (non-blocking, no link followed).
-    fn reopen(&self, h: &pathrs::Handle, rel: &Path, flags: OFlags) -> Result<File> {
-        let flags =
-            OpenFlags::from_bits_retain((flags | OFlags::NONBLOCK | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NOCTTY).bits() as _);
-        let f = h.reopen(flags).map_err(|e| pathrs_error(e, &self.shown(rel), "open"))?;
-        let st = rustix::fs::fstat(&f).map_err(|e| os_error(e.raw_os_error(), &self.shown(rel), "stat"))?;
-        let hs = rustix::fs::fstat(h).map_err(|e| os_error(e.raw_os_error(), &self.shown(rel), "stat"))?;
-        if (st.st_dev, st.st_ino) != (hs.st_dev, hs.st_ino) {
-            return Err(Error::new(Code::UnsafePath, format!("{} changed while it was opened", self.shown(rel).display())));
-        }
-        Ok(f)
     }
 
     /// Writes `rel` whole: a fresh name created with `O_EXCL`, written, fsynced, renamed over
@@ -614,96 +549,6 @@ fn ofd_lock_shared(f: &File) -> std::io::Result<()> {
     // SAFETY: F_OFD_SETLK reads the struct we own and does not keep it.
     let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_SETLK, &fl) };
     if r == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
-}
-
-/// Opens the directory `name` in `d`, checking it is still the inode `e` described.
-fn open_subdir(d: &OwnedFd, name: &OsStr, e: &Entry) -> rustix::io::Result<OwnedFd> {
-    let sub = rustix::fs::openat(d, name, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())?;
-    let st = rustix::fs::fstat(&sub)?;
-    if (st.st_dev, st.st_ino) != (e.dev, e.ino) {
-        return Err(rustix::io::Errno::AGAIN);
-    }
-    Ok(sub)
-}
-
-fn for_each_entry(d: &OwnedFd, mut f: impl FnMut(&OsStr, Kind) -> bool) -> rustix::io::Result<()> {
-    for ent in rustix::fs::Dir::read_from(d)? {
-        let ent = ent?;
-        let name = OsStr::from_bytes(ent.file_name().to_bytes());
-        if name == "." || name == ".." {
-            continue;
-        }
-        let kind = match ent.file_type() {
-            FileType::Directory => Kind::Dir,
-            FileType::RegularFile => Kind::File,
-            FileType::Symlink => Kind::Symlink,
-            // Filesystems that do not fill in d_type: asked of the entry (not followed).
-            FileType::Unknown => match rustix::fs::statat(d, name, AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(st) => kind_of(st.st_mode),
-                Err(rustix::io::Errno::NOENT) => continue,
-                Err(e) => return Err(e),
-            },
-            _ => Kind::Other,
-        };
-        if !f(name, kind) {
-            break;
-        }
-    }
-    Ok(())
-}
-
-enum Walk {
-    Os(rustix::io::Errno),
-    Bound,
-}
-
-impl From<rustix::io::Errno> for Walk {
-    fn from(e: rustix::io::Errno) -> Self {
-        Walk::Os(e)
-    }
-}
-
-/// Empties the directory `d` (a descriptor): subdirectories on the same device are emptied
-/// and removed, everything else (links included) is unlinked by name.
-fn empty_dir(d: &OwnedFd, dev: u64, depth: usize, limits: Limits, start: Instant, removed: &mut u64) -> std::result::Result<(), Walk> {
-    if depth > limits.depth {
-        return Err(Walk::Bound);
-    }
-    loop {
-        let mut names = Vec::new();
-        for_each_entry(d, |n, _| {
-            names.push(n.to_os_string());
-            names.len() < 4096
-        })?;
-        if names.is_empty() {
-            return Ok(());
-        }
-        for n in names {
-            *removed += 1;
-            if *removed > limits.entries || start.elapsed() > limits.time {
-                return Err(Walk::Bound);
-            }
-            let st = match rustix::fs::statat(d, n.as_os_str(), AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(st) => st,
-                Err(rustix::io::Errno::NOENT) => continue,
-                Err(e) => return Err(e.into()),
-            };
-            let e = entry_of(&st);
-            if e.kind == Kind::Dir {
-                if e.dev != dev {
-                    return Err(Walk::Os(rustix::io::Errno::XDEV));
-                }
-                let sub = open_subdir(d, &n, &e)?;
-                empty_dir(&sub, dev, depth + 1, limits, start, removed)?;
-                rustix::fs::unlinkat(d, n.as_os_str(), AtFlags::REMOVEDIR)?;
-            } else {
-                match rustix::fs::unlinkat(d, n.as_os_str(), AtFlags::empty()) {
-                    Ok(()) | Err(rustix::io::Errno::NOENT) => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        }
-    }
 }
 
 pub use etcd_medic_core::member::parse_member_id;

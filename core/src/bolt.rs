@@ -57,40 +57,30 @@ pub fn read(size: u64, read_at: &mut dyn FnMut(u64, usize) -> Option<Vec<u8>>) -
     };
     (f.page_size, f.txid) = (meta.page_size, meta.txid);
     let mut db = Db { size, page_size: u64::from(meta.page_size), high_water: meta.pgid, read_at, visited: 0 };
-    let root = match db.bucket_root(BucketRef::Page(meta.root)) {
-        Ok(r) => r,
-        Err(why) => return corrupt(f, why),
-    };
-    match db.get(&root, b"meta", true) {
-        Ok(Some(meta_bucket)) => {
-            let b = match db.bucket_root(bucket_ref(&meta_bucket)) {
-                Ok(b) => b,
-                Err(why) => return corrupt(f, why),
-            };
-            let be = |v: Option<Vec<u8>>| v.and_then(|v| Some(u64::from_be_bytes(v.get(..8)?.try_into().ok()?)));
-            match (db.get(&b, b"consistent_index", false), db.get(&b, b"term", false)) {
-                (Ok(ci), Ok(term)) => (f.consistent_index, f.term) = (be(ci), be(term)),
-                (Err(why), _) | (_, Err(why)) => return corrupt(f, why),
-            }
-        }
-        Ok(None) => {}
-        Err(why) => return corrupt(f, why),
-    }
-    match db.get(&root, b"key", true) {
-        Ok(Some(key_bucket)) => {
-            let b = match db.bucket_root(bucket_ref(&key_bucket)) {
-                Ok(b) => b,
-                Err(why) => return corrupt(f, why),
-            };
-            match db.last_key(&b) {
-                Ok(k) => f.revision = k.and_then(|k| Some(u64::from_be_bytes(k.get(..8)?.try_into().ok()?))),
-                Err(why) => return corrupt(f, why),
-            }
-        }
-        Ok(None) => {}
+    match etcd_facts(&mut db, meta.root) {
+        Ok((consistent_index, term, revision)) => (f.consistent_index, f.term, f.revision) = (consistent_index, term, revision),
         Err(why) => return corrupt(f, why),
     }
     f
+}
+
+/// (consistent index, term, latest revision) from etcd's buckets under the root at `root`.
+#[allow(clippy::type_complexity)]
+fn etcd_facts(db: &mut Db, root: u64) -> Result<(Option<u64>, Option<u64>, Option<u64>), String> {
+    // etcd writes its numbers, and a revision's main part, big-endian.
+    let be = |v: Option<Vec<u8>>| v.and_then(|v| Some(u64::from_be_bytes(v.get(..8)?.try_into().ok()?)));
+    let root = db.bucket_root(BucketRef::Page(root))?;
+    let (mut consistent_index, mut term, mut revision) = (None, None, None);
+    if let Some(meta_bucket) = db.get(&root, b"meta", true)? {
+        let b = db.bucket_root(bucket_ref(&meta_bucket))?;
+        consistent_index = be(db.get(&b, b"consistent_index", false)?);
+        term = be(db.get(&b, b"term", false)?);
+    }
+    if let Some(key_bucket) = db.get(&root, b"key", true)? {
+        let b = db.bucket_root(bucket_ref(&key_bucket))?;
+        revision = be(db.last_key(&b)?);
+    }
+    Ok((consistent_index, term, revision))
 }
 
 struct Meta {
@@ -311,14 +301,7 @@ mod tests {
         let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
         for n in 0..3000 {
             let len = (seed % 20000) as usize;
-            let mut junk: Vec<u8> = (0..len)
-                .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    seed as u8
-                })
-                .collect();
+            let mut junk = crate::testing::junk(&mut seed, len);
             // Half of them with a valid meta page in front, pointing anywhere.
             if n % 2 == 0 && junk.len() >= 4096 + 80 {
                 let mut m = Vec::new();

@@ -25,4 +25,21 @@ pub mod verify;
 pub mod wal;
 
 pub use contract::{Outcome, Phase, Remediation, Step};
+
 pub use error::{Code, Error, Problem, Result};
+
+/// What the readers' tests share.
+#[cfg(test)]
+mod testing {
+    /// `len` bytes from a xorshift stream seeded (and advanced) by `seed`: repeatable junk.
+    pub fn junk(seed: &mut u64, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|_| {
+                *seed ^= *seed << 13;
+                *seed ^= *seed >> 7;
+                *seed ^= *seed << 17;
+                *seed as u8
+            })
+            .collect()
+    }
+}

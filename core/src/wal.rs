@@ -504,14 +504,7 @@ mod tests {
         let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
         for n in 0..2000 {
             let len = (seed % 600) as usize;
-            let junk: Vec<u8> = (0..len)
-                .map(|_| {
-                    seed ^= seed << 13;
-                    seed ^= seed >> 7;
-                    seed ^= seed << 17;
-                    seed as u8
-                })
-                .collect();
+            let junk = crate::testing::junk(&mut seed, len);
             let (a, _) = member_wal();
             let mut mixed = a.clone();
             let at = (seed as usize) % mixed.len();

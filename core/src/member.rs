@@ -86,6 +86,11 @@ pub fn stale_member(members: &[Member], peer_url: &str, basis: Basis) -> Option<
     }
 }
 
+/// Every entry that carries the pod's peer URL: its stale self and any the image added.
+pub fn own_entries(members: &[Member], peer_url: &str) -> Vec<u64> {
+    members.iter().filter(|m| m.peer_urls.iter().any(|u| u == peer_url)).map(|m| m.id).collect()
+}
+
 /// The member the pod runs as now: the pod's peer URL, started (it has a name), not the
 /// stale entry. It may still be a learner.
 pub fn rejoined<'m>(members: &'m [Member], peer_url: &str, stale: Option<u64>) -> Option<&'m Member> {

@@ -12,7 +12,7 @@ use crate::locate::{Plan, blocking, container};
 use crate::profile::Profile;
 use crate::scope::SetScope;
 use etcd_medic_core::contract::PlanMember;
-use etcd_medic_core::member::{Basis, stale_member};
+use etcd_medic_core::member::{Basis, own_entries, stale_member};
 use etcd_medic_core::quorum::{Change, check_quorum};
 use etcd_medic_core::signature::Diagnosis;
 
@@ -121,7 +121,7 @@ impl Engine<'_> {
         tracing::info!(namespace = %ns, pod = %name, "the member's files: {}", facts.summary());
         let listed: Vec<u64> = members.iter().map(|m| m.id).collect();
         etcd_medic_core::data::judge(&facts, cluster_id, &listed, stale)?;
-        check_quorum(&members.iter().map(|m| m.view()).collect::<Vec<_>>(), stale, Change::ReplaceMember)?;
+        check_quorum(&members.iter().map(|m| m.view()).collect::<Vec<_>>(), &own_entries(&members, &peer_url), Change::ReplaceMember)?;
         check_space(&plan, &vol)?;
         let why = failure.map(|f| f.reason).unwrap_or_else(|| "forced".into());
         let msg = format!(
@@ -151,7 +151,7 @@ impl Engine<'_> {
         // volume: the tenant writes there).
         let stale = stale_member(&members, &peer_url, Basis::Journal(r.recorded_member_id()));
         if !r.step_done(Step::Membership) {
-            check_quorum(&members.iter().map(|m| m.view()).collect::<Vec<_>>(), stale, Change::ReplaceMember)?;
+            check_quorum(&members.iter().map(|m| m.view()).collect::<Vec<_>>(), &own_entries(&members, &peer_url), Change::ReplaceMember)?;
         }
         let done = r.steps.iter().filter(|s| s.done()).map(|s| s.name).next_back();
         let msg = format!("resuming remediation {} after {}", r.id, done.map_or("nothing", |s| s.as_str()));

@@ -66,6 +66,19 @@ pub enum Command {
         #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
         output: Output,
     },
+    /// What the pod's member files say, read offline through the proven volume: the WAL's
+    /// member and cluster ids, term, commit and index range, the db's revision and consistent
+    /// index, whether their checksums hold, and the diagnosis they confirm or correct.
+    /// Changes nothing.
+    Inspect {
+        /// The pod, as NAMESPACE/POD.
+        pod: PodRef,
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Output format.
+        #[arg(short = 'o', long = "output", value_enum, default_value_t = Output::Table)]
+        output: Output,
+    },
     /// Remediate one pod from this node's shell: the same engine as the API. Shows progress,
     /// runs to verification, and exits 0 only when the remediation Succeeded.
     Remediate {

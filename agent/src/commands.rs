@@ -1,4 +1,4 @@
-//! What each subcommand does, over the library: `serve`, `locate`, `diagnose`, `remediate` (the same
+//! What each subcommand does, over the library: `serve`, `locate`, `diagnose`, `inspect`, `remediate` (the same
 //! engine entry as the API, followed through its progress events) and `restore` (the same
 //! library call as the API's). One shutdown path for all (see `shutdown`).
 
@@ -43,6 +43,14 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Serve(args) => serve(&args).await,
         Command::Locate { pod, node, output } => locate(&pod, &node, output).await,
         Command::Diagnose { pod, node, output } => diagnose(&pod, &node, output).await,
+        Command::Inspect { pod, node, output } => {
+            let found = node.locator().await?.inspect(&pod.namespace, &pod.name).await?;
+            match output {
+                Output::Json => println!("{}", serde_json::to_string_pretty(&found)?),
+                Output::Table => print!("{}", found.render_table()),
+            }
+            Ok(())
+        }
         Command::Controller(args) => {
             let shutdown = Shutdown::on_signals("releasing the lead; remediations under way go on on their nodes");
             crate::controller::run(args.config()?, shutdown).await

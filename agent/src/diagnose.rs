@@ -40,6 +40,9 @@ pub fn diagnose(log_root: &Path, pod: &Pod, container: &str, generation: &Detect
             let lines: Vec<&str> = log.lines.iter().map(String::as_str).collect();
             let mut d = signature::diagnose(&lines, Source::ContainerLog, generation.clone());
             d.log_file = Some(log.file.display().to_string());
+            if let Some(rest) = d.unless_split.as_mut() {
+                rest.log_file = d.log_file.clone();
+            }
             // The log said nothing known; the termination message may (a script that
             // writes its own, a log rotated away).
             if d.signature == Signature::Unknown {
@@ -92,6 +95,7 @@ pub fn summary(d: &Diagnosis) -> String {
     let seen = match (d.evidence.last(), d.source) {
         (Some(line), Source::ContainerLog) => format!(", log: {line:?}"),
         (Some(line), Source::TerminationMessage) => format!(", termination message: {line:?}"),
+        (Some(line), Source::Data) => format!(", files: {line}"),
         _ => ", no log or termination message to read".to_string(),
     };
     format!("diagnosis {} → {action}{generation}{seen}", d.signature.as_str())
@@ -152,6 +156,7 @@ mod tests {
                 log_file: None,
                 generation,
                 generation_by: None,
+                unless_split: None,
             }
         };
         assert!(gate(&d(Signature::MemberNotFound, None), false).unwrap().contains("MemberNotFound → heal"));

@@ -98,6 +98,73 @@ pub struct EtcdRemediationStatus {
     /// The restore asked for with `spec.restore`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub restore: Option<RestoreStatus>,
+    /// What the member's own files said when the agent's check read them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataStatus>,
+}
+
+/// What the member's WAL and db said, read offline by the agent's check: whose data it is,
+/// how far it got, and whether its checksums hold. Every field is written, `null` when
+/// absent: a status is written as a merge patch, which would keep an earlier read's value.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DataStatus {
+    /// The member id its WAL names (hex).
+    #[serde(rename = "memberID", default)]
+    pub member_id: Option<String>,
+    /// The cluster id its WAL names (16 hex digits, as `clusterID` above).
+    #[serde(rename = "clusterID", default)]
+    pub cluster_id: Option<String>,
+    #[serde(default)]
+    pub term: Option<i64>,
+    #[serde(default)]
+    pub commit: Option<i64>,
+    /// The last entry index its WAL holds.
+    #[serde(default)]
+    pub last_index: Option<i64>,
+    /// The db's latest revision and consistent index.
+    #[serde(default)]
+    pub revision: Option<i64>,
+    #[serde(default)]
+    pub consistent_index: Option<i64>,
+    /// `whole`, `tornTail`, `corrupt`, `tooLong`, or `none` (no WAL).
+    pub wal: String,
+    /// `sane`, `corrupt` or `none` (no db).
+    pub db: String,
+    /// One line for a person.
+    pub summary: String,
+}
+
+impl DataStatus {
+    pub fn of(f: &etcd_medic_core::data::DataFacts) -> Self {
+        use etcd_medic_core::{bolt::DbVerdict, wal::Verdict};
+        let w = f.wal.as_ref();
+        let d = f.db.as_ref();
+        DataStatus {
+            member_id: w.and_then(|w| w.node_id).map(|i| format!("{i:x}")),
+            cluster_id: w.and_then(|w| w.cluster_id).map(|i| format!("{i:016x}")),
+            term: w.and_then(|w| i64::try_from(w.term).ok()),
+            commit: w.and_then(|w| i64::try_from(w.commit).ok()),
+            last_index: w.and_then(|w| w.last_index).and_then(|i| i64::try_from(i).ok()),
+            revision: d.and_then(|d| d.revision).and_then(|i| i64::try_from(i).ok()),
+            consistent_index: d.and_then(|d| d.consistent_index).and_then(|i| i64::try_from(i).ok()),
+            wal: match w.map(|w| &w.verdict) {
+                None => "none",
+                Some(Some(Verdict::Whole) | None) => "whole",
+                Some(Some(Verdict::TornTail { .. })) => "tornTail",
+                Some(Some(Verdict::Corrupt { .. })) => "corrupt",
+                Some(Some(Verdict::TooLong { .. })) => "tooLong",
+            }
+            .into(),
+            db: match d.map(|d| &d.verdict) {
+                None => "none",
+                Some(DbVerdict::Sane) => "sane",
+                Some(DbVerdict::Corrupt { .. }) => "corrupt",
+            }
+            .into(),
+            summary: cut(&f.summary()),
+        }
+    }
 }
 
 /// One etcd member as the agent's check saw it.
@@ -195,7 +262,7 @@ pub struct Condition {
 
 /// Every field of the status, as written: a status is written as a merge patch, so each
 /// absent one is written `null` to clear what an earlier write left.
-pub const STATUS_FIELDS: [&str; 11] = [
+pub const STATUS_FIELDS: [&str; 12] = [
     "phase",
     "node",
     "remediationID",
@@ -207,6 +274,7 @@ pub const STATUS_FIELDS: [&str; 11] = [
     "clusterID",
     "members",
     "restore",
+    "data",
 ];
 
 /// Label of the controller's own records: the rule by which the pod became a candidate
@@ -289,6 +357,7 @@ pub fn status_of(r: &Remediation, generation: Option<i64>, previous: Option<&Etc
         cluster_id: r.plan.as_ref().and_then(|p| p.cluster_id.clone()),
         members: r.plan.as_ref().map(|p| p.members.iter().map(MemberStatus::of).collect()).unwrap_or_default(),
         restore: previous.and_then(|p| p.restore.clone()),
+        data: r.plan.as_ref().and_then(|p| p.data.as_ref()).map(DataStatus::of),
     }
 }
 

@@ -326,6 +326,11 @@ pub struct Plan {
     /// The cluster's member list as the check saw it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<PlanMember>,
+    /// What the member's own files say, read offline before anything moves (its WAL's ids,
+    /// term, commit and index range, its db's revision and consistent index, and whether
+    /// their checksums hold): what the check decided from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<crate::data::DataFacts>,
 }
 
 /// One etcd member as the check saw it.
@@ -397,6 +402,9 @@ impl Plan {
         s.push_str(&format!("  {:<18} {:>12} bytes\n", "total", self.bytes));
         if let Some(d) = &self.diagnosis {
             s.push_str(&crate::signature::render_table(d));
+        }
+        if let Some(d) = &self.data {
+            s.push_str(&d.render_table());
         }
         s
     }

@@ -81,6 +81,9 @@ pub enum Source {
     ContainerLog,
     /// `lastState.terminated.message` of the pod's status.
     TerminationMessage,
+    /// The member's own files, read offline: the lines said nothing known (a goroutine
+    /// dump, a rotated log), the WAL's or db's checksums did.
+    Data,
     /// Nothing to read.
     None,
 }
@@ -110,6 +113,13 @@ pub struct Diagnosis {
     /// The signal that decided the generation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub generation_by: Option<String>,
+    /// `ClusterIdMismatch` only: what the rest of the lines say. Anyone who reaches the
+    /// member's peer port can make it print `cluster ID mismatch`, so the line raises the
+    /// question and the member's WAL answers it (`crate::data::answer_split`); when the data
+    /// is the live cluster's own, this is the diagnosis. Never serialized.
+    #[serde(skip)]
+    #[schema(ignore)]
+    pub unless_split: Option<Box<Diagnosis>>,
 }
 
 /// Evidence kept per diagnosis, and the length of each line.
@@ -206,8 +216,13 @@ fn unquoted(t: &str) -> String {
 
 /// The signature of a crash log's lines (oldest first) and the lines that show it.
 pub fn classify<'a>(lines: &[&'a str]) -> (Signature, Vec<&'a str>) {
+    classify_but(lines, None)
+}
+
+/// [`classify`] with the rules of `but` left out.
+fn classify_but<'a>(lines: &[&'a str], but: Option<Signature>) -> (Signature, Vec<&'a str>) {
     let texts: Vec<std::borrow::Cow<'_, str>> = lines.iter().map(|l| searched(l)).collect();
-    for rule in RULES {
+    for rule in RULES.iter().filter(|r| Some(r.signature) != but) {
         let hits: Vec<&str> = lines
             .iter()
             .zip(&texts)
@@ -270,7 +285,23 @@ pub fn decide(signature: Signature, generation: Option<Generation>) -> (Action, 
 /// The diagnosis of a crash log's lines (oldest first), read from `source`.
 pub fn diagnose(lines: &[&str], source: Source, generation: Option<(Generation, String)>) -> Diagnosis {
     let tail = &lines[lines.len().saturating_sub(MAX_LINES)..];
-    let (signature, hits) = classify(tail);
+    let mut d = diagnosis_of(tail, classify(tail), source, generation.clone());
+    if d.signature == Signature::ClusterIdMismatch {
+        let rest = classify_but(tail, Some(Signature::ClusterIdMismatch));
+        d.unless_split = Some(Box::new(diagnosis_of(tail, rest, source, generation)));
+    }
+    if lines.is_empty() {
+        d.source = Source::None;
+    }
+    d
+}
+
+fn diagnosis_of(
+    tail: &[&str],
+    (signature, hits): (Signature, Vec<&str>),
+    source: Source,
+    generation: Option<(Generation, String)>,
+) -> Diagnosis {
     let (action, code, why) = decide(signature, generation.as_ref().map(|(g, _)| *g));
     // What matched, the latest last; with no match, the last lines read (what a person would
     // look at first).
@@ -290,9 +321,8 @@ pub fn diagnose(lines: &[&str], source: Source, generation: Option<(Generation, 
         }
     }
     evidence.reverse();
-    let source = if lines.is_empty() { Source::None } else { source };
     let (generation, generation_by) = generation.map_or((None, None), |(g, by)| (Some(g), Some(printable(&by))));
-    Diagnosis { signature, action, code, why, evidence, source, log_file: None, generation, generation_by }
+    Diagnosis { signature, action, code, why, evidence, source, log_file: None, generation, generation_by, unless_split: None }
 }
 
 /// Rows for a person: the generation, the diagnosis and each evidence line.
@@ -310,6 +340,7 @@ pub fn render_table(d: &Diagnosis) -> String {
     let source = match d.source {
         Source::ContainerLog => "the container's last log",
         Source::TerminationMessage => "the termination message",
+        Source::Data => "the member's files",
         Source::None => "nothing to read",
     };
     row("read from", source.to_string());

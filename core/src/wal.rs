@@ -41,7 +41,12 @@ pub enum Verdict {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct WalFacts {
+    /// The member's id in hex as etcd prints it, the cluster's as the plan's `clusterID`.
+    #[serde(default, with = "hex_id", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub node_id: Option<u64>,
+    #[serde(rename = "clusterID", default, with = "hex_cluster", skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
     pub cluster_id: Option<u64>,
     /// The last `HardState`.
     pub term: u64,
@@ -57,6 +62,37 @@ pub struct WalFacts {
     pub snapshot_term: u64,
     pub records: usize,
     pub verdict: Option<Verdict>,
+}
+
+/// An etcd id as etcd prints it (`%x`): a number past 2^53 does not survive JSON readers.
+mod hex_id {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(id: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match id {
+            Some(id) => s.serialize_str(&format!("{id:x}")),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|t| u64::from_str_radix(&t, 16).map_err(|e| serde::de::Error::custom(format!("not a hex id: {e}"))))
+            .transpose()
+    }
+}
+
+/// A cluster id as the plan's `clusterID` shows it: 16 hex digits.
+mod hex_cluster {
+    pub use super::hex_id::deserialize;
+    use serde::Serializer;
+
+    pub fn serialize<S: Serializer>(id: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match id {
+            Some(id) => s.serialize_str(&format!("{id:016x}")),
+            None => s.serialize_none(),
+        }
+    }
 }
 
 /// The largest record read (etcd's requests are at most a few MiB; a segment is 64 MiB):

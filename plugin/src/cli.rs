@@ -96,6 +96,14 @@ pub enum Command {
         #[arg(long, default_value = "2m", value_parser = parse_duration)]
         timeout: Duration,
     },
+    /// What the pod's member files say, read offline by the agent on its node: the WAL's
+    /// member and cluster ids, term, commit and last index, the db's revision, whether their
+    /// checksums hold, and the diagnosis they confirm (a forced dry run: nothing changes).
+    Inspect {
+        pod: String,
+        #[arg(long, default_value = "2m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
     /// Print a shell completion script (`source <(kubectl etcd-medic completion bash)`).
     Completion { shell: clap_complete::Shell },
 }

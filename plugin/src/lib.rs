@@ -291,17 +291,7 @@ async fn run(cli: Cli) -> Result<u8> {
             })
         }
         Command::Members { pod, timeout } => {
-            // A dry run changes nothing, so force is harmless: it lets the check reach etcd
-            // for a pod that does not look failing.
-            let spec = EtcdRemediationSpec {
-                pod,
-                dry_run: true,
-                force: true,
-                reason: Some("kubectl etcd-medic members".into()),
-                ..Default::default()
-            };
-            let cr = kube.ask(spec, "members").await?;
-            let cr = kube.follow(&cr.name_any(), timeout, false, ended).await?;
+            let cr = forced_dry_run(&kube, pod, "members", timeout).await?;
             let s = cr.status.clone().unwrap_or_default();
             if s.members.is_empty() {
                 return Err(show::error_of(&cr));
@@ -309,7 +299,23 @@ async fn run(cli: Cli) -> Result<u8> {
             print(out, &json!({"clusterID": s.cluster_id, "members": s.members}), || show::members(&s))?;
             Ok(0)
         }
+        Command::Inspect { pod, timeout } => {
+            let cr = forced_dry_run(&kube, pod, "inspect", timeout).await?;
+            let s = cr.status.clone().unwrap_or_default();
+            let Some(data) = &s.data else { return Err(show::error_of(&cr)) };
+            print(out, &json!({"data": data, "diagnosis": s.diagnosis}), || show::inspect(&cr, data))?;
+            Ok(0)
+        }
     }
+}
+
+/// A dry run that changes nothing, so force is harmless: it lets the check reach the
+/// volume and etcd for a pod that does not look failing. Followed to its end.
+async fn forced_dry_run(kube: &Kube, pod: String, what: &str, timeout: Duration) -> Result<EtcdRemediation> {
+    let spec =
+        EtcdRemediationSpec { pod, dry_run: true, force: true, reason: Some(format!("kubectl etcd-medic {what}")), ..Default::default() };
+    let cr = kube.ask(spec, what).await?;
+    kube.follow(&cr.name_any(), timeout, false, ended).await
 }
 
 /// A record's name, or the agent's remediation id that a record's status names.

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use kube::ResourceExt;
 
-use etcd_medic_client::crd::{DETECTED_AT, EtcdRemediation, EtcdRemediationStatus, FAILING_SINCE, RestoreStatus, StepStatus};
+use etcd_medic_client::crd::{DETECTED_AT, DataStatus, EtcdRemediation, EtcdRemediationStatus, FAILING_SINCE, RestoreStatus, StepStatus};
 use etcd_medic_core::{Code, Error};
 
 /// `s` with what could change how a terminal shows it escaped: control characters, every
@@ -249,11 +249,28 @@ pub fn diagnosis(cr: &EtcdRemediation) -> String {
         }
         None => out.push_str("Signature    (none: the agent stopped before reading the pod's log)\n"),
     }
+    if let Some(d) = &s.data {
+        let _ = writeln!(out, "Files        {}", safe(&d.summary));
+    }
     let verdict = match &s.error {
         Some(e) => format!("{} ({}: {})", safe(phase(cr)), safe(&e.code), safe(&e.message)),
         None => format!("{}: a heal would go ahead", safe(phase(cr))),
     };
     let _ = writeln!(out, "Dry run      {verdict}");
+    out
+}
+
+/// `inspect`: what the member's files say, then the diagnosis.
+pub fn inspect(cr: &EtcdRemediation, d: &DataStatus) -> String {
+    let opt = |v: Option<i64>| v.map_or("-".into(), |v| v.to_string());
+    let id = |v: &Option<String>| v.as_deref().map_or("-".into(), safe);
+    let mut out = String::new();
+    let _ = writeln!(out, "Member       {} of cluster {}", id(&d.member_id), id(&d.cluster_id));
+    let _ =
+        writeln!(out, "WAL          {}: term {}, commit {}, last index {}", safe(&d.wal), opt(d.term), opt(d.commit), opt(d.last_index));
+    let _ = writeln!(out, "db           {}: revision {}, consistent index {}", safe(&d.db), opt(d.revision), opt(d.consistent_index));
+    let _ = writeln!(out, "Summary      {}", safe(&d.summary));
+    out.push_str(&diagnosis(cr));
     out
 }
 

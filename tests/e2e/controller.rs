@@ -330,6 +330,39 @@ async fn the_first_crash_is_healed_from_its_watch_event_with_the_charts_defaults
     Ok(())
 }
 
+/// `cluster ID mismatch` lines beside `member not found` (a tenant's image may print them,
+/// anyone who reaches the peer port can make etcd print them) no longer hold a heal off at
+/// the controller: with the chart's defaults the pod waits for the thresholds (the line may
+/// not repeat), is dispatched, and the agent's check asks the member's WAL, which is the live
+/// cluster's: healed with every key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_id_mismatch_lines_go_to_the_agent_whose_data_answers_them_with_the_charts_defaults() -> Result<()> {
+    crate::init_tracing();
+    let lab = Lab::start(etcd_medic_lab::objects::SetShape::apisix(3, NODE_NAME)).await?;
+    if !lab.node.real_mounts {
+        etcd_medic_lab::skip("needs root: real mounts");
+        lab.shutdown().await;
+        return Ok(());
+    }
+    lab.write_keys(KEYS).await?;
+    let agent = agent_for_controller(&lab, &[]).await?;
+    let token = register_agent(&lab, &agent)?;
+    let c = ControllerProcess::start(&lab, &token, "replica-a", DEFAULTS).await?;
+    lab.set.switches().printed_first.lock().unwrap().insert(1, vec![crate::diagnosis::MISMATCH.into()]);
+    lab.drain_member(1).await?;
+    let done = wait_remediation(&lab, "apisix-etcd-1", HEAL, |p| matches!(p, "Succeeded" | "Failed" | "Refused"), &[&c]).await?;
+    assert_eq!(phase(&done), "Succeeded", "{done:?}\n{}\nagent:\n{}", c.log_text(), agent.log_text());
+    assert_eq!(done.labels().get("etcd-medic.io/candidacy").map(String::as_str), Some("thresholds"));
+    let s = done.status.clone().unwrap_or_default();
+    assert_eq!(s.diagnosis.as_ref().map(|d| d.signature.as_str()), Some("MemberNotFound"), "{s:?}");
+    assert_eq!(s.data.as_ref().map(|d| d.wal.as_str()), Some("whole"), "{s:?}");
+    assert_eq!(s.data.as_ref().and_then(|d| d.cluster_id.clone()), s.cluster_id.clone(), "the live cluster's WAL: {s:?}");
+    lab.set.wait_ready(1, HEAL).await?;
+    assert_every_key(&lab, 3, KEYS).await?;
+    lab.shutdown().await;
+    Ok(())
+}
+
 /// The same on the kubelet's own schedule (`SimOptions::kubelet`): the first crash is
 /// restarted at once. Whether the controller's look meets that crash's status before the
 /// restart is the watch's timing, as on a node: when it does, the agent finds the container

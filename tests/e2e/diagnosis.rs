@@ -142,6 +142,12 @@ async fn another_clusters_data_is_a_split_brain_and_nothing_is_touched() -> Resu
     let Some(lab) = lab().await? else { return Ok(()) };
     // A single-member cluster of its own, stopped: its data is what a wrong volume holds.
     let mut foreign = etcd::EtcdCluster::start(1).await?;
+    let cluster_of = |endpoints: Vec<String>| async move {
+        let list = etcd::live_client(&endpoints).await?.member_list().await?;
+        anyhow::Ok(list.header().map(|h| h.cluster_id()).unwrap_or_default())
+    };
+    let foreign_id = cluster_of(vec![foreign.specs[0].client_url()]).await?;
+    let live_id = cluster_of(lab.set.endpoints()).await?;
     foreign.stop(0).await;
     stop_and_hold(&lab, 1).await?;
     let data = lab.set.data_dir(1)?;
@@ -163,6 +169,11 @@ async fn another_clusters_data_is_a_split_brain_and_nothing_is_touched() -> Resu
         let r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", force).await?;
         assert_eq!(r.phase, Phase::Refused, "{r:?}");
         assert_eq!(r.error.as_ref().map(|e| e.code), Some(Code::SplitBrain), "force never overrides a split brain: {:?}", r.error);
+        // Decided by the data: the two cluster ids, as etcd answered them, are the evidence.
+        let said = &r.error.as_ref().unwrap().message;
+        assert!(said.contains(&format!("{foreign_id:016x}")) && said.contains(&format!("{live_id:016x}")), "{said}");
+        let on_disk = r.plan.as_ref().and_then(|p| p.data.as_ref()).and_then(|d| d.wal.as_ref()).and_then(|w| w.cluster_id);
+        assert_eq!(on_disk, Some(foreign_id), "the plan shows what the data says");
         let d = diagnosis(&r);
         assert_eq!(d.signature, Signature::ClusterIdMismatch);
         assert!(d.evidence.iter().any(|e| e.contains("cluster ID mismatch")), "{:?}", d.evidence);
@@ -170,6 +181,69 @@ async fn another_clusters_data_is_a_split_brain_and_nothing_is_touched() -> Resu
     assert_eq!(etcd_medic_lab::agent::tree(&volume), before, "a refusal changed the volume");
     assert_eq!(etcd::member_list(&lab.set.other_endpoints(1)).await?.len(), 3, "a refusal changed membership");
     lab.set.release_restarts();
+    lab.shutdown().await;
+    Ok(())
+}
+
+/// What etcd 3.5 logs when a peer of another cluster sends it raft messages.
+pub(crate) const MISMATCH: &str = r#"{"level":"warn","ts":"2026-12-07T10:00:00.000Z","caller":"rafthttp/http.go:500","msg":"request cluster ID mismatch","local-member-id":"8e9e05c52164694d","local-member-cluster-id":"cdf818194e3a8c32","local-member-server-version":"3.5.17","remote-peer-server-name":"8211f1d0f64f3269","remote-peer-id":"8211f1d0f64f3269","remote-peer-cluster-id":"1c4bb73e7d4e0a5f"}"#;
+
+/// Anyone who reaches a member's peer port can make it print `cluster ID mismatch`, and a
+/// tenant's image prints what it likes: the lines raise the question, the member's WAL
+/// answers it. Over the member's own data (the reference failure) they no longer block the
+/// heal; the plan and the record say why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_id_mismatch_lines_over_the_members_own_data_do_not_block_the_heal() -> Result<()> {
+    let Some((lab, old_id)) = crate::reference_failure::broken_lab_with_mounts().await? else { return Ok(()) };
+    lab.set.switches().printed_first.lock().unwrap().insert(1, vec![MISMATCH.into()]);
+    wait_crash_loop_saying(&lab, 1, "cluster ID mismatch").await?;
+    let r = etcd_medic_lab::agent::remediate(&lab, "apisix-etcd-1", false).await?;
+    assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
+    let d = diagnosis(&r);
+    assert_eq!((d.signature, d.action, d.source), (Signature::MemberNotFound, Action::Heal, Source::ContainerLog));
+    assert!(d.why.contains("not about its data"), "{}", d.why);
+    let wal = r.plan.as_ref().and_then(|p| p.data.as_ref()).and_then(|d| d.wal.clone()).expect("the plan shows the WAL's facts");
+    assert_eq!(wal.node_id, Some(old_id), "the removed member's own files");
+    assert_every_key(&lab, 3, KEYS).await?;
+    lab.shutdown().await;
+    Ok(())
+}
+
+/// A Go runtime's goroutine dump after etcd's last words pushes them out of the log's tail:
+/// the lines say nothing known, and the WAL's CRC says the data is corrupt. The member is
+/// replaced as `CorruptData`, from the data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_goroutine_dump_over_a_corrupt_wal_is_corrupt_data_from_the_files() -> Result<()> {
+    let Some(lab) = lab().await? else { return Ok(()) };
+    stop_and_hold(&lab, 1).await?;
+    etcd::flip_a_byte_in_the_wal(&lab.set.data_dir(1)?)?;
+    let mut dump = vec!["panic: runtime error: invalid memory address or nil pointer dereference".to_string(), String::new()];
+    for g in 0..60 {
+        dump.push(format!("goroutine {g} [select]:"));
+        dump.push(format!("\tgo.etcd.io/etcd/server/v3/etcdserver.(*EtcdServer).run(0xc000{g:03x})"));
+        dump.push("\t\t/go/src/go.etcd.io/etcd/server/etcdserver/server.go:1100 +0x1a5".into());
+        dump.push(String::new());
+    }
+    lab.set.switches().printed_last.lock().unwrap().insert(1, dump);
+    lab.set.release_restarts();
+    wait_crash_loop_saying(&lab, 1, "goroutine 59 [select]").await?;
+    lab.set.switches().hold_restarts.store(true, Ordering::SeqCst);
+    lab.set.hold_restarts(1, WAIT).await?;
+    let tail: Vec<String> = lab.set.container_log(1).lines().rev().take(etcd_medic_core::signature::MAX_LINES).map(String::from).collect();
+    assert!(!tail.iter().any(|l| l.contains("crc mismatch")), "etcd's own words are out of the tail");
+
+    let release = |r: &etcd_medic::engine::Remediation| {
+        if r.step_done(etcd_medic::engine::Step::Restart) {
+            lab.set.release_restarts();
+        }
+    };
+    let r = etcd_medic_lab::agent::remediate_with(&lab, "apisix-etcd-1", false, &release).await?;
+    lab.set.release_restarts();
+    assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
+    let d = diagnosis(&r);
+    assert_eq!((d.signature, d.action, d.source), (Signature::CorruptData, Action::Replace, Source::Data));
+    assert!(d.evidence.iter().any(|e| e.contains("the WAL is corrupt in segment")), "{:?}", d.evidence);
+    assert_every_key(&lab, 3, KEYS).await?;
     lab.shutdown().await;
     Ok(())
 }

@@ -72,6 +72,26 @@ async fn a_person_diagnoses_heals_and_reads_the_history_with_kubectl_while_the_c
     assert!(list.iter().all(|m| m["healthy"] == true && m["stale"] == false), "{members}");
     assert!(members["clusterID"].as_str().is_some_and(|id| id.len() == 16), "{members}");
 
+    // What the stale member's files say: the live cluster's WAL, whole, of a member the
+    // cluster no longer lists, and a sane db that holds the keys written.
+    let i = kubectl_etcd_medic(&lab, &["inspect", "apisix-etcd-1", "-n", "apisix", "-o", "json"]).await?;
+    assert_eq!(i.code, 0, "{}", i.stderr);
+    let inspected: Value = serde_json::from_str(&i.stdout)?;
+    let data = &inspected["data"];
+    let live = u64::from_str_radix(members["clusterID"].as_str().unwrap(), 16)?;
+    assert_eq!(data["clusterID"].as_str().map(|c| u64::from_str_radix(c, 16).ok()), Some(Some(live)), "{inspected}");
+    let on_disk = data["memberID"].as_str().unwrap_or_default();
+    assert!(!on_disk.is_empty() && list.iter().all(|m| m["id"] != on_disk), "the stale id is no longer listed: {inspected}");
+    assert_eq!((data["wal"].as_str(), data["db"].as_str()), (Some("whole"), Some("sane")), "{inspected}");
+    assert!(data["revision"].as_i64().is_some_and(|r| r > 1) && data["commit"].as_i64().is_some_and(|c| c > 0), "{inspected}");
+    assert_eq!(inspected["diagnosis"]["signature"], "MemberNotFound", "{inspected}");
+    let table = kubectl_etcd_medic(&lab, &["inspect", "apisix-etcd-1", "-n", "apisix"]).await?;
+    assert!(
+        table.stdout.contains(&format!("Member       {on_disk} of cluster")) && table.stdout.contains("WAL          whole"),
+        "{}",
+        table.stdout
+    );
+
     // A flaky API server on the way: the record's first reads answer 500 twice, then 429
     // (Retry-After 1). Each is asked again; the heal is followed to its end all the same.
     let followed = "/apis/etcd-medic.io/v1alpha1/namespaces/apisix/etcdremediations/";
@@ -91,8 +111,14 @@ async fn a_person_diagnoses_heals_and_reads_the_history_with_kubectl_while_the_c
     let l = kubectl_etcd_medic(&lab, &["list", "-n", "apisix", "-o", "json"]).await?;
     let items: Vec<Value> = serde_json::from_str(&l.stdout)?;
     let names: Vec<&str> = items.iter().filter_map(|i| i["metadata"]["name"].as_str()).collect();
-    assert_eq!(names.len(), 3, "{names:?}");
-    assert!(names[0].starts_with("apisix-etcd-1-heal-") && names[1].contains("-members-") && names[2].contains("-diagnose-"), "{names:?}");
+    assert_eq!(names.len(), 5, "{names:?}");
+    assert!(
+        names[0].starts_with("apisix-etcd-1-heal-")
+            && names[1].contains("-inspect-")
+            && names[3].contains("-members-")
+            && names[4].contains("-diagnose-"),
+        "{names:?}"
+    );
     let table = kubectl_etcd_medic(&lab, &["list", "-A"]).await?;
     assert!(table.stdout.starts_with("NAMESPACE") && table.stdout.contains("Succeeded"), "{}", table.stdout);
     let s = kubectl_etcd_medic(&lab, &["status", "apisix-etcd-1", "-n", "apisix"]).await?;

@@ -85,6 +85,13 @@ pub struct Switches {
     /// The pods' `terminationMessagePolicy` is `File` (the Bitnami chart's default) rather
     /// than `FallbackToLogsOnError`: a crash leaves no termination message, only its log.
     pub no_termination_message: AtomicBool,
+    /// Lines a pod's container prints (by ordinal) before its start-up script on every start:
+    /// what an image may print of its own (a tenant chooses its image), or what a peer's
+    /// requests made etcd print.
+    pub printed_first: Mutex<std::collections::BTreeMap<usize, Vec<String>>>,
+    /// Lines a pod's container prints (by ordinal) as it ends, after its process exited: a Go
+    /// runtime's goroutine dump pushes the lines that said why out of the log's tail.
+    pub printed_last: Mutex<std::collections::BTreeMap<usize, Vec<String>>>,
     /// Pods (by ordinal) whose container loop is parked by `hold_restarts`.
     held: Mutex<std::collections::BTreeSet<usize>>,
     /// Pods (by ordinal) let out of `hold_restarts` for one start.
@@ -442,6 +449,9 @@ async fn run_pod(inner: Arc<Inner>, ordinal: usize, uid: String, mut stop: watch
                 _ = stop.changed() => return,
             }
         }
+        for line in inner.switches.printed_first.lock().unwrap().get(&ordinal).into_iter().flatten() {
+            raw_log(&log_path, line);
+        }
         let outcome = start_container(&inner, ordinal, &uid, &log_path).await;
         let (code, message) = match outcome {
             Err(e) => (1, format!("lab: {e:#}")),
@@ -482,6 +492,9 @@ async fn run_pod(inner: Arc<Inner>, ordinal: usize, uid: String, mut stop: watch
         };
         if *stop.borrow() {
             return;
+        }
+        for line in inner.switches.printed_last.lock().unwrap().get(&ordinal).into_iter().flatten() {
+            raw_log(&log_path, line);
         }
         // The kubelet's own log of this start, where the agent reads it; it keeps the current
         // and the previous start's file.

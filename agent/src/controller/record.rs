@@ -12,7 +12,7 @@ use super::{Ctx, DECISION, Detected, Look, dispatch, metrics};
 use crate::error::Error;
 use etcd_medic_client::crd::{CANDIDACY, DETECTED_AT, DiagnosisStatus, EtcdRemediation, EtcdRemediationSpec, FAILING_SINCE, RESTARTS};
 use etcd_medic_core::detect::{self, Hold};
-use etcd_medic_core::signature::{self, Action};
+use etcd_medic_core::signature::{self, Action, Signature};
 
 /// A hold, told once per pod and reason: a log line, a decision counted, an Event.
 pub(super) async fn tell_hold(ctx: &Ctx, pod: &PodSeen, hold: &Hold) {
@@ -33,7 +33,13 @@ pub(super) async fn tell_hold(ctx: &Ctx, pod: &PodSeen, hold: &Hold) {
 /// reconcile loop carries out, or, for a crash the agent must not touch, one that ends
 /// `Refused` here with the reason and the evidence.
 pub(super) async fn record(ctx: &Ctx, pod: &PodSeen, d: &Detected, by: detect::Candidacy, look: Look) {
-    let (action, code, why) = signature::decide(d.signature, None);
+    let (action, code, why) = match d.signature {
+        // Anyone who reaches the member's peer port can make it print `cluster ID mismatch`:
+        // the agent on its node asks the member's WAL, and refuses `SplitBrain` itself when
+        // the data is another cluster's (that refusal settles the pod).
+        Signature::ClusterIdMismatch => (Action::Heal, None, String::new()),
+        s => signature::decide(s, None),
+    };
     let evidence = d.evidence.clone().unwrap_or_default();
     if !ctx.leading() || ctx.create_failed.lock().unwrap().get(&pod.uid).is_some_and(|t| Instant::now() < *t) {
         return;

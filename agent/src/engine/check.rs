@@ -12,6 +12,7 @@ use crate::locate::{Plan, blocking, container};
 use crate::profile::Profile;
 use crate::scope::SetScope;
 use etcd_medic_core::contract::PlanMember;
+use etcd_medic_core::data;
 use etcd_medic_core::member::{Basis, own_entries, stale_member};
 use etcd_medic_core::quorum::{Change, check_quorum};
 use etcd_medic_core::signature::Diagnosis;
@@ -48,7 +49,7 @@ impl Engine<'_> {
     pub(super) async fn check(&self, ns: &str, name: &str, uid: Option<&str>, found: &Mutex<Found>) -> Result<(Checked, String)> {
         // Where the data is, the volume proven, before what it holds is looked into.
         let located = self.locator.open(ns, name, uid, false).await?;
-        let mut plan = located.plan;
+        let mut plan = located.plan.clone();
         lock(found).plan = Some(plan.clone());
         // Read again, and only the instance that was located: a replacement is another pod.
         let pod = self.locator.api.pod(ns, name).await?;
@@ -70,17 +71,29 @@ impl Engine<'_> {
         // rest is refused with its code and the evidence, before the data is looked into or
         // etcd is asked anything (an image that wiped its data to heal itself is SelfHealing,
         // not NotEtcdData).
-        let has_member_id = {
-            let (vol, data) = (located.volume.clone(), located.data.join("member_id"));
-            blocking(move || Ok(vol.entry(&data)?.map(|e| e.kind == crate::host::volume::Kind::File))).await?
+        let logged = self.locator.diagnose_pod(pod.clone(), located.has_member_id().await?).await?;
+        // What the files themselves say, read before any gate: lines that say nothing known
+        // while the checksums fail are CorruptData, and `cluster ID mismatch` lines (anyone
+        // reaching the peer port can make etcd print them) wait for the WAL to answer them
+        // once the live cluster is known.
+        let facts = {
+            let (vol, data) = (located.volume.clone(), located.data.clone());
+            blocking(move || crate::data::facts(&vol, &data)).await?
         };
-        let diagnosis = self.locator.diagnose_pod(pod.clone(), has_member_id).await?;
+        tracing::info!(namespace = %ns, pod = %name, "the member's files: {}", facts.summary());
+        plan.data = Some(facts.clone());
+        let mut diagnosis = data::reconsider(logged, &facts);
         plan.diagnosis = Some(diagnosis.clone());
         {
             let mut f = lock(found);
             (f.diagnosis, f.plan) = (Some(diagnosis.clone()), Some(plan.clone()));
         }
-        let diagnosed = crate::diagnose::gate(&diagnosis, self.opts.force)?;
+        let question = data::split_question(&diagnosis, &facts);
+        let mut diagnosed = if question {
+            "`cluster ID mismatch` in the log: the member's WAL answers it once the cluster is asked".to_string()
+        } else {
+            crate::diagnose::gate(&diagnosis, self.opts.force)?
+        };
         {
             let (vol, data) = (located.volume.clone(), located.data.clone());
             blocking(move || crate::locate::check_etcd_data(&vol, &data)).await?;
@@ -112,15 +125,19 @@ impl Engine<'_> {
         plan.cluster_id = Some(format!("{cluster_id:016x}"));
         plan.members = members.iter().map(|m| PlanMember::of(m, stale)).collect();
         lock(found).plan = Some(plan.clone());
-        // What the files themselves say, before anything moves: another cluster's data, or
-        // another listed member's, is not this pod's stale member's.
-        let facts = {
-            let (vol, data) = (vol.clone(), data.clone());
-            blocking(move || crate::data::facts(&vol, &data)).await?
-        };
-        tracing::info!(namespace = %ns, pod = %name, "the member's files: {}", facts.summary());
+        if question {
+            diagnosis = data::answer_split(diagnosis, &facts, cluster_id)?;
+            plan.diagnosis = Some(diagnosis.clone());
+            {
+                let mut f = lock(found);
+                (f.diagnosis, f.plan) = (Some(diagnosis.clone()), Some(plan.clone()));
+            }
+            diagnosed = crate::diagnose::gate(&diagnosis, self.opts.force)?;
+        }
+        // Another cluster's data, or another listed member's, is not this pod's stale
+        // member's to move, whatever the log said.
         let listed: Vec<u64> = members.iter().map(|m| m.id).collect();
-        etcd_medic_core::data::judge(&facts, cluster_id, &listed, stale)?;
+        data::judge(&facts, cluster_id, &listed, stale)?;
         check_quorum(&members.iter().map(|m| m.view()).collect::<Vec<_>>(), &own_entries(&members, &peer_url), Change::ReplaceMember)?;
         check_space(&plan, &vol)?;
         let why = failure.map(|f| f.reason).unwrap_or_else(|| "forced".into());

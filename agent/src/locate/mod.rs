@@ -50,6 +50,35 @@ pub struct Located {
     pub data: PathBuf,
 }
 
+impl Located {
+    /// Whether the data dir holds a `member_id` file (Bitnami's start-up script keeps one):
+    /// it decides the generation of a pod without other signs.
+    pub async fn has_member_id(&self) -> Result<Option<bool>> {
+        let (vol, id) = (self.volume.clone(), self.data.join("member_id"));
+        blocking(move || Ok(vol.entry(&id)?.map(|e| e.kind == crate::host::volume::Kind::File))).await
+    }
+}
+
+/// What `inspect` tells: the member's files and the diagnosis they confirm or correct.
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Inspection {
+    pub namespace: String,
+    pub pod: String,
+    pub host_path: PathBuf,
+    pub data: etcd_medic_core::data::DataFacts,
+    pub diagnosis: etcd_medic_core::signature::Diagnosis,
+}
+
+impl Inspection {
+    pub fn render_table(&self) -> String {
+        let mut s = format!("{:<14} {}/{}\n{:<14} {}\n", "pod", self.namespace, self.pod, "host path", self.host_path.display());
+        s.push_str(&self.data.render_table());
+        s.push_str(&etcd_medic_core::signature::render_table(&self.diagnosis));
+        s
+    }
+}
+
 impl Locator {
     /// Resolves and proves the plan for `namespace/name`; `expected_uid` guards against
     /// acting on a replacement pod.
@@ -92,6 +121,18 @@ impl Locator {
         let pod = self.api.pod(namespace, name).await?;
         self.admit(&pod, None)?;
         self.diagnose_pod(pod, None).await
+    }
+
+    /// What the pod's member files say (read offline through the proven volume) and the
+    /// diagnosis they confirm or correct: what the check decides from, changing nothing.
+    pub async fn inspect(&self, namespace: &str, name: &str) -> Result<Inspection> {
+        let located = self.open(namespace, name, None, false).await?;
+        let pod = self.api.pod(namespace, name).await?;
+        self.admit(&pod, Some(&located.plan.pod_uid))?;
+        let (vol, data) = (located.volume.clone(), located.data.clone());
+        let facts = blocking(move || crate::data::facts(&vol, &data)).await?;
+        let diagnosis = etcd_medic_core::data::reconsider(self.diagnose_pod(pod, located.has_member_id().await?).await?, &facts);
+        Ok(Inspection { namespace: namespace.into(), pod: name.into(), host_path: located.plan.host_path, data: facts, diagnosis })
     }
 
     /// The diagnosis of a pod already read (and admitted); `has_member_id`: what its volume
@@ -177,6 +218,7 @@ impl Locator {
                 r#move: moves,
                 cluster_id: None,
                 members: Vec::new(),
+                data: None,
                 diagnosis: None,
             };
             Ok(Located { plan, volume: Arc::new(vol), data })

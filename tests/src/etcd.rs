@@ -406,6 +406,8 @@ pub struct EtcdCluster {
     pub dir: PathBuf,
     pub token: String,
     pub specs: Vec<MemberSpec>,
+    /// `--snapshot-count` of every member, when not etcd's default.
+    pub snapshot_count: Option<u64>,
     procs: Vec<Option<EtcdProcess>>,
     _tmp: Option<tempfile::TempDir>,
 }
@@ -419,10 +421,24 @@ impl EtcdCluster {
         Ok(c)
     }
 
+    /// [`Self::start`] with members that take a snapshot every `every` entries: snapshot
+    /// files on disk and snapshot records in the WAL.
+    pub async fn start_snapshotting(n: usize, every: u64) -> Result<Self> {
+        let tmp = tempfile::Builder::new().prefix("etcd-medic-lab-").tempdir()?;
+        let mut c = Self::start_in_with(tmp.path(), n, Some(every)).await?;
+        c._tmp = Some(tmp);
+        Ok(c)
+    }
+
     pub async fn start_in(dir: &Path, n: usize) -> Result<Self> {
+        Self::start_in_with(dir, n, None).await
+    }
+
+    async fn start_in_with(dir: &Path, n: usize, snapshot_count: Option<u64>) -> Result<Self> {
         let specs: Vec<MemberSpec> = (0..n).map(|i| MemberSpec::new(format!("etcd-{i}"))).collect();
         let token = format!("lab-{}", uuid::Uuid::new_v4().simple());
-        let mut cluster = EtcdCluster { dir: dir.to_path_buf(), token, specs, procs: (0..n).map(|_| None).collect(), _tmp: None };
+        let procs = (0..n).map(|_| None).collect();
+        let mut cluster = EtcdCluster { dir: dir.to_path_buf(), token, specs, snapshot_count, procs, _tmp: None };
         let ic = initial_cluster(&cluster.specs);
         for i in 0..n {
             cluster.spawn(i, &ic, ClusterState::New)?;
@@ -450,7 +466,7 @@ impl EtcdCluster {
             state,
             token: self.token.clone(),
             log_file: self.log_file(i),
-            snapshot_count: None,
+            snapshot_count: self.snapshot_count,
         };
         self.procs[i] = Some(EtcdProcess::spawn(cfg)?);
         Ok(())

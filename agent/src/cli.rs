@@ -72,7 +72,16 @@ pub enum Command {
     /// Changes nothing.
     Inspect {
         /// The pod, as NAMESPACE/POD.
-        pod: PodRef,
+        #[arg(required_unless_present = "data_dir", conflicts_with = "data_dir")]
+        pod: Option<PodRef>,
+        /// A data dir on this node instead of a pod's (a quarantine, a copy, a backup): its
+        /// files only, no diagnosis.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Read the newest WAL segments whole, every record's CRC chained across them (by
+        /// default only their heads and the newest segment are read).
+        #[arg(long)]
+        full: bool,
         #[command(flatten)]
         node: NodeArgs,
         /// Output format.

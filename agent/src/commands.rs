@@ -43,11 +43,23 @@ async fn run(command: Command) -> anyhow::Result<()> {
         Command::Serve(args) => serve(&args).await,
         Command::Locate { pod, node, output } => locate(&pod, &node, output).await,
         Command::Diagnose { pod, node, output } => diagnose(&pod, &node, output).await,
-        Command::Inspect { pod, node, output } => {
-            let found = node.locator().await?.inspect(&pod.namespace, &pod.name).await?;
+        Command::Inspect { pod, data_dir, full, node, output } => {
+            let depth = if full { crate::data::Depth::Full } else { crate::data::Depth::Heads };
+            let (json, table) = match (pod, data_dir) {
+                (Some(pod), _) => {
+                    let found = node.locator().await?.inspect(&pod.namespace, &pod.name, depth).await?;
+                    (serde_json::to_string_pretty(&found)?, found.render_table())
+                }
+                (None, Some(dir)) => {
+                    let vol = crate::host::volume::Volume::open(&dir, std::path::Path::new(""))?;
+                    let facts = crate::data::facts_to(&vol, std::path::Path::new(""), depth)?;
+                    (serde_json::to_string_pretty(&facts)?, facts.render_table())
+                }
+                (None, None) => unreachable!("clap requires a pod or --data-dir"),
+            };
             match output {
-                Output::Json => println!("{}", serde_json::to_string_pretty(&found)?),
-                Output::Table => print!("{}", found.render_table()),
+                Output::Json => println!("{json}"),
+                Output::Table => print!("{table}"),
             }
             Ok(())
         }

@@ -1,5 +1,7 @@
 //! A member's WAL and db, read from the volume through its proven descriptors (regular files
 //! only, never a link, a FIFO or a device) as streams: what `etcd_medic_core::data` judges.
+//! The db is read at its meta pages and the pages down to the `meta` and `key` buckets' last
+//! entries only, whatever its size.
 
 use std::path::Path;
 
@@ -16,8 +18,24 @@ const SEGMENT_CAP: u64 = 256 << 20;
 /// etcd's backend quota is at most 8 GiB by default; a larger file is not read.
 const DB_CAP: u64 = 64 << 30;
 
-/// What the member's files under `data` say.
+/// How much of the WAL is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Depth {
+    /// The heads of the older segments (whose they are, checked by their CRCs) and the
+    /// newest segment whole: what a start of etcd meets first, in milliseconds whatever the
+    /// WAL's size. What the check reads.
+    Heads,
+    /// The newest segments whole, every record's CRC chained across them (`inspect --full`).
+    Full,
+}
+
+/// What the member's files under `data` say, the WAL read to [`Depth::Heads`].
 pub fn facts(vol: &Volume, data: &Path) -> Result<DataFacts> {
+    facts_to(vol, data, Depth::Heads)
+}
+
+/// What the member's files under `data` say, the WAL read to `depth`.
+pub fn facts_to(vol: &Volume, data: &Path, depth: Depth) -> Result<DataFacts> {
     let dir = data.join("member/wal");
     let wal = match vol.entry(&dir)? {
         Some(e) if e.kind == Kind::Dir => {
@@ -33,7 +51,14 @@ pub fn facts(vol: &Volume, data: &Path) -> Result<DataFacts> {
             let mut reader = wal::Reader::default();
             for (i, n) in newest.iter().enumerate() {
                 let Some((file, len)) = vol.open_file(&dir.join(n), SEGMENT_CAP)? else { continue };
-                if !reader.segment(std::io::BufReader::with_capacity(256 * 1024, file), len, i + 1 == newest.len()) {
+                let last = i + 1 == newest.len();
+                let read = if last || depth == Depth::Full {
+                    reader.segment(std::io::BufReader::with_capacity(256 * 1024, file), len, last)
+                } else {
+                    // A head is a few records: small reads.
+                    reader.head(std::io::BufReader::with_capacity(8 * 1024, file), len)
+                };
+                if !read {
                     break;
                 }
             }

@@ -129,17 +129,35 @@ enum Stop {
     Verdict(Verdict),
 }
 
+/// Records a segment's head holds at most: etcd starts each one with its CRC, metadata and
+/// hard state records (the first also with an empty snapshot record).
+const HEAD_RECORDS: usize = 8;
+
 impl Reader {
     /// Reads the next segment: `len` bytes from `r`, `last` when no segment follows. `false`
     /// once a verdict other than whole is reached (the rest is not read).
     pub fn segment(&mut self, r: impl std::io::Read, len: u64, last: bool) -> bool {
+        self.read(r, len, last, false)
+    }
+
+    /// Reads only the head of the next segment (its records before the first entry): whose
+    /// it is and its hard state at the cut, checked by their CRCs, never its entries. The CRC
+    /// chain starts again at the next segment's CRC record, as etcd's decoder starts it at
+    /// the first segment it reads.
+    pub fn head(&mut self, r: impl std::io::Read, len: u64) -> bool {
+        let read = self.read(r, len, false, true);
+        (self.crc, self.seen_crc_record) = (0, false);
+        read
+    }
+
+    fn read(&mut self, r: impl std::io::Read, len: u64, last: bool, head: bool) -> bool {
         if self.ended {
             return false;
         }
-        let mut src = Src { r, len, left: len };
+        let mut src = Src { r, len, left: len, buf: Vec::new() };
         let si = self.segment;
         self.segment += 1;
-        match self.read_segment(&mut src, si, last) {
+        match self.read_segment(&mut src, si, last, head) {
             Stop::End => true,
             Stop::Verdict(v) => {
                 self.f.verdict = Some(v);
@@ -156,7 +174,7 @@ impl Reader {
         self.f
     }
 
-    fn read_segment(&mut self, src: &mut Src<impl std::io::Read>, si: usize, last: bool) -> Stop {
+    fn read_segment(&mut self, src: &mut Src<impl std::io::Read>, si: usize, last: bool, head: bool) -> Stop {
         let corrupt = |off: u64, why: String| Stop::Verdict(Verdict::Corrupt { segment: si, offset: off, why });
         // A record cut short: torn when it is the last segment's and nothing but zeros
         // follows (etcd's own `isTornEntry` looks at sectors the same way).
@@ -167,7 +185,12 @@ impl Reader {
         let cut_short = |off: u64, why: &str| {
             if last { Stop::Verdict(Verdict::TornTail { segment: si, offset: off }) } else { corrupt(off, why.to_string()) }
         };
+        let mut in_segment = 0;
         loop {
+            if head && in_segment == HEAD_RECORDS {
+                return Stop::End;
+            }
+            in_segment += 1;
             if self.f.records >= MAX_RECORDS {
                 return Stop::Verdict(Verdict::TooLong { records: self.f.records });
             }
@@ -175,8 +198,10 @@ impl Reader {
             if src.left < 8 {
                 return if src.rest_is_zero() { Stop::End } else { cut_short(off, "a length cut short") };
             }
-            let Some(head) = src.take(8) else { return corrupt(off, "unreadable".into()) };
-            let len_field = u64::from_le_bytes(head.try_into().expect("8 bytes"));
+            if src.fill(8).is_none() {
+                return corrupt(off, "unreadable".into());
+            }
+            let len_field = u64::from_le_bytes(src.buf[..8].try_into().expect("8 bytes"));
             if len_field == 0 {
                 // The preallocated rest of the segment: the end of what was written.
                 return if !last || src.rest_is_zero() { Stop::End } else { corrupt(off, "a zero length with data after it".into()) };
@@ -188,13 +213,15 @@ impl Reader {
             if rec_len > MAX_RECORD {
                 return corrupt(off, format!("a record of {rec_len} bytes"));
             }
-            let Some(body) = src.take(rec_len as usize) else { return corrupt(off, "unreadable".into()) };
-            if src.take(pad as usize).is_none() {
+            if src.fill(rec_len as usize).is_none() || src.skip(pad as usize).is_none() {
                 return corrupt(off, "unreadable".into());
             }
-            let Some(rec) = Record::decode(&body) else {
+            let Some(rec) = Record::decode(&src.buf[..rec_len as usize]) else {
                 return torn_or_corrupt(src, off, "the record does not decode".into());
             };
+            if head && rec.kind == ENTRY {
+                return Stop::End;
+            }
             if rec.kind == CRC {
                 // Carries the CRC of everything before this segment (0 at the very start).
                 if self.seen_crc_record && self.crc != 0 && rec.crc != self.crc {
@@ -208,6 +235,9 @@ impl Reader {
                     return torn_or_corrupt(src, off, format!("CRC {:08x}, expected {crc:08x}", rec.crc));
                 }
                 self.crc = crc;
+                if let Some(other) = another_members(&self.f, &rec) {
+                    return corrupt(off, other);
+                }
                 apply(&mut self.f, &rec);
             }
             self.f.records += 1;
@@ -215,11 +245,12 @@ impl Reader {
     }
 }
 
-/// A segment's bytes as a stream of known length.
+/// A segment's bytes as a stream of known length, read one record at a time into one buffer.
 struct Src<R> {
     r: R,
     len: u64,
     left: u64,
+    buf: Vec<u8>,
 }
 
 impl<R: std::io::Read> Src<R> {
@@ -227,12 +258,22 @@ impl<R: std::io::Read> Src<R> {
         self.len - self.left
     }
 
-    /// The next `n` bytes (`n` is at most what is left).
-    fn take(&mut self, n: usize) -> Option<Vec<u8>> {
-        let mut buf = vec![0u8; n];
-        self.r.read_exact(&mut buf).ok()?;
+    /// The next `n` bytes (`n` is at most what is left) into `buf[..n]`.
+    fn fill(&mut self, n: usize) -> Option<()> {
+        if self.buf.len() < n {
+            self.buf.resize(n, 0);
+        }
+        self.r.read_exact(&mut self.buf[..n]).ok()?;
         self.left -= n as u64;
-        Some(buf)
+        Some(())
+    }
+
+    /// Past the next `n` bytes (a record's padding: at most 7).
+    fn skip(&mut self, n: usize) -> Option<()> {
+        let mut pad = [0u8; 8];
+        self.r.read_exact(pad.get_mut(..n)?).ok()?;
+        self.left -= n as u64;
+        Some(())
     }
 
     /// Whether what is left reads as zeros (read in chunks, never whole).
@@ -257,6 +298,27 @@ fn frame_size(len_field: u64) -> (u64, u64) {
     let rec = len_field & !(0xffu64 << 56);
     let pad = if len_field & (0x80u64 << 56) != 0 { (len_field >> 56) & 0x7 } else { 0 };
     (rec, pad)
+}
+
+/// A metadata record that names another member or cluster than the segments before it: a
+/// segment that is not this WAL's.
+fn another_members(f: &WalFacts, rec: &Record) -> Option<String> {
+    if rec.kind != METADATA {
+        return None;
+    }
+    let m = fields(rec.data);
+    let (node, cluster) = (m.varint(1), m.varint(2));
+    let differs = |now: Option<u64>, before: Option<u64>| now.is_some() && before.is_some() && now != before;
+    (differs(node, f.node_id) || differs(cluster, f.cluster_id)).then(|| {
+        let hex = |v: Option<u64>| v.map_or("-".into(), |v| format!("{v:x}"));
+        format!(
+            "a segment of member {} in cluster {} after segments of member {} in cluster {}",
+            hex(node),
+            hex(cluster),
+            hex(f.node_id),
+            hex(f.cluster_id)
+        )
+    })
 }
 
 fn apply(f: &mut WalFacts, rec: &Record) {
@@ -393,24 +455,9 @@ impl<'a> Proto<'a> {
 }
 
 /// CRC-32C (Castagnoli) of `data` continued from `crc`, as Go's `crc32.Update` computes it.
+/// The CPU's CRC-32C instruction where it has one (SSE 4.2, ARMv8), else tables.
 pub fn crc32c_append(crc: u32, data: &[u8]) -> u32 {
-    static TABLE: std::sync::OnceLock<[u32; 256]> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        let mut t = [0u32; 256];
-        for (i, slot) in t.iter_mut().enumerate() {
-            let mut c = i as u32;
-            for _ in 0..8 {
-                c = if c & 1 != 0 { 0x82f6_3b78 ^ (c >> 1) } else { c >> 1 };
-            }
-            *slot = c;
-        }
-        t
-    });
-    let mut c = !crc;
-    for b in data {
-        c = table[((c ^ u32::from(*b)) & 0xff) as usize] ^ (c >> 8);
-    }
-    !c
+    crc32c::crc32c_append(crc, data)
 }
 
 #[cfg(test)]
@@ -511,6 +558,42 @@ mod tests {
     }
 
     #[test]
+    fn heads_say_whose_segments_they_are_and_the_last_one_is_read_whole() {
+        let (first, second) = member_wal();
+        let mut r = Reader::default();
+        assert!(r.head(first.as_slice(), first.len() as u64));
+        assert!(r.segment(second.as_slice(), second.len() as u64, true));
+        let f = r.finish();
+        assert_eq!(f.verdict, Some(Verdict::Whole), "the chain starts again at the last segment: {f:?}");
+        assert_eq!((f.node_id, f.cluster_id), (Some(0x8e9e05c52164694d), Some(0xcdf818194e3a8c32)));
+        // The head's entries are not read: the index range is the last segment's.
+        assert_eq!((f.first_index, f.last_index, f.term, f.commit), (Some(3), Some(3), 3, 3));
+        // A damaged head is seen.
+        let mut bad = first.clone();
+        let at = bad.iter().position(|b| *b == 0xcd).expect("the node id's first varint byte");
+        bad[at] ^= 1;
+        let mut r = Reader::default();
+        assert!(!r.head(bad.as_slice(), bad.len() as u64));
+        assert!(matches!(r.finish().verdict, Some(Verdict::Corrupt { segment: 0, .. })));
+    }
+
+    #[test]
+    fn a_segment_of_another_member_is_not_this_wal() {
+        let (first, _) = member_wal();
+        let (other, _) =
+            encode(&[(CRC, vec![]), (METADATA, msg(&[(1, 0xabc), (2, 0xcdf818194e3a8c32)])), (ENTRY, msg(&[(2, 3), (3, 3)]))], 0);
+        for head in [false, true] {
+            let mut r = Reader::default();
+            assert!(r.head(first.as_slice(), first.len() as u64));
+            let read =
+                if head { r.head(other.as_slice(), other.len() as u64) } else { r.segment(other.as_slice(), other.len() as u64, true) };
+            assert!(!read);
+            let f = r.finish();
+            assert!(matches!(&f.verdict, Some(Verdict::Corrupt { segment: 1, why, .. }) if why.contains("member abc")), "{f:?}");
+        }
+    }
+
+    #[test]
     fn a_torn_tail_is_told_from_damage() {
         let (a, b) = member_wal();
         // Cut inside the last record: torn, everything before is read.
@@ -573,6 +656,11 @@ mod tests {
             fn any_bytes_get_an_answer(bytes in proptest::collection::vec(any::<u8>(), 0..4096), split in 0usize..4096) {
                 let (a, b) = bytes.split_at(split.min(bytes.len()));
                 prop_assert!(read(&[a, b]).verdict.is_some());
+                // The same bytes as a head, then a last segment.
+                let mut r = Reader::default();
+                r.head(a, a.len() as u64);
+                r.segment(b, b.len() as u64, true);
+                prop_assert!(r.finish().verdict.is_some());
             }
 
             /// What the encoder wrote is read back whole, with its ids and last entry.

@@ -272,6 +272,9 @@ async fn links_swapped_in_at_every_step_never_lead_outside_the_volume() -> Resul
         Target::Path("data"),
         Target::Path("data/member"),
         Target::Path("data/member_id"),
+        // What the check reads of the member's files: the WAL's directory and the db.
+        Target::Path("data/member/wal"),
+        Target::Path("data/member/snap/db"),
         Target::Path(".etcd-medic"),
         Target::Path(".etcd-medic/quarantine"),
         Target::Quarantine,
@@ -318,6 +321,14 @@ async fn links_swapped_in_at_every_step_never_lead_outside_the_volume() -> Resul
             let what =
                 format!("{target:?} from {trigger}: {:?} {:?} after {swaps} swaps{retention}", r.phase, r.error.as_ref().map(|e| e.code));
             b.assert_canary(&before, &what);
+            // The canary's `.wal` and `db` hold its secret, not etcd's format: had the check
+            // read them through a link, their verdict would be corrupt.
+            if let Some(data) = r.plan.as_ref().and_then(|p| p.data.as_ref()) {
+                let wal_corrupt =
+                    data.wal.as_ref().is_some_and(|w| matches!(w.verdict, Some(etcd_medic::core::wal::Verdict::Corrupt { .. })));
+                let db_corrupt = data.db.as_ref().is_some_and(|d| d.verdict != etcd_medic::core::bolt::DbVerdict::Sane);
+                assert!(!wal_corrupt && !db_corrupt, "{what}: the check read something else than the member's files: {}", data.summary());
+            }
             outcomes.push(what.clone());
             match r.phase {
                 Phase::Succeeded => {

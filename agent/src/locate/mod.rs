@@ -125,12 +125,12 @@ impl Locator {
 
     /// What the pod's member files say (read offline through the proven volume) and the
     /// diagnosis they confirm or correct: what the check decides from, changing nothing.
-    pub async fn inspect(&self, namespace: &str, name: &str) -> Result<Inspection> {
+    pub async fn inspect(&self, namespace: &str, name: &str, depth: crate::data::Depth) -> Result<Inspection> {
         let located = self.open(namespace, name, None, false).await?;
         let pod = self.api.pod(namespace, name).await?;
         self.admit(&pod, Some(&located.plan.pod_uid))?;
         let (vol, data) = (located.volume.clone(), located.data.clone());
-        let facts = blocking(move || crate::data::facts(&vol, &data)).await?;
+        let facts = blocking(move || crate::data::facts_to(&vol, &data, depth)).await?;
         let diagnosis = etcd_medic_core::data::reconsider(self.diagnose_pod(pod, located.has_member_id().await?).await?, &facts);
         Ok(Inspection { namespace: namespace.into(), pod: name.into(), host_path: located.plan.host_path, data: facts, diagnosis })
     }

@@ -8,6 +8,7 @@ use anyhow::Result;
 use serde_json::json;
 
 use etcd_medic_client::crd::EtcdRemediation;
+use etcd_medic_lab::agent::ServedAgent;
 use etcd_medic_lab::apiserver::{Fault, FaultKind};
 use etcd_medic_lab::controller::{
     ControllerProcess, agent_for_controller, register_agent, remediations, republish_agent, wait_record, wait_remediation,
@@ -298,17 +299,7 @@ async fn a_flaky_api_server_costs_nothing_twice() -> Result<()> {
 /// member is healed with every key: no storm hold, no wait for three restarts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_first_crash_is_healed_from_its_watch_event_with_the_charts_defaults() -> Result<()> {
-    crate::init_tracing();
-    let lab = Lab::start(etcd_medic_lab::objects::SetShape::apisix(3, NODE_NAME)).await?;
-    if !lab.node.real_mounts {
-        etcd_medic_lab::skip("needs root: real mounts");
-        lab.shutdown().await;
-        return Ok(());
-    }
-    lab.write_keys(KEYS).await?;
-    let agent = agent_for_controller(&lab, &[]).await?;
-    let token = register_agent(&lab, &agent)?;
-    let c = ControllerProcess::start(&lab, &token, "replica-a", DEFAULTS).await?;
+    let Some((lab, agent, c)) = watched_on_defaults().await? else { return Ok(()) };
     lab.drain_member(1).await?;
     let done = wait_remediation(&lab, "apisix-etcd-1", HEAL, |p| matches!(p, "Succeeded" | "Failed" | "Refused"), &[&c]).await?;
     assert_eq!(phase(&done), "Succeeded", "{done:?}\n{}\nagent:\n{}", c.log_text(), agent.log_text());
@@ -337,17 +328,7 @@ async fn the_first_crash_is_healed_from_its_watch_event_with_the_charts_defaults
 /// cluster's: healed with every key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cluster_id_mismatch_lines_go_to_the_agent_whose_data_answers_them_with_the_charts_defaults() -> Result<()> {
-    crate::init_tracing();
-    let lab = Lab::start(etcd_medic_lab::objects::SetShape::apisix(3, NODE_NAME)).await?;
-    if !lab.node.real_mounts {
-        etcd_medic_lab::skip("needs root: real mounts");
-        lab.shutdown().await;
-        return Ok(());
-    }
-    lab.write_keys(KEYS).await?;
-    let agent = agent_for_controller(&lab, &[]).await?;
-    let token = register_agent(&lab, &agent)?;
-    let c = ControllerProcess::start(&lab, &token, "replica-a", DEFAULTS).await?;
+    let Some((lab, agent, c)) = watched_on_defaults().await? else { return Ok(()) };
     lab.set.switches().printed_first.lock().unwrap().insert(1, vec![crate::diagnosis::MISMATCH.into()]);
     lab.drain_member(1).await?;
     let done = wait_remediation(&lab, "apisix-etcd-1", HEAL, |p| matches!(p, "Succeeded" | "Failed" | "Refused"), &[&c]).await?;
@@ -361,6 +342,23 @@ async fn cluster_id_mismatch_lines_go_to_the_agent_whose_data_answers_them_with_
     assert_every_key(&lab, 3, KEYS).await?;
     lab.shutdown().await;
     Ok(())
+}
+
+/// Three healthy members with keys, the agent, and the controller on the chart's defaults
+/// watching them; `None` (said skipped) without real mounts.
+async fn watched_on_defaults() -> Result<Option<(Lab, ServedAgent, ControllerProcess)>> {
+    crate::init_tracing();
+    let lab = Lab::start(etcd_medic_lab::objects::SetShape::apisix(3, NODE_NAME)).await?;
+    if !lab.node.real_mounts {
+        etcd_medic_lab::skip("needs root: real mounts");
+        lab.shutdown().await;
+        return Ok(None);
+    }
+    lab.write_keys(KEYS).await?;
+    let agent = agent_for_controller(&lab, &[]).await?;
+    let token = register_agent(&lab, &agent)?;
+    let c = ControllerProcess::start(&lab, &token, "replica-a", DEFAULTS).await?;
+    Ok(Some((lab, agent, c)))
 }
 
 /// The same on the kubelet's own schedule (`SimOptions::kubelet`): the first crash is

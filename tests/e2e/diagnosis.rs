@@ -232,13 +232,7 @@ async fn a_goroutine_dump_over_a_corrupt_wal_is_corrupt_data_from_the_files() ->
     let tail: Vec<String> = lab.set.container_log(1).lines().rev().take(etcd_medic_core::signature::MAX_LINES).map(String::from).collect();
     assert!(!tail.iter().any(|l| l.contains("crc mismatch")), "etcd's own words are out of the tail");
 
-    let release = |r: &etcd_medic::engine::Remediation| {
-        if r.step_done(etcd_medic::engine::Step::Restart) {
-            lab.set.release_restarts();
-        }
-    };
-    let r = etcd_medic_lab::agent::remediate_with(&lab, "apisix-etcd-1", false, &release).await?;
-    lab.set.release_restarts();
+    let r = remediate_held(&lab, false).await?;
     assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
     let d = diagnosis(&r);
     assert_eq!((d.signature, d.action, d.source), (Signature::CorruptData, Action::Replace, Source::Data));
@@ -278,18 +272,25 @@ async fn an_unknown_failure_is_refused_with_its_evidence_unless_forced() -> Resu
 
     // Forced, the same member is healed (it is still listed: it is replaced). The old
     // container stays held until the agent restarted the pod.
-    let release = |r: &etcd_medic::engine::Remediation| {
-        if r.step_done(etcd_medic::engine::Step::Restart) {
-            lab.set.release_restarts();
-        }
-    };
-    let r = etcd_medic_lab::agent::remediate_with(&lab, "apisix-etcd-1", true, &release).await?;
-    lab.set.release_restarts();
+    let r = remediate_held(&lab, true).await?;
     assert_eq!(r.phase, Phase::Succeeded, "{r:?}");
     assert!(r.steps[0].message.contains("forced past UnknownFailure"), "{}", r.steps[0].message);
     assert_every_key(&lab, 3, KEYS).await?;
     lab.shutdown().await;
     Ok(())
+}
+
+/// Remediates member 1 while its old container is held in back-off: restarts are released
+/// once the agent restarted the pod, so that only the replacement starts.
+async fn remediate_held(lab: &Lab, force: bool) -> Result<etcd_medic::engine::Remediation> {
+    let release = |r: &etcd_medic::engine::Remediation| {
+        if r.step_done(etcd_medic::engine::Step::Restart) {
+            lab.set.release_restarts();
+        }
+    };
+    let r = etcd_medic_lab::agent::remediate_with(lab, "apisix-etcd-1", force, &release).await?;
+    lab.set.release_restarts();
+    Ok(r)
 }
 
 /// Chart 11/12: three members whose image follows the newer start-up rules.

@@ -92,6 +92,9 @@ async fn a_corrupt_wal_is_healed_by_replacing_the_member_with_every_key() -> Res
 
     let r = heals_as(&lab, Signature::CorruptData, Action::Replace).await?;
     assert!(diagnosis(&r).evidence.iter().any(|e| e.contains("crc mismatch")), "{:?}", diagnosis(&r).evidence);
+    // The files confirm what the log said.
+    let data = r.plan.as_ref().and_then(|p| p.data.as_ref()).expect("the plan shows the files' facts");
+    assert!(data.corruption().is_some_and(|c| c.contains("the WAL is corrupt")), "{}", data.summary());
     assert!(r.steps[0].message.contains("diagnosis CorruptData"), "{}", r.steps[0].message);
     let membership = r.steps.iter().find(|s| s.name == etcd_medic::engine::Step::Membership).unwrap();
     assert!(membership.message.contains("removed stale member"), "{}", membership.message);

@@ -136,6 +136,22 @@ pub struct DataStatus {
 }
 
 impl DataStatus {
+    /// The facts a quorum recovery chooses the survivor from (`None`: no WAL was read).
+    pub fn facts(&self) -> Option<etcd_medic_core::recover::Facts> {
+        if self.wal == "none" {
+            return None;
+        }
+        let n = |v: Option<i64>| v.and_then(|v| u64::try_from(v).ok());
+        Some(etcd_medic_core::recover::Facts {
+            cluster_id: self.cluster_id.as_deref().and_then(|c| u64::from_str_radix(c, 16).ok()),
+            commit: n(self.commit).unwrap_or(0),
+            term: n(self.term).unwrap_or(0),
+            consistent_index: n(self.consistent_index),
+            revision: n(self.revision),
+            corrupt: (self.wal == "corrupt" || self.db == "corrupt").then(|| self.summary.clone()),
+        })
+    }
+
     pub fn of(f: &etcd_medic_core::data::DataFacts) -> Self {
         use etcd_medic_core::{bolt::DbVerdict, wal::Verdict};
         let w = f.wal.as_ref();

@@ -41,6 +41,11 @@ pub enum Code {
     /// The member data on the volume is another member's, one the cluster lists: not this
     /// pod's to move, and moving it would not heal the pod.
     NotThisMember,
+    /// Quorum lost: the member with the most data cannot be used (its WAL or db is corrupt);
+    /// the message names the next best and what choosing it loses.
+    CorruptData,
+    /// Quorum lost and no member has data the cluster can be rebuilt from: restore a backup.
+    NoSurvivor,
     TooManyRequests,
     NotReady,
     /// No remediation with that id on this node.
@@ -53,7 +58,7 @@ pub enum Code {
 }
 
 impl Code {
-    pub const ALL: [Code; 31] = [
+    pub const ALL: [Code; 33] = [
         Code::InvalidRequest,
         Code::Unauthenticated,
         Code::Forbidden,
@@ -79,6 +84,8 @@ impl Code {
         Code::SelfHealing,
         Code::ForeignMember,
         Code::NotThisMember,
+        Code::CorruptData,
+        Code::NoSurvivor,
         Code::TooManyRequests,
         Code::NotReady,
         Code::RemediationNotFound,
@@ -100,7 +107,8 @@ impl Code {
             PayloadTooLarge => 413,
             WrongNode => 421,
             PodHealthy | PodRunning | QuorumAtRisk | SoleMember | DataDirNotFound | NotEtcdData | UnsafePath | NotAMount
-            | InsufficientSpace | UnsupportedProfile | SplitBrain | UnknownFailure | SelfHealing | ForeignMember | NotThisMember => 422,
+            | InsufficientSpace | UnsupportedProfile | SplitBrain | UnknownFailure | SelfHealing | ForeignMember | NotThisMember
+            | CorruptData | NoSurvivor => 422,
             TooManyRequests => 429,
             NotReady => 503,
             Internal => 500,
@@ -135,6 +143,8 @@ impl Code {
             SelfHealing => "SelfHealing",
             ForeignMember => "ForeignMember",
             NotThisMember => "NotThisMember",
+            CorruptData => "CorruptData",
+            NoSurvivor => "NoSurvivor",
             TooManyRequests => "TooManyRequests",
             NotReady => "NotReady",
             RemediationNotFound => "RemediationNotFound",
@@ -173,6 +183,8 @@ impl Code {
             SelfHealing => "The image heals this failure itself",
             ForeignMember => "The etcd cluster that answered is not the StatefulSet's",
             NotThisMember => "The data on the volume is another member's",
+            CorruptData => "The member with the most data is corrupt",
+            NoSurvivor => "No member has data to rebuild the cluster from",
             TooManyRequests => "Too many requests",
             NotReady => "The agent is not ready",
             RemediationNotFound => "No such remediation on this node",
@@ -291,7 +303,7 @@ mod tests {
         assert_eq!(by_status(404), ["PodNotFound", "PVCNotFound", "PVNotFound", "RemediationNotFound", "NotFound"]);
         assert_eq!(by_status(409), ["PodUIDMismatch", "ClusterLocked"]);
         assert_eq!(by_status(421), ["WrongNode"]);
-        assert_eq!(by_status(422).len(), 15);
+        assert_eq!(by_status(422).len(), 17);
         assert_eq!(Code::PayloadTooLarge.http_status(), 413);
         assert_eq!(Code::TooManyRequests.http_status(), 429);
         assert_eq!(Code::NotReady.http_status(), 503);

@@ -17,6 +17,7 @@ pub mod names;
 pub mod profile;
 pub mod progress;
 pub mod quorum;
+pub mod recover;
 pub mod request;
 pub mod resume;
 pub mod retention;

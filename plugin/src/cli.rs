@@ -104,6 +104,18 @@ pub enum Command {
         #[arg(long, default_value = "2m", value_parser = parse_duration)]
         timeout: Duration,
     },
+    /// Quorum lost: which member the StatefulSet's cluster would be rebuilt from, and what
+    /// the others' data holds that it lacks, from every member's files as the agents on their
+    /// nodes read them (a forced dry run of each pod: nothing changes).
+    Recover {
+        statefulset: String,
+        /// The member a person chooses instead of the best (the plan says what it loses).
+        #[arg(long)]
+        survivor: Option<String>,
+        /// How long to wait for each member's answer.
+        #[arg(long, default_value = "2m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
     /// Print a shell completion script (`source <(kubectl etcd-medic completion bash)`).
     Completion { shell: clap_complete::Shell },
 }

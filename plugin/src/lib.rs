@@ -299,6 +299,11 @@ async fn run(cli: Cli) -> Result<u8> {
             print(out, &json!({"clusterID": s.cluster_id, "members": s.members}), || show::members(&s))?;
             Ok(0)
         }
+        Command::Recover { statefulset, survivor, timeout } => {
+            let proposal = recovery(&kube, &statefulset, survivor.as_deref(), timeout).await?;
+            print(out, &proposal, || show::recovery(&proposal))?;
+            Ok(0)
+        }
         Command::Inspect { pod, timeout } => {
             let cr = forced_dry_run(&kube, pod, "inspect", timeout).await?;
             let s = cr.status.clone().unwrap_or_default();
@@ -316,6 +321,45 @@ async fn forced_dry_run(kube: &Kube, pod: String, what: &str, timeout: Duration)
         EtcdRemediationSpec { pod, dry_run: true, force: true, reason: Some(format!("kubectl etcd-medic {what}")), ..Default::default() };
     let cr = kube.ask(spec, what).await?;
     kube.follow(&cr.name_any(), timeout, false, ended).await
+}
+
+/// The survivor `recover` proposes for StatefulSet `name`: each member's files as the agent
+/// on its node reads them (a forced dry run; a pod that is gone, or whose agent does not
+/// answer in time, has none), then `etcd_medic_core::recover::choose`.
+async fn recovery(kube: &Kube, name: &str, picked: Option<&str>, timeout: Duration) -> Result<show::Proposal> {
+    use etcd_medic_core::recover::{Evidence, choose};
+    let api: Api<k8s_openapi::api::apps::v1::StatefulSet> = Api::namespaced(kube.client.clone(), &kube.namespace);
+    let sts = kube.call(&format!("StatefulSet {}/{name}", kube.namespace), Code::NotFound, || api.get(name)).await?;
+    let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).max(0);
+    let (mut evidence, mut notes, mut ready) = (Vec::new(), Vec::new(), 0);
+    for i in 0..replicas {
+        let pod = format!("{name}-{i}");
+        match kube.pod(&pod).await {
+            Ok(p) => ready += usize::from(show::pod_ready(&p)),
+            Err(e) if e.code == Code::PodNotFound => {
+                notes.push(format!("{pod}: no such pod"));
+                evidence.push(Evidence { pod, facts: None });
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        let facts = match forced_dry_run(kube, pod.clone(), "recover", timeout).await {
+            Ok(cr) => {
+                let data = cr.status.as_ref().and_then(|s| s.data.as_ref());
+                if data.is_none() {
+                    notes.push(format!("{pod}: its files were not read ({})", show::error_of(&cr).message));
+                }
+                data.and_then(|d| d.facts())
+            }
+            Err(e) => {
+                notes.push(format!("{pod}: {}", e.message));
+                None
+            }
+        };
+        evidence.push(Evidence { pod, facts });
+    }
+    let choice = choose(&evidence, picked)?;
+    Ok(show::Proposal { stateful_set: name.into(), namespace: kube.namespace.clone(), replicas, ready, choice, notes })
 }
 
 /// A record's name, or the agent's remediation id that a record's status names.

@@ -274,6 +274,73 @@ pub fn inspect(cr: &EtcdRemediation, d: &DataStatus) -> String {
     out
 }
 
+/// What `recover` proposes.
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Proposal {
+    pub stateful_set: String,
+    pub namespace: String,
+    pub replicas: i32,
+    /// Pods Ready when asked: a majority Ready means the cluster may well have quorum.
+    pub ready: usize,
+    pub choice: etcd_medic_core::recover::Choice,
+    /// Members whose files could not be read, and why.
+    pub notes: Vec<String>,
+}
+
+/// Whether the pod's Ready condition is true.
+pub fn pod_ready(p: &k8s_openapi::api::core::v1::Pod) -> bool {
+    p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// `recover`: the survivor and why, every member's facts, what is lost, what comes next.
+pub fn recovery(p: &Proposal) -> String {
+    let c = &p.choice;
+    let mut out = String::new();
+    let _ = writeln!(out, "StatefulSet  {}/{} ({} of {} pods Ready)", safe(&p.namespace), safe(&p.stateful_set), p.ready, p.replicas);
+    if p.ready as i32 > p.replicas / 2 {
+        out.push_str(
+            "Warning      a majority of the pods is Ready: the cluster may well have quorum; recover only a cluster that lost it
+",
+        );
+    }
+    let _ = writeln!(out, "Survivor     {}: {}", safe(&c.survivor), safe(&c.why));
+    let _ = writeln!(out, "Facts        {}", c.facts);
+    let opt = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
+    let mut rows = vec![["POD", "CLUSTER", "COMMIT", "CONSISTENT", "TERM", "REVISION", "DATA"].map(String::from).to_vec()];
+    for m in &c.ranked {
+        rows.push(vec![
+            safe(&m.pod),
+            m.cluster_id.as_deref().map_or("-".into(), safe),
+            m.commit.to_string(),
+            opt(m.consistent_index),
+            m.term.to_string(),
+            opt(m.revision),
+            m.unusable.as_deref().map_or("whole".into(), |u| format!("unusable: {}", safe(u))),
+        ]);
+    }
+    out.push_str(&columns(&rows));
+    if c.lost.is_empty() {
+        out.push_str(
+            "Lost         nothing, as far as the members' data tells
+",
+        );
+    } else {
+        for l in &c.lost {
+            let _ = writeln!(out, "Lost         {}", safe(&l.describe()));
+        }
+    }
+    for n in &p.notes {
+        let _ = writeln!(out, "Note         {}", safe(n));
+    }
+    out.push_str(
+        "Next         etcd-medic does not rebuild the cluster yet: stop every member (scale the StatefulSet to 0), keep every \
+         volume, start the survivor's data alone (etcd --force-new-cluster), then let the others rejoin one at a time on empty \
+         data (README: \"Quorum lost\")\n",
+    );
+    out
+}
+
 /// `members`: the list as the agent's check saw it.
 pub fn members(s: &EtcdRemediationStatus) -> String {
     let mut rows = vec![["ID", "NAME", "PEER URLS", "CLIENT URLS", "LEARNER", "HEALTHY", "STALE"].map(String::from).to_vec()];

@@ -192,3 +192,77 @@ async fn a_person_diagnoses_heals_and_reads_the_history_with_kubectl_while_the_c
     lab.shutdown().await;
     Ok(())
 }
+
+/// Quorum lost as the field meets it: one member stopped (its data falls behind while the
+/// others write), then a second: the last one runs alone with no leader. `recover` reads
+/// every member's files through the agents and proposes the member with the most data; the
+/// one that fell behind is ranked last, and choosing it says what it would lose. A member
+/// whose volume is gone has no data to offer. Nothing is changed by any of it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recover_proposes_the_member_with_the_most_data_when_quorum_is_lost() -> Result<()> {
+    crate::init_tracing();
+    let lab = Lab::start(etcd_medic_lab::objects::SetShape::apisix(3, etcd_medic_lab::NODE_NAME)).await?;
+    if !lab.node.real_mounts {
+        etcd_medic_lab::skip("needs root: real mounts");
+        lab.shutdown().await;
+        return Ok(());
+    }
+    lab.write_keys(KEYS).await?;
+    let agent = agent_for_controller(&lab, &[]).await?;
+    let token = register_agent(&lab, &agent)?;
+    // The controller carries out what is asked and detects nothing on its own here.
+    let c = ControllerProcess::start(&lab, &token, "replica-a", &["--first-crash=false", "--min-restarts", "100000"]).await?;
+    let wait = Duration::from_secs(60);
+    lab.set.switches().hold_restarts.store(true, Ordering::SeqCst);
+    lab.set.crash_container(2)?;
+    lab.set.hold_restarts(2, wait).await?;
+    let others = lab.set.other_endpoints(2);
+    for e in &others {
+        etcd_medic_lab::etcd::wait_healthy(e, wait).await?;
+    }
+    let mut client = etcd_medic_lab::etcd::live_client(&others).await?;
+    for i in 0..50 {
+        client.put(format!("/apisix/upstreams/{i:03}"), "after apisix-etcd-2 stopped", None).await?;
+    }
+    lab.set.crash_container(1)?;
+    lab.set.hold_restarts(1, wait).await?;
+    let volumes: Vec<_> = (0..3).map(|i| lab.set.volume_path(i)).collect::<Result<_>>()?;
+    let before: Vec<_> = volumes.iter().map(|v| etcd_medic_lab::agent::tree(v)).collect();
+
+    let r = kubectl_etcd_medic(&lab, &["recover", "apisix-etcd", "-n", "apisix", "-o", "json"]).await?;
+    assert_eq!(r.code, 0, "{}{}\n{}", r.stdout, r.stderr, c.log_text());
+    let p: Value = serde_json::from_str(&r.stdout)?;
+    let survivor = p["choice"]["survivor"].as_str().unwrap_or_default().to_string();
+    assert!(survivor == "apisix-etcd-0" || survivor == "apisix-etcd-1", "{p:#}");
+    let ranked = p["choice"]["ranked"].as_array().cloned().unwrap_or_default();
+    assert_eq!(ranked.len(), 3, "{p:#}");
+    assert_eq!(ranked[2]["pod"], "apisix-etcd-2", "the member that fell behind comes last: {p:#}");
+    assert!(ranked[2]["commit"].as_u64() < ranked[0]["commit"].as_u64(), "{p:#}");
+    assert!(ranked.iter().all(|m| m["clusterID"] == ranked[0]["clusterID"] && m["unusable"].is_null()), "{p:#}");
+    assert_eq!(p["choice"]["lost"], serde_json::json!([]), "the survivor holds the most: {p:#}");
+    assert!(p["ready"].as_u64() < Some(2), "{p:#}");
+    let table = kubectl_etcd_medic(&lab, &["recover", "apisix-etcd", "-n", "apisix"]).await?;
+    assert!(table.stdout.contains(&format!("Survivor     {survivor}: the highest commit index")), "{}", table.stdout);
+    assert!(table.stdout.contains("Lost         nothing, as far as the members' data tells"), "{}", table.stdout);
+
+    // A person who would rather start from the member that fell behind sees what is lost.
+    let r = kubectl_etcd_medic(&lab, &["recover", "apisix-etcd", "-n", "apisix", "--survivor", "apisix-etcd-2"]).await?;
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("Survivor     apisix-etcd-2: picked by a person"), "{}", r.stdout);
+    assert!(r.stdout.contains("Lost         ") && r.stdout.contains("committed entries"), "{}", r.stdout);
+
+    // apisix-etcd-1's node is gone with its volume's data: it has nothing to offer.
+    std::fs::remove_dir_all(lab.set.data_dir(1)?.join("member"))?;
+    let r = kubectl_etcd_medic(&lab, &["recover", "apisix-etcd", "-n", "apisix", "-o", "json"]).await?;
+    let p: Value = serde_json::from_str(&r.stdout)?;
+    assert_eq!(p["choice"]["survivor"], "apisix-etcd-0", "{p:#}");
+    let gone = p["choice"]["ranked"].as_array().unwrap().iter().find(|m| m["pod"] == "apisix-etcd-1").cloned().unwrap();
+    assert!(gone["unusable"].as_str().is_some_and(|u| u.contains("no data")), "{gone}");
+    // Nothing changed on the volumes that still hold data.
+    for i in [0, 2] {
+        assert_eq!(etcd_medic_lab::agent::tree(&volumes[i]).len(), before[i].len(), "member {i}'s volume");
+    }
+    lab.set.release_restarts();
+    lab.shutdown().await;
+    Ok(())
+}

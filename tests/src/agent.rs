@@ -54,7 +54,8 @@ pub async fn remediate_with(
     };
     let stop = std::sync::atomic::AtomicBool::new(false);
     let follow = |u: etcd_medic_core::progress::Update| progress(&u.remediation);
-    Ok(Engine { locator: &l, opts, progress: &follow, stop: &stop }.run("apisix", pod, None).await)
+    // On the heap: a test that joins two remediations would hold both on its thread's stack.
+    Ok(Box::pin(Engine { locator: &l, opts, progress: &follow, stop: &stop }.run("apisix", pod, None)).await)
 }
 
 /// Every path under `dir` with its size: what "nothing changed on disk" compares.

@@ -50,6 +50,17 @@ impl Engine<'_> {
         // Where the data is, the volume proven, before what it holds is looked into.
         let located = self.locator.open(ns, name, uid, false).await?;
         let mut plan = located.plan.clone();
+        // What the files themselves say, read (only read) before any gate, so that every
+        // answer shows it, a refusal of a running member's too (`inspect`, `recover`): lines
+        // that say nothing known while the checksums fail are CorruptData, and `cluster ID
+        // mismatch` lines (anyone reaching the peer port can make etcd print them) wait for
+        // the WAL to answer them once the live cluster is known.
+        let facts = {
+            let (vol, data) = (located.volume.clone(), located.data.clone());
+            blocking(move || crate::data::facts(&vol, &data)).await?
+        };
+        tracing::info!(namespace = %ns, pod = %name, "the member's files: {}", facts.summary());
+        plan.data = Some(facts.clone());
         lock(found).plan = Some(plan.clone());
         // Read again, and only the instance that was located: a replacement is another pod.
         let pod = self.locator.api.pod(ns, name).await?;
@@ -72,16 +83,6 @@ impl Engine<'_> {
         // etcd is asked anything (an image that wiped its data to heal itself is SelfHealing,
         // not NotEtcdData).
         let logged = self.locator.diagnose_pod(pod.clone(), located.has_member_id().await?).await?;
-        // What the files themselves say, read before any gate: lines that say nothing known
-        // while the checksums fail are CorruptData, and `cluster ID mismatch` lines (anyone
-        // reaching the peer port can make etcd print them) wait for the WAL to answer them
-        // once the live cluster is known.
-        let facts = {
-            let (vol, data) = (located.volume.clone(), located.data.clone());
-            blocking(move || crate::data::facts(&vol, &data)).await?
-        };
-        tracing::info!(namespace = %ns, pod = %name, "the member's files: {}", facts.summary());
-        plan.data = Some(facts.clone());
         let mut diagnosis = data::reconsider(logged, &facts);
         plan.diagnosis = Some(diagnosis.clone());
         {

@@ -114,7 +114,7 @@ impl Engine<'_> {
                 // The pod it restarted may have rejoined long ago, and a later instance fail
                 // anew: then that remediation reached its goal, and this failure gets its own.
                 let Some(evidence) = self.reached_goal(&old).await else {
-                    let outcome = self.resume(&mut old).await;
+                    let outcome = Box::pin(self.resume(&mut old)).await;
                     return self.finish(old, outcome);
                 };
                 tracing::info!(id = %old.id, "closing an unfinished remediation from evidence: {evidence}");
@@ -140,7 +140,7 @@ impl Engine<'_> {
         r.phase = Phase::Running;
         r.etcd_endpoints = self.opts.etcd_endpoints.clone();
         r.dry_run = self.opts.dry_run;
-        let outcome = self.steps(&mut r).await;
+        let outcome = Box::pin(self.steps(&mut r)).await;
         self.finish(r, outcome)
     }
 
@@ -232,7 +232,7 @@ impl Engine<'_> {
     /// Finishes a remediation from its journal: the lock again, then the steps not yet done.
     async fn resume(&self, r: &mut Remediation) -> std::result::Result<(), Halt> {
         r.phase = Phase::Running;
-        let checked = self.step(r, Step::Resume, true, self.recheck(r.clone())).await?;
+        let checked = self.step(r, Step::Resume, true, Box::pin(self.recheck(r.clone()))).await?;
         // Something was changed already: a failure to take the lock again is Failed, not Refused.
         self.lock_and_act(r, &checked, true).await
     }
@@ -240,7 +240,9 @@ impl Engine<'_> {
     async fn steps(&self, r: &mut Remediation) -> std::result::Result<(), Halt> {
         let (ns, name, uid) = (r.namespace.clone(), r.pod.clone(), r.pod_uid.clone());
         let found = std::sync::Mutex::new(check::Found::default());
-        let checked = self.step(r, Step::Check, false, self.check(&ns, &name, uid.as_deref(), &found)).await;
+        // Each step's future on the heap: their states together outgrow a thread's stack in
+        // debug builds when a caller joins two remediations (the lab does).
+        let checked = self.step(r, Step::Check, false, Box::pin(self.check(&ns, &name, uid.as_deref(), &found))).await;
         // A refusal keeps what the check found: the diagnosis and its evidence, the plan.
         let found = found.into_inner().unwrap_or_else(|e| e.into_inner());
         (r.diagnosis, r.plan) = (found.diagnosis, found.plan);
@@ -277,7 +279,7 @@ impl Engine<'_> {
             .await?;
         // Renewed in the background from here on, whatever step runs.
         let kept = lock.keep();
-        let result = self.act(r, checked, &kept).await;
+        let result = Box::pin(self.act(r, checked, &kept)).await;
         if let Some(lock) = kept.into_lock().await {
             self.release(lock, &result).await;
         }
@@ -302,10 +304,10 @@ impl Engine<'_> {
                 lock.check().map_err(Halt::failed)?;
             }
             match step {
-                Step::Quarantine => self.quarantine(r, c).await?,
-                Step::Membership => self.step(r, step, true, self.membership(c)).await?,
-                Step::Restart => self.step(r, step, true, self.restart(&c.plan, resumed)).await?,
-                Step::Verify => self.step(r, step, true, self.verify(c, lock)).await?,
+                Step::Quarantine => Box::pin(self.quarantine(r, c)).await?,
+                Step::Membership => self.step(r, step, true, Box::pin(self.membership(c))).await?,
+                Step::Restart => self.step(r, step, true, Box::pin(self.restart(&c.plan, resumed))).await?,
+                Step::Verify => self.step(r, step, true, Box::pin(self.verify(c, lock))).await?,
                 Step::Retention => {
                     // The member is back: quarantines older than the newest `keep` may go. A
                     // failure to prune is reported, never a reason to call a healed member Failed.

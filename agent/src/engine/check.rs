@@ -79,7 +79,7 @@ impl Engine<'_> {
         }
         let failure = super::gates::pod_failure(&pod, &plan.container, self.opts.force)?;
         // Only a failure diagnosed as one the agent heals is acted on (or a forced one): the
-        // rest is refused with its code and the evidence, before the data is looked into or
+        // rest is refused with its code and the evidence, before the data dir is judged or
         // etcd is asked anything (an image that wiped its data to heal itself is SelfHealing,
         // not NotEtcdData).
         let logged = self.locator.diagnose_pod(pod.clone(), located.has_member_id().await?).await?;

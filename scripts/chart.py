@@ -7,9 +7,14 @@ non-default value sets for validation, tests that the schema refuses bad values,
 """
 
 import difflib
+import json
+import os
 import pathlib
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 
 import helm_python as helm
 
@@ -50,6 +55,13 @@ VARIANTS = {
         "networkPolicy": {"labelledCallers": True, "etcdClientPorts": [2379, 12379]},
         "audience": "etcd-medic.example",
     },
+    "monitoring": {
+        "metrics": {
+            "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}, "interval": "15s"},
+            "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+            "dashboard": {"enabled": True, "annotations": {"grafana_folder": "etcd"}},
+        },
+    },
     "agents-only-custom-root": {
         "kubeletRoot": "/data/kubelet",
         # The kubelet root again is not mounted twice.
@@ -79,7 +91,25 @@ REFUSED = {
     "a zero duration": ({"agent": {"verifyTimeout": "0s"}}, "/agent/verifyTimeout"),
     "a PriorityClass to create without a name": ({"agent": {"priorityClass": {"create": True, "name": ""}}}, "/agent/priorityClass/name"),
     "a reserved PriorityClass to create": ({"agent": {"priorityClass": {"create": True, "name": "system-node-critical"}}}, "/agent/priorityClass/name"),
+    "a scrape interval Prometheus does not read": ({"metrics": {"serviceMonitor": {"interval": "30 seconds"}}}, "/metrics/serviceMonitor/interval"),
+    "a rule label that is no string": ({"metrics": {"prometheusRule": {"labels": {"release": 1}}}}, "/metrics/prometheusRule/labels/release"),
 }
+
+# The Prometheus operator's CRDs are not in kubernetes-validate: the fields of its
+# ServiceMonitor (monitoring.coreos.com/v1, its API reference) that the chart uses, each with
+# its type; anything else in a rendered ServiceMonitor is a mistake.
+SERVICE_MONITOR = {
+    "spec": {
+        "selector": {"matchLabels": {"*": str}},
+        "namespaceSelector": {"matchNames": [str]},
+        "endpoints": [{
+            "port": str, "scheme": str, "path": str, "interval": str, "scrapeTimeout": str,
+            "tlsConfig": dict,
+            "relabelings": [{"sourceLabels": [str], "targetLabel": str, "replacement": str}],
+        }],
+    },
+}
+DURATION = re.compile(r"^[0-9]+(ms|s|m|h)$")
 
 
 def workspace_version():
@@ -170,6 +200,64 @@ def write():
         print(f"wrote {where} (preset {preset})")
 
 
+def conforms(value, schema, at):
+    """The places where `value` leaves `schema` (nested dicts of field: type or list)."""
+    if schema is dict:
+        return [] if isinstance(value, dict) else [f"{at}: not a mapping"]
+    if isinstance(schema, type):
+        return [] if isinstance(value, schema) else [f"{at}: not a {schema.__name__}"]
+    if isinstance(schema, list):
+        if not isinstance(value, list):
+            return [f"{at}: not a list"]
+        return [e for i, v in enumerate(value) for e in conforms(v, schema[0], f"{at}[{i}]")]
+    if not isinstance(value, dict):
+        return [f"{at}: not a mapping"]
+    out = []
+    for k, v in value.items():
+        sub = schema.get(k, schema.get("*"))
+        if sub is None:
+            out.append(f"{at}.{k}: no such field")
+        else:
+            out += conforms(v, sub, f"{at}.{k}")
+    return out
+
+
+def check_monitoring(files):
+    """The monitoring objects of one rendering: each ServiceMonitor against the operator's
+    fields, the PrometheusRule's groups through promtool (as Prometheus loads them), the
+    dashboard's JSON with a query in every panel."""
+    import yaml
+
+    docs = [d for text in files.values() for d in yaml.safe_load_all(text) if d]
+    kinds = {d["kind"] for d in docs}
+    if not {"ServiceMonitor", "PrometheusRule", "ConfigMap"} <= kinds:
+        sys.exit(f"the monitoring variant renders {sorted(kinds)}")
+    for d in docs:
+        if d["kind"] == "ServiceMonitor":
+            bad = conforms({"spec": d["spec"]}, SERVICE_MONITOR, d["metadata"]["name"])
+            for e in d["spec"]["endpoints"]:
+                bad += [f"{k}={e[k]}" for k in ("interval", "scrapeTimeout") if not DURATION.match(e[k])]
+            if bad or d["metadata"]["labels"].get("release") != "kube-prometheus-stack":
+                sys.exit(f"ServiceMonitor {d['metadata']['name']}: {bad or 'the extra labels are missing'}")
+        elif d["kind"] == "PrometheusRule":
+            promtool = shutil.which("promtool")
+            if not promtool:
+                if os.environ.get("CI"):
+                    sys.exit("promtool is missing")
+                print("SKIPPED: promtool is missing; the PrometheusRule's groups are not checked")
+                continue
+            with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+                yaml.safe_dump(d["spec"], f)
+                f.flush()
+                subprocess.run([promtool, "check", "rules", f.name], check=True)
+        elif d["kind"] == "ConfigMap" and d["metadata"]["name"] == "etcd-medic-dashboard":
+            dash = json.loads(d["data"]["etcd-medic.json"])
+            empty = [p["title"] for p in dash["panels"] if not all(t.get("expr") for t in p.get("targets", [])) or not p.get("targets")]
+            if empty or d["metadata"]["labels"].get("grafana_dashboard") != "1":
+                sys.exit(f"the dashboard's ConfigMap: panels without a query {empty}, or no sidecar label")
+    print("monitoring: ServiceMonitors of the operator's fields, the PrometheusRule as promtool loads it, the dashboard's queries")
+
+
 def check(out_dir):
     check_versions()
     stale = []
@@ -192,6 +280,8 @@ def check(out_dir):
         files = render(values, namespace="ops")
         (out / f"chart-{name}.yaml").write_text("".join(f"---\n{t.strip()}\n" for t in files.values()))
         print(f"rendered the chart with {name} values")
+        if name == "monitoring":
+            check_monitoring(files)
     refusals()
     lint()
 

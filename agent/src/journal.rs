@@ -17,8 +17,24 @@ pub fn path(state_dir: &Path, id: &str) -> PathBuf {
     state_dir.join("remediations").join(format!("{id}.json"))
 }
 
+/// Journal writes that failed since the process started (`/metrics`: a full, read-only or
+/// vanished state dir).
+static WRITE_ERRORS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+pub fn write_errors() -> u64 {
+    WRITE_ERRORS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Writes the journal of `r` whole: a temporary file, fsynced, renamed, the dir fsynced.
 pub fn write(state_dir: &Path, r: &Remediation) -> Result<()> {
+    let written = write_whole(state_dir, r);
+    if written.is_err() {
+        WRITE_ERRORS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    written
+}
+
+fn write_whole(state_dir: &Path, r: &Remediation) -> Result<()> {
     let path = path(state_dir, &r.id);
     let dir = path.parent().unwrap_or(state_dir);
     let io = |e: std::io::Error| Error::new(Code::NotReady, format!("state dir {}: {e}", dir.display()));

@@ -35,6 +35,16 @@ pub enum Signature {
 }
 
 impl Signature {
+    pub const ALL: [Signature; 7] = [
+        Signature::MemberNotFound,
+        Signature::MemberRemoved,
+        Signature::BadMemberId,
+        Signature::CorruptData,
+        Signature::ClusterIdMismatch,
+        Signature::QuorumLost,
+        Signature::Unknown,
+    ];
+
     /// The failure can only repeat: every start meets the same files and the same cluster and
     /// fails the same way, so waiting for more restarts buys nothing (the first-crash rule of
     /// `detect::first_crash`). The Bitnami start-up script runs the same `member update` with

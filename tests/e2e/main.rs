@@ -12,6 +12,7 @@ mod gates;
 mod hostile;
 mod kubelet;
 mod locate;
+mod monitoring;
 mod plugin;
 mod reference_failure;
 mod remediate;

@@ -20,6 +20,7 @@ pub mod kubelet;
 pub mod lab;
 pub mod objects;
 pub mod process;
+pub mod prometheus;
 pub mod statefulset;
 
 pub use lab::{Lab, LabOptions, NODE_NAME};

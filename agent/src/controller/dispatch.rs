@@ -173,10 +173,12 @@ async fn step(ctx: &Ctx, cr: &EtcdRemediation, status: &mut EtcdRemediationStatu
     }
     let phase = format!("{:?}", remediation.phase);
     ctx.metrics.remediations.get_or_create(&super::metrics::PhaseLabels { phase: phase.clone() }).inc();
+    // From the detection the record carries: the look that saw the pod healthy again has
+    // forgotten it by the time the success is read (and a restarted controller never knew).
     if remediation.phase == Phase::Succeeded
-        && let Some(t) = ctx.detected_at(cr.spec.pod_uid.as_deref())
+        && let Some(secs) = seconds_since_detection(cr)
     {
-        ctx.metrics.to_success.observe(t.elapsed().as_secs_f64());
+        ctx.metrics.to_success.observe(secs);
     }
     let why = remediation.error.as_ref().map(|e| format!(": {} {}", e.code, e.message)).unwrap_or_default();
     let kind = if matches!(remediation.phase, Phase::Succeeded | Phase::Planned) { EventType::Normal } else { EventType::Warning };
@@ -388,6 +390,14 @@ pub fn event(reason: &str, note: &str, kind: EventType, cr: &EtcdRemediation) ->
         action: "Remediate".into(),
         secondary: Some(pod_reference(cr)),
     }
+}
+
+/// Seconds from the detection a controller's record carries (`etcd-medic.io/detected-at`) to
+/// now; `None` for a person's record.
+fn seconds_since_detection(cr: &EtcdRemediation) -> Option<f64> {
+    let at: jiff::Timestamp = cr.annotations().get(etcd_medic_client::crd::DETECTED_AT)?.parse().ok()?;
+    let secs = jiff::Timestamp::now().duration_since(at).as_secs_f64();
+    (secs >= 0.0).then_some(secs)
 }
 
 #[cfg(test)]

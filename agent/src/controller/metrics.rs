@@ -46,6 +46,8 @@ pub struct Metrics {
     pub to_success: Histogram,
     pub leader: Gauge,
     pub watched: Gauge,
+    /// Watched pods failing now (crash-looping or not Ready), acted on or not.
+    pub failing: Gauge,
     pub looks: Family<CauseLabels, Counter>,
 }
 
@@ -79,13 +81,29 @@ impl Default for Metrics {
         registry.register("leader", "1 while this replica leads", leader.clone());
         let watched = Gauge::default();
         registry.register("watched_pods", "etcd pods watched", watched.clone());
+        let failing = Gauge::default();
+        registry.register("failing_pods", "Watched etcd pods failing now (crash-looping or not Ready), acted on or not", failing.clone());
         let looks = Family::<CauseLabels, Counter>::default();
         registry.register(
             "looks",
             "Looks at the watched pods, by cause: a watch event, a threshold or back-off falling due, the fallback",
             looks.clone(),
         );
-        Metrics { registry, detections, decisions, holds, remediations, to_dispatch, to_success, leader, watched, looks }
+        // What can be counted, at 0 from the start: a counter that comes into being at 1 shows
+        // no increase to `increase()` and `rate()` (an alert on the first refusal would miss it).
+        use etcd_medic_core::signature::{Action, Signature, decide};
+        for s in Signature::ALL {
+            let _ = detections.get_or_create(&SignatureLabels { signature: s.as_str().into() });
+            let (outcome, reason) = match decide(s, None) {
+                (Action::Refuse, Some(code), _) => ("refuse", code.as_str()),
+                _ => ("dispatch", s.as_str()),
+            };
+            let _ = decisions.get_or_create(&DecisionLabels { outcome: outcome.into(), reason: reason.into() });
+        }
+        for phase in ["Succeeded", "Failed", "Refused", "Planned"] {
+            let _ = remediations.get_or_create(&PhaseLabels { phase: phase.into() });
+        }
+        Metrics { registry, detections, decisions, holds, remediations, to_dispatch, to_success, leader, watched, failing, looks }
     }
 }
 

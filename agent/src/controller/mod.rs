@@ -228,7 +228,10 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         tokio::select! {
             r = &mut lost => {
                 ctx.leading.store(false, Ordering::SeqCst);
+                // What only the leader counts is no longer this replica's to tell.
                 ctx.metrics.leader.set(0);
+                ctx.metrics.failing.set(0);
+                ctx.metrics.holds.clear();
                 if shutdown.stopping() {
                     return Ok(());
                 }
@@ -333,6 +336,7 @@ async fn evaluate(ctx: &Arc<Ctx>, look: Look) -> Option<Duration> {
     };
     // Pods no longer failing are forgotten (a new failure is a new detection).
     let failing: HashSet<String> = by_thresholds.iter().chain(&below).map(|p| p.uid.clone()).collect();
+    ctx.metrics.failing.set(failing.len() as i64);
     ctx.detected.lock().unwrap().retain(|uid, _| failing.contains(uid.as_str()));
     ctx.create_failed.lock().unwrap().retain(|uid, _| failing.contains(uid.as_str()));
     ctx.pauses.lock().unwrap().retain(|_, (at, _)| at.elapsed() < Duration::from_secs(10));

@@ -41,6 +41,9 @@ pub struct Metrics {
     pub in_flight: Gauge,
     pub last_success: Gauge<f64, AtomicU64>,
     pub http: Family<HttpLabels, Counter>,
+    /// 1 while the agent is ready (set as it is scraped).
+    pub ready: Gauge,
+    journal_write_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -64,13 +67,36 @@ impl Default for Metrics {
         registry.register("last_success_timestamp_seconds", "Unix time of the last Succeeded remediation", last_success.clone());
         let http = Family::<HttpLabels, Counter>::default();
         registry.register("http_requests", "HTTP requests answered, by route and status", http.clone());
-        Metrics { registry, remediations, refusals, steps, in_flight, last_success, http }
+        let ready = Gauge::default();
+        registry.register("ready", "1 while the agent is ready: the API server answers and the state dir is writable", ready.clone());
+        let journal_write_errors = Counter::default();
+        registry.register(
+            "journal_write_errors",
+            "Journal writes that failed (the state dir full, read-only or gone)",
+            journal_write_errors.clone(),
+        );
+        // Every outcome and code there can be, at 0 from the start: a counter that comes into
+        // being at 1 shows no increase to `increase()` and `rate()`, and its first refusal
+        // would never alert.
+        for outcome in ["Succeeded", "Planned"] {
+            let _ = remediations.get_or_create(&OutcomeLabels { outcome: outcome.into(), code: String::new() });
+        }
+        for code in etcd_medic_core::Code::ALL {
+            for outcome in ["Refused", "Failed"] {
+                let _ = remediations.get_or_create(&OutcomeLabels { outcome: outcome.into(), code: code.as_str().into() });
+            }
+            let _ = refusals.get_or_create(&CodeLabels { code: code.as_str().into() });
+        }
+        Metrics { registry, remediations, refusals, steps, in_flight, last_success, http, ready, journal_write_errors }
     }
 }
 
 impl Metrics {
     /// The OpenMetrics text exposition.
     pub fn encode(&self) -> String {
+        // The journal counts its own failures (it knows nothing of the server).
+        let failed = crate::journal::write_errors();
+        self.journal_write_errors.inc_by(failed.saturating_sub(self.journal_write_errors.get()));
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String does not fail");
         out
@@ -91,9 +117,14 @@ mod tests {
         let text = m.encode();
         for needle in [
             r#"etcd_medic_remediations_total{outcome="Refused",code="QuorumAtRisk"} 1"#,
+            r#"etcd_medic_remediations_total{outcome="Failed",code="ClusterLocked"} 0"#,
+            r#"etcd_medic_remediations_total{outcome="Succeeded",code=""} 0"#,
+            r#"etcd_medic_refusals_total{code="SplitBrain"} 0"#,
             r#"etcd_medic_refusals_total{code="QuorumAtRisk"} 1"#,
             r#"etcd_medic_step_duration_seconds_count{step="Check",outcome="Done"} 1"#,
             "etcd_medic_remediations_in_flight 0",
+            "etcd_medic_ready 0",
+            "etcd_medic_journal_write_errors_total",
             "etcd_medic_last_success_timestamp_seconds",
             r#"etcd_medic_http_requests_total{route="/healthz",status="200"} 1"#,
         ] {

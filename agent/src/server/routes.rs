@@ -113,6 +113,7 @@ pub(super) async fn readyz(State(a): State<Arc<Agent>>) -> Answer {
 
 #[utoipa::path(get, path = "/metrics", tag = "probes", responses((status = 200, description = "OpenMetrics text", body = String, content_type = "application/openmetrics-text")))]
 pub(super) async fn metrics_text(State(a): State<Arc<Agent>>) -> Response {
+    a.metrics.ready.set(i64::from(a.ready().is_ok()));
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], a.metrics.encode()).into_response()
 }
 

@@ -567,18 +567,7 @@ mod tests {
 
     #[test]
     fn only_failures_that_meet_the_same_state_on_every_start_repeat() {
-        let repeating: Vec<Signature> = [
-            Signature::MemberNotFound,
-            Signature::MemberRemoved,
-            Signature::BadMemberId,
-            Signature::CorruptData,
-            Signature::ClusterIdMismatch,
-            Signature::QuorumLost,
-            Signature::Unknown,
-        ]
-        .into_iter()
-        .filter(|s| s.repeats())
-        .collect();
+        let repeating: Vec<Signature> = Signature::ALL.into_iter().filter(|s| s.repeats()).collect();
         assert_eq!(repeating, [Signature::MemberNotFound, Signature::BadMemberId, Signature::CorruptData]);
         // Whatever repeats is something the agent acts on, never a refusal.
         for s in repeating {

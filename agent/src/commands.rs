@@ -52,7 +52,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 }
                 (None, Some(dir)) => {
                     let vol = crate::host::volume::Volume::open(&dir, std::path::Path::new(""))?;
-                    let facts = crate::data::facts_to(&vol, std::path::Path::new(""), depth)?;
+                    let facts = crate::data::facts(&vol, std::path::Path::new(""), depth)?;
                     (serde_json::to_string_pretty(&facts)?, facts.render_table())
                 }
                 (None, None) => unreachable!("clap requires a pod or --data-dir"),

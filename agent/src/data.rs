@@ -29,13 +29,8 @@ pub enum Depth {
     Full,
 }
 
-/// What the member's files under `data` say, the WAL read to [`Depth::Heads`].
-pub fn facts(vol: &Volume, data: &Path) -> Result<DataFacts> {
-    facts_to(vol, data, Depth::Heads)
-}
-
 /// What the member's files under `data` say, the WAL read to `depth`.
-pub fn facts_to(vol: &Volume, data: &Path, depth: Depth) -> Result<DataFacts> {
+pub fn facts(vol: &Volume, data: &Path, depth: Depth) -> Result<DataFacts> {
     let dir = data.join("member/wal");
     let wal = match vol.entry(&dir)? {
         Some(e) if e.kind == Kind::Dir => {

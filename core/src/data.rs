@@ -41,18 +41,13 @@ impl DataFacts {
                 d.size,
                 d.revision.map_or("-".into(), |r| r.to_string()),
                 d.consistent_index.map_or("-".into(), |i| i.to_string()),
-                match &d.verdict {
-                    crate::bolt::DbVerdict::Sane => "sane".to_string(),
-                    crate::bolt::DbVerdict::Corrupt { why } => format!("corrupt: {why}"),
-                }
+                db_verdict(&d.verdict)
             ),
             None => "no db".into(),
         };
         format!("{wal}; {db}")
     }
-}
 
-impl DataFacts {
     /// What etcd would fail on in these files (a record whose CRC does not match, a db it
     /// cannot open): the reason, else `None`. A torn last record is not damage: etcd
     /// repairs it at start.
@@ -99,13 +94,7 @@ impl DataFacts {
                 row("db", format!("{} bytes, page size {}, txid {}", d.size, d.page_size, d.txid));
                 row("  revision", opt(d.revision));
                 row("  consistent", format!("index {}, term {}", opt(d.consistent_index), opt(d.term)));
-                row(
-                    "  verdict",
-                    match &d.verdict {
-                        DbVerdict::Sane => "sane".into(),
-                        DbVerdict::Corrupt { why } => format!("corrupt: {why}"),
-                    },
-                );
+                row("  verdict", db_verdict(&d.verdict));
             }
             None => row("db", "none".into()),
         }
@@ -124,6 +113,13 @@ fn verdict(v: &Option<Verdict>) -> String {
         Some(Verdict::TornTail { segment, offset }) => format!("torn tail in segment {segment} at {offset} (etcd repairs it)"),
         Some(Verdict::Corrupt { segment, offset, why }) => format!("corrupt in segment {segment} at {offset}: {why}"),
         Some(Verdict::TooLong { records }) => format!("over {records} records, not all read"),
+    }
+}
+
+fn db_verdict(v: &DbVerdict) -> String {
+    match v {
+        DbVerdict::Sane => "sane".to_string(),
+        DbVerdict::Corrupt { why } => format!("corrupt: {why}"),
     }
 }
 

@@ -91,6 +91,13 @@ pub fn own_entries(members: &[Member], peer_url: &str) -> Vec<u64> {
     members.iter().filter(|m| m.peer_urls.iter().any(|u| u == peer_url)).map(|m| m.id).collect()
 }
 
+/// The quorum check of replacing the member of the pod whose peer URL is `peer_url`, every
+/// entry it has now counted as its own (see [`crate::quorum::check_quorum`]).
+pub fn check_replacing(members: &[Member], peer_url: &str) -> Result<()> {
+    let views: Vec<MemberView> = members.iter().map(Member::view).collect();
+    crate::quorum::check_quorum(&views, &own_entries(members, peer_url), crate::quorum::Change::ReplaceMember)
+}
+
 /// The member the pod runs as now: the pod's peer URL, started (it has a name), not the
 /// stale entry. It may still be a learner.
 pub fn rejoined<'m>(members: &'m [Member], peer_url: &str, stale: Option<u64>) -> Option<&'m Member> {
@@ -136,6 +143,17 @@ mod tests {
 
     fn member(id: u64, name: &str, peer: &str) -> Member {
         Member { id, name: name.into(), peer_urls: vec![peer.into()], client_urls: vec![], is_learner: false, healthy: true }
+    }
+
+    #[test]
+    fn replacing_counts_every_entry_of_the_pods_peer_url_as_its_own() {
+        let me = "http://10.0.0.2:2380";
+        let added = Member { healthy: false, ..member(4, "", me) };
+        let members = [member(1, "e-0", "http://10.0.0.1:2380"), member(3, "e-2", "http://10.0.0.3:2380"), added];
+        // The image's own unstarted entry is the pod's, not a fourth voter beside two.
+        check_replacing(&members, me).unwrap();
+        // Under another URL it would be a voter that does not answer: 2 of 3 left, 3 of 4 asked.
+        assert_eq!(check_replacing(&members, "http://10.0.0.9:2380").unwrap_err().code, Code::QuorumAtRisk);
     }
 
     const PEER: &str = "http://apisix-etcd-1.apisix-etcd-headless.apisix.svc.cluster.local:2380";

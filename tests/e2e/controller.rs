@@ -346,7 +346,7 @@ async fn cluster_id_mismatch_lines_go_to_the_agent_whose_data_answers_them_with_
 
 /// Three healthy members with keys, the agent, and the controller on the chart's defaults
 /// watching them; `None` (said skipped) without real mounts.
-async fn watched_on_defaults() -> Result<Option<(Lab, ServedAgent, ControllerProcess)>> {
+pub(crate) async fn watched_on_defaults() -> Result<Option<(Lab, ServedAgent, ControllerProcess)>> {
     crate::init_tracing();
     let lab = Lab::start(etcd_medic_lab::objects::SetShape::apisix(3, NODE_NAME)).await?;
     if !lab.node.real_mounts {

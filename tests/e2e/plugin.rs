@@ -197,21 +197,12 @@ async fn a_person_diagnoses_heals_and_reads_the_history_with_kubectl_while_the_c
 /// others write), then a second: the last one runs alone with no leader. `recover` reads
 /// every member's files through the agents and proposes the member with the most data; the
 /// one that fell behind is ranked last, and choosing it says what it would lose. A member
-/// whose volume is gone has no data to offer. Nothing is changed by any of it.
+/// whose volume is gone has no data to offer. Nothing is changed by any of it. The controller
+/// runs on the chart's defaults: the stopped members, held after one crash, never meet its
+/// thresholds, and it carries out the plugin's dry runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recover_proposes_the_member_with_the_most_data_when_quorum_is_lost() -> Result<()> {
-    crate::init_tracing();
-    let lab = Lab::start(etcd_medic_lab::objects::SetShape::apisix(3, etcd_medic_lab::NODE_NAME)).await?;
-    if !lab.node.real_mounts {
-        etcd_medic_lab::skip("needs root: real mounts");
-        lab.shutdown().await;
-        return Ok(());
-    }
-    lab.write_keys(KEYS).await?;
-    let agent = agent_for_controller(&lab, &[]).await?;
-    let token = register_agent(&lab, &agent)?;
-    // The controller carries out what is asked and detects nothing on its own here.
-    let c = ControllerProcess::start(&lab, &token, "replica-a", &["--first-crash=false", "--min-restarts", "100000"]).await?;
+    let Some((lab, _agent, c)) = crate::controller::watched_on_defaults().await? else { return Ok(()) };
     let wait = Duration::from_secs(60);
     lab.set.switches().hold_restarts.store(true, Ordering::SeqCst);
     lab.set.crash_container(2)?;

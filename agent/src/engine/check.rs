@@ -8,13 +8,12 @@ use crate::error::{Code, Error, Result};
 use crate::etcd::Target;
 use crate::host::processes as guard;
 use crate::host::volume::Volume;
-use crate::locate::{Plan, blocking, container};
+use crate::locate::{Located, Plan, blocking, container};
 use crate::profile::Profile;
 use crate::scope::SetScope;
 use etcd_medic_core::contract::PlanMember;
 use etcd_medic_core::data;
-use etcd_medic_core::member::{Basis, own_entries, stale_member};
-use etcd_medic_core::quorum::{Change, check_quorum};
+use etcd_medic_core::member::{Basis, check_replacing, stale_member};
 use etcd_medic_core::signature::Diagnosis;
 
 /// What the first gates found, kept for the record even when a later gate refuses.
@@ -26,6 +25,13 @@ pub struct Found {
 
 fn lock(found: &Mutex<Found>) -> std::sync::MutexGuard<'_, Found> {
     found.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The diagnosis as the plan's and the record's, kept as soon as it is known.
+fn keep(found: &Mutex<Found>, plan: &mut Plan, diagnosis: &Diagnosis) {
+    plan.diagnosis = Some(diagnosis.clone());
+    let mut f = lock(found);
+    (f.diagnosis, f.plan) = (Some(diagnosis.clone()), Some(plan.clone()));
 }
 
 /// What the checks found, for the steps that act.
@@ -49,16 +55,14 @@ impl Engine<'_> {
     pub(super) async fn check(&self, ns: &str, name: &str, uid: Option<&str>, found: &Mutex<Found>) -> Result<(Checked, String)> {
         // Where the data is, the volume proven, before what it holds is looked into.
         let located = self.locator.open(ns, name, uid, false).await?;
-        let mut plan = located.plan.clone();
         // What the files themselves say, read (only read) before any gate, so that every
         // answer shows it, a refusal of a running member's too (`inspect`, `recover`): lines
         // that say nothing known while the checksums fail are CorruptData, and `cluster ID
         // mismatch` lines (anyone reaching the peer port can make etcd print them) wait for
         // the WAL to answer them once the live cluster is known.
-        let facts = {
-            let (vol, data) = (located.volume.clone(), located.data.clone());
-            blocking(move || crate::data::facts(&vol, &data)).await?
-        };
+        let facts = located.facts(crate::data::Depth::Heads).await?;
+        let has_member_id = located.has_member_id().await?;
+        let Located { mut plan, volume: vol, data } = located;
         tracing::info!(namespace = %ns, pod = %name, "the member's files: {}", facts.summary());
         plan.data = Some(facts.clone());
         lock(found).plan = Some(plan.clone());
@@ -82,13 +86,9 @@ impl Engine<'_> {
         // rest is refused with its code and the evidence, before the data dir is judged or
         // etcd is asked anything (an image that wiped its data to heal itself is SelfHealing,
         // not NotEtcdData).
-        let logged = self.locator.diagnose_pod(pod.clone(), located.has_member_id().await?).await?;
+        let logged = self.locator.diagnose_pod(pod.clone(), has_member_id).await?;
         let mut diagnosis = data::reconsider(logged, &facts);
-        plan.diagnosis = Some(diagnosis.clone());
-        {
-            let mut f = lock(found);
-            (f.diagnosis, f.plan) = (Some(diagnosis.clone()), Some(plan.clone()));
-        }
+        keep(found, &mut plan, &diagnosis);
         let question = data::split_question(&diagnosis, &facts);
         let mut diagnosed = if question {
             "`cluster ID mismatch` in the log: the member's WAL answers it once the cluster is asked".to_string()
@@ -96,10 +96,9 @@ impl Engine<'_> {
             crate::diagnose::gate(&diagnosis, self.opts.force)?
         };
         {
-            let (vol, data) = (located.volume.clone(), located.data.clone());
+            let (vol, data) = (vol.clone(), data.clone());
             blocking(move || crate::locate::check_etcd_data(&vol, &data)).await?;
         }
-        let (vol, data) = (located.volume, located.data);
         {
             let (vol, data, proc_root) = (vol.clone(), data.clone(), self.locator.layout.proc_root.clone());
             blocking(move || guard::no_holders(&proc_root, &vol, &data)).await?;
@@ -128,18 +127,14 @@ impl Engine<'_> {
         lock(found).plan = Some(plan.clone());
         if question {
             diagnosis = data::answer_split(diagnosis, &facts, cluster_id)?;
-            plan.diagnosis = Some(diagnosis.clone());
-            {
-                let mut f = lock(found);
-                (f.diagnosis, f.plan) = (Some(diagnosis.clone()), Some(plan.clone()));
-            }
+            keep(found, &mut plan, &diagnosis);
             diagnosed = crate::diagnose::gate(&diagnosis, self.opts.force)?;
         }
         // Another cluster's data, or another listed member's, is not this pod's stale
         // member's to move, whatever the log said.
         let listed: Vec<u64> = members.iter().map(|m| m.id).collect();
         data::judge(&facts, cluster_id, &listed, stale)?;
-        check_quorum(&members.iter().map(|m| m.view()).collect::<Vec<_>>(), &own_entries(&members, &peer_url), Change::ReplaceMember)?;
+        check_replacing(&members, &peer_url)?;
         check_space(&plan, &vol)?;
         let why = failure.map(|f| f.reason).unwrap_or_else(|| "forced".into());
         let msg = format!(
@@ -169,7 +164,7 @@ impl Engine<'_> {
         // volume: the tenant writes there).
         let stale = stale_member(&members, &peer_url, Basis::Journal(r.recorded_member_id()));
         if !r.step_done(Step::Membership) {
-            check_quorum(&members.iter().map(|m| m.view()).collect::<Vec<_>>(), &own_entries(&members, &peer_url), Change::ReplaceMember)?;
+            check_replacing(&members, &peer_url)?;
         }
         let done = r.steps.iter().filter(|s| s.done()).map(|s| s.name).next_back();
         let msg = format!("resuming remediation {} after {}", r.id, done.map_or("nothing", |s| s.as_str()));

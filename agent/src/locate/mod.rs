@@ -51,6 +51,12 @@ pub struct Located {
 }
 
 impl Located {
+    /// What the member's files say (see `crate::data`), the WAL read to `depth`.
+    pub async fn facts(&self, depth: crate::data::Depth) -> Result<etcd_medic_core::data::DataFacts> {
+        let (vol, data) = (self.volume.clone(), self.data.clone());
+        blocking(move || crate::data::facts(&vol, &data, depth)).await
+    }
+
     /// Whether the data dir holds a `member_id` file (Bitnami's start-up script keeps one):
     /// it decides the generation of a pod without other signs.
     pub async fn has_member_id(&self) -> Result<Option<bool>> {
@@ -129,8 +135,7 @@ impl Locator {
         let located = self.open(namespace, name, None, false).await?;
         let pod = self.api.pod(namespace, name).await?;
         self.admit(&pod, Some(&located.plan.pod_uid))?;
-        let (vol, data) = (located.volume.clone(), located.data.clone());
-        let facts = blocking(move || crate::data::facts_to(&vol, &data, depth)).await?;
+        let facts = located.facts(depth).await?;
         let diagnosis = etcd_medic_core::data::reconsider(self.diagnose_pod(pod, located.has_member_id().await?).await?, &facts);
         Ok(Inspection { namespace: namespace.into(), pod: name.into(), host_path: located.plan.host_path, data: facts, diagnosis })
     }

@@ -117,6 +117,10 @@ pub enum Command {
     Restore {
         /// The quarantine id, as shown by `remediate` and the API (`quarantinePath`).
         quarantine_id: String,
+        /// Even when the remediation removed the member and added it again (its data is then
+        /// a removed member's): only to mend membership by hand.
+        #[arg(long)]
+        force: bool,
         #[command(flatten)]
         node: NodeArgs,
     },

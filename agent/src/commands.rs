@@ -75,10 +75,9 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let opts = engine.options(&node, dry_run, force)?;
             remediate(&pod, &node, opts).await
         }
-        Command::Restore { quarantine_id, node } => {
-            let (_, said) =
-                crate::engine::restore(&node.locator().await?, &node.state_dir, &quarantine_id, &crate::failpoint::Failpoint::from_env())
-                    .await?;
+        Command::Restore { quarantine_id, force, node } => {
+            let failpoint = crate::failpoint::Failpoint::from_env();
+            let (_, said) = crate::engine::restore(&node.locator().await?, &node.state_dir, &quarantine_id, force, &failpoint).await?;
             println!("{said}");
             Ok(())
         }

@@ -57,6 +57,11 @@ pub struct EtcdRemediationSpec {
     /// Carried out once; a failed restore is asked again by setting it false, then true.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub restore: bool,
+    /// Restore even though the heal removed the member and added it again under a new id:
+    /// the data put back is then a removed member's (etcd refuses it) and the new entry a
+    /// voter down until a person mends membership. Asked with `restore`; may change.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub restore_force: bool,
 }
 
 /// The spec's transition rule: what was asked stays as asked (absent booleans are false, an

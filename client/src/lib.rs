@@ -164,10 +164,12 @@ impl AgentClient {
         decode(&self.call(Method::GET, &path, None).await?.1)
     }
 
-    /// `POST /v1/remediations/{id}/restore`: puts the quarantine back.
-    pub async fn restore(&self, id: &str) -> Result<Remediation> {
+    /// `POST /v1/remediations/{id}/restore[?force=true]`: puts the quarantine back (`force`:
+    /// even after the remediation changed membership).
+    pub async fn restore(&self, id: &str, force: bool) -> Result<Remediation> {
         etcd_medic_core::names::validate_id(id)?;
-        decode(&self.call(Method::POST, &format!("/v1/remediations/{id}/restore"), None).await?.1)
+        let query = if force { "?force=true" } else { "" };
+        decode(&self.call(Method::POST, &format!("/v1/remediations/{id}/restore{query}"), None).await?.1)
     }
 
     /// Polls remediation `id` until it ends (Succeeded, Failed, Refused, Planned), or

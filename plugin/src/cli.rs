@@ -83,6 +83,10 @@ pub enum Command {
     /// ID is the EtcdRemediation's name or the agent's remediation id.
     Restore {
         id: String,
+        /// Put the data back even after the heal removed the member and added it again
+        /// (the agent refuses that with QuorumAtRisk): only to mend membership by hand.
+        #[arg(long)]
+        force: bool,
         /// Return once asked, without waiting for the agent's answer.
         #[arg(long = "no-wait", action = clap::ArgAction::SetFalse)]
         wait: bool,

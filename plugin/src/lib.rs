@@ -250,7 +250,7 @@ async fn run(cli: Cli) -> Result<u8> {
             print(out, &items, || show::table(&items, all_namespaces))?;
             Ok(0)
         }
-        Command::Restore { id, wait, timeout } => {
+        Command::Restore { id, force, wait, timeout } => {
             let name = resolve(&kube, &id).await?;
             let before = kube.record(&name).await?;
             // What the controller would not act on is said now, not after a wait.
@@ -271,7 +271,7 @@ async fn run(cli: Cli) -> Result<u8> {
                 let off = Patch::Merge(json!({"spec": {"restore": false}}));
                 kube.call(&what, Code::RemediationNotFound, || api.patch(&name, &pp, &off)).await?;
             }
-            let on = Patch::Merge(json!({"spec": {"restore": true}}));
+            let on = Patch::Merge(json!({"spec": {"restore": true, "restoreForce": force}}));
             let asked = kube.call(&what, Code::RemediationNotFound, || api.patch(&name, &pp, &on)).await?;
             let generation = asked.metadata.generation;
             if !wait {

@@ -370,12 +370,15 @@ async fn a_controller_heals_over_http_after_a_flood_of_bad_requests() -> Result<
     let done = serde_json::to_value(&typed)?;
     assert_eq!(done["phase"], "Succeeded", "{done:#}\n{}", agent.log_text());
     // Restore through the API: `update` is required, and a running etcd holds the data.
-    let denied = reader.restore(&id).await.unwrap_err();
+    let denied = reader.restore(&id, true).await.unwrap_err();
     assert_eq!(denied.code, etcd_medic::Code::Forbidden, "{denied}");
     let controller = etcd_medic_client::AgentClient::new(&url)?.with_token(CONTROLLER);
-    let held = controller.restore(&id).await.unwrap_err();
+    // The heal changed membership: the old data is a removed member's, put back only forced.
+    let removed = controller.restore(&id, false).await.unwrap_err();
+    assert_eq!(removed.code, etcd_medic::Code::QuorumAtRisk, "{removed}");
+    let held = controller.restore(&id, true).await.unwrap_err();
     assert_eq!(held.code, etcd_medic::Code::PodRunning, "{held}");
-    assert_eq!(controller.restore("nosuchid").await.unwrap_err().code, etcd_medic::Code::RemediationNotFound);
+    assert_eq!(controller.restore("nosuchid", false).await.unwrap_err().code, etcd_medic::Code::RemediationNotFound);
     let steps: Vec<&str> = done["steps"].as_array().unwrap().iter().map(|s| s["name"].as_str().unwrap()).collect();
     assert_eq!(steps, ["Check", "Lock", "Quarantine", "Membership", "Restart", "Verify", "Retention"]);
     assert!(done["steps"].as_array().unwrap().iter().all(|s| s["outcome"] == "Done" && s["end"].is_string()));

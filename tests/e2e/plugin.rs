@@ -124,8 +124,13 @@ async fn a_person_diagnoses_heals_and_reads_the_history_with_kubectl_while_the_c
     let s = kubectl_etcd_medic(&lab, &["status", "apisix-etcd-1", "-n", "apisix"]).await?;
     assert!(s.stdout.contains(names[0]) && s.stdout.contains("Steps:") && s.stdout.contains("Verify"), "{}", s.stdout);
 
-    // The healed member runs on the data: its quarantine is not put back.
+    // The heal removed the member and added it again: its old data, put back, would be a
+    // removed member's. Refused unless forced, whatever runs on the volume.
     let r = kubectl_etcd_medic(&lab, &["restore", names[0], "-n", "apisix"]).await?;
+    assert_eq!(r.code, exit_of(Code::QuorumAtRisk), "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains("QuorumAtRisk") && r.stdout.contains("removed member"), "{}", r.stdout);
+    // Forced: the healed member runs on the data, and its quarantine is not put back.
+    let r = kubectl_etcd_medic(&lab, &["restore", names[0], "-n", "apisix", "--force"]).await?;
     assert_eq!(r.code, exit_of(Code::PodRunning), "{}{}", r.stdout, r.stderr);
     assert!(r.stdout.contains("PodRunning"), "{}", r.stdout);
     // Once etcd is stopped on it (the kubelet holding the container in back-off), asking
@@ -134,13 +139,13 @@ async fn a_person_diagnoses_heals_and_reads_the_history_with_kubectl_while_the_c
     lab.set.switches().hold_restarts.store(true, Ordering::SeqCst);
     lab.set.crash_container(1)?;
     lab.set.hold_restarts(1, Duration::from_secs(120)).await?;
-    let r = kubectl_etcd_medic(&lab, &["restore", names[0], "-n", "apisix", "-o", "json"]).await?;
+    let r = kubectl_etcd_medic(&lab, &["restore", names[0], "-n", "apisix", "--force", "-o", "json"]).await?;
     assert_eq!(r.code, exit_of(Code::UnsafePath), "the rejoined member's own data is never overwritten: {}", r.stdout);
     // The person moves the new member's data aside, and asks a third time.
     let data = lab.set.data_dir(1)?;
     std::fs::rename(data.join("member"), data.join("member.rejoined"))?;
     std::fs::rename(data.join("member_id"), data.join("member_id.rejoined"))?;
-    let r = kubectl_etcd_medic(&lab, &["restore", names[0], "-n", "apisix", "-o", "json"]).await?;
+    let r = kubectl_etcd_medic(&lab, &["restore", names[0], "-n", "apisix", "--force", "-o", "json"]).await?;
     assert_eq!(r.code, 0, "{}{}\n{}", r.stdout, r.stderr, c.log_text());
     let restore: Value = serde_json::from_str(&r.stdout)?;
     assert_eq!(restore["phase"], "Restored", "{restore}");

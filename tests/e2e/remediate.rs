@@ -62,20 +62,24 @@ async fn remediate_heals_member_not_found_with_every_key_and_a_restorable_quaran
     assert_eq!(last["steps"].as_array().unwrap().len(), 7);
     assert!(lab.set.data_dir(1)?.join(".etcd-medic-keep").is_file(), "the dot-file keeps data/ from looking empty");
 
-    // Restoring while the rejoined member runs on that volume is refused, and changes nothing.
+    // Restoring a removed member's data is refused; forced, it is refused while the rejoined
+    // member runs on that volume; neither changes anything.
     let id = last["id"].as_str().unwrap();
-    let restore = tokio::task::block_in_place(|| {
-        std::process::Command::new(etcd_medic_lab::agent::agent_binary())
-            .args(["restore", id, "--node-name", NODE_NAME])
-            .arg("--host-root")
-            .arg(&lab.node.root)
-            .arg("--state-dir")
-            .arg(state.path())
-            .env("KUBECONFIG", &lab.api.kubeconfig)
-            .output()
-    })?;
-    let stderr = String::from_utf8_lossy(&restore.stderr);
-    assert!(!restore.status.success() && stderr.contains("(PodRunning)"), "{stderr}");
+    for (force, code) in [(false, "(QuorumAtRisk)"), (true, "(PodRunning)")] {
+        let restore = tokio::task::block_in_place(|| {
+            std::process::Command::new(etcd_medic_lab::agent::agent_binary())
+                .args(["restore", id, "--node-name", NODE_NAME])
+                .args(force.then_some("--force"))
+                .arg("--host-root")
+                .arg(&lab.node.root)
+                .arg("--state-dir")
+                .arg(state.path())
+                .env("KUBECONFIG", &lab.api.kubeconfig)
+                .output()
+        })?;
+        let stderr = String::from_utf8_lossy(&restore.stderr);
+        assert!(!restore.status.success() && stderr.contains(code), "{stderr}");
+    }
     assert!(q[0].path().join("data/member/snap/db").is_file());
     tokio::time::sleep(Duration::from_millis(10)).await;
     lab.shutdown().await;

@@ -297,7 +297,7 @@ async fn a_hung_restore_holds_only_its_own_pod() -> Result<()> {
     let id = healed.id.clone();
     let restore = tokio::spawn(async move {
         let t = tokio::time::Instant::now();
-        let r = etcd_medic_lab::http::request(addr, "POST", &format!("/v1/remediations/{id}/restore"), &[], None).await;
+        let r = etcd_medic_lab::http::request(addr, "POST", &format!("/v1/remediations/{id}/restore?force=true"), &[], None).await;
         (r, t.elapsed())
     });
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -309,7 +309,8 @@ async fn a_hung_restore_holds_only_its_own_pod() -> Result<()> {
     assert_eq!(agent.get("/healthz", None).await?.status, 200);
     let same = agent.post(None, &json!({"namespace": "apisix", "pod": "apisix-etcd-1"})).await?;
     assert_eq!((same.status, same.code().as_deref()), (409, Some("ClusterLocked")), "{}", same.text());
-    let again = etcd_medic_lab::http::request(addr, "POST", &format!("/v1/remediations/{}/restore", healed.id), &[], None).await?;
+    let again =
+        etcd_medic_lab::http::request(addr, "POST", &format!("/v1/remediations/{}/restore?force=true", healed.id), &[], None).await?;
     assert_eq!(again.code().as_deref(), Some("ClusterLocked"), "{}", again.text());
     let (r, took) = restore.await?;
     let r = r?;
@@ -317,5 +318,71 @@ async fn a_hung_restore_holds_only_its_own_pod() -> Result<()> {
     eprintln!("another pod's dry run during the hung restore: {other_took:?}; the restore's caller answered after {took:?}");
     drop(agent);
     lab.shutdown().await;
+    Ok(())
+}
+
+/// A process of `root` (chrooted there, running the node's `sleep` copied in with its
+/// libraries) that names `data_dir` as its etcd data dir, as a tenant's etcd would.
+fn chrooted_sleeper(root: &std::path::Path, data_dir: &str) -> Result<std::process::Child> {
+    use std::os::unix::process::CommandExt;
+    let sleep = std::path::Path::new("/usr/bin/sleep");
+    let ldd = std::process::Command::new("ldd").arg(sleep).output()?;
+    let libs = String::from_utf8_lossy(&ldd.stdout)
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+        .map(std::path::PathBuf::from)
+        .collect::<Vec<_>>();
+    for f in libs.iter().map(|p| p.as_path()).chain([sleep]) {
+        let to = root.join(f.strip_prefix("/")?);
+        std::fs::create_dir_all(to.parent().unwrap())?;
+        std::fs::copy(f, &to)?;
+    }
+    let root = root.to_path_buf();
+    let mut cmd = std::process::Command::new("/usr/bin/sleep");
+    cmd.arg("600").env_clear().env("ETCD_DATA_DIR", data_dir);
+    // SAFETY: chroot and chdir only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::unistd::chroot(&root)?;
+            nix::unistd::chdir("/")?;
+            Ok(())
+        });
+    }
+    Ok(cmd.spawn()?)
+}
+
+/// A tenant's process names its data dir through a link to another tenant's data (its `/data`
+/// is a link to the victim's host path). Followed from `/proc/<pid>/root`, that absolute link
+/// resolved in the agent's own root: the tenant's process "held" the victim's data, and every
+/// heal of the victim was refused PodRunning. Resolved inside the process's root, it leads
+/// nowhere; a process whose data dir really is the victim's still holds it.
+#[test]
+fn a_tenants_data_dir_link_never_makes_it_hold_another_tenants_data() -> Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        etcd_medic_lab::skip("chroot needs root");
+        return Ok(());
+    }
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir()?;
+    let victim = dir.path().join("victim");
+    std::fs::create_dir_all(victim.join("data/member/wal"))?;
+    let tenant = dir.path().join("tenant");
+    std::fs::create_dir_all(&tenant)?;
+    std::os::unix::fs::symlink(victim.join("data"), tenant.join("data"))?;
+    let m = std::fs::metadata(victim.join("data"))?;
+    let data_id = Some((m.dev(), m.ino()));
+    let mut attacker = chrooted_sleeper(&tenant, "/data")?;
+    let mut owner = chrooted_sleeper(&victim, "/data")?;
+    // Both have exec'd once their environment is the one given.
+    let started = |pid: u32| std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|e| e.starts_with(b"ETCD_DATA_DIR="));
+    let t = std::time::Instant::now();
+    while !(started(attacker.id()) && started(owner.id())) && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let scan = etcd_medic::host::processes::holders(std::path::Path::new("/proc"), &Default::default(), data_id);
+    let _ = (attacker.kill(), owner.kill(), attacker.wait(), owner.wait());
+    let pids: Vec<(u32, &str)> = scan.holders.iter().map(|h| (h.pid, h.how.as_str())).collect();
+    assert!(!pids.iter().any(|(p, _)| *p == attacker.id()), "the tenant's link reached the victim's data: {pids:?}");
+    assert!(pids.contains(&(owner.id(), "data dir /data")), "the victim's own process holds its data: {pids:?}");
     Ok(())
 }

@@ -239,7 +239,7 @@ async fn ask_restore(ctx: &Ctx, cr: &EtcdRemediation) {
                     "the status names remediation {id}, which is not a quarantine of this record's pod: nothing restored"
                 )));
             }
-            agent.restore(&id).await
+            agent.restore(&id, cr.spec.restore_force).await
         }
         .await;
         let (phase, code, message) = match answer {

@@ -73,6 +73,7 @@ pub(super) async fn record(ctx: &Ctx, pod: &PodSeen, d: &Detected, by: detect::C
             dry_run: ctx.cfg.dry_run,
             force: false,
             restore: false,
+            restore_force: false,
         },
         status: None,
     };

@@ -2,18 +2,39 @@
 
 use std::path::Path;
 
-use crate::error::{Error, Result};
+use crate::error::{Code, Error, Result};
 use crate::failpoint::Failpoint;
 use crate::host::processes as guard;
 use crate::locate::{Locator, blocking};
 use crate::quarantine;
-use etcd_medic_core::contract::{QuarantineState, Remediation};
+use etcd_medic_core::contract::{QuarantineState, Remediation, Step};
+
+/// A remediation whose Membership step ran removed the member the quarantined data belongs
+/// to and added the pod again under a new id: put back, that data is a removed member's
+/// (etcd refuses to start it), and the new entry stays a voter that never comes up. The
+/// journal says so, whatever the cluster answers now; only a person's `force` goes on.
+pub fn membership_gate(r: &Remediation, force: bool) -> Result<()> {
+    let changed = r.steps.iter().any(|s| s.name == Step::Membership && s.done());
+    if !changed || force {
+        return Ok(());
+    }
+    let old = r.plan.as_ref().and_then(|p| p.data.as_ref()).and_then(|d| d.wal.as_ref()).and_then(|w| w.node_id).map(|n| format!("{n:x}"));
+    Err(Error::new(
+        Code::QuorumAtRisk,
+        format!(
+            "remediation {} removed member {} from the cluster and added the pod again under a new id: its data put back would be a removed member's, which etcd refuses to start, and the new entry a voter down; restore with force only to mend membership by hand",
+            r.id,
+            old.as_deref().unwrap_or("(its old id)")
+        ),
+    ))
+}
 
 /// Puts the quarantine of remediation `id` (or of its quarantine's name) back into the
 /// pod's data dir as it is now, refusing while any process holds the data. What is put back
 /// and from where comes from the journal; the volume is only checked to hold it. Answers
-/// the remediation as journaled afterwards, and what was done.
-pub async fn restore(locator: &Locator, state_dir: &Path, id: &str, failpoint: &Failpoint) -> Result<(Remediation, String)> {
+/// the remediation as journaled afterwards, and what was done. Once the remediation changed
+/// membership, only `force` puts the data back (see [`membership_gate`]).
+pub async fn restore(locator: &Locator, state_dir: &Path, id: &str, force: bool, failpoint: &Failpoint) -> Result<(Remediation, String)> {
     let id = id.rsplit('-').next().unwrap_or(id);
     let mut r = crate::journal::read(state_dir, id)?;
     let q =
@@ -23,6 +44,7 @@ pub async fn restore(locator: &Locator, state_dir: &Path, id: &str, failpoint: &
         QuarantineState::Pruned => return Err(Error::invalid(format!("quarantine {} was removed by retention", q.name))),
         _ => {}
     }
+    membership_gate(&r, force)?;
     let located = locator.open(&r.namespace, &r.pod, None, false).await?;
     let (vol, data, proc_root) = (located.volume.clone(), located.data.clone(), locator.layout.proc_root.clone());
     let (name, items) = (q.name.clone(), q.items.clone());
@@ -43,4 +65,31 @@ pub async fn restore(locator: &Locator, state_dir: &Path, id: &str, failpoint: &
     crate::journal::write(state_dir, &r)?;
     let said = format!("restored {} into {}", back.join(", "), located.plan.host_path.display());
     Ok((r, said))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A remediation whose steps ended as `steps` say (`Done` or a code).
+    fn ran(steps: &[(&str, &str)]) -> Remediation {
+        let steps: Vec<_> =
+            steps.iter().map(|(name, outcome)| serde_json::json!({"name": name, "start": "", "outcome": outcome, "message": ""})).collect();
+        serde_json::from_value(serde_json::json!({
+            "id": "r1", "namespace": "apisix", "pod": "apisix-etcd-0", "podUID": null, "node": "n1", "phase": "Succeeded",
+            "step": null, "plan": null, "quarantinePath": null, "steps": steps, "error": null, "createdAt": "", "finishedAt": null
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn data_of_a_member_removed_and_added_again_goes_back_only_with_force() {
+        let quarantined = ran(&[("Check", "Done"), ("Quarantine", "Done")]);
+        assert!(membership_gate(&quarantined, false).is_ok(), "membership untouched: the old member is still the cluster's");
+        let failed_at_membership = ran(&[("Quarantine", "Done"), ("Membership", "QuorumAtRisk")]);
+        assert!(membership_gate(&failed_at_membership, false).is_ok(), "a membership step that failed changed nothing");
+        let healed = ran(&[("Quarantine", "Done"), ("Membership", "Done"), ("Verify", "Done")]);
+        assert_eq!(membership_gate(&healed, false).unwrap_err().code, Code::QuorumAtRisk);
+        assert!(membership_gate(&healed, true).is_ok());
+    }
 }

@@ -6,6 +6,8 @@ use std::collections::HashSet;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
+use rustix::fs::{Mode, OFlags};
+
 use crate::error::{Code, Error, Result};
 use crate::host::volume::{Limits, Volume};
 
@@ -82,7 +84,7 @@ pub fn holders(proc_root: &Path, tree: &HashSet<(u64, u64)>, data_id: Option<(u6
         if how.is_none()
             && let Some(dd) = declared_data_dir(&dir)
             && data_id.is_some()
-            && id_of(dir.join("root").join(dd.trim_start_matches('/'))) == data_id
+            && in_root(&dir, &dd, &denied) == data_id
         {
             how = Some(format!("data dir {dd}"));
         }
@@ -99,10 +101,72 @@ pub fn holders(proc_root: &Path, tree: &HashSet<(u64, u64)>, data_id: Option<(u6
     scan
 }
 
+/// How long a scan of the node's processes may take: it stats what processes hold open,
+/// and a hung filesystem (a stopped NFS or FUSE server in a tenant's pod) blocks a stat.
+pub const SCAN_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Scans that outlived their deadline and still hang in the kernel. Beyond a few, no new
+/// scan starts: each would only add a thread stuck on the same filesystem.
+static STUCK: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+const MAX_STUCK: usize = 4;
+
+/// [`holders`] on a thread of its own, waited for at most `deadline`: a scan that does not
+/// end cannot prove anything, and is a refusal (`PodRunning`), never a pass.
+pub fn holders_within(
+    proc_root: &Path,
+    tree: HashSet<(u64, u64)>,
+    data_id: Option<(u64, u64)>,
+    deadline: std::time::Duration,
+) -> Result<Scan> {
+    let proc_root = proc_root.to_path_buf();
+    within(deadline, &STUCK, move || holders(&proc_root, &tree, data_id))
+}
+
+/// `scan` on a thread of its own, waited for at most `deadline`; `stuck` counts those given up.
+fn within(
+    deadline: std::time::Duration,
+    stuck: &'static std::sync::atomic::AtomicUsize,
+    scan: impl FnOnce() -> Scan + Send + 'static,
+) -> Result<Scan> {
+    use std::sync::atomic::Ordering;
+    use std::sync::{Arc, Condvar, Mutex};
+    let cannot = |why: String| Error::new(Code::PodRunning, format!("cannot prove that no process uses the volume: {why}"));
+    if stuck.load(Ordering::SeqCst) >= MAX_STUCK {
+        return Err(cannot(format!("{MAX_STUCK} earlier scans of the node's processes still hang (a hung filesystem?)")));
+    }
+    // The scan's answer, and whether its waiter gave up: both under one lock, so that a scan
+    // ending just as its deadline passes is either taken or counted stuck, never both.
+    let shared = Arc::new((Mutex::new((None::<Scan>, false)), Condvar::new()));
+    let theirs = shared.clone();
+    std::thread::Builder::new()
+        .name("process-scan".into())
+        .spawn(move || {
+            let scan = scan();
+            let (lock, ended) = &*theirs;
+            let mut s = lock.lock().unwrap_or_else(|p| p.into_inner());
+            if s.1 {
+                stuck.fetch_sub(1, Ordering::SeqCst);
+            } else {
+                s.0 = Some(scan);
+                ended.notify_one();
+            }
+        })
+        .map_err(|e| Error::new(Code::Internal, format!("cannot start the process scan: {e}")))?;
+    let (lock, ended) = &*shared;
+    let s = lock.lock().unwrap_or_else(|p| p.into_inner());
+    let (mut s, _) = ended.wait_timeout_while(s, deadline, |s| s.0.is_none()).unwrap_or_else(|p| p.into_inner());
+    if let Some(scan) = s.0.take() {
+        return Ok(scan);
+    }
+    s.1 = true;
+    stuck.fetch_add(1, Ordering::SeqCst);
+    Err(cannot(format!("the scan of the node's processes did not end within {deadline:?} (a process's files on a hung filesystem?)")))
+}
+
 /// The agent can look into the node's processes at all (readiness): a DaemonSet without
 /// `SYS_PTRACE`, or confined by AppArmor, sees into none but its own.
 pub fn can_inspect(proc_root: &Path) -> Result<()> {
-    let scan = holders(proc_root, &HashSet::new(), None);
+    let scan = holders_within(proc_root, HashSet::new(), None, SCAN_DEADLINE).map_err(|e| Error::new(Code::NotReady, e.message))?;
     let others = scan.inspected.saturating_sub(scan.uninspected + scan.hidden.len());
     if scan.inspected > 1 && others == 0 {
         return Err(Error::new(
@@ -114,6 +178,25 @@ pub fn can_inspect(proc_root: &Path) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// (device, inode) of `path` as the process sees it: resolved inside the process's own root
+/// (`/proc/<pid>/root`, links scoped to it by `RESOLVE_IN_ROOT`), so that a data dir the
+/// tenant names, or a link in it, never leads the agent to a path of its own or the node's.
+fn in_root(proc_dir: &Path, path: &str, denied: &std::cell::RefCell<Option<String>>) -> Option<(u64, u64)> {
+    let at = proc_dir.join("root");
+    let root = match rustix::fs::open(&at, OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty()) {
+        Ok(fd) => pathrs::Root::from_fd(fd),
+        Err(e) => {
+            if e == rustix::io::Errno::ACCESS || e == rustix::io::Errno::PERM {
+                denied.borrow_mut().get_or_insert_with(|| format!("{}: {e}", at.display()));
+            }
+            return None;
+        }
+    };
+    let h = root.resolve(path.trim_start_matches('/')).ok()?;
+    let st = rustix::fs::fstat(&h).ok()?;
+    Some((st.st_dev, st.st_ino))
 }
 
 fn cmdline(proc_dir: &Path) -> Vec<String> {
@@ -145,7 +228,7 @@ pub fn no_holders(proc_root: &Path, vol: &Volume, data: &Path) -> Result<()> {
     let tree = vol.inodes(Limits::default())?;
     let data_id = vol.entry(data)?.map(|e| (e.dev, e.ino));
     let volume_root = vol.path();
-    let scan = holders(proc_root, &tree, data_id);
+    let scan = holders_within(proc_root, tree, data_id, SCAN_DEADLINE)?;
     let list = |v: &[Holder]| v.iter().map(|h| format!("pid {} ({}) by {}", h.pid, h.command, h.how)).collect::<Vec<_>>().join(", ");
     if !scan.holders.is_empty() {
         return Err(Error::new(
@@ -176,6 +259,43 @@ pub use etcd_medic_core::quorum::{Change, MemberView, check_quorum, quorum};
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_scan_that_does_not_end_in_time_proves_nothing_and_stuck_scans_are_bounded() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static STUCK: AtomicUsize = AtomicUsize::new(0);
+        use std::time::Duration;
+        let ended = within(Duration::from_secs(5), &STUCK, Scan::default).unwrap();
+        assert_eq!(ended.inspected, 0);
+        // Scans that hang (a stat on a hung filesystem) until released.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let held = std::sync::Arc::new(std::sync::Mutex::new(held));
+        let hung = || {
+            let held = held.clone();
+            move || {
+                let _ = held.lock().unwrap().recv();
+                Scan::default()
+            }
+        };
+        for n in 1..=MAX_STUCK {
+            let e = within(Duration::from_millis(20), &STUCK, hung()).unwrap_err();
+            assert_eq!(e.code, Code::PodRunning, "{e}");
+            assert!(e.message.contains("did not end within"), "{e}");
+            assert_eq!(STUCK.load(Ordering::SeqCst), n);
+        }
+        let e = within(Duration::from_secs(5), &STUCK, Scan::default).unwrap_err();
+        assert!(e.message.contains("still hang"), "no new thread joins the stuck ones: {e}");
+        // Released, the stuck scans end and are counted no more.
+        for _ in 0..MAX_STUCK {
+            release.send(()).unwrap();
+        }
+        let t = std::time::Instant::now();
+        while STUCK.load(Ordering::SeqCst) > 0 && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(STUCK.load(Ordering::SeqCst), 0);
+        assert!(within(Duration::from_secs(5), &STUCK, Scan::default).is_ok());
+    }
 
     #[test]
     fn a_process_with_cwd_or_an_open_file_in_the_volume_holds_it() {

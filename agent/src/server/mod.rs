@@ -384,7 +384,7 @@ impl Agent {
     /// marked as restoring (no remediation of it starts) until the disk work has ended, however
     /// long a hung volume takes; nothing else on the node waits for it, and the caller waits at
     /// most [`RESTORE_WAIT`].
-    async fn restore(self: &Arc<Self>, user: &User, id: &str) -> Answer {
+    async fn restore(self: &Arc<Self>, user: &User, id: &str, force: bool) -> Answer {
         let ready = self.ready()?;
         let r = self.find(id)?;
         ready.auth.authorize(user, "update", &r.namespace).await?;
@@ -407,7 +407,7 @@ impl Agent {
         let (id, who) = (id.to_string(), user.name.clone());
         let work = tokio::spawn(async move {
             let ready = agent.ready.get().expect("ready: checked above");
-            let done = crate::engine::restore(&ready.locator, &agent.cfg.engine.state_dir, &id, &agent.cfg.engine.failpoint).await;
+            let done = crate::engine::restore(&ready.locator, &agent.cfg.engine.state_dir, &id, force, &agent.cfg.engine.failpoint).await;
             agent.restoring.lock().unwrap().remove(&key);
             if let Ok((_, said)) = &done {
                 tracing::info!(user = %who, id = %id, namespace = %key.0, pod = %key.1, "restore: {said}");
@@ -492,6 +492,16 @@ pub struct ListQuery {
     /// At most this many, newest first (1 to 1000, default 100).
     #[param(minimum = 1, maximum = 1000)]
     limit: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct RestoreQuery {
+    /// Put the data back even though the remediation removed the member and added it again
+    /// under a new id (refused otherwise, QuorumAtRisk): the data is then a removed member's.
+    #[serde(default)]
+    force: bool,
 }
 
 /// The whole HTTP surface.

@@ -11,7 +11,7 @@ use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
 
 use super::auth::User;
-use super::{Agent, Answer, Failure, ListQuery, openapi};
+use super::{Agent, Answer, Failure, ListQuery, RestoreQuery, openapi};
 use crate::engine::Remediation;
 use crate::error::{Code, Error, Problem};
 use etcd_medic_core::contract::RemediationList;
@@ -67,18 +67,24 @@ pub(super) async fn show(State(a): State<Arc<Agent>>, Extension(user): Extension
 }
 
 #[utoipa::path(post, path = "/v1/remediations/{id}/restore", tag = "remediations",
-    description = "Puts the quarantine of remediation `id` back into its pod's data dir as it is now (what and from where come from the node's journal), and answers the remediation with `quarantine.state` Restored. Authorized as `update` on etcdremediations in the pod's namespace. Refused while any process uses the data (PodRunning: scale the StatefulSet down or wait for the crash loop's back-off), while a remediation of the pod runs, and when files of the same name came back meanwhile (UnsafePath). Restoring twice answers the same.",
-    params(("id" = String, Path, description = "The remediation's id")),
+    description = "Puts the quarantine of remediation `id` back into its pod's data dir as it is now (what and from where come from the node's journal), and answers the remediation with `quarantine.state` Restored. Authorized as `update` on etcdremediations in the pod's namespace. Refused while any process uses the data (PodRunning: scale the StatefulSet down or wait for the crash loop's back-off), once the remediation removed the member and added it again under a new id unless `force=true` (QuorumAtRisk: the data would be a removed member's), while a remediation of the pod runs, and when files of the same name came back meanwhile (UnsafePath). Restoring twice answers the same.",
+    params(("id" = String, Path, description = "The remediation's id"), RestoreQuery),
     responses(
         (status = 200, description = "Restored (or restored already): the remediation as journaled", body = Remediation),
         (status = 400, description = "InvalidRequest: nothing was quarantined, retention removed it, or a remediation of the pod runs", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "RemediationNotFound, or the pod's volume is gone (PodNotFound, PVCNotFound, PVNotFound, DataDirNotFound)", body = Problem, content_type = "application/problem+json"),
-        (status = 422, description = "PodRunning, UnsafePath, NotAMount", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "PodRunning, QuorumAtRisk, UnsafePath, NotAMount", body = Problem, content_type = "application/problem+json"),
         CallerErrors,
     ),
     security(("bearer" = [])))]
-pub(super) async fn restore(State(a): State<Arc<Agent>>, Extension(user): Extension<User>, Path(id): Path<String>) -> Answer {
-    a.restore(&user, &id).await
+pub(super) async fn restore(
+    State(a): State<Arc<Agent>>,
+    Extension(user): Extension<User>,
+    Path(id): Path<String>,
+    q: std::result::Result<Query<RestoreQuery>, axum::extract::rejection::QueryRejection>,
+) -> Answer {
+    let Query(q) = q.map_err(|e| Error::invalid(format!("bad query: {}", e.body_text())))?;
+    a.restore(&user, &id, q.force).await
 }
 
 #[utoipa::path(get, path = "/v1/remediations", tag = "remediations", params(ListQuery),

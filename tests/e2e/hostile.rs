@@ -241,7 +241,8 @@ impl Bench {
     /// the same broken member.
     async fn undo(&self, r: &Remediation) -> Result<()> {
         if r.quarantine.is_some() {
-            match etcd_medic::engine::restore(&self.locator, self.state.path(), &r.id, &etcd_medic::failpoint::Failpoint::NONE).await {
+            match etcd_medic::engine::restore(&self.locator, self.state.path(), &r.id, true, &etcd_medic::failpoint::Failpoint::NONE).await
+            {
                 // Refused before the quarantine was made: nothing to put back.
                 Err(e) if e.code == Code::DataDirNotFound => {}
                 other => {
@@ -346,9 +347,14 @@ async fn links_swapped_in_at_every_step_never_lead_outside_the_volume() -> Resul
                             let mut sw = Swapper::start(b.backing(), t, b.canary.clone());
                             sw.strike();
                             tokio::time::sleep(Duration::from_millis(5)).await;
-                            let res =
-                                etcd_medic::engine::restore(&b.locator, b.state.path(), &r.id, &etcd_medic::failpoint::Failpoint::NONE)
-                                    .await;
+                            let res = etcd_medic::engine::restore(
+                                &b.locator,
+                                b.state.path(),
+                                &r.id,
+                                true,
+                                &etcd_medic::failpoint::Failpoint::NONE,
+                            )
+                            .await;
                             let n = sw.stop();
                             let what = format!("restore under {t:?}: {:?} after {n} swaps", res.as_ref().map_err(|e| e.code));
                             b.assert_canary(&before, &what);
@@ -481,13 +487,62 @@ async fn planted_fifos_devices_huge_files_and_forged_quarantines_are_never_trust
     crate::reference_failure::assert_every_key(&b.lab, 3, 100).await?;
 
     // Restoring a forged quarantine name, or one that retention removed, is refused.
-    let bad = etcd_medic::engine::restore(&b.locator, b.state.path(), "forged", &etcd_medic::failpoint::Failpoint::NONE).await.unwrap_err();
+    let bad =
+        etcd_medic::engine::restore(&b.locator, b.state.path(), "forged", true, &etcd_medic::failpoint::Failpoint::NONE).await.unwrap_err();
     assert_eq!(bad.code, Code::InvalidRequest, "{bad}");
-    let pruned =
-        etcd_medic::engine::restore(&b.locator, b.state.path(), &first.id, &etcd_medic::failpoint::Failpoint::NONE).await.unwrap_err();
+    let pruned = etcd_medic::engine::restore(&b.locator, b.state.path(), &first.id, true, &etcd_medic::failpoint::Failpoint::NONE)
+        .await
+        .unwrap_err();
     assert_eq!(pruned.code, Code::InvalidRequest, "{pruned}");
     b.assert_canary(&before, "restore of forged quarantines");
     drop(agent);
     b.lab.shutdown().await;
     Ok(())
+}
+
+/// A bind mount inside a hostPath volume of the node's own filesystem (the same device, so the
+/// device check alone passed it): whatever is mounted there is another mount, and the agent
+/// neither walks, removes nor stats into it. Another tenant's files behind it stay whole.
+#[test]
+fn a_bind_mount_of_the_same_filesystem_inside_a_volume_is_never_entered() -> Result<()> {
+    if !nix::unistd::Uid::effective().is_root() {
+        etcd_medic_lab::skip("bind mounts need root");
+        return Ok(());
+    }
+    use etcd_medic::host::volume::{Limits, Volume};
+    let dir = tempfile::tempdir()?;
+    let (vol, other) = (dir.path().join("pv"), dir.path().join("other-tenant"));
+    std::fs::create_dir_all(vol.join("data/member"))?;
+    std::fs::create_dir_all(other.join("wal"))?;
+    std::fs::write(other.join("wal/0.wal"), SECRET)?;
+    let at = vol.join("data/member");
+    nix::mount::mount(Some(&other), &at, None::<&str>, nix::mount::MsFlags::MS_BIND, None::<&str>)?;
+    let unmount = scopeguard(|| {
+        let _ = nix::mount::umount2(&at, nix::mount::MntFlags::MNT_DETACH);
+    });
+    let v = Volume::open(dir.path(), Path::new("pv"))?;
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(std::fs::metadata(&at)?.dev(), std::fs::metadata(&vol)?.dev(), "the same filesystem: the device alone cannot tell");
+    let entered = v.entry(Path::new("data/member/wal")).unwrap_err();
+    assert_eq!(entered.code, Code::UnsafePath, "{entered}");
+    let walked = v.inodes(Limits::default()).unwrap_err();
+    assert_eq!(walked.code, Code::UnsafePath, "{walked}");
+    let removed = v.remove_tree(Path::new("data"), Limits::default()).unwrap_err();
+    assert_eq!(removed.code, Code::UnsafePath, "{removed}");
+    assert_eq!(std::fs::read_to_string(other.join("wal/0.wal"))?, SECRET, "the other tenant's files are whole");
+    drop(unmount);
+    Ok(())
+}
+
+/// Runs `f` when dropped (a test's cleanup, also when an assertion fails).
+fn scopeguard(f: impl FnOnce()) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f()
+            }
+        }
+    }
+    Guard(Some(f))
 }

@@ -74,6 +74,14 @@ fn kind_of(mode: u32) -> Kind {
     }
 }
 
+/// The id of the mount `fd` is on (statx `STATX_MNT_ID`, Linux 5.8+); `None` where the
+/// kernel cannot say. What `RESOLVE_NO_XDEV` would prove, which pathrs does not offer: a
+/// bind mount of the same filesystem keeps the device number, never the mount.
+pub(super) fn mount_id(fd: impl AsFd) -> Option<u64> {
+    let r = rustix::fs::statx(fd, "", AtFlags::EMPTY_PATH, rustix::fs::StatxFlags::MNT_ID).ok()?;
+    (r.stx_mask & rustix::fs::StatxFlags::MNT_ID.bits() != 0).then_some(r.stx_mnt_id)
+}
+
 fn entry_of(st: &rustix::fs::Stat) -> Entry {
     Entry { kind: kind_of(st.st_mode), len: st.st_size.max(0) as u64, dev: st.st_dev, ino: st.st_ino }
 }
@@ -83,6 +91,8 @@ pub struct Volume {
     root: pathrs::Root,
     dev: u64,
     ino: u64,
+    /// The root's mount id: every entry acted on must be on that mount, not only device.
+    mnt: Option<u64>,
     shown: PathBuf,
 }
 
@@ -165,8 +175,9 @@ impl Volume {
         if kind_of(st.st_mode) != Kind::Dir {
             return Err(Error::new(Code::UnsafePath, format!("{} is not a directory", shown.display())));
         }
+        let mnt = mount_id(&fd);
         let root = pathrs::Root::from_fd(fd).with_resolver_flags(ResolverFlags::NO_SYMLINKS);
-        Ok(Volume { root, dev: st.st_dev, ino: st.st_ino, shown })
+        Ok(Volume { root, dev: st.st_dev, ino: st.st_ino, mnt, shown })
     }
 
     /// The volume root's host path, for messages and records (never reopened by it).
@@ -221,6 +232,7 @@ impl Volume {
     }
 
     fn stat_fd(&self, fd: impl AsFd, rel: &Path) -> Result<Entry> {
+        let fd = fd.as_fd();
         let st = rustix::fs::fstat(fd).map_err(|e| os_error(e.raw_os_error(), &self.shown(rel), "stat"))?;
         let e = entry_of(&st);
         if e.dev != self.dev {
@@ -229,7 +241,22 @@ impl Volume {
                 format!("{} is on another filesystem than the volume (device {} vs {})", self.shown(rel).display(), e.dev, self.dev),
             ));
         }
+        self.same_mount(fd, rel)?;
         Ok(e)
+    }
+
+    /// `fd` is on the volume root's mount: a bind mount of the same filesystem inside the
+    /// volume keeps the device, never the mount.
+    fn same_mount(&self, fd: impl AsFd, rel: &Path) -> Result<()> {
+        if let (Some(root), Some(here)) = (self.mnt, mount_id(fd))
+            && root != here
+        {
+            return Err(Error::new(
+                Code::UnsafePath,
+                format!("{} is on another mount than the volume (a bind mount inside it?)", self.shown(rel).display()),
+            ));
+        }
+        Ok(())
     }
 
     /// The parent directory descriptor of `rel` and its last name.
@@ -245,6 +272,7 @@ impl Volume {
         match self.handle(rel) {
             Ok(h) => {
                 let st = rustix::fs::fstat(&h).map_err(|e| os_error(e.raw_os_error(), &self.shown(rel), "stat"))?;
+                self.same_mount(&h, rel)?;
                 Ok(Some(entry_of(&st)))
             }
             Err(e) if is_enoent(&e) => Ok(None),

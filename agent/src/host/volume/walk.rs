@@ -9,7 +9,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
 use std::os::unix::ffi::OsStrExt;
 
-use super::{Entry, Kind, Limits, entry_of, kind_of};
+use super::{Entry, Kind, Limits, entry_of, kind_of, mount_id};
 
 /// Opens the directory `name` in `d`, checking it is still the inode `e` described.
 pub(super) fn open_subdir(d: &OwnedFd, name: &OsStr, e: &Entry) -> rustix::io::Result<OwnedFd> {
@@ -17,6 +17,12 @@ pub(super) fn open_subdir(d: &OwnedFd, name: &OsStr, e: &Entry) -> rustix::io::R
     let st = rustix::fs::fstat(&sub)?;
     if (st.st_dev, st.st_ino) != (e.dev, e.ino) {
         return Err(rustix::io::Errno::AGAIN);
+    }
+    // A bind mount of the same filesystem keeps the device: the mount tells it.
+    if let (Some(parent), Some(here)) = (mount_id(d), mount_id(&sub))
+        && parent != here
+    {
+        return Err(rustix::io::Errno::XDEV);
     }
     Ok(sub)
 }

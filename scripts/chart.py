@@ -30,8 +30,9 @@ PRESETS = {
     "k0s": "deploy/overlays/k0s",
 }
 # What deploy/ holds: the Namespace with its Pod Security labels (kubectl has no
-# --create-namespace), no Helm-only labels.
-DEPLOY_VALUES = {"createNamespace": True, "helmLabels": False}
+# --create-namespace), no Helm-only labels, and HTTPS from the Secret etcd-medic-tls that the
+# person makes (deploy/README.md): a rendering that made its own would change at every render.
+DEPLOY_VALUES = {"createNamespace": True, "helmLabels": False, "agent": {"tls": {"secretName": "etcd-medic-tls"}}}
 # The order objects are applied in (the CRD and RBAC before the workloads).
 ORDER = ["namespace", "crd", "rbac", "controller-rbac", "priorityclass", "daemonset", "controller", "service", "networkpolicy"]
 
@@ -81,7 +82,7 @@ REFUSED = {
     "a digest that is a tag": ({"image": {"digest": "latest"}}, "/image/digest"),
     "a relative kubelet root": ({"kubeletRoot": "var/lib/kubelet"}, "/kubeletRoot"),
     "a kubelet root climbing out": ({"kubeletRoot": "/var/lib/../../etc"}, "/kubeletRoot"),
-    "TLS without its Secret": ({"agent": {"tls": {"enabled": True}}}, "/agent/tls/secretName"),
+    "a TLS Secret name that is no string": ({"agent": {"tls": {"secretName": 7}}}, "/agent/tls/secretName"),
     "etcd client TLS for no set": ({"agent": {"etcdClientTLS": [{"namespace": "apisix", "secretName": "x"}]}}, "/agent/etcdClientTLS/0"),
     "etcd client TLS for a path": ({"agent": {"etcdClientTLS": [{"namespace": "../x", "statefulSet": "e", "secretName": "x"}]}}, "/agent/etcdClientTLS/0/namespace"),
     "a namespace that is no DNS label": ({"controller": {"namespaces": ["Apisix_Prod"]}}, "/controller/namespaces/0"),
@@ -258,6 +259,94 @@ def check_monitoring(files):
     print("monitoring: ServiceMonitors of the operator's fields, the PrometheusRule as promtool loads it, the dashboard's queries")
 
 
+def check_tls(namespace="ops"):
+    """The chart's defaults serve HTTPS with a certificate it makes: one the CA it ships
+    verifies, for the Service's name that the controller checks, mounted by the agents, its
+    CA by the controller."""
+    import base64
+    import yaml
+
+    files = render({}, namespace=namespace)
+    docs = [d for text in files.values() for d in yaml.safe_load_all(text) if d]
+    secrets = [d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == "etcd-medic-tls"]
+    if len(secrets) != 1 or secrets[0]["type"] != "kubernetes.io/tls":
+        sys.exit(f"the defaults render no kubernetes.io/tls Secret etcd-medic-tls: {[d['kind'] for d in docs]}")
+    svc = f"etcd-medic.{namespace}.svc"
+    with tempfile.TemporaryDirectory() as t:
+        for k, v in secrets[0]["data"].items():
+            pathlib.Path(t, k).write_bytes(base64.b64decode(v))
+        subprocess.run(["openssl", "verify", "-CAfile", f"{t}/ca.crt", "-verify_hostname", svc, f"{t}/tls.crt"], check=True)
+        key = subprocess.run(["openssl", "pkey", "-in", f"{t}/tls.key", "-pubout"], check=True, capture_output=True).stdout
+        crt = subprocess.run(["openssl", "x509", "-in", f"{t}/tls.crt", "-pubkey", "-noout"], check=True, capture_output=True).stdout
+        if key != crt:
+            sys.exit("the generated tls.key is not the certificate's key")
+    mounted = {v["secret"]["secretName"] for d in docs if d["kind"] in ("DaemonSet", "Deployment")
+               for v in d["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+    if mounted != {"etcd-medic-tls"}:
+        sys.exit(f"agents and controller mount {mounted}, not the generated Secret")
+    print(f"TLS by default: a certificate for {svc} that the chart's CA verifies, mounted by agents and controller")
+
+
+def admitted(policy, binding, request, namespace_labels):
+    """Whether the API server admits `request` under one ValidatingAdmissionPolicy and its
+    binding, as it decides: the policy's resource rules and the binding's namespace selector
+    match, every match condition holds, then every validation must (CEL, by cel-python)."""
+    import celpy
+
+    env = celpy.Environment()
+    res = request["resource"]
+    rules = policy["spec"]["matchConstraints"]["resourceRules"]
+    hit = lambda want, got: "*" in want or got in want
+    if not any(hit(r["apiGroups"], res["group"]) and hit(r["resources"], res["resource"]) and hit(r["operations"], request["operation"]) for r in rules):
+        return True
+    sel = binding["spec"].get("matchResources", {}).get("namespaceSelector", {}).get("matchLabels", {})
+    if any(namespace_labels.get(k) != v for k, v in sel.items()):
+        return True
+    act = {"request": celpy.json_to_cel(request), "object": celpy.json_to_cel(request.get("object")),
+           "oldObject": celpy.json_to_cel(request.get("oldObject"))}
+    run = lambda expr: bool(env.program(env.compile(expr)).evaluate(act))
+    if not all(run(c["expression"]) for c in policy["spec"].get("matchConditions", [])):
+        return True
+    return all(run(v["expression"]) for v in policy["spec"]["validations"])
+
+
+def check_lease_policy(namespace="ops"):
+    """The agents' Leases: the shipped admission policy, evaluated as the API server would,
+    refuses the agents the controller's leader Lease and anything not a cluster's lock, and
+    leaves the controller's own Lease to it."""
+    import yaml
+
+    docs = [d for text in render({}, namespace=namespace).values() for d in yaml.safe_load_all(text) if d]
+    policy = next(d for d in docs if d["kind"] == "ValidatingAdmissionPolicy")
+    binding = next(d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding")
+    if binding["spec"]["policyName"] != policy["metadata"]["name"] or binding["spec"]["validationActions"] != ["Deny"]:
+        sys.exit(f"the lease policy's binding does not deny by it: {binding['spec']}")
+    agent, controller = f"system:serviceaccount:{namespace}:etcd-medic", f"system:serviceaccount:{namespace}:etcd-medic-controller"
+    labels = {"kubernetes.io/metadata.name": namespace}
+
+    def ask(user, op, name, ns_labels=labels):
+        lease = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": name, "namespace": namespace}}
+        req = {"operation": op, "userInfo": {"username": user}, "namespace": namespace, "name": name,
+               "resource": {"group": "coordination.k8s.io", "version": "v1", "resource": "leases"},
+               "object": None if op == "DELETE" else lease, "oldObject": None if op == "CREATE" else lease}
+        return admitted(policy, binding, req, ns_labels)
+
+    lock = "etcd-medic-apisix-0b8c5f2e-4d1a-4c3b-9e7f-6a5d4c3b2a19"
+    want = [
+        (agent, "CREATE", lock, True), (agent, "UPDATE", lock, True),
+        (agent, "UPDATE", "etcd-medic-controller", False), (agent, "CREATE", "etcd-medic-controller", False),
+        (agent, "UPDATE", "kube-controller-manager", False), (agent, "DELETE", lock, False),
+        (agent, "UPDATE", lock + "-x", False), (agent, "UPDATE", "etcd-medic--" + lock[11:], False),
+        (controller, "UPDATE", "etcd-medic-controller", True), (controller, "CREATE", "etcd-medic-controller", True),
+    ]
+    wrong = [(u.rsplit(":", 1)[1], op, n, ok) for u, op, n, ok in want if ask(u, op, n) != ok]
+    if not ask(agent, "UPDATE", "etcd-medic-controller", {"kubernetes.io/metadata.name": "elsewhere"}) is True:
+        wrong.append("a namespace not the release's is bound")
+    if wrong:
+        sys.exit(f"the agents' lease policy decides wrongly (who, op, name, should admit): {wrong}")
+    print(f"the agents' lease policy (CEL, as the API server runs it): {len(want)} requests decided as they must be")
+
+
 def check(out_dir):
     check_versions()
     stale = []
@@ -282,6 +371,8 @@ def check(out_dir):
         print(f"rendered the chart with {name} values")
         if name == "monitoring":
             check_monitoring(files)
+    check_tls()
+    check_lease_policy()
     refusals()
     lint()
 

@@ -49,3 +49,8 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end }}
 {{- toJson $paths -}}
 {{- end }}
+
+{{/* The agents' serving certificate: the Secret named, or the one the chart makes. */}}
+{{- define "etcd-medic.tlsSecret" -}}
+{{- .Values.agent.tls.secretName | default "etcd-medic-tls" -}}
+{{- end }}

@@ -10,7 +10,11 @@ COPY . .
 RUN cp "$(./scripts/build-release)" /etcd-medic \
  && mkdir -p /rootfs/var/lib/etcd-medic /rootfs/tmp
 
-# Final stage: nothing but the static binary (no shell, no libc, no package manager).
+# etcd itself, the same minor as the Bitnami image's: `etcd-medic rebuild` runs it on a
+# fenced survivor's data (quorum lost). A static Go binary.
+FROM gcr.io/etcd-development/etcd:v3.5.34 AS etcd
+
+# Final stage: nothing but the static binaries (no shell, no libc, no package manager).
 FROM scratch
 ARG VERSION=0.1.0
 ARG REVISION=unknown
@@ -22,6 +26,7 @@ LABEL org.opencontainers.image.title="etcd-medic" \
       org.opencontainers.image.documentation="README.md and deploy/README.md in the source"
 COPY --from=build /rootfs/ /
 COPY --from=build /etcd-medic /etcd-medic
+COPY --from=etcd /usr/local/bin/etcd /usr/local/bin/etcd
 # Root, by necessity: the agent renames files on volumes owned by the workloads' users. The
 # DaemonSet drops every capability but DAC_OVERRIDE and SYS_PTRACE (deploy/README.md).
 USER 0:0

@@ -113,6 +113,30 @@ pub enum Command {
     /// Print the EtcdRemediation CustomResourceDefinition (etcd-medic.io/v1alpha1) as YAML,
     /// as the Helm chart's crds/etcdremediations.yaml holds it.
     Crd,
+    /// Quorum lost: make a one-member cluster of a fenced survivor's data dir on this node
+    /// (etcd --force-new-cluster, then the revision moved past every revision held and all
+    /// before it compacted), verified by starting it once; the pod's etcd then starts it.
+    /// Refuses (NotFenced) while any process uses the data.
+    Rebuild {
+        /// The survivor's data dir on this node (a pod's, or a copy of its quarantine).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The member's name and client URLs, as its pod starts it.
+        #[arg(long)]
+        name: String,
+        #[arg(long = "client-url", required = true)]
+        client_urls: Vec<String>,
+        /// The highest revision another member's db held (`kubectl etcd-medic recover`
+        /// shows them): the cluster starts 1,000,000,000 past it and past the survivor's own.
+        #[arg(long, default_value_t = 0)]
+        held_revision: u64,
+        /// The etcd binary to run (the image's).
+        #[arg(long, default_value = "/usr/local/bin/etcd")]
+        etcd: PathBuf,
+        /// Each start of etcd may take this long to serve.
+        #[arg(long, default_value = "2m", value_parser = parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Put a quarantine back where it came from (refuses while etcd runs on that data).
     Restore {
         /// The quarantine id, as shown by `remediate` and the API (`quarantinePath`).

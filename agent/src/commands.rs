@@ -75,6 +75,18 @@ async fn run(command: Command) -> anyhow::Result<()> {
             let opts = engine.options(&node, dry_run, force)?;
             remediate(&pod, &node, opts).await
         }
+        Command::Rebuild { data_dir, name, client_urls, held_revision, etcd, timeout } => {
+            // The survivor's own revision, read offline: the cluster starts past it too.
+            let vol = crate::host::volume::Volume::open(&data_dir, std::path::Path::new(""))?;
+            let facts = crate::data::facts(&vol, std::path::Path::new(""), crate::data::Depth::Heads)?;
+            let own = facts.db.as_ref().and_then(|d| d.revision).unwrap_or(0);
+            drop(vol);
+            let revision = etcd_medic_core::recover::bumped_revision(own, [held_revision], etcd_medic_core::recover::BUMP);
+            let spec = crate::rebuild::Spec { etcd, data: data_dir, name, client_urls, revision, proc_root: "/proc".into(), timeout };
+            let rebuilt = crate::rebuild::rebuild(&spec).await?;
+            println!("{}", serde_json::to_string_pretty(&rebuilt)?);
+            Ok(())
+        }
         Command::Restore { quarantine_id, force, node } => {
             let failpoint = crate::failpoint::Failpoint::from_env();
             let (_, said) = crate::engine::restore(&node.locator().await?, &node.state_dir, &quarantine_id, force, &failpoint).await?;

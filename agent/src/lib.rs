@@ -21,6 +21,7 @@ pub mod lease;
 pub mod locate;
 pub mod profile;
 pub mod quarantine;
+pub mod rebuild;
 pub mod scope;
 pub mod server;
 pub mod shutdown;

@@ -71,16 +71,71 @@ fn etcd_facts(db: &mut Db, root: u64) -> Result<(Option<u64>, Option<u64>, Optio
     let be = |v: Option<Vec<u8>>| v.and_then(|v| Some(u64::from_be_bytes(v.get(..8)?.try_into().ok()?)));
     let root = db.bucket_root(BucketRef::Page(root))?;
     let (mut consistent_index, mut term, mut revision) = (None, None, None);
-    if let Some(meta_bucket) = db.get(&root, b"meta", true)? {
-        let b = db.bucket_root(bucket_ref(&meta_bucket))?;
+    if let Some((meta_bucket, at)) = db.get_at(&root, b"meta", true)? {
+        let b = db.bucket_root(bucket_ref(&meta_bucket, at))?;
         consistent_index = be(db.get(&b, b"consistent_index", false)?);
         term = be(db.get(&b, b"term", false)?);
     }
-    if let Some(key_bucket) = db.get(&root, b"key", true)? {
-        let b = db.bucket_root(bucket_ref(&key_bucket))?;
+    if let Some((key_bucket, at)) = db.get_at(&root, b"key", true)? {
+        let b = db.bucket_root(bucket_ref(&key_bucket, at))?;
         revision = be(db.last_key(&b)?);
     }
     Ok((consistent_index, term, revision))
+}
+
+/// Where the value of `key` in the top-level bucket `bucket` lies in the db: its file offset
+/// and length, `None` when there is no such key. What an offline edit of one value in place
+/// needs (the rebuild's compaction marks, whose length never changes).
+pub fn locate(
+    size: u64,
+    read_at: &mut dyn FnMut(u64, usize) -> Option<Vec<u8>>,
+    bucket: &[u8],
+    key: &[u8],
+) -> Result<Option<(u64, usize)>, String> {
+    let meta = current_meta(size, read_at).ok_or("no valid meta page (bad magic, version or checksum)")?;
+    let mut db = Db { size, page_size: u64::from(meta.page_size), high_water: meta.pgid, read_at, visited: 0 };
+    let root = db.bucket_root(BucketRef::Page(meta.root))?;
+    let Some((b, at)) = db.get_at(&root, bucket, true)? else { return Ok(None) };
+    let b = db.bucket_root(bucket_ref(&b, at))?;
+    Ok(db.get_at(&b, key, false)?.map(|(v, at)| (at, v.len())))
+}
+
+/// The keys of the top-level bucket `bucket`, in order, at most `max` of them (more is an
+/// error: a bucket that large is not what the caller reads). etcd keeps its members in
+/// bucket `members`, each keyed by its id in hex.
+pub fn keys(size: u64, read_at: &mut dyn FnMut(u64, usize) -> Option<Vec<u8>>, bucket: &[u8], max: usize) -> Result<Vec<Vec<u8>>, String> {
+    let meta = current_meta(size, read_at).ok_or("no valid meta page (bad magic, version or checksum)")?;
+    let mut db = Db { size, page_size: u64::from(meta.page_size), high_water: meta.pgid, read_at, visited: 0 };
+    let root = db.bucket_root(BucketRef::Page(meta.root))?;
+    let Some((b, at)) = db.get_at(&root, bucket, true)? else { return Ok(Vec::new()) };
+    let node = db.bucket_root(bucket_ref(&b, at))?;
+    let mut out = Vec::new();
+    // Depth first, children in order: a stack of pages still to read, the next on top.
+    let mut stack = vec![(node.page, 0usize)];
+    while let Some((page, depth)) = stack.pop() {
+        if depth > MAX_DEPTH {
+            return Err(format!("a tree deeper than {MAX_DEPTH}"));
+        }
+        let (flags, count) = header(&page)?;
+        match flags {
+            LEAF => {
+                for i in 0..count {
+                    if out.len() == max {
+                        return Err(format!("bucket {} holds more than {max} keys", String::from_utf8_lossy(bucket)));
+                    }
+                    out.push(leaf_element(&page, i)?.1.to_vec());
+                }
+            }
+            BRANCH if !node.inline => {
+                let children = (0..count).map(|i| branch_element(&page, i).map(|(_, id)| id)).collect::<Result<Vec<_>, _>>()?;
+                for id in children.into_iter().rev() {
+                    stack.push((db.page(id)?, depth + 1));
+                }
+            }
+            other => return Err(format!("a page of kind {other:#x} where a branch or leaf belongs")),
+        }
+    }
+    Ok(out)
 }
 
 struct Meta {
@@ -128,21 +183,24 @@ fn fnv1a64(b: &[u8]) -> u64 {
     b.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, x| (h ^ u64::from(*x)).wrapping_mul(0x0000_0100_0000_01b3))
 }
 
-/// A bucket: its root page, or its inline page (the bytes after its header in a leaf).
+/// A bucket: its root page, or its inline page (the bytes after its header in a leaf) with
+/// the file offset they start at.
 enum BucketRef {
     Page(u64),
-    Inline(Vec<u8>),
+    Inline(Vec<u8>, u64),
 }
 
-fn bucket_ref(value: &[u8]) -> BucketRef {
+/// The bucket whose header is `value`, found at file offset `at`.
+fn bucket_ref(value: &[u8], at: u64) -> BucketRef {
     let root = value.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))).unwrap_or(0);
-    if root == 0 { BucketRef::Inline(value.get(16..).unwrap_or_default().to_vec()) } else { BucketRef::Page(root) }
+    if root == 0 { BucketRef::Inline(value.get(16..).unwrap_or_default().to_vec(), at + 16) } else { BucketRef::Page(root) }
 }
 
-/// A bucket's root, read: a page, with where it came from.
+/// A bucket's root, read: a page, with where it came from and its file offset.
 struct Node {
     page: Vec<u8>,
     inline: bool,
+    base: u64,
 }
 
 struct Db<'a> {
@@ -156,12 +214,12 @@ struct Db<'a> {
 impl Db<'_> {
     fn bucket_root(&mut self, r: BucketRef) -> Result<Node, String> {
         match r {
-            BucketRef::Page(id) => Ok(Node { page: self.page(id)?, inline: false }),
-            BucketRef::Inline(bytes) => {
+            BucketRef::Page(id) => Ok(Node { page: self.page(id)?, inline: false, base: id * self.page_size }),
+            BucketRef::Inline(bytes, base) => {
                 if bytes.len() < PAGE_HEADER {
                     return Err("an inline bucket shorter than a page header".into());
                 }
-                Ok(Node { page: bytes, inline: true })
+                Ok(Node { page: bytes, inline: true, base })
             }
         }
     }
@@ -194,7 +252,13 @@ impl Db<'_> {
 
     /// The value of `key` in the tree under `node` (a bucket when `bucket`).
     fn get(&mut self, node: &Node, key: &[u8], bucket: bool) -> Result<Option<Vec<u8>>, String> {
-        let mut page = node.page.clone();
+        Ok(self.get_at(node, key, bucket)?.map(|(v, _)| v))
+    }
+
+    /// The value of `key` in the tree under `node` (a bucket when `bucket`), and the file
+    /// offset its bytes start at.
+    fn get_at(&mut self, node: &Node, key: &[u8], bucket: bool) -> Result<Option<(Vec<u8>, u64)>, String> {
+        let (mut page, mut base) = (node.page.clone(), node.base);
         for _ in 0..MAX_DEPTH {
             let (flags, count) = header(&page)?;
             match flags {
@@ -202,7 +266,8 @@ impl Db<'_> {
                     for i in 0..count {
                         let (eflags, k, v) = leaf_element(&page, i)?;
                         if k == key {
-                            return Ok(((eflags & BUCKET_LEAF != 0) == bucket).then(|| v.to_vec()));
+                            let at = base + (v.as_ptr() as usize - page.as_ptr() as usize) as u64;
+                            return Ok(((eflags & BUCKET_LEAF != 0) == bucket).then(|| (v.to_vec(), at)));
                         }
                     }
                     return Ok(None);
@@ -219,7 +284,8 @@ impl Db<'_> {
                             break;
                         }
                     }
-                    page = self.page(child.ok_or("an empty branch page")?)?;
+                    let child = child.ok_or("an empty branch page")?;
+                    (page, base) = (self.page(child)?, child * self.page_size);
                 }
                 other => return Err(format!("a page of kind {other:#x} where a branch or leaf belongs")),
             }
@@ -320,6 +386,11 @@ mod tests {
             }
             let f = read(junk.len() as u64, &mut reader(&junk));
             assert!(f.revision.is_none() || f.verdict == DbVerdict::Sane, "run {n}: {f:?}");
+            // The rebuild's reads: an answer or an error, never past the file.
+            if let Ok(Some((at, len))) = locate(junk.len() as u64, &mut reader(&junk), b"meta", b"finishedCompactRev") {
+                assert!(at as usize + len <= junk.len(), "run {n}: {at}+{len}");
+            }
+            let _ = keys(junk.len() as u64, &mut reader(&junk), b"members", 1000);
         }
         let f = read(0, &mut reader(&[]));
         assert!(matches!(f.verdict, DbVerdict::Corrupt { .. }));

@@ -46,6 +46,9 @@ pub enum Code {
     CorruptData,
     /// Quorum lost and no member has data the cluster can be rebuilt from: restore a backup.
     NoSurvivor,
+    /// Quorum lost: a process still uses a member's data of the cluster being rebuilt (an old
+    /// member alive, which `--force-new-cluster` must never meet); fence it first.
+    NotFenced,
     TooManyRequests,
     NotReady,
     /// No remediation with that id on this node.
@@ -58,7 +61,7 @@ pub enum Code {
 }
 
 impl Code {
-    pub const ALL: [Code; 33] = [
+    pub const ALL: [Code; 34] = [
         Code::InvalidRequest,
         Code::Unauthenticated,
         Code::Forbidden,
@@ -86,6 +89,7 @@ impl Code {
         Code::NotThisMember,
         Code::CorruptData,
         Code::NoSurvivor,
+        Code::NotFenced,
         Code::TooManyRequests,
         Code::NotReady,
         Code::RemediationNotFound,
@@ -108,7 +112,7 @@ impl Code {
             WrongNode => 421,
             PodHealthy | PodRunning | QuorumAtRisk | SoleMember | DataDirNotFound | NotEtcdData | UnsafePath | NotAMount
             | InsufficientSpace | UnsupportedProfile | SplitBrain | UnknownFailure | SelfHealing | ForeignMember | NotThisMember
-            | CorruptData | NoSurvivor => 422,
+            | CorruptData | NoSurvivor | NotFenced => 422,
             TooManyRequests => 429,
             NotReady => 503,
             Internal => 500,
@@ -145,6 +149,7 @@ impl Code {
             NotThisMember => "NotThisMember",
             CorruptData => "CorruptData",
             NoSurvivor => "NoSurvivor",
+            NotFenced => "NotFenced",
             TooManyRequests => "TooManyRequests",
             NotReady => "NotReady",
             RemediationNotFound => "RemediationNotFound",
@@ -185,6 +190,7 @@ impl Code {
             NotThisMember => "The data on the volume is another member's",
             CorruptData => "The member with the most data is corrupt",
             NoSurvivor => "No member has data to rebuild the cluster from",
+            NotFenced => "A member of the cluster being rebuilt still runs",
             TooManyRequests => "Too many requests",
             NotReady => "The agent is not ready",
             RemediationNotFound => "No such remediation on this node",
@@ -303,7 +309,7 @@ mod tests {
         assert_eq!(by_status(404), ["PodNotFound", "PVCNotFound", "PVNotFound", "RemediationNotFound", "NotFound"]);
         assert_eq!(by_status(409), ["PodUIDMismatch", "ClusterLocked"]);
         assert_eq!(by_status(421), ["WrongNode"]);
-        assert_eq!(by_status(422).len(), 17);
+        assert_eq!(by_status(422).len(), 18);
         assert_eq!(Code::PayloadTooLarge.http_status(), 413);
         assert_eq!(Code::TooManyRequests.http_status(), 429);
         assert_eq!(Code::NotReady.http_status(), 503);

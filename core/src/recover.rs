@@ -366,3 +366,50 @@ mod tests {
         assert_ne!(a.facts, moved.facts);
     }
 }
+
+/// How far past every revision the members' dbs held the rebuilt cluster starts (etcd's
+/// docs: `etcdutl snapshot restore --bump-revision 1000000000 --mark-compacted`): past what
+/// any member wrote, read or not, so that watchers and caches see time move forward.
+pub const BUMP: u64 = 1_000_000_000;
+
+/// The revision the rebuilt cluster starts at: `bump` past the highest of the survivor's
+/// `current` revision and every revision a member's db was read to hold.
+pub fn bumped_revision(current: u64, held: impl IntoIterator<Item = u64>, bump: u64) -> u64 {
+    held.into_iter().fold(current, u64::max).saturating_add(bump)
+}
+
+/// A revision as etcd keys it in its db (mvcc's `RevToBytes`): the main revision
+/// big-endian, `_`, the sub revision big-endian. Its compaction marks in bucket `meta`
+/// (`scheduledCompactRev`, `finishedCompactRev`) hold one.
+pub fn revision_bytes(main: u64, sub: u64) -> [u8; 17] {
+    let mut b = [0u8; 17];
+    b[..8].copy_from_slice(&main.to_be_bytes());
+    b[8] = b'_';
+    b[9..].copy_from_slice(&sub.to_be_bytes());
+    b
+}
+
+/// The db's compaction marks, each rewritten from the compacted revision to the bumped one
+/// when a cluster is rebuilt: etcd starts at its finished compaction's revision when that is
+/// past its last key's.
+pub const COMPACTION_MARKS: [&str; 2] = ["scheduledCompactRev", "finishedCompactRev"];
+
+#[cfg(test)]
+mod bump_tests {
+    use super::*;
+
+    #[test]
+    fn the_rebuilt_revision_is_past_every_revision_held() {
+        assert_eq!(bumped_revision(120, [90, 300, 7], BUMP), 300 + BUMP);
+        assert_eq!(bumped_revision(120, [], 10), 130);
+        assert_eq!(bumped_revision(u64::MAX - 1, [], BUMP), u64::MAX, "never wraps");
+    }
+
+    #[test]
+    fn a_revision_is_keyed_as_etcd_keys_it() {
+        let b = revision_bytes(0x0102, 3);
+        assert_eq!(&b[..8], &[0, 0, 0, 0, 0, 0, 1, 2]);
+        assert_eq!(b[8], b'_');
+        assert_eq!(&b[9..], &[0, 0, 0, 0, 0, 0, 0, 3]);
+    }
+}

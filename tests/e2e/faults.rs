@@ -205,6 +205,8 @@ async fn an_oversized_body_sent_without_waiting_still_gets_its_answer() -> Resul
         ..etcd_medic_lab::agent::Serve::new(&lab)
     };
     let agent = etcd_medic_lab::agent::ServedAgent::start(&lab, how).await?;
+    // Ready first: a request before is answered NotReady, whatever its size.
+    agent.wait_ready(Duration::from_secs(30)).await?;
     let body = vec![b'x'; 80 * 1024];
     let mut answered = 0;
     for _ in 0..20 {

@@ -14,6 +14,7 @@ mod kubelet;
 mod locate;
 mod monitoring;
 mod plugin;
+mod recover;
 mod reference_failure;
 mod remediate;
 mod tenancy;

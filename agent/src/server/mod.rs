@@ -181,7 +181,8 @@ impl Agent {
 
     async fn try_ready(&self) -> Result<(Ready, String)> {
         check_state_dir(&self.cfg.engine.state_dir)?;
-        crate::host::processes::can_inspect(&self.cfg.layout.proc_root)?;
+        let proc_root = self.cfg.layout.proc_root.clone();
+        crate::locate::blocking(move || crate::host::processes::can_inspect(&proc_root)).await?;
         let api = KubeApi::from_environment(self.cfg.api_timeout).await?;
         let version = api.ping().await?;
         let auth = match self.cfg.auth {

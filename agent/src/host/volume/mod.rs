@@ -27,6 +27,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 
 use crate::error::{Code, Error, Result};
 
+mod edit;
 mod read;
 mod walk;
 use walk::{Walk, empty_dir, for_each_entry, open_subdir};
@@ -463,6 +464,28 @@ impl Volume {
                 })?;
                 Ok((bytes, files))
             }
+        }
+    }
+
+    /// Refuses (`UnsafePath`) a tree under `rel` that holds anything but directories and
+    /// regular files (a link, a FIFO, a device node, a socket): what a process the agent
+    /// starts on the data (etcd, which follows links) must never meet.
+    pub fn plain_tree(&self, rel: &Path, limits: Limits) -> Result<()> {
+        let mut odd = None;
+        self.walk(rel, limits, &mut |p, e| {
+            if odd.is_none() && !matches!(e.kind, Kind::Dir | Kind::File) {
+                odd = Some((p.to_path_buf(), e.kind));
+            }
+        })?;
+        match odd {
+            None => Ok(()),
+            Some((p, kind)) => Err(Error::new(
+                Code::UnsafePath,
+                format!(
+                    "{} is a {kind:?}: only directories and regular files may be in a data dir etcd is run on",
+                    self.shown(&rel.join(p)).display()
+                ),
+            )),
         }
     }
 

@@ -1,0 +1,273 @@
+//! Quorum lost: a one-member cluster made from the survivor's data dir, offline, where no
+//! process uses the data (the process guard proves it first: `NotFenced`).
+//!
+//! etcd itself does the raft part: started once with `--force-new-cluster`, it removes every
+//! other member by conf changes it commits alone, on loopback ports no peer can reach. The
+//! revision is then moved past every revision any member held, and everything before it
+//! marked compacted, as `etcdutl snapshot restore --bump-revision --mark-compacted` does
+//! (etcdutl is not in the image; etcd is): etcd compacts its current revision, which writes
+//! its two compaction marks into the db's `meta` bucket; stopped, those 17 bytes each are
+//! rewritten in place to the bumped revision (the same length: no page of the db changes
+//! shape), and at its next start etcd takes the finished compaction's revision as its
+//! current one. Watchers and caches of the old cluster then see time move forward, and a
+//! read or watch at an older revision is told it was compacted, never given other data.
+//! The rebuild starts etcd a last time to verify all of it, and stops it: the pod's own etcd
+//! starts the member afterwards, with its own flags.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use etcd_client::{Client, CompactionOptions, GetOptions};
+use etcd_medic_core::recover::{COMPACTION_MARKS, revision_bytes};
+use serde::Serialize;
+
+use crate::error::{Code, Error, Result};
+use crate::host::processes as guard;
+use crate::host::volume::{Limits, Volume};
+
+/// What a rebuild needs.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    /// The etcd binary (the image's; the same minor as the cluster's or newer by one).
+    pub etcd: PathBuf,
+    /// The survivor's data dir on this node.
+    pub data: PathBuf,
+    /// The member's name and the client URLs it advertises (as its pod starts it): etcd
+    /// publishes them into the member list while it runs.
+    pub name: String,
+    pub client_urls: Vec<String>,
+    /// The revision the rebuilt cluster starts at ([`etcd_medic_core::recover::bumped_revision`]).
+    pub revision: u64,
+    /// The host's `/proc`, for the process guard.
+    pub proc_root: PathBuf,
+    /// Each start of etcd may take this long to serve.
+    pub timeout: Duration,
+}
+
+/// What the rebuild made.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Rebuilt {
+    /// The survivor's member id and its cluster's id (both kept), 16 hex digits.
+    pub member_id: String,
+    #[serde(rename = "clusterID")]
+    pub cluster_id: String,
+    /// The members `--force-new-cluster` removed.
+    pub removed: Vec<String>,
+    /// The survivor's revision before, and the one the cluster starts at.
+    pub revision_before: u64,
+    pub revision: u64,
+}
+
+fn hex(id: u64) -> String {
+    format!("{id:016x}")
+}
+
+/// Rebuilds the one-member cluster in `spec.data` (see the module's docs).
+pub async fn rebuild(spec: &Spec) -> Result<Rebuilt> {
+    let (vol, data) = (Volume::open(&spec.data, Path::new(""))?, Path::new(""));
+    for must in ["member/wal", "member/snap/db"] {
+        if vol.entry(&data.join(must))?.is_none() {
+            return Err(Error::new(Code::NotEtcdData, format!("{} has no {must}: no member data to rebuild from", spec.data.display())));
+        }
+    }
+    fenced(&spec.proc_root, &vol)?;
+    // etcd follows links; a data dir etcd is started on holds none.
+    vol.plain_tree(data, Limits::default())?;
+    let members = members_in_db(&vol)?;
+
+    let log = spec.data.parent().unwrap_or(Path::new("/")).join(format!(".etcd-medic-rebuild-{}.log", uuid::Uuid::new_v4().simple()));
+    let mut etcd = Etcd::start(spec, true, &log).await?;
+    let first = async {
+        let mut c = etcd.client().await?;
+        let rev = etcd.one_member(&mut c, spec.timeout).await?;
+        let status = c.status().await.map_err(|e| etcd.failed(&format!("status: {e}")))?;
+        let (cluster_id, member_id) = status.header().map(|h| (h.cluster_id(), h.member_id())).unwrap_or_default();
+        // The compaction writes both marks; `physical` waits until it has run.
+        c.compact(rev, Some(CompactionOptions::new().with_physical())).await.map_err(|e| etcd.failed(&format!("compact {rev}: {e}")))?;
+        Ok::<_, Error>((member_id, cluster_id, rev))
+    }
+    .await;
+    etcd.stop().await?;
+    let (member_id, cluster_id, before) = first?;
+    let removed: Vec<u64> = members.into_iter().filter(|m| *m != member_id).collect();
+    if spec.revision <= before as u64 {
+        return Err(Error::new(Code::Internal, format!("the rebuilt revision {} is not past the survivor's {before}", spec.revision)));
+    }
+    fenced(&spec.proc_root, &vol)?;
+    bump_marks(&vol, before as u64, spec.revision)?;
+    let applied = crate::data::facts(&vol, data, crate::data::Depth::Heads)?.db.and_then(|d| d.consistent_index).unwrap_or(0);
+
+    // Started once more as its pod will start it (no --force-new-cluster): one member, at
+    // the bumped revision, older revisions compacted.
+    let mut etcd = Etcd::start(spec, false, &log).await?;
+    let verified = async {
+        let mut c = etcd.client().await?;
+        let rev = etcd.one_member(&mut c, spec.timeout).await?;
+        if rev as u64 != spec.revision {
+            return Err(etcd.failed(&format!("etcd started at revision {rev}, not the {} written", spec.revision)));
+        }
+        match c.get("etcd-medic/rebuilt", Some(GetOptions::new().with_revision(before))).await {
+            Err(e) if e.to_string().contains("compacted") => Ok(()),
+            other => Err(etcd.failed(&format!("a read at the old revision {before} was not refused as compacted: {other:?}"))),
+        }
+    }
+    .await;
+    etcd.stop().await?;
+    verified?;
+    // The bump is in the db only, not in the raft log: a member added later must get the db
+    // (a raft snapshot), never a replay of the old entries, which would give it the old
+    // revisions. The last start snapshots at once (see `Etcd::start`), so the log etcd
+    // serves from now on begins after the bump.
+    let snapshot = crate::data::facts(&vol, data, crate::data::Depth::Heads)?.wal.map(|w| w.snapshot_index).unwrap_or(0);
+    if snapshot <= applied {
+        return Err(Error::new(
+            Code::Internal,
+            format!(
+                "etcd took no snapshot past index {applied} (its last is at {snapshot}): a member added later would replay the old revisions"
+            ),
+        ));
+    }
+    let _ = std::fs::remove_file(&log);
+    Ok(Rebuilt {
+        member_id: hex(member_id),
+        cluster_id: hex(cluster_id),
+        removed: removed.into_iter().map(hex).collect(),
+        revision_before: before as u64,
+        revision: spec.revision,
+    })
+}
+
+/// The members the survivor's db lists (bucket `members`, keyed by id in hex).
+fn members_in_db(vol: &Volume) -> Result<Vec<u64>> {
+    use std::os::unix::fs::FileExt;
+    let (file, size) =
+        vol.open_file(Path::new("member/snap/db"), 64 << 30)?.ok_or_else(|| Error::new(Code::NotEtcdData, "the survivor has no db"))?;
+    let mut read_at = |off: u64, len: usize| {
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, off).ok().map(|_| buf)
+    };
+    let keys = etcd_medic_core::bolt::keys(size, &mut read_at, b"members", 1000)
+        .map_err(|why| Error::new(Code::CorruptData, format!("the survivor's db: {why}")))?;
+    Ok(keys.iter().filter_map(|k| u64::from_str_radix(std::str::from_utf8(k).ok()?, 16).ok()).collect())
+}
+
+/// No process on the node uses the data (`NotFenced` names them).
+fn fenced(proc_root: &Path, vol: &Volume) -> Result<()> {
+    guard::no_holders(proc_root, vol, Path::new("")).map_err(|e| {
+        if e.code == Code::PodRunning {
+            Error::new(Code::NotFenced, format!("{}; fence every member before a rebuild", e.message))
+        } else {
+            e
+        }
+    })
+}
+
+/// Rewrites both compaction marks of the db from `from` to `to`, each only where it holds
+/// `from` (what the compaction just wrote).
+fn bump_marks(vol: &Volume, from: u64, to: u64) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let db = Path::new("member/snap/db");
+    let (file, size) = vol.open_file(db, 64 << 30)?.ok_or_else(|| Error::new(Code::NotEtcdData, "the db went away during the rebuild"))?;
+    let mut read_at = |off: u64, len: usize| {
+        let mut buf = vec![0u8; len];
+        file.read_exact_at(&mut buf, off).ok().map(|_| buf)
+    };
+    let (old, new) = (revision_bytes(from, 0), revision_bytes(to, 0));
+    for mark in COMPACTION_MARKS {
+        let (at, len) = etcd_medic_core::bolt::locate(size, &mut read_at, b"meta", mark.as_bytes())
+            .map_err(|why| Error::new(Code::CorruptData, format!("the survivor's db after its compaction: {why}")))?
+            .ok_or_else(|| Error::new(Code::Internal, format!("the compaction wrote no {mark}")))?;
+        if len != old.len() {
+            return Err(Error::new(Code::Internal, format!("{mark} is {len} bytes, not a revision's 17")));
+        }
+        vol.rewrite_at(db, at, &old, &new)?;
+    }
+    Ok(())
+}
+
+/// etcd on the survivor's data, on loopback ports of its own.
+struct Etcd {
+    child: tokio::process::Child,
+    url: String,
+    log: PathBuf,
+}
+
+impl Etcd {
+    async fn start(spec: &Spec, force: bool, log: &Path) -> Result<Etcd> {
+        let port = || -> Result<u16> {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Error::new(Code::Internal, format!("no free port: {e}")))?;
+            Ok(l.local_addr().map_err(|e| Error::new(Code::Internal, e.to_string()))?.port())
+        };
+        let (client, peer) = (format!("http://127.0.0.1:{}", port()?), format!("http://127.0.0.1:{}", port()?));
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .map_err(|e| Error::new(Code::Internal, format!("open {}: {e}", log.display())))?;
+        let err = out.try_clone().map_err(|e| Error::new(Code::Internal, e.to_string()))?;
+        let mut cmd = tokio::process::Command::new(&spec.etcd);
+        cmd.arg(format!("--name={}", spec.name))
+            .arg(format!("--data-dir={}", spec.data.display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={}", spec.client_urls.join(",")))
+            .arg(format!("--listen-peer-urls={peer}"))
+            // The first start: every other member removed. The second: a raft snapshot at the
+            // first entries applied (its publish), so that the log starts past the bump.
+            .arg(if force { "--force-new-cluster" } else { "--snapshot-count=1" })
+            .env_clear()
+            .stdin(std::process::Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true);
+        let child = cmd.spawn().map_err(|e| Error::new(Code::Internal, format!("cannot start {}: {e}", spec.etcd.display())))?;
+        Ok(Etcd { child, url: client, log: log.to_path_buf() })
+    }
+
+    /// An error that carries the end of etcd's log.
+    fn failed(&self, what: &str) -> Error {
+        let log = std::fs::read(&self.log).unwrap_or_default();
+        let tail = String::from_utf8_lossy(&log[log.len().saturating_sub(2000)..]).into_owned();
+        Error::new(Code::Internal, format!("rebuilding with etcd: {what}; its log ends: {tail}"))
+    }
+
+    async fn client(&mut self) -> Result<Client> {
+        let opts = etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(Duration::from_secs(10));
+        Client::connect([self.url.as_str()], Some(opts)).await.map_err(|e| self.failed(&format!("connect: {e}")))
+    }
+
+    /// Waits until etcd serves as the only member (what `--force-new-cluster` leaves), and
+    /// answers its revision.
+    async fn one_member(&mut self, c: &mut Client, timeout: Duration) -> Result<i64> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Err(self.failed(&format!("etcd exited ({status})")));
+            }
+            if let (Ok(list), Ok(st)) = (c.member_list().await, c.status().await) {
+                let me = st.header().map(|h| h.member_id()).unwrap_or_default();
+                if list.members().len() == 1 && list.members()[0].id() == me {
+                    return Ok(st.header().map(|h| h.revision()).unwrap_or_default());
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(self.failed(&format!("not serving as the only member within {timeout:?}")));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Stops etcd as its pod would be stopped (SIGTERM: it saves its state), waiting 30 s.
+    async fn stop(mut self) -> Result<()> {
+        if let Some(pid) = self.child.id() {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGTERM);
+        }
+        match tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await {
+            Ok(_) => Ok(()),
+            Err(_) => {
+                let _ = self.child.kill().await;
+                Err(self.failed("it did not stop within 30 s of SIGTERM"))
+            }
+        }
+    }
+}

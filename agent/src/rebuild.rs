@@ -76,8 +76,7 @@ pub async fn rebuild(spec: &Spec) -> Result<Rebuilt> {
     vol.plain_tree(data, Limits::default())?;
     let members = members_in_db(&vol)?;
 
-    let log = spec.data.parent().unwrap_or(Path::new("/")).join(format!(".etcd-medic-rebuild-{}.log", uuid::Uuid::new_v4().simple()));
-    let mut etcd = Etcd::start(spec, true, &log).await?;
+    let mut etcd = Etcd::start(spec, true).await?;
     let first = async {
         let mut c = etcd.client().await?;
         let rev = etcd.one_member(&mut c, spec.timeout).await?;
@@ -100,7 +99,7 @@ pub async fn rebuild(spec: &Spec) -> Result<Rebuilt> {
 
     // Started once more as its pod will start it (no --force-new-cluster): one member, at
     // the bumped revision, older revisions compacted.
-    let mut etcd = Etcd::start(spec, false, &log).await?;
+    let mut etcd = Etcd::start(spec, false).await?;
     let verified = async {
         let mut c = etcd.client().await?;
         let rev = etcd.one_member(&mut c, spec.timeout).await?;
@@ -128,7 +127,6 @@ pub async fn rebuild(spec: &Spec) -> Result<Rebuilt> {
             ),
         ));
     }
-    let _ = std::fs::remove_file(&log);
     Ok(Rebuilt {
         member_id: hex(member_id),
         cluster_id: hex(cluster_id),
@@ -190,22 +188,20 @@ fn bump_marks(vol: &Volume, from: u64, to: u64) -> Result<()> {
 struct Etcd {
     child: tokio::process::Child,
     url: String,
-    log: PathBuf,
+    /// The end of what etcd logged (its stderr), for the errors that quote it.
+    log: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
 }
 
+/// How much of etcd's log an error quotes.
+const LOG_TAIL: usize = 4096;
+
 impl Etcd {
-    async fn start(spec: &Spec, force: bool, log: &Path) -> Result<Etcd> {
+    async fn start(spec: &Spec, force: bool) -> Result<Etcd> {
         let port = || -> Result<u16> {
             let l = std::net::TcpListener::bind("127.0.0.1:0").map_err(|e| Error::new(Code::Internal, format!("no free port: {e}")))?;
             Ok(l.local_addr().map_err(|e| Error::new(Code::Internal, e.to_string()))?.port())
         };
         let (client, peer) = (format!("http://127.0.0.1:{}", port()?), format!("http://127.0.0.1:{}", port()?));
-        let out = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)
-            .map_err(|e| Error::new(Code::Internal, format!("open {}: {e}", log.display())))?;
-        let err = out.try_clone().map_err(|e| Error::new(Code::Internal, e.to_string()))?;
         let mut cmd = tokio::process::Command::new(&spec.etcd);
         cmd.arg(format!("--name={}", spec.name))
             .arg(format!("--data-dir={}", spec.data.display()))
@@ -217,17 +213,30 @@ impl Etcd {
             .arg(if force { "--force-new-cluster" } else { "--snapshot-count=1" })
             .env_clear()
             .stdin(std::process::Stdio::null())
-            .stdout(out)
-            .stderr(err)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
-        let child = cmd.spawn().map_err(|e| Error::new(Code::Internal, format!("cannot start {}: {e}", spec.etcd.display())))?;
-        Ok(Etcd { child, url: client, log: log.to_path_buf() })
+        let mut child = cmd.spawn().map_err(|e| Error::new(Code::Internal, format!("cannot start {}: {e}", spec.etcd.display())))?;
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        if let Some(mut stderr) = child.stderr.take() {
+            let tail = log.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = [0u8; 8192];
+                while let Ok(n @ 1..) = stderr.read(&mut buf).await {
+                    let mut t = tail.lock().unwrap();
+                    t.extend_from_slice(&buf[..n]);
+                    let over = t.len().saturating_sub(LOG_TAIL);
+                    t.drain(..over);
+                }
+            });
+        }
+        Ok(Etcd { child, url: client, log })
     }
 
     /// An error that carries the end of etcd's log.
     fn failed(&self, what: &str) -> Error {
-        let log = std::fs::read(&self.log).unwrap_or_default();
-        let tail = String::from_utf8_lossy(&log[log.len().saturating_sub(2000)..]).into_owned();
+        let tail = String::from_utf8_lossy(&self.log.lock().unwrap()).into_owned();
         Error::new(Code::Internal, format!("rebuilding with etcd: {what}; its log ends: {tail}"))
     }
 

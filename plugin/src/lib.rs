@@ -332,10 +332,16 @@ async fn recovery(kube: &Kube, name: &str, picked: Option<&str>, timeout: Durati
     let sts = kube.call(&format!("StatefulSet {}/{name}", kube.namespace), Code::NotFound, || api.get(name)).await?;
     let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).max(0);
     let (mut evidence, mut notes, mut ready) = (Vec::new(), Vec::new(), 0);
+    // Where each member lives and what it advertises: what the rebuild command needs.
+    let mut whereabouts = std::collections::HashMap::new();
     for i in 0..replicas {
         let pod = format!("{name}-{i}");
         match kube.pod(&pod).await {
-            Ok(p) => ready += usize::from(show::pod_ready(&p)),
+            Ok(p) => {
+                ready += usize::from(show::pod_ready(&p));
+                let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
+                whereabouts.insert(pod.clone(), (node, advertised_client_urls(&p)));
+            }
             Err(e) if e.code == Code::PodNotFound => {
                 notes.push(format!("{pod}: no such pod"));
                 evidence.push(Evidence { pod, facts: None });
@@ -359,7 +365,41 @@ async fn recovery(kube: &Kube, name: &str, picked: Option<&str>, timeout: Durati
         evidence.push(Evidence { pod, facts });
     }
     let choice = choose(&evidence, picked)?;
-    Ok(show::Proposal { stateful_set: name.into(), namespace: kube.namespace.clone(), replicas, ready, choice, notes })
+    let held_revision = choice.ranked.iter().filter(|m| m.pod != choice.survivor).filter_map(|m| m.revision).max().unwrap_or(0);
+    let (survivor_node, survivor_client_urls) = whereabouts.remove(&choice.survivor).unwrap_or_default();
+    Ok(show::Proposal {
+        stateful_set: name.into(),
+        namespace: kube.namespace.clone(),
+        replicas,
+        ready,
+        choice,
+        notes,
+        survivor_node,
+        survivor_client_urls,
+        held_revision,
+    })
+}
+
+/// The client URLs the pod's etcd advertises (`--advertise-client-urls` or
+/// `ETCD_ADVERTISE_CLIENT_URLS`, as Bitnami sets it), `$(VAR)` references left as written.
+fn advertised_client_urls(p: &k8s_openapi::api::core::v1::Pod) -> Vec<String> {
+    let containers = p.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or_default();
+    for c in containers {
+        let args = c.command.iter().flatten().chain(c.args.iter().flatten());
+        let mut it = args.clone();
+        while let Some(a) = it.next() {
+            if let Some(v) = a.strip_prefix("--advertise-client-urls=") {
+                return v.split(',').map(String::from).collect();
+            }
+            if a == "--advertise-client-urls" {
+                return it.next().map(|v| v.split(',').map(String::from).collect()).unwrap_or_default();
+            }
+        }
+        if let Some(v) = c.env.iter().flatten().find(|e| e.name == "ETCD_ADVERTISE_CLIENT_URLS").and_then(|e| e.value.clone()) {
+            return v.split(',').map(String::from).collect();
+        }
+    }
+    Vec::new()
 }
 
 /// A record's name, or the agent's remediation id that a record's status names.

@@ -286,6 +286,11 @@ pub struct Proposal {
     pub choice: etcd_medic_core::recover::Choice,
     /// Members whose files could not be read, and why.
     pub notes: Vec<String>,
+    /// The survivor's node and the client URLs its pod advertises, and the highest
+    /// revision another member's db held: what `etcd-medic rebuild` is given.
+    pub survivor_node: Option<String>,
+    pub survivor_client_urls: Vec<String>,
+    pub held_revision: u64,
 }
 
 /// Whether the pod's Ready condition is true.
@@ -333,10 +338,25 @@ pub fn recovery(p: &Proposal) -> String {
     for n in &p.notes {
         let _ = writeln!(out, "Note         {}", safe(n));
     }
-    out.push_str(
-        "Next         etcd-medic does not rebuild the cluster yet: stop every member (scale the StatefulSet to 0), keep every \
-         volume, start the survivor's data alone (etcd --force-new-cluster), then let the others rejoin one at a time on empty \
-         data (README: \"Quorum lost\")\n",
+    let node = p.survivor_node.as_deref().map_or("<its node>".into(), safe);
+    let urls = if p.survivor_client_urls.is_empty() { "<its client URL>".into() } else { safe(&p.survivor_client_urls.join(",")) };
+    let survivor = safe(&c.survivor);
+    let _ =
+        writeln!(out, "Next         1. note where its data is: the agent on {node}: etcd-medic locate {}/{survivor}", safe(&p.namespace));
+    let _ = writeln!(
+        out,
+        "             2. stop every member, keep every volume: kubectl -n {} scale statefulset {} --replicas 0",
+        safe(&p.namespace),
+        safe(&p.stateful_set)
+    );
+    let _ = writeln!(
+        out,
+        "             3. the agent on {node}: etcd-medic rebuild --data-dir <the host path> --name {survivor} --client-url {urls} --held-revision {}",
+        p.held_revision
+    );
+    let _ = writeln!(
+        out,
+        "             4. scale to 1, then the others back one at a time, each healed on empty data (README: \"Quorum lost\")"
     );
     out
 }

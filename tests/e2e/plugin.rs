@@ -240,6 +240,16 @@ async fn recover_proposes_the_member_with_the_most_data_when_quorum_is_lost() ->
     let table = kubectl_etcd_medic(&lab, &["recover", "apisix-etcd", "-n", "apisix"]).await?;
     assert!(table.stdout.contains(&format!("Survivor     {survivor}: the highest commit index")), "{}", table.stdout);
     assert!(table.stdout.contains("Lost         nothing, as far as the members' data tells"), "{}", table.stdout);
+    // What comes next names the survivor's node, its client URL as its pod advertises it,
+    // and the highest revision another member held.
+    let held = ranked.iter().filter(|m| m["pod"] != survivor.as_str()).filter_map(|m| m["revision"].as_u64()).max().unwrap();
+    let node = p["survivorNode"].as_str().unwrap_or_default();
+    let url = p["survivorClientUrls"][0].as_str().unwrap_or_default();
+    assert!(!node.is_empty() && url.starts_with("http"), "{p:#}");
+    let rebuild = format!(
+        "the agent on {node}: etcd-medic rebuild --data-dir <the host path> --name {survivor} --client-url {url} --held-revision {held}"
+    );
+    assert!(table.stdout.contains(&rebuild), "{rebuild}\n{}", table.stdout);
 
     // A person who would rather start from the member that fell behind sees what is lost.
     let r = kubectl_etcd_medic(&lab, &["recover", "apisix-etcd", "-n", "apisix", "--survivor", "apisix-etcd-2"]).await?;

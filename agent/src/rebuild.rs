@@ -65,6 +65,11 @@ fn hex(id: u64) -> String {
 
 /// Rebuilds the one-member cluster in `spec.data` (see the module's docs).
 pub async fn rebuild(spec: &Spec) -> Result<Rebuilt> {
+    // etcd's revisions are signed: a revision past half their range (what a member's db, which
+    // its tenant wrote, might claim) is refused before anything changes.
+    if spec.revision > (i64::MAX / 2) as u64 {
+        return Err(Error::invalid(format!("revision {} is past what etcd can count from", spec.revision)));
+    }
     let (vol, data) = (Volume::open(&spec.data, Path::new(""))?, Path::new(""));
     for must in ["member/wal", "member/snap/db"] {
         if vol.entry(&data.join(must))?.is_none() {
@@ -75,15 +80,26 @@ pub async fn rebuild(spec: &Spec) -> Result<Rebuilt> {
     // etcd follows links; a data dir etcd is started on holds none.
     vol.plain_tree(data, Limits::default())?;
     let members = members_in_db(&vol)?;
+    if auth_enabled(&vol)? {
+        return Err(Error::new(
+            Code::UnsupportedProfile,
+            "the survivor's etcd has authentication enabled: the rebuild's compaction would be refused after --force-new-cluster ran; not rebuilt",
+        ));
+    }
 
     let mut etcd = Etcd::start(spec, true).await?;
     let first = async {
-        let mut c = etcd.client().await?;
+        let mut c = etcd.client(spec.timeout).await?;
         let rev = etcd.one_member(&mut c, spec.timeout).await?;
         let status = c.status().await.map_err(|e| etcd.failed(&format!("status: {e}")))?;
         let (cluster_id, member_id) = status.header().map(|h| (h.cluster_id(), h.member_id())).unwrap_or_default();
-        // The compaction writes both marks; `physical` waits until it has run.
-        c.compact(rev, Some(CompactionOptions::new().with_physical())).await.map_err(|e| etcd.failed(&format!("compact {rev}: {e}")))?;
+        // The compaction writes both marks; `physical` waits until it has run. "Compacted"
+        // means the last compaction was at this very revision: the marks hold it already.
+        match c.compact(rev, Some(CompactionOptions::new().with_physical())).await {
+            Ok(_) => {}
+            Err(e) if e.to_string().contains("compacted") => {}
+            Err(e) => return Err(etcd.failed(&format!("compact {rev}: {e}"))),
+        }
         Ok::<_, Error>((member_id, cluster_id, rev))
     }
     .await;
@@ -93,15 +109,20 @@ pub async fn rebuild(spec: &Spec) -> Result<Rebuilt> {
     if spec.revision <= before as u64 {
         return Err(Error::new(Code::Internal, format!("the rebuilt revision {} is not past the survivor's {before}", spec.revision)));
     }
+    // Between the starts: still nothing else on the data, still no link in it, and etcd's
+    // own locks held while its db is edited.
     fenced(&spec.proc_root, &vol)?;
+    vol.plain_tree(data, Limits::default())?;
+    let locks = vol.lock(&vol.etcd_lock_files(data)?)?;
     bump_marks(&vol, before as u64, spec.revision)?;
+    drop(locks);
     let applied = crate::data::facts(&vol, data, crate::data::Depth::Heads)?.db.and_then(|d| d.consistent_index).unwrap_or(0);
 
     // Started once more as its pod will start it (no --force-new-cluster): one member, at
     // the bumped revision, older revisions compacted.
     let mut etcd = Etcd::start(spec, false).await?;
     let verified = async {
-        let mut c = etcd.client().await?;
+        let mut c = etcd.client(spec.timeout).await?;
         let rev = etcd.one_member(&mut c, spec.timeout).await?;
         if rev as u64 != spec.revision {
             return Err(etcd.failed(&format!("etcd started at revision {rev}, not the {} written", spec.revision)));
@@ -136,18 +157,33 @@ pub async fn rebuild(spec: &Spec) -> Result<Rebuilt> {
     })
 }
 
-/// The members the survivor's db lists (bucket `members`, keyed by id in hex).
-fn members_in_db(vol: &Volume) -> Result<Vec<u64>> {
+/// The survivor's db, read at offsets: `f(size, read_at)`.
+fn with_db<T>(vol: &Volume, f: impl FnOnce(u64, &mut dyn FnMut(u64, usize) -> Option<Vec<u8>>) -> Result<T>) -> Result<T> {
     use std::os::unix::fs::FileExt;
     let (file, size) =
         vol.open_file(Path::new("member/snap/db"), 64 << 30)?.ok_or_else(|| Error::new(Code::NotEtcdData, "the survivor has no db"))?;
-    let mut read_at = |off: u64, len: usize| {
+    f(size, &mut |off: u64, len: usize| {
         let mut buf = vec![0u8; len];
         file.read_exact_at(&mut buf, off).ok().map(|_| buf)
-    };
-    let keys = etcd_medic_core::bolt::keys(size, &mut read_at, b"members", 1000)
-        .map_err(|why| Error::new(Code::CorruptData, format!("the survivor's db: {why}")))?;
-    Ok(keys.iter().filter_map(|k| u64::from_str_radix(std::str::from_utf8(k).ok()?, 16).ok()).collect())
+    })
+}
+
+/// Whether etcd's authentication is on in the survivor's db (bucket `auth`, `authEnabled` 1).
+fn auth_enabled(vol: &Volume) -> Result<bool> {
+    with_db(vol, |size, read_at| {
+        let at = etcd_medic_core::bolt::locate(size, read_at, b"auth", b"authEnabled")
+            .map_err(|why| Error::new(Code::CorruptData, format!("the survivor's db: {why}")))?;
+        Ok(at.is_some_and(|(at, len)| len == 1 && read_at(at, 1).as_deref() == Some(&[1u8][..])))
+    })
+}
+
+/// The members the survivor's db lists (bucket `members`, keyed by id in hex).
+fn members_in_db(vol: &Volume) -> Result<Vec<u64>> {
+    with_db(vol, |size, read_at| {
+        let keys = etcd_medic_core::bolt::keys(size, read_at, b"members", 1000)
+            .map_err(|why| Error::new(Code::CorruptData, format!("the survivor's db: {why}")))?;
+        Ok(keys.iter().filter_map(|k| u64::from_str_radix(std::str::from_utf8(k).ok()?, 16).ok()).collect())
+    })
 }
 
 /// No process on the node uses the data (`NotFenced` names them).
@@ -164,21 +200,24 @@ fn fenced(proc_root: &Path, vol: &Volume) -> Result<()> {
 /// Rewrites both compaction marks of the db from `from` to `to`, each only where it holds
 /// `from` (what the compaction just wrote).
 fn bump_marks(vol: &Volume, from: u64, to: u64) -> Result<()> {
-    use std::os::unix::fs::FileExt;
     let db = Path::new("member/snap/db");
-    let (file, size) = vol.open_file(db, 64 << 30)?.ok_or_else(|| Error::new(Code::NotEtcdData, "the db went away during the rebuild"))?;
-    let mut read_at = |off: u64, len: usize| {
-        let mut buf = vec![0u8; len];
-        file.read_exact_at(&mut buf, off).ok().map(|_| buf)
-    };
     let (old, new) = (revision_bytes(from, 0), revision_bytes(to, 0));
-    for mark in COMPACTION_MARKS {
-        let (at, len) = etcd_medic_core::bolt::locate(size, &mut read_at, b"meta", mark.as_bytes())
-            .map_err(|why| Error::new(Code::CorruptData, format!("the survivor's db after its compaction: {why}")))?
-            .ok_or_else(|| Error::new(Code::Internal, format!("the compaction wrote no {mark}")))?;
-        if len != old.len() {
-            return Err(Error::new(Code::Internal, format!("{mark} is {len} bytes, not a revision's 17")));
+    // Both found, and both holding `from`, before either is written: never one mark moved
+    // and the other not.
+    let places = with_db(vol, |size, read_at| {
+        let mut places = Vec::new();
+        for mark in COMPACTION_MARKS {
+            let (at, len) = etcd_medic_core::bolt::locate(size, read_at, b"meta", mark.as_bytes())
+                .map_err(|why| Error::new(Code::CorruptData, format!("the survivor's db after its compaction: {why}")))?
+                .ok_or_else(|| Error::new(Code::Internal, format!("the compaction wrote no {mark}")))?;
+            if len != old.len() || read_at(at, len).as_deref() != Some(&old[..]) {
+                return Err(Error::new(Code::Internal, format!("{mark} does not hold the compacted revision {from}")));
+            }
+            places.push(at);
         }
+        Ok(places)
+    })?;
+    for at in places {
         vol.rewrite_at(db, at, &old, &new)?;
     }
     Ok(())
@@ -216,6 +255,16 @@ impl Etcd {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
+        // etcd (with --force-new-cluster, as root) never outlives the agent, however it ends.
+        // SAFETY: prctl only, between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         let mut child = cmd.spawn().map_err(|e| Error::new(Code::Internal, format!("cannot start {}: {e}", spec.etcd.display())))?;
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         if let Some(mut stderr) = child.stderr.take() {
@@ -240,8 +289,10 @@ impl Etcd {
         Error::new(Code::Internal, format!("rebuilding with etcd: {what}; its log ends: {tail}"))
     }
 
-    async fn client(&mut self) -> Result<Client> {
-        let opts = etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(Duration::from_secs(10));
+    async fn client(&mut self, timeout: Duration) -> Result<Client> {
+        // A physical compaction of a large history takes as long as it takes, within the
+        // rebuild's own bound.
+        let opts = etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_secs(2)).with_timeout(timeout);
         Client::connect([self.url.as_str()], Some(opts)).await.map_err(|e| self.failed(&format!("connect: {e}")))
     }
 

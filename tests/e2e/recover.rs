@@ -120,3 +120,26 @@ fn a_data_dir_with_a_link_is_never_given_to_etcd() -> Result<()> {
     assert_eq!(e.code, Code::NotEtcdData, "{e}");
     Ok(())
 }
+
+/// A survivor whose etcd has authentication on is told so before etcd is started on it (its
+/// db says it), never left rebuilt halfway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_survivor_with_authentication_on_is_refused_before_anything_changes() -> Result<()> {
+    let mut c = EtcdCluster::start(1).await?;
+    c.put("/apisix/routes/1", "r").await?;
+    let mut client = c.client().await?;
+    client.user_add("root", "s3cret", None).await?;
+    client.user_grant_role("root", "root").await?;
+    client.auth_enable().await?;
+    c.stop(0).await;
+    // Every file's bytes, before and after.
+    let bytes = |dir: &Path| -> Vec<(std::path::PathBuf, Vec<u8>)> {
+        etcd_medic_lab::agent::tree(dir).into_iter().map(|(p, _)| (p.clone(), std::fs::read(dir.join(&p)).unwrap_or_default())).collect()
+    };
+    let before = bytes(&c.data_dir(0));
+    let e = rebuild(&spec(&c, 0, BUMP)).await.unwrap_err();
+    assert_eq!(e.code, Code::UnsupportedProfile, "{e}");
+    assert!(e.message.contains("authentication"), "{e}");
+    assert!(bytes(&c.data_dir(0)) == before, "nothing changed");
+    Ok(())
+}

@@ -9,12 +9,13 @@ use crate::locate::{Locator, blocking};
 use crate::quarantine;
 use etcd_medic_core::contract::{QuarantineState, Remediation, Step};
 
-/// A remediation whose Membership step ran removed the member the quarantined data belongs
-/// to and added the pod again under a new id: put back, that data is a removed member's
-/// (etcd refuses to start it), and the new entry stays a voter that never comes up. The
-/// journal says so, whatever the cluster answers now; only a person's `force` goes on.
+/// A remediation whose Membership step started may have removed the member the quarantined
+/// data belongs to (it removes first, then adds the pod again under a new id; a failure or a
+/// crash after the removal leaves no Done): put back, that data would be a removed member's
+/// (etcd refuses to start it), and a new entry a voter that never comes up. The journal
+/// says the step started, whatever the cluster answers now; only a person's `force` goes on.
 pub fn membership_gate(r: &Remediation, force: bool) -> Result<()> {
-    let changed = r.steps.iter().any(|s| s.name == Step::Membership && s.done());
+    let changed = r.steps.iter().any(|s| s.name == Step::Membership);
     if !changed || force {
         return Ok(());
     }
@@ -22,7 +23,7 @@ pub fn membership_gate(r: &Remediation, force: bool) -> Result<()> {
     Err(Error::new(
         Code::QuorumAtRisk,
         format!(
-            "remediation {} removed member {} from the cluster and added the pod again under a new id: its data put back would be a removed member's, which etcd refuses to start, and the new entry a voter down; restore with force only to mend membership by hand",
+            "remediation {} changed membership (member {} removed, the pod added again under a new id, or the step cut short): its data put back would be a removed member's, which etcd refuses to start, and a new entry a voter down; restore with force only to mend membership by hand",
             r.id,
             old.as_deref().unwrap_or("(its old id)")
         ),
@@ -71,10 +72,10 @@ pub async fn restore(locator: &Locator, state_dir: &Path, id: &str, force: bool,
 mod tests {
     use super::*;
 
-    /// A remediation whose steps ended as `steps` say (`Done` or a code).
+    /// A remediation whose steps ended as `steps` say (`Done`, a code, or "" for one cut short).
     fn ran(steps: &[(&str, &str)]) -> Remediation {
         let steps: Vec<_> =
-            steps.iter().map(|(name, outcome)| serde_json::json!({"name": name, "start": "", "outcome": outcome, "message": ""})).collect();
+            steps.iter().map(|(name, outcome)| serde_json::json!({"name": name, "start": "", "outcome": (!outcome.is_empty()).then_some(outcome), "message": ""})).collect();
         serde_json::from_value(serde_json::json!({
             "id": "r1", "namespace": "apisix", "pod": "apisix-etcd-0", "podUID": null, "node": "n1", "phase": "Succeeded",
             "step": null, "plan": null, "quarantinePath": null, "steps": steps, "error": null, "createdAt": "", "finishedAt": null
@@ -86,8 +87,10 @@ mod tests {
     fn data_of_a_member_removed_and_added_again_goes_back_only_with_force() {
         let quarantined = ran(&[("Check", "Done"), ("Quarantine", "Done")]);
         assert!(membership_gate(&quarantined, false).is_ok(), "membership untouched: the old member is still the cluster's");
-        let failed_at_membership = ran(&[("Quarantine", "Done"), ("Membership", "QuorumAtRisk")]);
-        assert!(membership_gate(&failed_at_membership, false).is_ok(), "a membership step that failed changed nothing");
+        // A step that failed, or was cut short, may have removed the member already.
+        for cut in [ran(&[("Quarantine", "Done"), ("Membership", "QuorumAtRisk")]), ran(&[("Quarantine", "Done"), ("Membership", "")])] {
+            assert_eq!(membership_gate(&cut, false).unwrap_err().code, Code::QuorumAtRisk);
+        }
         let healed = ran(&[("Quarantine", "Done"), ("Membership", "Done"), ("Verify", "Done")]);
         assert_eq!(membership_gate(&healed, false).unwrap_err().code, Code::QuorumAtRisk);
         assert!(membership_gate(&healed, true).is_ok());

@@ -76,7 +76,8 @@ async fn main() -> Result<()> {
     lab.drain_member(1).await?;
     // The replacement's first crash, as the kubelet reports it.
     let crashed = loop {
-        let pod = lab.set.pod(1)?;
+        // Between the old pod's deletion and its replacement's creation there is no pod.
+        let pod = lab.set.pod(1).unwrap_or_default();
         let message = termination_message(&pod);
         if pod["metadata"]["uid"] != old_uid.as_str() && message.contains("member not found") {
             p.step(&format!("apisix-etcd-1 crashed ({}); its termination message:", container_state(&pod)));

@@ -71,7 +71,7 @@ async fn two_volumes_lost_the_survivor_rebuilds_the_cluster_with_every_key_and_t
     c.wait_healthy(0).await?;
     let members = c.members().await?;
     assert_eq!(members.len(), 1, "{members:?}");
-    assert_eq!(etcd_medic_lab::etcd::format_id(members[0].id), rebuilt.member_id);
+    assert_eq!(u64::from_str_radix(&rebuilt.member_id, 16)?, members[0].id, "{rebuilt:?}");
     let mut client = c.client().await?;
     let all = client.get("/apisix/routes/", Some(etcd_client::GetOptions::new().with_prefix())).await?;
     assert_eq!(all.kvs().len(), KEYS, "every key the survivor held");

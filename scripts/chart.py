@@ -123,9 +123,7 @@ def render(values, namespace=NAMESPACE):
     """{file name: text} for one install, the CRD included (Helm applies crds/ first)."""
     with helm.Chart.load(str(CHART)) as chart:
         out = chart.render(values, name="etcd-medic", namespace=namespace, is_install=True)
-        files = {}
-        for crd in chart.crds:
-            files["crd.yaml"] = crd["data"]
+        files = {"crd.yaml": "---\n".join(crd["data"] for crd in chart.crds)} if chart.crds else {}
     for path, text in out.items():
         name = path.split("/templates/", 1)[1]
         if name.endswith(".txt") or not text.strip():
@@ -295,9 +293,11 @@ def admitted(policy, binding, request, namespace_labels):
 
     env = celpy.Environment()
     res = request["resource"]
+    # A rule for `etcdrecoveries` does not match its `status` subresource.
+    resource = res["resource"] + (f"/{request['subResource']}" if request.get("subResource") else "")
     rules = policy["spec"]["matchConstraints"]["resourceRules"]
     hit = lambda want, got: "*" in want or got in want
-    if not any(hit(r["apiGroups"], res["group"]) and hit(r["resources"], res["resource"]) and hit(r["operations"], request["operation"]) for r in rules):
+    if not any(hit(r["apiGroups"], res["group"]) and hit(r["resources"], resource) and hit(r["operations"], request["operation"]) for r in rules):
         return True
     sel = binding["spec"].get("matchResources", {}).get("namespaceSelector", {}).get("matchLabels", {})
     if any(namespace_labels.get(k) != v for k, v in sel.items()):
@@ -310,17 +310,53 @@ def admitted(policy, binding, request, namespace_labels):
     return all(run(v["expression"]) for v in policy["spec"]["validations"])
 
 
+def policy_of(name, namespace):
+    """The rendered ValidatingAdmissionPolicy `name` and its binding, which must deny by it."""
+    import yaml
+
+    docs = [d for text in render({}, namespace=namespace).values() for d in yaml.safe_load_all(text) if d]
+    named = lambda kind: next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
+    policy, binding = named("ValidatingAdmissionPolicy"), named("ValidatingAdmissionPolicyBinding")
+    if binding["spec"]["policyName"] != name or binding["spec"]["validationActions"] != ["Deny"]:
+        sys.exit(f"{name}'s binding does not deny by it: {binding['spec']}")
+    return policy, binding
+
+
+def check_approval_policy(namespace="ops"):
+    """Quorum recoveries: the shipped admission policy admits an approval only under the
+    requesting user's own name, in every namespace, and leaves an approval made alone."""
+    policy, binding = policy_of(f"etcd-medic-recovery-approval.{namespace}", namespace)
+    approval = lambda by: {"approval": {"by": by, "facts": "ab92b1ea0ff43f8f"}} if by else {}
+    controller = f"system:serviceaccount:{namespace}:etcd-medic-controller"
+
+    def ask(user, op, old_by, new_by, sub=None, where="apisix"):
+        record = lambda by: {"apiVersion": "etcd-medic.io/v1alpha1", "kind": "EtcdRecovery",
+                             "metadata": {"name": "apisix-etcd", "namespace": where}, "spec": {"statefulSet": "apisix-etcd", **approval(by)}}
+        req = {"operation": op, "userInfo": {"username": user}, "namespace": where, "name": "apisix-etcd", "subResource": sub,
+               "resource": {"group": "etcd-medic.io", "version": "v1alpha1", "resource": "etcdrecoveries"},
+               "object": record(new_by), "oldObject": None if op == "CREATE" else record(old_by)}
+        return admitted(policy, binding, req, {"kubernetes.io/metadata.name": where})
+
+    want = [
+        ("alice", "UPDATE", None, "alice", None, True), ("alice", "CREATE", None, "alice", None, True),
+        ("mallory", "UPDATE", None, "alice", None, False), ("mallory", "CREATE", None, "alice", None, False),
+        ("mallory", "UPDATE", "bob", "alice", None, False), ("alice", "UPDATE", None, "alice ", None, False),
+        (controller, "UPDATE", "alice", "alice", None, True), (controller, "UPDATE", "alice", "alice", "status", True),
+        ("mallory", "UPDATE", None, None, None, True), ("bob", "CREATE", None, None, None, True),
+    ]
+    wrong = [(u, op, old, new, sub, ok) for u, op, old, new, sub, ok in want if ask(u, op, old, new, sub) != ok]
+    if ask("mallory", "UPDATE", None, "alice", where="tenant-b") is not False:
+        wrong.append("an approval in another namespace is not held to its user")
+    if wrong:
+        sys.exit(f"the recovery approval policy decides wrongly (who, op, approved before, approved after, subresource, should admit): {wrong}")
+    print(f"the recovery approval policy (CEL, as the API server runs it): {len(want) + 1} requests decided as they must be")
+
+
 def check_lease_policy(namespace="ops"):
     """The agents' Leases: the shipped admission policy, evaluated as the API server would,
     refuses the agents the controller's leader Lease and anything not a cluster's lock, and
     leaves the controller's own Lease to it."""
-    import yaml
-
-    docs = [d for text in render({}, namespace=namespace).values() for d in yaml.safe_load_all(text) if d]
-    policy = next(d for d in docs if d["kind"] == "ValidatingAdmissionPolicy")
-    binding = next(d for d in docs if d["kind"] == "ValidatingAdmissionPolicyBinding")
-    if binding["spec"]["policyName"] != policy["metadata"]["name"] or binding["spec"]["validationActions"] != ["Deny"]:
-        sys.exit(f"the lease policy's binding does not deny by it: {binding['spec']}")
+    policy, binding = policy_of(f"etcd-medic-agent-leases.{namespace}", namespace)
     agent, controller = f"system:serviceaccount:{namespace}:etcd-medic", f"system:serviceaccount:{namespace}:etcd-medic-controller"
     labels = {"kubernetes.io/metadata.name": namespace}
 
@@ -373,6 +409,7 @@ def check(out_dir):
             check_monitoring(files)
     check_tls()
     check_lease_policy()
+    check_approval_policy()
     refusals()
     lint()
 

@@ -68,7 +68,8 @@ async fn run(command: Command) -> anyhow::Result<()> {
             crate::controller::run(args.config()?, shutdown).await
         }
         Command::Crd => {
-            print!("{}", etcd_medic_client::crd::crd_yaml());
+            // Both CRDs, as `kubectl apply -f -` takes them.
+            print!("{}---\n{}", etcd_medic_client::crd::crd_yaml(), etcd_medic_client::recovery::crd_yaml());
             Ok(())
         }
         Command::Remediate { pod, node, dry_run, force, engine } => {

@@ -18,6 +18,7 @@
 
 pub mod crd;
 pub mod discover;
+pub mod recovery;
 pub mod retry;
 
 use std::time::Duration;

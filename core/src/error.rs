@@ -49,6 +49,10 @@ pub enum Code {
     /// Quorum lost: a process still uses a member's data of the cluster being rebuilt (an old
     /// member alive, which `--force-new-cluster` must never meet); fence it first.
     NotFenced,
+    /// Quorum lost: the approval names facts other than those the members' data gives now
+    /// (a member came back, wrote, or lost its volume since the plan was shown); the new plan
+    /// is shown and must be approved again.
+    PlanChanged,
     TooManyRequests,
     NotReady,
     /// No remediation with that id on this node.
@@ -61,7 +65,7 @@ pub enum Code {
 }
 
 impl Code {
-    pub const ALL: [Code; 34] = [
+    pub const ALL: [Code; 35] = [
         Code::InvalidRequest,
         Code::Unauthenticated,
         Code::Forbidden,
@@ -90,6 +94,7 @@ impl Code {
         Code::CorruptData,
         Code::NoSurvivor,
         Code::NotFenced,
+        Code::PlanChanged,
         Code::TooManyRequests,
         Code::NotReady,
         Code::RemediationNotFound,
@@ -107,7 +112,7 @@ impl Code {
             Forbidden => 403,
             PodNotFound | PVCNotFound | PVNotFound | RemediationNotFound | NotFound => 404,
             MethodNotAllowed => 405,
-            PodUIDMismatch | ClusterLocked => 409,
+            PodUIDMismatch | ClusterLocked | PlanChanged => 409,
             PayloadTooLarge => 413,
             WrongNode => 421,
             PodHealthy | PodRunning | QuorumAtRisk | SoleMember | DataDirNotFound | NotEtcdData | UnsafePath | NotAMount
@@ -150,6 +155,7 @@ impl Code {
             CorruptData => "CorruptData",
             NoSurvivor => "NoSurvivor",
             NotFenced => "NotFenced",
+            PlanChanged => "PlanChanged",
             TooManyRequests => "TooManyRequests",
             NotReady => "NotReady",
             RemediationNotFound => "RemediationNotFound",
@@ -191,6 +197,7 @@ impl Code {
             CorruptData => "The member with the most data is corrupt",
             NoSurvivor => "No member has data to rebuild the cluster from",
             NotFenced => "A member of the cluster being rebuilt still runs",
+            PlanChanged => "The members' data changed since the plan was shown",
             TooManyRequests => "Too many requests",
             NotReady => "The agent is not ready",
             RemediationNotFound => "No such remediation on this node",
@@ -307,7 +314,7 @@ mod tests {
     fn statuses_follow_the_contract() {
         let by_status = |s: u16| Code::ALL.iter().filter(|c| c.http_status() == s).map(|c| c.as_str()).collect::<Vec<_>>();
         assert_eq!(by_status(404), ["PodNotFound", "PVCNotFound", "PVNotFound", "RemediationNotFound", "NotFound"]);
-        assert_eq!(by_status(409), ["PodUIDMismatch", "ClusterLocked"]);
+        assert_eq!(by_status(409), ["PodUIDMismatch", "ClusterLocked", "PlanChanged"]);
         assert_eq!(by_status(421), ["WrongNode"]);
         assert_eq!(by_status(422).len(), 18);
         assert_eq!(Code::PayloadTooLarge.http_status(), 413);

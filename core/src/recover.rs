@@ -51,7 +51,7 @@ impl Facts {
 }
 
 /// One member as the choice saw it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Candidate {
     pub pod: String,
@@ -70,7 +70,7 @@ pub struct Candidate {
 }
 
 /// What a member holds that the survivor lacks.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Loss {
     pub pod: String,
@@ -82,7 +82,7 @@ pub struct Loss {
 }
 
 /// The member the cluster is rebuilt from, and why.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Choice {
     pub survivor: String,

@@ -116,6 +116,11 @@ pub enum Command {
         /// The member a person chooses instead of the best (the plan says what it loses).
         #[arg(long)]
         survivor: Option<String>,
+        /// Approve the plan whose facts have this digest (the `Facts` line shown): the plan
+        /// is read again and refused (PlanChanged) when the facts give another. Recorded
+        /// with your name as the API server knows it.
+        #[arg(long, value_name = "FACTS")]
+        approve: Option<String>,
         /// How long to wait for each member's answer.
         #[arg(long, default_value = "2m", value_parser = parse_duration)]
         timeout: Duration,

@@ -6,6 +6,7 @@
 //! asked outcome was reached, else the class of the error's stable code.
 
 mod cli;
+mod recover;
 mod show;
 
 use std::process::ExitCode;
@@ -192,7 +193,7 @@ fn verdict(cr: &EtcdRemediation, want: &[&str]) -> u8 {
     show::error_of(cr).exit_code()
 }
 
-fn print(out: Output, value: &impl serde::Serialize, table: impl FnOnce() -> String) -> Result<()> {
+pub(crate) fn print(out: Output, value: &impl serde::Serialize, table: impl FnOnce() -> String) -> Result<()> {
     let text = match out {
         Output::Table => table(),
         Output::Json => serde_json::to_string_pretty(value).map_err(|e| Error::new(Code::Internal, e.to_string()))? + "\n",
@@ -299,10 +300,8 @@ async fn run(cli: Cli) -> Result<u8> {
             print(out, &json!({"clusterID": s.cluster_id, "members": s.members}), || show::members(&s))?;
             Ok(0)
         }
-        Command::Recover { statefulset, survivor, timeout } => {
-            let proposal = recovery(&kube, &statefulset, survivor.as_deref(), timeout).await?;
-            print(out, &proposal, || show::recovery(&proposal))?;
-            Ok(0)
+        Command::Recover { statefulset, survivor, approve, timeout } => {
+            recover::run(&kube, out, &statefulset, survivor.as_deref(), approve.as_deref(), timeout).await
         }
         Command::Inspect { pod, timeout } => {
             let cr = forced_dry_run(&kube, pod, "inspect", timeout).await?;
@@ -316,90 +315,11 @@ async fn run(cli: Cli) -> Result<u8> {
 
 /// A dry run that changes nothing, so force is harmless: it lets the check reach the
 /// volume and etcd for a pod that does not look failing. Followed to its end.
-async fn forced_dry_run(kube: &Kube, pod: String, what: &str, timeout: Duration) -> Result<EtcdRemediation> {
+pub(crate) async fn forced_dry_run(kube: &Kube, pod: String, what: &str, timeout: Duration) -> Result<EtcdRemediation> {
     let spec =
         EtcdRemediationSpec { pod, dry_run: true, force: true, reason: Some(format!("kubectl etcd-medic {what}")), ..Default::default() };
     let cr = kube.ask(spec, what).await?;
     kube.follow(&cr.name_any(), timeout, false, ended).await
-}
-
-/// The survivor `recover` proposes for StatefulSet `name`: each member's files as the agent
-/// on its node reads them (a forced dry run; a pod that is gone, or whose agent does not
-/// answer in time, has none), then `etcd_medic_core::recover::choose`.
-async fn recovery(kube: &Kube, name: &str, picked: Option<&str>, timeout: Duration) -> Result<show::Proposal> {
-    use etcd_medic_core::recover::{Evidence, choose};
-    let api: Api<k8s_openapi::api::apps::v1::StatefulSet> = Api::namespaced(kube.client.clone(), &kube.namespace);
-    let sts = kube.call(&format!("StatefulSet {}/{name}", kube.namespace), Code::NotFound, || api.get(name)).await?;
-    let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).max(0);
-    let (mut evidence, mut notes, mut ready) = (Vec::new(), Vec::new(), 0);
-    // Where each member lives and what it advertises: what the rebuild command needs.
-    let mut whereabouts = std::collections::HashMap::new();
-    for i in 0..replicas {
-        let pod = format!("{name}-{i}");
-        match kube.pod(&pod).await {
-            Ok(p) => {
-                ready += usize::from(show::pod_ready(&p));
-                let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
-                whereabouts.insert(pod.clone(), (node, advertised_client_urls(&p)));
-            }
-            Err(e) if e.code == Code::PodNotFound => {
-                notes.push(format!("{pod}: no such pod"));
-                evidence.push(Evidence { pod, facts: None });
-                continue;
-            }
-            Err(e) => return Err(e),
-        }
-        let facts = match forced_dry_run(kube, pod.clone(), "recover", timeout).await {
-            Ok(cr) => {
-                let data = cr.status.as_ref().and_then(|s| s.data.as_ref());
-                if data.is_none() {
-                    notes.push(format!("{pod}: its files were not read ({})", show::error_of(&cr).message));
-                }
-                data.and_then(|d| d.facts())
-            }
-            Err(e) => {
-                notes.push(format!("{pod}: {}", e.message));
-                None
-            }
-        };
-        evidence.push(Evidence { pod, facts });
-    }
-    let choice = choose(&evidence, picked)?;
-    let held_revision = choice.ranked.iter().filter(|m| m.pod != choice.survivor).filter_map(|m| m.revision).max().unwrap_or(0);
-    let (survivor_node, survivor_client_urls) = whereabouts.remove(&choice.survivor).unwrap_or_default();
-    Ok(show::Proposal {
-        stateful_set: name.into(),
-        namespace: kube.namespace.clone(),
-        replicas,
-        ready,
-        choice,
-        notes,
-        survivor_node,
-        survivor_client_urls,
-        held_revision,
-    })
-}
-
-/// The client URLs the pod's etcd advertises (`--advertise-client-urls` or
-/// `ETCD_ADVERTISE_CLIENT_URLS`, as Bitnami sets it), `$(VAR)` references left as written.
-fn advertised_client_urls(p: &k8s_openapi::api::core::v1::Pod) -> Vec<String> {
-    let containers = p.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or_default();
-    for c in containers {
-        let args = c.command.iter().flatten().chain(c.args.iter().flatten());
-        let mut it = args.clone();
-        while let Some(a) = it.next() {
-            if let Some(v) = a.strip_prefix("--advertise-client-urls=") {
-                return v.split(',').map(String::from).collect();
-            }
-            if a == "--advertise-client-urls" {
-                return it.next().map(|v| v.split(',').map(String::from).collect()).unwrap_or_default();
-            }
-        }
-        if let Some(v) = c.env.iter().flatten().find(|e| e.name == "ETCD_ADVERTISE_CLIENT_URLS").and_then(|e| e.value.clone()) {
-            return v.split(',').map(String::from).collect();
-        }
-    }
-    Vec::new()
 }
 
 /// A record's name, or the agent's remediation id that a record's status names.

@@ -274,23 +274,33 @@ pub fn inspect(cr: &EtcdRemediation, d: &DataStatus) -> String {
     out
 }
 
-/// What `recover` proposes.
+/// What `recover` shows: the record's plan, where it stands, and who approved it.
 #[derive(Debug, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Proposal {
     pub stateful_set: String,
     pub namespace: String,
-    pub replicas: i32,
-    /// Pods Ready when asked: a majority Ready means the cluster may well have quorum.
-    pub ready: usize,
-    pub choice: etcd_medic_core::recover::Choice,
-    /// Members whose files could not be read, and why.
-    pub notes: Vec<String>,
-    /// The survivor's node and the client URLs its pod advertises, and the highest
-    /// revision another member's db held: what `etcd-medic rebuild` is given.
-    pub survivor_node: Option<String>,
-    pub survivor_client_urls: Vec<String>,
-    pub held_revision: u64,
+    pub phase: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<etcd_medic_client::recovery::Approval>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    #[serde(flatten)]
+    pub plan: etcd_medic_client::recovery::Plan,
+}
+
+impl Proposal {
+    pub fn of(name: &str, namespace: &str, r: &etcd_medic_client::recovery::EtcdRecovery) -> Proposal {
+        let s = r.status.clone().unwrap_or_default();
+        Proposal {
+            stateful_set: name.into(),
+            namespace: namespace.into(),
+            phase: s.phase.unwrap_or_else(|| "Proposed".into()),
+            approval: r.spec.approval.clone(),
+            message: s.message,
+            plan: s.plan.unwrap_or_default(),
+        }
+    }
 }
 
 /// Whether the pod's Ready condition is true.
@@ -300,14 +310,18 @@ pub fn pod_ready(p: &k8s_openapi::api::core::v1::Pod) -> bool {
 
 /// `recover`: the survivor and why, every member's facts, what is lost, what comes next.
 pub fn recovery(p: &Proposal) -> String {
-    let c = &p.choice;
+    let (c, plan) = (&p.plan.choice, &p.plan);
     let mut out = String::new();
-    let _ = writeln!(out, "StatefulSet  {}/{} ({} of {} pods Ready)", safe(&p.namespace), safe(&p.stateful_set), p.ready, p.replicas);
-    if p.ready as i32 > p.replicas / 2 {
+    let _ = writeln!(out, "StatefulSet  {}/{} ({} of {} pods Ready)", safe(&p.namespace), safe(&p.stateful_set), plan.ready, plan.replicas);
+    if plan.ready > plan.replicas / 2 {
         out.push_str(
             "Warning      a majority of the pods is Ready: the cluster may well have quorum; recover only a cluster that lost it
 ",
         );
+    }
+    let _ = writeln!(out, "Phase        {}", safe(&p.phase));
+    if let Some(a) = &p.approval {
+        let _ = writeln!(out, "Approved     by {} for facts {}", safe(&a.by), safe(&a.facts));
     }
     let _ = writeln!(out, "Survivor     {}: {}", safe(&c.survivor), safe(&c.why));
     let _ = writeln!(out, "Facts        {}", c.facts);
@@ -335,11 +349,11 @@ pub fn recovery(p: &Proposal) -> String {
             let _ = writeln!(out, "Lost         {}", safe(&l.describe()));
         }
     }
-    for n in &p.notes {
+    for n in &plan.notes {
         let _ = writeln!(out, "Note         {}", safe(n));
     }
-    let node = p.survivor_node.as_deref().map_or("<its node>".into(), safe);
-    let urls = if p.survivor_client_urls.is_empty() { "<its client URL>".into() } else { safe(&p.survivor_client_urls.join(",")) };
+    let node = plan.survivor_node.as_deref().map_or("<its node>".into(), safe);
+    let urls = if plan.survivor_client_urls.is_empty() { "<its client URL>".into() } else { safe(&plan.survivor_client_urls.join(",")) };
     let survivor = safe(&c.survivor);
     let _ =
         writeln!(out, "Next         1. note where its data is: the agent on {node}: etcd-medic locate {}/{survivor}", safe(&p.namespace));
@@ -352,12 +366,15 @@ pub fn recovery(p: &Proposal) -> String {
     let _ = writeln!(
         out,
         "             3. the agent on {node}: etcd-medic rebuild --data-dir <the host path> --name {survivor} --client-url {urls} --held-revision {}",
-        p.held_revision
+        plan.held_revision
     );
     let _ = writeln!(
         out,
         "             4. scale to 1, then the others back one at a time, each healed on empty data (README: \"Quorum lost\")"
     );
+    if let Some(m) = &p.message {
+        let _ = writeln!(out, "Then         {}", safe(m));
+    }
     out
 }
 

@@ -244,7 +244,9 @@ async fn recover_proposes_the_member_with_the_most_data_when_quorum_is_lost() ->
     // and the highest revision another member held.
     let held = ranked.iter().filter(|m| m["pod"] != survivor.as_str()).filter_map(|m| m["revision"].as_u64()).max().unwrap();
     let node = p["survivorNode"].as_str().unwrap_or_default();
-    let url = p["survivorClientUrls"][0].as_str().unwrap_or_default();
+    let url = p["survivorClientURLs"][0].as_str().unwrap_or_default();
+    let shown = p["choice"]["facts"].as_str().unwrap_or_default().to_string();
+    assert_eq!(p["phase"], "AwaitingApproval", "the plan is recorded, awaiting a person: {p:#}");
     assert!(!node.is_empty() && url.starts_with("http"), "{p:#}");
     let rebuild = format!(
         "the agent on {node}: etcd-medic rebuild --data-dir <the host path> --name {survivor} --client-url {url} --held-revision {held}"
@@ -262,8 +264,55 @@ async fn recover_proposes_the_member_with_the_most_data_when_quorum_is_lost() ->
     let r = kubectl_etcd_medic(&lab, &["recover", "apisix-etcd", "-n", "apisix", "-o", "json"]).await?;
     let p: Value = serde_json::from_str(&r.stdout)?;
     assert_eq!(p["choice"]["survivor"], "apisix-etcd-0", "{p:#}");
+    assert!(p["approval"].is_null(), "{p:#}");
     let gone = p["choice"]["ranked"].as_array().unwrap().iter().find(|m| m["pod"] == "apisix-etcd-1").cloned().unwrap();
     assert!(gone["unusable"].as_str().is_some_and(|u| u.contains("no data")), "{gone}");
+    let now = p["choice"]["facts"].as_str().unwrap_or_default().to_string();
+    assert_ne!(now, shown, "other facts, another digest: {p:#}");
+
+    // The plan the person saw is approved after the facts changed: refused, the new plan is
+    // recorded and shown, and nothing is approved.
+    let res = etcd_medic_lab::apiserver::store::find_resource("etcd-medic.io", "v1alpha1", "etcdrecoveries").expect("served");
+    let store = lab.api.store();
+    let r = kubectl_etcd_medic(&lab, &["recover", "apisix-etcd", "-n", "apisix", "--approve", &shown]).await?;
+    assert_eq!(r.code, exit_of(Code::PlanChanged), "{}{}", r.stdout, r.stderr);
+    assert!(r.stderr.contains(&format!("PlanChanged: the members' data now gives facts {now}, not the {shown} approved")), "{}", r.stderr);
+    assert!(r.stdout.contains(&format!("Facts        {now}")), "{}", r.stdout);
+    let record = store.get(res, "apisix", "apisix-etcd").map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert!(record["spec"]["approval"].is_null(), "{record:#}");
+    assert_eq!(
+        (&record["status"]["phase"], &record["status"]["plan"]["choice"]["facts"]),
+        (&serde_json::json!("AwaitingApproval"), &serde_json::json!(now))
+    );
+
+    // The plan as it stands is approved: recorded with the name the API server knows the
+    // person by (SelfSubjectReview), never one the client chose.
+    let r = kubectl_etcd_medic(&lab, &["recover", "apisix-etcd", "-n", "apisix", "--approve", &now, "-o", "json"]).await?;
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    let p: Value = serde_json::from_str(&r.stdout)?;
+    assert_eq!(p["phase"], "Approved", "{p:#}");
+    let admin = etcd_medic_lab::apiserver::LAB_ADMIN;
+    assert_eq!(p["approval"], serde_json::json!({"by": admin, "facts": now}), "{p:#}");
+    let record = store.get(res, "apisix", "apisix-etcd").map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert_eq!(record["spec"]["approval"]["by"], admin, "{record:#}");
+    assert!(record["status"]["approvedAt"].is_string(), "{record:#}");
+    // Shown again as approved, never rewritten; another digest is not this record's.
+    let version = record["metadata"]["resourceVersion"].clone();
+    let r = kubectl_etcd_medic(&lab, &["recover", "apisix-etcd", "-n", "apisix"]).await?;
+    assert!(r.code == 0 && r.stdout.contains(&format!("Approved     by {admin} for facts {now}")), "{}{}", r.stdout, r.stderr);
+    let again = store.get(res, "apisix", "apisix-etcd").map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert_eq!(again["metadata"]["resourceVersion"], version, "the approved record is not rewritten");
+    let r = kubectl_etcd_medic(&lab, &["recover", "apisix-etcd", "-n", "apisix", "--approve", &shown]).await?;
+    assert_eq!(r.code, exit_of(Code::PlanChanged), "{}{}", r.stdout, r.stderr);
+    // Whoever may write the record cannot rewrite who approved, nor take the approval back
+    // (the CRD's rules, as the API server enforces them).
+    for forged in
+        [serde_json::json!({"spec": {"approval": {"by": "mallory", "facts": now}}}), serde_json::json!({"spec": {"approval": null}})]
+    {
+        let e = store.patch(res, "apisix", "apisix-etcd", &forged).expect_err("refused");
+        assert_eq!(e.code, 422, "{e:?}");
+    }
+
     // Nothing changed on the volumes that still hold data.
     for i in [0, 2] {
         assert_eq!(etcd_medic_lab::agent::tree(&volumes[i]).len(), before[i].len(), "member {i}'s volume");

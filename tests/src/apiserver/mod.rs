@@ -453,6 +453,9 @@ async fn serve(shared: &Arc<Shared>, parts: axum::http::request::Parts, body: By
     if parts.method == Method::POST && path == "/apis/authentication.k8s.io/v1/tokenreviews" {
         return token_review(shared, &body);
     }
+    if parts.method == Method::POST && path == "/apis/authentication.k8s.io/v1/selfsubjectreviews" {
+        return self_review(shared, bearer(&parts.headers).unwrap_or_default());
+    }
     if parts.method == Method::POST && path == "/apis/authorization.k8s.io/v1/subjectaccessreviews" {
         return access_review(shared, &body);
     }
@@ -690,6 +693,22 @@ fn watch(
     r.headers_mut().insert(header::CONTENT_TYPE, "application/json".parse().unwrap());
     r
 }
+
+/// Who the caller is, as the API server authenticated it: a token with a lab identity is
+/// that identity; the kubeconfig's token is the lab's administrator.
+fn self_review(shared: &Shared, token: String) -> Response {
+    let user = match shared.identities.lock().unwrap().get(&token) {
+        Some(id) => json!({"username": id.username, "uid": format!("uid-{}", id.username), "groups": id.groups}),
+        None => json!({"username": LAB_ADMIN, "uid": "uid-lab-admin", "groups": ["system:masters", "system:authenticated"]}),
+    };
+    json_response(
+        201,
+        &json!({"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview", "metadata": {}, "status": {"userInfo": user}}),
+    )
+}
+
+/// The user the lab's kubeconfig authenticates as.
+pub const LAB_ADMIN: &str = "lab-admin";
 
 fn token_review(shared: &Shared, body: &Bytes) -> Response {
     let Ok(mut review) = serde_json::from_slice::<Value>(body) else {

@@ -165,12 +165,23 @@ pub const RESOURCES: &[ResourceDef] = &[
         status_subresource: true,
         schema: Some(CrdSchema::EtcdRemediation),
     },
+    ResourceDef {
+        group: "etcd-medic.io",
+        version: "v1alpha1",
+        plural: "etcdrecoveries",
+        kind: "EtcdRecovery",
+        namespaced: true,
+        fields: &[],
+        status_subresource: true,
+        schema: Some(CrdSchema::EtcdRecovery),
+    },
 ];
 
 /// The custom resources the stand-in serves with their CRD's schema.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CrdSchema {
     EtcdRemediation,
+    EtcdRecovery,
 }
 
 impl CrdSchema {
@@ -178,6 +189,7 @@ impl CrdSchema {
         use kube::CustomResourceExt;
         let crd = match self {
             CrdSchema::EtcdRemediation => serde_json::to_value(etcd_medic_client::crd::EtcdRemediation::crd()),
+            CrdSchema::EtcdRecovery => serde_json::to_value(etcd_medic_client::recovery::EtcdRecovery::crd()),
         };
         crd.expect("a CRD serializes")["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone()
     }

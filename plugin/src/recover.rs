@@ -1,0 +1,204 @@
+//! `kubectl etcd-medic recover STS`: the plan of a quorum recovery, recorded as an
+//! `EtcdRecovery`, and a person's approval of it. The plan is read from every member's files
+//! by the agents on their nodes; an approval names the digest of the facts the person saw,
+//! and is refused (`PlanChanged`) when the facts read again give another.
+
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::authentication::v1::SelfSubjectReview;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+use etcd_medic_client::recovery::{APPROVED, AWAITING_APPROVAL, EtcdRecovery, EtcdRecoverySpec, Plan};
+use etcd_medic_core::{Code, Error, Result};
+
+use crate::cli::Output;
+use crate::{Kube, forced_dry_run, print, show};
+
+/// Shows the plan (recorded in the `EtcdRecovery` named after the set, made if missing), or
+/// approves it when `approve` names the facts the plan still rests on.
+pub async fn run(kube: &Kube, out: Output, name: &str, picked: Option<&str>, approve: Option<&str>, timeout: Duration) -> Result<u8> {
+    let api: Api<EtcdRecovery> = Api::namespaced(kube.client.clone(), &kube.namespace);
+    let what = format!("EtcdRecovery {}/{name}", kube.namespace);
+    let existing = kube.call(&what, Code::NotFound, || api.get_opt(name)).await?;
+    if let Some(r) = existing.as_ref().filter(|r| r.spec.approval.is_some()) {
+        // Approved: the record is what was approved; it is shown, never rewritten.
+        let approval = r.spec.approval.as_ref().expect("filtered");
+        if let Some(facts) = approve.filter(|f| *f != approval.facts) {
+            return Err(Error::new(
+                Code::PlanChanged,
+                format!("{what} was approved by {} for facts {}, not {facts}: a new recovery is a new record", approval.by, approval.facts),
+            ));
+        }
+        let p = show::Proposal::of(name, &kube.namespace, r);
+        print(out, &p, || show::recovery(&p))?;
+        return Ok(0);
+    }
+    let plan = plan(kube, name, picked, timeout).await?;
+    let record = match existing {
+        Some(r) if r.spec.survivor.as_deref() == picked => r,
+        Some(_) => {
+            let (pp, patch) = (PatchParams::default(), Patch::Merge(json!({"spec": {"survivor": picked}})));
+            kube.call(&what, Code::NotFound, || api.patch(name, &pp, &patch)).await?
+        }
+        None => {
+            let r =
+                EtcdRecovery::new(name, EtcdRecoverySpec { stateful_set: name.into(), survivor: picked.map(String::from), approval: None });
+            // Not retried: two persons making it at once is a conflict to read again.
+            api.create(&PostParams::default(), &r).await.map_err(|e| api_error(&what, e))?
+        }
+    };
+    let facts = plan.choice.facts.clone();
+    let Some(approved) = approve else {
+        let r =
+            write_status(kube, &api, name, &plan, &format!("approve with: kubectl etcd-medic recover {name} --approve {facts}")).await?;
+        let p = show::Proposal::of(name, &kube.namespace, &r);
+        print(out, &p, || show::recovery(&p))?;
+        return Ok(0);
+    };
+    if approved != facts {
+        let r = write_status(
+            kube,
+            &api,
+            name,
+            &plan,
+            &format!("the facts changed since the plan approved ({approved}): approve {facts} if it is still wanted"),
+        )
+        .await?;
+        let p = show::Proposal::of(name, &kube.namespace, &r);
+        print(out, &p, || show::recovery(&p))?;
+        return Err(Error::new(
+            Code::PlanChanged,
+            format!(
+                "the members' data now gives facts {facts}, not the {approved} approved: read the plan above, and approve it anew if it is still wanted"
+            ),
+        ));
+    }
+    let by = whoami(kube).await?;
+    // The record as read: an approval racing another writer is a conflict, never a merge.
+    let patch = json!({
+        "metadata": {"resourceVersion": record.metadata.resource_version},
+        "spec": {"approval": {"by": by, "facts": facts}},
+    });
+    api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await.map_err(|e| api_error(&what, e))?;
+    let now = jiff::Timestamp::now().to_string();
+    let status = json!({"status": {
+        "phase": APPROVED, "plan": plan, "proposedAt": now, "approvedAt": now,
+        "message": format!("approved by {by}; the rebuild is a person's steps today (README: \"Quorum lost\")"),
+    }});
+    let (pp, status) = (PatchParams::default(), Patch::Merge(status));
+    let r = kube.call(&what, Code::NotFound, || api.patch_status(name, &pp, &status)).await?;
+    let p = show::Proposal::of(name, &kube.namespace, &r);
+    print(out, &p, || show::recovery(&p))?;
+    Ok(0)
+}
+
+/// The plan awaiting approval, written as the record's status.
+async fn write_status(kube: &Kube, api: &Api<EtcdRecovery>, name: &str, plan: &Plan, message: &str) -> Result<EtcdRecovery> {
+    let status = json!({"status": {
+        "phase": AWAITING_APPROVAL, "plan": plan, "proposedAt": jiff::Timestamp::now().to_string(), "approvedAt": null,
+        "message": message,
+    }});
+    let what = format!("EtcdRecovery {}/{name}", kube.namespace);
+    let (pp, status) = (PatchParams::default(), Patch::Merge(status));
+    kube.call(&what, Code::NotFound, || api.patch_status(name, &pp, &status)).await
+}
+
+/// The requesting user's name as the API server authenticated it (a SelfSubjectReview): the
+/// name the admission policy holds `spec.approval.by` to.
+async fn whoami(kube: &Kube) -> Result<String> {
+    let api: Api<SelfSubjectReview> = Api::all(kube.client.clone());
+    let review = SelfSubjectReview::default();
+    let pp = PostParams::default();
+    let r = kube.call("SelfSubjectReview", Code::NotFound, || api.create(&pp, &review)).await?;
+    r.status.and_then(|s| s.user_info).and_then(|u| u.username).filter(|u| !u.is_empty()).ok_or_else(|| {
+        Error::new(Code::Unauthenticated, "the API server did not say who you are (SelfSubjectReview): an approval needs a name")
+    })
+}
+
+fn api_error(what: &str, e: kube::Error) -> Error {
+    match e {
+        kube::Error::Api(s) => {
+            let code = match s.code {
+                401 => Code::Unauthenticated,
+                403 => Code::Forbidden,
+                404 => Code::NotFound,
+                // Another writer came first (a create, an approval): read it again.
+                409 => Code::PlanChanged,
+                _ => Code::InvalidRequest,
+            };
+            Error::new(code, format!("{what}: {}", s.message))
+        }
+        e => Error::new(Code::NotReady, format!("{what}: {e}")),
+    }
+}
+
+/// The survivor `recover` proposes for StatefulSet `name`: each member's files as the agent
+/// on its node reads them (a forced dry run; a pod that is gone, or whose agent does not
+/// answer in time, has none), then `etcd_medic_core::recover::choose`.
+async fn plan(kube: &Kube, name: &str, picked: Option<&str>, timeout: Duration) -> Result<Plan> {
+    use etcd_medic_core::recover::{Evidence, choose};
+    let api: Api<StatefulSet> = Api::namespaced(kube.client.clone(), &kube.namespace);
+    let sts = kube.call(&format!("StatefulSet {}/{name}", kube.namespace), Code::NotFound, || api.get(name)).await?;
+    let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).max(0);
+    let (mut evidence, mut notes, mut ready) = (Vec::new(), Vec::new(), 0);
+    // Where each member lives and what it advertises: what the rebuild command needs.
+    let mut whereabouts = std::collections::HashMap::new();
+    for i in 0..replicas {
+        let pod = format!("{name}-{i}");
+        match kube.pod(&pod).await {
+            Ok(p) => {
+                ready += i32::from(show::pod_ready(&p));
+                let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
+                whereabouts.insert(pod.clone(), (node, advertised_client_urls(&p)));
+            }
+            Err(e) if e.code == Code::PodNotFound => {
+                notes.push(format!("{pod}: no such pod"));
+                evidence.push(Evidence { pod, facts: None });
+                continue;
+            }
+            Err(e) => return Err(e),
+        }
+        let facts = match forced_dry_run(kube, pod.clone(), "recover", timeout).await {
+            Ok(cr) => {
+                let data = cr.status.as_ref().and_then(|s| s.data.as_ref());
+                if data.is_none() {
+                    notes.push(format!("{pod}: its files were not read ({})", show::error_of(&cr).message));
+                }
+                data.and_then(|d| d.facts())
+            }
+            Err(e) => {
+                notes.push(format!("{pod}: {}", e.message));
+                None
+            }
+        };
+        evidence.push(Evidence { pod, facts });
+    }
+    let choice = choose(&evidence, picked)?;
+    let held_revision = choice.ranked.iter().filter(|m| m.pod != choice.survivor).filter_map(|m| m.revision).max().unwrap_or(0);
+    let (survivor_node, survivor_client_urls) = whereabouts.remove(&choice.survivor).unwrap_or_default();
+    Ok(Plan { replicas, ready, choice, notes, survivor_node, survivor_client_urls, held_revision })
+}
+
+/// The client URLs the pod's etcd advertises (`--advertise-client-urls` or
+/// `ETCD_ADVERTISE_CLIENT_URLS`, as Bitnami sets it), `$(VAR)` references left as written.
+fn advertised_client_urls(p: &k8s_openapi::api::core::v1::Pod) -> Vec<String> {
+    let containers = p.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or_default();
+    for c in containers {
+        let args = c.command.iter().flatten().chain(c.args.iter().flatten());
+        let mut it = args.clone();
+        while let Some(a) = it.next() {
+            if let Some(v) = a.strip_prefix("--advertise-client-urls=") {
+                return v.split(',').map(String::from).collect();
+            }
+            if a == "--advertise-client-urls" {
+                return it.next().map(|v| v.split(',').map(String::from).collect()).unwrap_or_default();
+            }
+        }
+        if let Some(v) = c.env.iter().flatten().find(|e| e.name == "ETCD_ADVERTISE_CLIENT_URLS").and_then(|e| e.value.clone()) {
+            return v.split(',').map(String::from).collect();
+        }
+    }
+    Vec::new()
+}

@@ -297,6 +297,10 @@ pub struct ControllerArgs {
     /// The wait after a pod's first remediation before another; doubled after each.
     #[arg(long, env = "ETCD_MEDIC_COOLDOWN", default_value = "5m", value_parser = parse_duration)]
     pub cooldown: std::time::Duration,
+    /// A StatefulSet with fewer than a majority of its members Ready this long has lost
+    /// quorum: its recovery is proposed (an EtcdRecovery awaiting a person's approval).
+    #[arg(long, env = "ETCD_MEDIC_QUORUM_LOST_FOR", default_value = "2m", value_parser = parse_duration)]
+    pub quorum_lost_for: std::time::Duration,
     /// Plan only: every EtcdRemediation is a dry run through the agent's checks.
     #[arg(long, env = "ETCD_MEDIC_DRY_RUN")]
     pub dry_run: bool,
@@ -361,6 +365,7 @@ impl ControllerArgs {
                 max_attempts: self.max_attempts,
                 cooldown_secs: self.cooldown.as_secs() as i64,
             },
+            quorum_lost_for: self.quorum_lost_for,
             dry_run: self.dry_run,
             agent_namespace: self.agent_namespace.clone(),
             agent_service: self.agent_service.clone(),

@@ -10,12 +10,15 @@
 
 use std::time::Duration;
 
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use k8s_openapi::api::authorization::v1::{SubjectAccessReview, SubjectAccessReviewSpec, SubjectAccessReviewStatus};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolume, PersistentVolumeClaim, Pod};
 use kube::Api;
-use kube::api::{DeleteParams, ListParams, PostParams, Preconditions};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+
+use etcd_medic_client::recovery::EtcdRecovery;
 
 use crate::error::{Code, Error, Result};
 
@@ -105,6 +108,43 @@ impl KubeApi {
     pub async fn pvc(&self, namespace: &str, name: &str) -> Result<PersistentVolumeClaim> {
         let api: Api<PersistentVolumeClaim> = Api::namespaced(self.client.clone(), namespace);
         self.retrying(&format!("PersistentVolumeClaim {namespace}/{name}"), Code::PVCNotFound, || api.get(name)).await
+    }
+
+    pub async fn statefulset(&self, namespace: &str, name: &str) -> Result<StatefulSet> {
+        let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), namespace);
+        self.retrying(&format!("StatefulSet {namespace}/{name}"), Code::NotFound, || api.get(name)).await
+    }
+
+    /// The `EtcdRecovery` of a set, if one exists.
+    pub async fn recovery(&self, namespace: &str, name: &str) -> Result<Option<EtcdRecovery>> {
+        let api: Api<EtcdRecovery> = Api::namespaced(self.client.clone(), namespace);
+        self.retrying(&format!("EtcdRecovery {namespace}/{name}"), Code::NotFound, || api.get_opt(name)).await
+    }
+
+    /// Makes `r` (not retried: an answer lost would hide whether it was made; the caller
+    /// reads again). `None` when one of that name exists already.
+    pub async fn create_recovery(&self, namespace: &str, r: &EtcdRecovery) -> Result<Option<EtcdRecovery>> {
+        let api: Api<EtcdRecovery> = Api::namespaced(self.client.clone(), namespace);
+        match self.call(&format!("EtcdRecovery {namespace}"), Code::NotFound, api.create(&PostParams::default(), r)).await {
+            Ok(r) => Ok(Some(r)),
+            Err(_) if self.recovery(namespace, &r.metadata.name.clone().unwrap_or_default()).await?.is_some() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes the status of EtcdRecovery `name` as it was at `resource_version` (a merge
+    /// patch of the status subresource; a record changed since is a 409, never overwritten).
+    pub async fn recovery_status(
+        &self,
+        namespace: &str,
+        name: &str,
+        resource_version: &str,
+        status: &serde_json::Value,
+    ) -> Result<EtcdRecovery> {
+        let api: Api<EtcdRecovery> = Api::namespaced(self.client.clone(), namespace);
+        let body = serde_json::json!({"metadata": {"resourceVersion": resource_version}, "status": status});
+        let (pp, patch) = (PatchParams::default(), Patch::Merge(body));
+        self.call(&format!("EtcdRecovery {namespace}/{name}"), Code::NotFound, api.patch_status(name, &pp, &patch)).await
     }
 
     pub async fn pods(&self, namespace: &str) -> Result<Vec<Pod>> {

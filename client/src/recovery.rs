@@ -12,7 +12,10 @@ use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use etcd_medic_core::recover::Choice;
+use k8s_openapi::api::core::v1::Pod;
+
+use etcd_medic_core::Result;
+use etcd_medic_core::recover::{Choice, Evidence, Facts, choose};
 
 /// What is asked: recover the cluster of this StatefulSet (in the resource's namespace).
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, KubeSchema)]
@@ -71,9 +74,12 @@ pub struct Approval {
 #[serde(rename_all = "camelCase")]
 pub struct EtcdRecoveryStatus {
     /// `AwaitingApproval` (a plan, no approval), `Approved` (the approval names the facts
-    /// read again at approval).
+    /// read again at approval), `Refused` (no plan can be made: `code` says why).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
+    /// The refusal's stable code (`SplitBrain`, `NoSurvivor`, `CorruptData`, …).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub plan: Option<Plan>,
     /// When the plan was last read from the members' data (RFC 3339).
@@ -96,6 +102,9 @@ pub struct Plan {
     /// Pods Ready when asked: a majority Ready means the cluster may well have quorum.
     pub ready: i32,
     pub choice: Choice,
+    /// Every member's pod as it was seen when the plan was made, in ordinal order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberState>,
     /// Members whose files could not be read, and why.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notes: Vec<String>,
@@ -108,8 +117,127 @@ pub struct Plan {
     pub held_revision: u64,
 }
 
+/// One member's pod as a plan saw it: the evidence beside its files' facts.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MemberState {
+    pub pod: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// `Ready`, `Running` (not Ready), the container's waiting reason (`CrashLoopBackOff`),
+    /// `Terminated`, `Pending`, or `Gone` (no such pod).
+    pub state: String,
+    pub ready: bool,
+    pub restarts: i32,
+    /// The last crash's signature, read from its termination message (`None`: none known).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signature: Option<String>,
+}
+
+/// What a plan is made from, for one member.
+#[derive(Clone, Debug, Default)]
+pub struct Member {
+    pub state: MemberState,
+    /// The client URLs its pod advertises.
+    pub client_urls: Vec<String>,
+    /// Its files' facts as the agent on its node read them (`None`: not read).
+    pub facts: Option<Facts>,
+    /// Why its files were not read.
+    pub note: Option<String>,
+}
+
+impl Member {
+    /// Member `name` of the set as `pod` shows it (`None`: no such pod).
+    pub fn of(name: &str, pod: Option<&Pod>) -> Member {
+        let Some(p) = pod else {
+            return Member { state: MemberState { pod: name.into(), state: "Gone".into(), ..Default::default() }, ..Default::default() };
+        };
+        let containers = p.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or_default();
+        let etcd = containers.iter().find(|c| c.name == "etcd").or(containers.first());
+        let status = p.status.as_ref();
+        let cs = status
+            .and_then(|s| s.container_statuses.as_ref())
+            .and_then(|all| all.iter().find(|c| Some(c.name.as_str()) == etcd.map(|e| e.name.as_str())));
+        let ready = status.and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+        let now = cs.and_then(|c| c.state.as_ref());
+        let state = if ready {
+            "Ready".to_string()
+        } else if let Some(w) = now.and_then(|s| s.waiting.as_ref()) {
+            w.reason.clone().unwrap_or_else(|| "Waiting".into())
+        } else if now.is_some_and(|s| s.running.is_some()) {
+            "Running".into()
+        } else if now.is_some_and(|s| s.terminated.is_some()) {
+            "Terminated".into()
+        } else {
+            "Pending".into()
+        };
+        let crashed =
+            cs.and_then(|c| c.last_state.as_ref()).and_then(|s| s.terminated.as_ref()).or(now.and_then(|s| s.terminated.as_ref()));
+        let signature = crashed.and_then(|t| t.message.as_deref()).and_then(|m| {
+            let (sig, evidence) = etcd_medic_core::signature::of_text(m);
+            evidence.map(|_| sig.as_str().to_string())
+        });
+        Member {
+            state: MemberState {
+                pod: name.into(),
+                node: p.spec.as_ref().and_then(|s| s.node_name.clone()),
+                state,
+                ready,
+                restarts: cs.map_or(0, |c| c.restart_count),
+                signature,
+            },
+            client_urls: etcd.map(advertised_client_urls).unwrap_or_default(),
+            facts: None,
+            note: None,
+        }
+    }
+}
+
+/// The client URLs an etcd container advertises (`--advertise-client-urls` or
+/// `ETCD_ADVERTISE_CLIENT_URLS`, as Bitnami sets it), `$(VAR)` references left as written.
+fn advertised_client_urls(c: &k8s_openapi::api::core::v1::Container) -> Vec<String> {
+    let args = c.command.iter().flatten().chain(c.args.iter().flatten());
+    let mut it = args.clone();
+    while let Some(a) = it.next() {
+        if let Some(v) = a.strip_prefix("--advertise-client-urls=") {
+            return v.split(',').map(String::from).collect();
+        }
+        if a == "--advertise-client-urls" {
+            return it.next().map(|v| v.split(',').map(String::from).collect()).unwrap_or_default();
+        }
+    }
+    let env = c.env.iter().flatten().find(|e| e.name == "ETCD_ADVERTISE_CLIENT_URLS").and_then(|e| e.value.clone());
+    env.map(|v| v.split(',').map(String::from).collect()).unwrap_or_default()
+}
+
+/// The plan for a set of `replicas` members (in ordinal order), the survivor chosen from their
+/// files (`etcd_medic_core::recover::choose`, with its refusals), or the one a person `picked`.
+pub fn plan(replicas: i32, members: Vec<Member>, picked: Option<&str>) -> Result<Plan> {
+    let evidence: Vec<Evidence> = members.iter().map(|m| Evidence { pod: m.state.pod.clone(), facts: m.facts.clone() }).collect();
+    let choice = choose(&evidence, picked)?;
+    let held_revision = choice.ranked.iter().filter(|m| m.pod != choice.survivor).filter_map(|m| m.revision).max().unwrap_or(0);
+    let survivor = members.iter().find(|m| m.state.pod == choice.survivor);
+    Ok(Plan {
+        replicas,
+        ready: members.iter().filter(|m| m.state.ready).count() as i32,
+        survivor_node: survivor.and_then(|m| m.state.node.clone()),
+        survivor_client_urls: survivor.map(|m| m.client_urls.clone()).unwrap_or_default(),
+        held_revision,
+        notes: members.iter().filter_map(|m| m.note.as_ref().map(|n| format!("{}: {n}", m.state.pod))).collect(),
+        members: members.into_iter().map(|m| m.state).collect(),
+        choice,
+    })
+}
+
 pub const AWAITING_APPROVAL: &str = "AwaitingApproval";
 pub const APPROVED: &str = "Approved";
+pub const REFUSED: &str = "Refused";
+
+/// Whether `ready` of a set's `members` (its pods) are too few to elect a leader: fewer than
+/// a majority, in a set of two or more (a single member is no quorum to lose).
+pub fn quorum_lost(members: usize, ready: usize) -> bool {
+    members >= 2 && ready < members / 2 + 1
+}
 
 /// The CRD as YAML, as the chart's `crds/etcdrecoveries.yaml` holds it.
 pub fn crd_yaml() -> String {
@@ -162,6 +290,47 @@ mod tests {
         assert!(kube_cel::validate(&s, &moved, Some(&open)).is_err(), "the set never changes");
         // The API server checks the pattern (OpenAPI validation, not CEL).
         assert_eq!(s["properties"]["spec"]["properties"]["approval"]["properties"]["facts"]["pattern"], "^[0-9a-f]{16}$");
+    }
+
+    #[test]
+    fn quorum_is_lost_below_a_majority_ready() {
+        assert!(quorum_lost(3, 1) && quorum_lost(3, 0) && quorum_lost(2, 1) && quorum_lost(5, 2));
+        assert!(!quorum_lost(3, 2) && !quorum_lost(5, 3) && !quorum_lost(1, 0) && !quorum_lost(0, 0));
+    }
+
+    #[test]
+    fn a_plan_carries_each_pods_state_and_what_the_rebuild_is_given() {
+        let pod = |v: Value| -> Pod { serde_json::from_value(v).unwrap() };
+        let crashing = pod(json!({
+            "metadata": {"name": "e-1"},
+            "spec": {"nodeName": "node-b", "containers": [{"name": "etcd", "env": [{"name": "ETCD_ADVERTISE_CLIENT_URLS", "value": "http://e-1.h:2379"}]}]},
+            "status": {"conditions": [{"type": "Ready", "status": "False"}],
+                       "containerStatuses": [{"name": "etcd", "ready": false, "restartCount": 4, "image": "x", "imageID": "",
+                         "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+                         "lastState": {"terminated": {"exitCode": 1, "message": "Error: etcdserver: member not found"}}}]}
+        }));
+        let running = pod(json!({
+            "metadata": {"name": "e-0"},
+            "spec": {"nodeName": "node-a", "containers": [{"name": "etcd", "args": ["--advertise-client-urls=http://e-0.h:2379"]}]},
+            "status": {"conditions": [{"type": "Ready", "status": "False"}],
+                       "containerStatuses": [{"name": "etcd", "ready": false, "restartCount": 0, "image": "x", "imageID": "", "state": {"running": {}}}]}
+        }));
+        let facts = |commit, revision| {
+            Some(Facts { cluster_id: Some(7), commit, term: 2, consistent_index: Some(commit), revision: Some(revision), corrupt: None })
+        };
+        let mut m0 = Member::of("e-0", Some(&running));
+        m0.facts = facts(300, 290);
+        let mut m1 = Member::of("e-1", Some(&crashing));
+        m1.facts = facts(250, 240);
+        let mut m2 = Member::of("e-2", None);
+        m2.note = Some("no such pod".into());
+        let p = plan(3, vec![m0, m1, m2], None).unwrap();
+        assert_eq!((p.choice.survivor.as_str(), p.survivor_node.as_deref(), p.held_revision), ("e-0", Some("node-a"), 240));
+        assert_eq!(p.survivor_client_urls, ["http://e-0.h:2379"]);
+        let states: Vec<(&str, &str, i32, Option<&str>)> =
+            p.members.iter().map(|m| (m.pod.as_str(), m.state.as_str(), m.restarts, m.signature.as_deref())).collect();
+        assert_eq!(states, [("e-0", "Running", 0, None), ("e-1", "CrashLoopBackOff", 4, Some("MemberNotFound")), ("e-2", "Gone", 0, None)]);
+        assert_eq!((p.ready, p.notes.as_slice()), (0, ["e-2: no such pod".to_string()].as_slice()));
     }
 
     #[test]

@@ -410,6 +410,16 @@ pub fn truncate(s: &str, max: usize) -> String {
     format!("{}…", &s[..end])
 }
 
+/// The signature of a crash's lines (a termination message or a log tail, CRI-framed or
+/// plain) and its first line of evidence, compacted and printable.
+pub fn of_text(text: &str) -> (Signature, Option<String>) {
+    let lines = cri_lines(text);
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let tail = &refs[refs.len().saturating_sub(MAX_LINES)..];
+    let (sig, hits) = classify(tail);
+    (sig, hits.last().map(|l| truncate(&printable(&compact(l)), 200)))
+}
+
 /// The container's output from a CRI log file (`<time> <stream> <P|F> <text>`, partial
 /// lines joined; kubelet's format for every runtime), or from a Docker `json-file` log
 /// (`{"log": …}`). Lines in neither format are kept as they are.

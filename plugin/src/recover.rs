@@ -10,7 +10,7 @@ use k8s_openapi::api::authentication::v1::SelfSubjectReview;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-use etcd_medic_client::recovery::{APPROVED, AWAITING_APPROVAL, EtcdRecovery, EtcdRecoverySpec, Plan};
+use etcd_medic_client::recovery::{self, APPROVED, AWAITING_APPROVAL, EtcdRecovery, EtcdRecoverySpec, Member, Plan};
 use etcd_medic_core::{Code, Error, Result};
 
 use crate::cli::Output;
@@ -51,8 +51,14 @@ pub async fn run(kube: &Kube, out: Output, name: &str, picked: Option<&str>, app
     };
     let facts = plan.choice.facts.clone();
     let Some(approved) = approve else {
-        let r =
-            write_status(kube, &api, name, &plan, &format!("approve with: kubectl etcd-medic recover {name} --approve {facts}")).await?;
+        let r = write_status(
+            kube,
+            &api,
+            name,
+            &plan,
+            &format!("approve with: kubectl etcd-medic recover {name} -n {} --approve {facts}", kube.namespace),
+        )
+        .await?;
         let p = show::Proposal::of(name, &kube.namespace, &r);
         print(out, &p, || show::recovery(&p))?;
         return Ok(0);
@@ -134,71 +140,34 @@ fn api_error(what: &str, e: kube::Error) -> Error {
     }
 }
 
-/// The survivor `recover` proposes for StatefulSet `name`: each member's files as the agent
-/// on its node reads them (a forced dry run; a pod that is gone, or whose agent does not
-/// answer in time, has none), then `etcd_medic_core::recover::choose`.
+/// The plan for StatefulSet `name`: each member's files as the agent on its node reads them
+/// (a forced dry run; a pod that is gone, or whose agent does not answer in time, has none),
+/// then `etcd_medic_client::recovery::plan`.
 async fn plan(kube: &Kube, name: &str, picked: Option<&str>, timeout: Duration) -> Result<Plan> {
-    use etcd_medic_core::recover::{Evidence, choose};
     let api: Api<StatefulSet> = Api::namespaced(kube.client.clone(), &kube.namespace);
     let sts = kube.call(&format!("StatefulSet {}/{name}", kube.namespace), Code::NotFound, || api.get(name)).await?;
     let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).max(0);
-    let (mut evidence, mut notes, mut ready) = (Vec::new(), Vec::new(), 0);
-    // Where each member lives and what it advertises: what the rebuild command needs.
-    let mut whereabouts = std::collections::HashMap::new();
+    let mut members = Vec::new();
     for i in 0..replicas {
         let pod = format!("{name}-{i}");
-        match kube.pod(&pod).await {
-            Ok(p) => {
-                ready += i32::from(show::pod_ready(&p));
-                let node = p.spec.as_ref().and_then(|s| s.node_name.clone());
-                whereabouts.insert(pod.clone(), (node, advertised_client_urls(&p)));
-            }
-            Err(e) if e.code == Code::PodNotFound => {
-                notes.push(format!("{pod}: no such pod"));
-                evidence.push(Evidence { pod, facts: None });
-                continue;
-            }
+        let found = match kube.pod(&pod).await {
+            Ok(p) => Some(p),
+            Err(e) if e.code == Code::PodNotFound => None,
             Err(e) => return Err(e),
-        }
-        let facts = match forced_dry_run(kube, pod.clone(), "recover", timeout).await {
-            Ok(cr) => {
-                let data = cr.status.as_ref().and_then(|s| s.data.as_ref());
-                if data.is_none() {
-                    notes.push(format!("{pod}: its files were not read ({})", show::error_of(&cr).message));
-                }
-                data.and_then(|d| d.facts())
-            }
-            Err(e) => {
-                notes.push(format!("{pod}: {}", e.message));
-                None
-            }
         };
-        evidence.push(Evidence { pod, facts });
-    }
-    let choice = choose(&evidence, picked)?;
-    let held_revision = choice.ranked.iter().filter(|m| m.pod != choice.survivor).filter_map(|m| m.revision).max().unwrap_or(0);
-    let (survivor_node, survivor_client_urls) = whereabouts.remove(&choice.survivor).unwrap_or_default();
-    Ok(Plan { replicas, ready, choice, notes, survivor_node, survivor_client_urls, held_revision })
-}
-
-/// The client URLs the pod's etcd advertises (`--advertise-client-urls` or
-/// `ETCD_ADVERTISE_CLIENT_URLS`, as Bitnami sets it), `$(VAR)` references left as written.
-fn advertised_client_urls(p: &k8s_openapi::api::core::v1::Pod) -> Vec<String> {
-    let containers = p.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or_default();
-    for c in containers {
-        let args = c.command.iter().flatten().chain(c.args.iter().flatten());
-        let mut it = args.clone();
-        while let Some(a) = it.next() {
-            if let Some(v) = a.strip_prefix("--advertise-client-urls=") {
-                return v.split(',').map(String::from).collect();
-            }
-            if a == "--advertise-client-urls" {
-                return it.next().map(|v| v.split(',').map(String::from).collect()).unwrap_or_default();
+        let mut m = Member::of(&pod, found.as_ref());
+        if found.is_none() {
+            m.note = Some("no such pod".into());
+        } else {
+            match forced_dry_run(kube, pod.clone(), "recover", timeout).await {
+                Ok(cr) => match cr.status.as_ref().and_then(|s| s.data.as_ref()) {
+                    Some(d) => m.facts = d.facts(),
+                    None => m.note = Some(format!("its files were not read ({})", show::error_of(&cr).message)),
+                },
+                Err(e) => m.note = Some(e.message),
             }
         }
-        if let Some(v) = c.env.iter().flatten().find(|e| e.name == "ETCD_ADVERTISE_CLIENT_URLS").and_then(|e| e.value.clone()) {
-            return v.split(',').map(String::from).collect();
-        }
+        members.push(m);
     }
-    Vec::new()
+    recovery::plan(replicas, members, picked)
 }

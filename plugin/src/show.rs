@@ -303,11 +303,6 @@ impl Proposal {
     }
 }
 
-/// Whether the pod's Ready condition is true.
-pub fn pod_ready(p: &k8s_openapi::api::core::v1::Pod) -> bool {
-    p.status.as_ref().and_then(|s| s.conditions.as_ref()).is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-}
-
 /// `recover`: the survivor and why, every member's facts, what is lost, what comes next.
 pub fn recovery(p: &Proposal) -> String {
     let (c, plan) = (&p.plan.choice, &p.plan);
@@ -326,10 +321,16 @@ pub fn recovery(p: &Proposal) -> String {
     let _ = writeln!(out, "Survivor     {}: {}", safe(&c.survivor), safe(&c.why));
     let _ = writeln!(out, "Facts        {}", c.facts);
     let opt = |v: Option<u64>| v.map_or("-".into(), |v| v.to_string());
-    let mut rows = vec![["POD", "CLUSTER", "COMMIT", "CONSISTENT", "TERM", "REVISION", "DATA"].map(String::from).to_vec()];
+    let mut rows = vec![["POD", "STATE", "CLUSTER", "COMMIT", "CONSISTENT", "TERM", "REVISION", "DATA"].map(String::from).to_vec()];
     for m in &c.ranked {
+        let seen = plan.members.iter().find(|s| s.pod == m.pod);
+        let state = seen.map_or("-".into(), |s| match &s.signature {
+            Some(sig) => format!("{} ({sig}, {} restarts)", safe(&s.state), s.restarts),
+            None => safe(&s.state),
+        });
         rows.push(vec![
             safe(&m.pod),
+            state,
             m.cluster_id.as_deref().map_or("-".into(), safe),
             m.commit.to_string(),
             opt(m.consistent_index),

@@ -321,3 +321,73 @@ async fn recover_proposes_the_member_with_the_most_data_when_quorum_is_lost() ->
     lab.shutdown().await;
     Ok(())
 }
+
+/// Quorum lost, on the chart's defaults (`--quorum-lost-for 2m`): the controller proposes the
+/// recovery by itself, an `EtcdRecovery` awaiting approval with every member's pod state and
+/// files' facts, tells it as a `QuorumLost` Event on the StatefulSet and counts it; nothing
+/// changes on any volume. A person approves the facts it shows, and the approval is recorded
+/// under the name the API server knows them by.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_lost_on_the_defaults_is_proposed_by_the_controller_and_approved_by_a_person() -> Result<()> {
+    let Some((lab, _agent, c)) = crate::controller::watched_on_defaults().await? else { return Ok(()) };
+    let wait = Duration::from_secs(60);
+    lab.set.switches().hold_restarts.store(true, Ordering::SeqCst);
+    lab.set.crash_container(2)?;
+    lab.set.hold_restarts(2, wait).await?;
+    lab.set.crash_container(1)?;
+    lab.set.hold_restarts(1, wait).await?;
+    let lost_at = std::time::Instant::now();
+    let volumes: Vec<_> = (0..3).map(|i| lab.set.volume_path(i)).collect::<Result<_>>()?;
+    let before: Vec<_> = volumes.iter().map(|v| etcd_medic_lab::agent::tree(v)).collect();
+
+    let res = etcd_medic_lab::apiserver::store::find_resource("etcd-medic.io", "v1alpha1", "etcdrecoveries").expect("served");
+    let store = lab.api.store();
+    let proposed = |v: &Value| v["status"]["phase"] == "AwaitingApproval";
+    let mut record = Value::Null;
+    while lost_at.elapsed() < Duration::from_secs(120 + 90) {
+        if let Ok(v) = store.get(res, "apisix", "apisix-etcd")
+            && proposed(&v)
+        {
+            record = v;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(proposed(&record), "no proposal after {:?}\n{}", lost_at.elapsed(), c.log_text());
+    let took = lost_at.elapsed();
+    eprintln!("quorum lost → recovery proposed: {took:?}");
+    assert!(took >= Duration::from_secs(115), "proposed before --quorum-lost-for (2m) passed: {took:?}");
+    assert_eq!(record["metadata"]["labels"]["etcd-medic.io/proposed-by"], "controller", "{record:#}");
+    assert!(record["spec"]["approval"].is_null(), "{record:#}");
+    let plan = &record["status"]["plan"];
+    let survivor = plan["choice"]["survivor"].as_str().unwrap_or_default().to_string();
+    assert!(survivor == "apisix-etcd-0" || survivor == "apisix-etcd-1", "{plan:#}");
+    assert_eq!(plan["choice"]["ranked"].as_array().map(Vec::len), Some(3), "every member's facts: {plan:#}");
+    // Each member's pod as it was: the two stopped ones not Ready, held after their crash.
+    let members = plan["members"].as_array().cloned().unwrap_or_default();
+    let pods: Vec<&str> = members.iter().filter_map(|m| m["pod"].as_str()).collect();
+    assert_eq!(pods, ["apisix-etcd-0", "apisix-etcd-1", "apisix-etcd-2"], "{plan:#}");
+    assert!(members[1..].iter().all(|m| m["ready"] == false && m["node"] == etcd_medic_lab::NODE_NAME), "{plan:#}");
+    let facts = plan["choice"]["facts"].as_str().unwrap_or_default().to_string();
+    let approve = format!("kubectl etcd-medic recover apisix-etcd -n apisix --approve {facts}");
+    assert_eq!(record["status"]["message"], format!("approve with: {approve}"), "{record:#}");
+    let events = lab.api.list::<k8s_openapi::api::events::v1::Event>(Some("apisix"));
+    let told = events.iter().find(|e| e.reason.as_deref() == Some("QuorumLost")).expect("a QuorumLost Event");
+    assert_eq!(told.regarding.as_ref().and_then(|r| r.name.as_deref()), Some("apisix-etcd"));
+    assert!(told.note.as_deref().is_some_and(|n| n.contains(&approve)), "{told:?}");
+    assert_eq!(c.metric("etcd_medic_controller_recoveries_proposed_total").await, Some(1.0));
+    assert_eq!(c.metric("etcd_medic_controller_quorum_lost_sets").await, Some(1.0));
+
+    // The person approves what the controller proposed.
+    let r = kubectl_etcd_medic(&lab, &["recover", "apisix-etcd", "-n", "apisix", "--approve", &facts]).await?;
+    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    assert!(r.stdout.contains(&format!("Approved     by {} for facts {facts}", etcd_medic_lab::apiserver::LAB_ADMIN)), "{}", r.stdout);
+    let record = store.get(res, "apisix", "apisix-etcd").map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert_eq!(record["status"]["phase"], "Approved", "{record:#}");
+    for i in 0..3 {
+        assert_eq!(etcd_medic_lab::agent::tree(&volumes[i]).len(), before[i].len(), "member {i}'s volume");
+    }
+    lab.set.release_restarts();
+    lab.shutdown().await;
+    Ok(())
+}

@@ -323,7 +323,7 @@ fn waiting(previous: &EtcdRemediationStatus, cr: &EtcdRemediation, reason: &str,
 }
 
 /// The agent on `node`, with the controller's current token (projected tokens rotate).
-async fn agent(ctx: &Ctx, node: &str) -> Result<AgentClient> {
+pub(super) async fn agent(ctx: &Ctx, node: &str) -> Result<AgentClient> {
     let url = discover::agent_on_node(ctx.api.client(), &ctx.cfg.agent_namespace, &ctx.cfg.agent_service, node).await?;
     let client = match &ctx.agent_ca {
         Some(pem) => AgentClient::with_ca_for(&url, pem, ctx.cfg.agent_server_name.as_deref())?,

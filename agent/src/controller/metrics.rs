@@ -49,6 +49,10 @@ pub struct Metrics {
     /// Watched pods failing now (crash-looping or not Ready), acted on or not.
     pub failing: Gauge,
     pub looks: Family<CauseLabels, Counter>,
+    /// Quorum recoveries proposed (EtcdRecoveries made), and sets without quorum for
+    /// `--quorum-lost-for`.
+    pub recoveries_proposed: Counter,
+    pub quorum_lost: Gauge,
 }
 
 impl Default for Metrics {
@@ -89,6 +93,18 @@ impl Default for Metrics {
             "Looks at the watched pods, by cause: a watch event, a threshold or back-off falling due, the fallback",
             looks.clone(),
         );
+        let recoveries_proposed = Counter::default();
+        registry.register(
+            "recoveries_proposed",
+            "Quorum recoveries proposed (EtcdRecoveries awaiting a person's approval)",
+            recoveries_proposed.clone(),
+        );
+        let quorum_lost = Gauge::default();
+        registry.register(
+            "quorum_lost_sets",
+            "Watched StatefulSets with fewer than a majority of members Ready for --quorum-lost-for",
+            quorum_lost.clone(),
+        );
         // What can be counted, at 0 from the start: a counter that comes into being at 1 shows
         // no increase to `increase()` and `rate()` (an alert on the first refusal would miss it).
         use etcd_medic_core::signature::{Action, Signature, decide};
@@ -103,7 +119,21 @@ impl Default for Metrics {
         for phase in ["Succeeded", "Failed", "Refused", "Planned"] {
             let _ = remediations.get_or_create(&PhaseLabels { phase: phase.into() });
         }
-        Metrics { registry, detections, decisions, holds, remediations, to_dispatch, to_success, leader, watched, failing, looks }
+        Metrics {
+            registry,
+            detections,
+            decisions,
+            holds,
+            remediations,
+            to_dispatch,
+            to_success,
+            leader,
+            watched,
+            failing,
+            looks,
+            recoveries_proposed,
+            quorum_lost,
+        }
     }
 }
 

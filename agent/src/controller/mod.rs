@@ -14,6 +14,7 @@ pub mod leader;
 pub mod metrics;
 pub mod observe;
 mod pause;
+mod quorum;
 mod record;
 pub(crate) use pause::paused_on;
 use record::{record, tell_hold};
@@ -51,6 +52,9 @@ pub struct Config {
     pub container: Option<String>,
     pub thresholds: Thresholds,
     pub limits: Limits,
+    /// How long a set has fewer than a majority of members Ready before its recovery is
+    /// proposed ([`quorum`]).
+    pub quorum_lost_for: Duration,
     pub dry_run: bool,
     pub agent_namespace: String,
     pub agent_service: String,
@@ -111,6 +115,8 @@ pub struct Ctx {
     /// Pods (by uid) whose record could not be created, and when to try again: a refusal of
     /// the API server (a quota, a webhook, an invalid name) is not asked again every second.
     create_failed: Mutex<HashMap<String, Instant>>,
+    /// The sets without quorum, and the recoveries proposed ([`quorum`]).
+    quorum: Mutex<quorum::Lost>,
     pub(crate) changed: tokio::sync::Notify,
 }
 
@@ -192,6 +198,7 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         held: Mutex::default(),
         pauses: Mutex::default(),
         create_failed: Mutex::default(),
+        quorum: Mutex::default(),
         changed: tokio::sync::Notify::new(),
     });
     let admin = crate::server::listen(ctx.cfg.admin)?;
@@ -334,6 +341,10 @@ async fn evaluate(ctx: &Arc<Ctx>, look: Look) -> Option<Duration> {
         }
         (by_thresholds, below, members)
     };
+    let counted: Vec<((String, String), usize, usize)> = members.iter().map(|(k, m)| (k.clone(), m.members, m.ready.len())).collect();
+    if let Some(d) = quorum::look(ctx, &counted) {
+        wake(d);
+    }
     // Pods no longer failing are forgotten (a new failure is a new detection).
     let failing: HashSet<String> = by_thresholds.iter().chain(&below).map(|p| p.uid.clone()).collect();
     ctx.metrics.failing.set(failing.len() as i64);

@@ -6,7 +6,6 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Pod;
 
 use etcd_medic_core::detect::ContainerSeen;
-use etcd_medic_core::signature::{self, Signature};
 
 /// The annotation that pauses the controller for a pod, its StatefulSet or its namespace.
 pub const PAUSED: &str = "etcd-medic.io/paused";
@@ -116,19 +115,12 @@ fn tail(s: &str, max: usize) -> String {
     s[start..].to_string()
 }
 
-/// The signature of a crash's lines (a termination message or a log tail) and its first
-/// line of evidence.
-pub fn signature_of(text: &str) -> (Signature, Option<String>) {
-    let lines = signature::cri_lines(text);
-    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
-    let tail = &refs[refs.len().saturating_sub(signature::MAX_LINES)..];
-    let (sig, hits) = signature::classify(tail);
-    (sig, hits.last().map(|l| signature::truncate(&signature::printable(&signature::compact(l)), 200)))
-}
+pub use etcd_medic_core::signature::of_text as signature_of;
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use etcd_medic_core::signature::Signature;
 
     fn pod(v: serde_json::Value) -> Pod {
         serde_json::from_value(v).unwrap()

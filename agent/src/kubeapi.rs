@@ -121,6 +121,23 @@ impl KubeApi {
         self.retrying(&format!("EtcdRecovery {namespace}/{name}"), Code::NotFound, || api.get_opt(name)).await
     }
 
+    /// Every `EtcdRecovery` in `namespace` (all when `None`).
+    pub async fn recoveries(&self, namespace: Option<&str>) -> Result<Vec<EtcdRecovery>> {
+        let api: Api<EtcdRecovery> = match namespace {
+            Some(ns) => Api::namespaced(self.client.clone(), ns),
+            None => Api::all(self.client.clone()),
+        };
+        let lp = ListParams::default();
+        Ok(self.retrying("EtcdRecoveries", Code::NotFound, || api.list(&lp)).await?.items)
+    }
+
+    /// Sets the StatefulSet's replicas (a merge patch of its spec).
+    pub async fn scale_statefulset(&self, namespace: &str, name: &str, replicas: i32) -> Result<StatefulSet> {
+        let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), namespace);
+        let (pp, patch) = (PatchParams::default(), Patch::Merge(serde_json::json!({"spec": {"replicas": replicas}})));
+        self.retrying(&format!("StatefulSet {namespace}/{name}"), Code::NotFound, || api.patch(name, &pp, &patch)).await
+    }
+
     /// Makes `r` (not retried: an answer lost would hide whether it was made; the caller
     /// reads again). `None` when one of that name exists already.
     pub async fn create_recovery(&self, namespace: &str, r: &EtcdRecovery) -> Result<Option<EtcdRecovery>> {

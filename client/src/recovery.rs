@@ -74,7 +74,10 @@ pub struct Approval {
 #[serde(rename_all = "camelCase")]
 pub struct EtcdRecoveryStatus {
     /// `AwaitingApproval` (a plan, no approval), `Approved` (the approval names the facts
-    /// read again at approval), `Refused` (no plan can be made: `code` says why).
+    /// read again at approval), `Fencing` (the controller found the facts unchanged once
+    /// more, and stops every member: the StatefulSet at 0), `Fenced` (no member's pod is
+    /// left; the rebuild is a person's step), `Refused` (no plan can be made, or the facts
+    /// changed before the fence: `code` says why).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
     /// The refusal's stable code (`SplitBrain`, `NoSurvivor`, `CorruptData`, …).
@@ -88,9 +91,22 @@ pub struct EtcdRecoveryStatus {
     /// When the approval was checked against the facts read again (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub approved_at: Option<String>,
+    /// The fence: the StatefulSet's replicas before it was scaled to 0 (to scale it back).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<Fence>,
     /// One line for a person: what happens next.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+/// What the fence changed, recorded before it is changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Fence {
+    /// The StatefulSet's replicas before the fence.
+    pub replicas: i32,
+    /// When the fence began (RFC 3339).
+    pub at: String,
 }
 
 /// What a quorum recovery proposes: the survivor and why, every member's facts, what is lost,
@@ -232,6 +248,8 @@ pub fn plan(replicas: i32, members: Vec<Member>, picked: Option<&str>) -> Result
 pub const AWAITING_APPROVAL: &str = "AwaitingApproval";
 pub const APPROVED: &str = "Approved";
 pub const REFUSED: &str = "Refused";
+pub const FENCING: &str = "Fencing";
+pub const FENCED: &str = "Fenced";
 
 /// Whether `ready` of a set's `members` (its pods) are too few to elect a leader: fewer than
 /// a majority, in a set of two or more (a single member is no quorum to lose).

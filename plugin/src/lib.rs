@@ -300,8 +300,9 @@ async fn run(cli: Cli) -> Result<u8> {
             print(out, &json!({"clusterID": s.cluster_id, "members": s.members}), || show::members(&s))?;
             Ok(0)
         }
-        Command::Recover { statefulset, survivor, approve, timeout } => {
-            recover::run(&kube, out, &statefulset, survivor.as_deref(), approve.as_deref(), timeout).await
+        Command::Recover { statefulset, survivor, approve, wait, timeout } => {
+            let ask = recover::Ask { name: &statefulset, picked: survivor.as_deref(), approve: approve.as_deref(), wait, timeout };
+            recover::run(&kube, out, ask).await
         }
         Command::Inspect { pod, timeout } => {
             let cr = forced_dry_run(&kube, pod, "inspect", timeout).await?;

@@ -10,15 +10,67 @@ use k8s_openapi::api::authentication::v1::SelfSubjectReview;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-use etcd_medic_client::recovery::{self, APPROVED, AWAITING_APPROVAL, EtcdRecovery, EtcdRecoverySpec, Member, Plan};
+use etcd_medic_client::recovery::{self, APPROVED, AWAITING_APPROVAL, EtcdRecovery, EtcdRecoverySpec, FENCED, Member, Plan, REFUSED};
 use etcd_medic_core::{Code, Error, Result};
 
 use crate::cli::Output;
 use crate::{Kube, forced_dry_run, print, show};
 
+/// How long `--wait` follows an approved recovery.
+const FOLLOW_FOR: Duration = Duration::from_secs(600);
+
+/// What `recover` is asked.
+pub struct Ask<'a> {
+    pub name: &'a str,
+    pub picked: Option<&'a str>,
+    pub approve: Option<&'a str>,
+    pub wait: bool,
+    pub timeout: Duration,
+}
+
 /// Shows the plan (recorded in the `EtcdRecovery` named after the set, made if missing), or
-/// approves it when `approve` names the facts the plan still rests on.
-pub async fn run(kube: &Kube, out: Output, name: &str, picked: Option<&str>, approve: Option<&str>, timeout: Duration) -> Result<u8> {
+/// approves it when `approve` names the facts the plan still rests on; with `wait`, follows
+/// an approved one until the controller fenced or refused it.
+pub async fn run(kube: &Kube, out: Output, ask: Ask<'_>) -> Result<u8> {
+    let code = recover(kube, out, &ask).await?;
+    let api: Api<EtcdRecovery> = Api::namespaced(kube.client.clone(), &kube.namespace);
+    let approved = kube.call("EtcdRecovery", Code::NotFound, || api.get_opt(ask.name)).await?.is_some_and(|r| r.spec.approval.is_some());
+    if code != 0 || !ask.wait || !approved {
+        return Ok(code);
+    }
+    follow(kube, &api, ask.name, out).await
+}
+
+/// Follows an approved recovery until the controller fenced or refused it, telling each
+/// phase on stderr; the exit status says how it ended.
+async fn follow(kube: &Kube, api: &Api<EtcdRecovery>, name: &str, out: Output) -> Result<u8> {
+    let what = format!("EtcdRecovery {}/{name}", kube.namespace);
+    let start = std::time::Instant::now();
+    let mut told = String::new();
+    loop {
+        let r = kube.call(&what, Code::NotFound, || api.get(name)).await?;
+        let s = r.status.clone().unwrap_or_default();
+        let phase = s.phase.clone().unwrap_or_default();
+        let line = format!("{phase}: {}", s.message.as_deref().unwrap_or_default());
+        if line != told {
+            eprintln!("[{:>6.1}s] {}", start.elapsed().as_secs_f64(), show::safe(&line));
+            told = line;
+        }
+        if phase == FENCED || phase == REFUSED {
+            let p = show::Proposal::of(name, &kube.namespace, &r);
+            print(out, &p, || show::recovery(&p))?;
+            let code = s.code.as_deref().and_then(show::code_of).unwrap_or(Code::Internal);
+            return Ok(if phase == FENCED { 0 } else { Error::new(code, "").exit_code() });
+        }
+        if start.elapsed() > FOLLOW_FOR {
+            return Err(Error::new(Code::NotReady, format!("{what} is still {phase} after {FOLLOW_FOR:?} (is the controller running?)")));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+async fn recover(kube: &Kube, out: Output, ask: &Ask<'_>) -> Result<u8> {
+    let Ask { name, picked, approve, timeout, .. } = *ask;
     let api: Api<EtcdRecovery> = Api::namespaced(kube.client.clone(), &kube.namespace);
     let what = format!("EtcdRecovery {}/{name}", kube.namespace);
     let existing = kube.call(&what, Code::NotFound, || api.get_opt(name)).await?;

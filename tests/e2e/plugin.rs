@@ -337,8 +337,20 @@ async fn quorum_lost_on_the_defaults_is_proposed_by_the_controller_and_approved_
     lab.set.crash_container(1)?;
     lab.set.hold_restarts(1, wait).await?;
     let lost_at = std::time::Instant::now();
-    let volumes: Vec<_> = (0..3).map(|i| lab.set.volume_path(i)).collect::<Result<_>>()?;
-    let before: Vec<_> = volumes.iter().map(|v| etcd_medic_lab::agent::tree(v)).collect();
+    // A member's data files by name: its WAL segments, snapshots, db and member id (etcd,
+    // stopped by the fence, may still write into them and drops its preallocated `0.tmp`;
+    // Bitnami's preStop hook writes `member_removal.log`, here an error: no quorum).
+    let files = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+        let data = |p: &std::path::Path| {
+            p.extension().is_some_and(|x| x == "wal" || x == "snap") || p.ends_with("snap/db") || p.ends_with("member_id")
+        };
+        etcd_medic_lab::agent::tree(dir)
+            .into_iter()
+            .filter_map(|(p, _)| p.strip_prefix(dir).ok().map(|p| p.to_path_buf()))
+            .filter(|p| data(p))
+            .collect()
+    };
+    let before: Vec<_> = (0..3).map(|i| Ok(files(&lab.set.volume_path(i)?))).collect::<Result<_>>()?;
 
     let res = etcd_medic_lab::apiserver::store::find_resource("etcd-medic.io", "v1alpha1", "etcdrecoveries").expect("served");
     let store = lab.api.store();
@@ -378,16 +390,44 @@ async fn quorum_lost_on_the_defaults_is_proposed_by_the_controller_and_approved_
     assert_eq!(c.metric("etcd_medic_controller_recoveries_proposed_total").await, Some(1.0));
     assert_eq!(c.metric("etcd_medic_controller_quorum_lost_sets").await, Some(1.0));
 
-    // The person approves what the controller proposed.
-    let r = kubectl_etcd_medic(&lab, &["recover", "apisix-etcd", "-n", "apisix", "--approve", &facts]).await?;
-    assert_eq!(r.code, 0, "{}{}", r.stdout, r.stderr);
+    // The person approves what the controller proposed, and follows it: the controller reads
+    // the facts once more, records the set's replicas, scales it to 0 and waits every
+    // member's pod out. No member of the old cluster runs; every volume is as it was.
+    let r = kubectl_etcd_medic(&lab, &["recover", "apisix-etcd", "-n", "apisix", "--approve", &facts, "--wait"]).await?;
+    assert_eq!(r.code, 0, "{}{}\n{}", r.stdout, r.stderr, c.log_text());
     assert!(r.stdout.contains(&format!("Approved     by {} for facts {facts}", etcd_medic_lab::apiserver::LAB_ADMIN)), "{}", r.stdout);
+    assert!(
+        r.stderr.contains("Fencing: the facts are as approved by") && r.stdout.contains("Phase        Fenced"),
+        "{}{}",
+        r.stdout,
+        r.stderr
+    );
     let record = store.get(res, "apisix", "apisix-etcd").map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    assert_eq!(record["status"]["phase"], "Approved", "{record:#}");
-    for i in 0..3 {
-        assert_eq!(etcd_medic_lab::agent::tree(&volumes[i]).len(), before[i].len(), "member {i}'s volume");
+    assert_eq!((&record["status"]["phase"], &record["status"]["fence"]["replicas"]), (&serde_json::json!("Fenced"), &serde_json::json!(3)));
+    let rebuild = format!("etcd-medic rebuild --data-dir <its volume's data dir> --name {survivor} --client-url");
+    assert!(record["status"]["message"].as_str().is_some_and(|m| m.contains(&rebuild)), "{record:#}");
+    let sts: k8s_openapi::api::apps::v1::StatefulSet = lab.api.get("apisix", "apisix-etcd").expect("the set");
+    assert_eq!(sts.spec.and_then(|s| s.replicas), Some(0));
+    assert!((0..3).all(|i| !lab.set.has_pod(i)), "every member's pod is gone");
+    assert_eq!(lab.set.etcd_pids(), Vec::<u32>::new(), "no etcd of the set runs");
+    for (i, was) in before.iter().enumerate() {
+        let on_host = lab.set.pv_path(i);
+        assert!(!was.is_empty() && files(&on_host) == *was, "member {i}'s volume keeps every data file: {was:?}");
+        if let Ok(log) = std::fs::read_to_string(on_host.join("member_removal.log")) {
+            assert!(!log.contains(" removed from cluster "), "no member was removed: {log}");
+        }
     }
+    // Until the rebuild, the fence is undone by scaling back: the old members come back on
+    // their own data (their cluster still without quorum, as before).
     lab.set.release_restarts();
+    lab.api.modify::<k8s_openapi::api::apps::v1::StatefulSet>("apisix", "apisix-etcd", |s| {
+        s.spec.as_mut().expect("spec").replicas = Some(3);
+    })?;
+    for i in 0..3 {
+        lab.set.wait_pod(i, wait, "back", |p| p["status"]["phase"] == "Running").await?;
+    }
+    let record = store.get(res, "apisix", "apisix-etcd").map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert_eq!(record["status"]["phase"], "Fenced", "the controller never fences twice: {record:#}");
     lab.shutdown().await;
     Ok(())
 }

@@ -123,6 +123,9 @@ struct Inner {
     installed: Mutex<Vec<bool>>,
     /// The etcd process each pod's container runs now, if any.
     pids: Mutex<Vec<Option<u32>>>,
+    /// The StatefulSet's `spec.replicas` as last seen, and the ordinals scaled away (their
+    /// pods deleted and not replaced until the set is scaled up again).
+    replicas: Mutex<(usize, Vec<bool>)>,
 }
 
 pub struct StatefulSetSim {
@@ -164,6 +167,7 @@ impl StatefulSetSim {
             pods: Mutex::new((0..shape.replicas).map(|_| None).collect()),
             installed: Mutex::new(vec![false; shape.replicas]),
             pids: Mutex::new(vec![None; shape.replicas]),
+            replicas: Mutex::new((shape.replicas, vec![false; shape.replicas])),
             shape,
             set_uid,
             members,
@@ -218,6 +222,23 @@ impl StatefulSetSim {
     pub fn volume_path(&self, ordinal: usize) -> Result<PathBuf> {
         let uid = self.pod_uid(ordinal)?;
         Ok(self.inner.node.volume_path(&uid, &self.inner.shape.pv_name(ordinal), &self.inner.shape.volume_source(ordinal)))
+    }
+
+    /// Where member `ordinal`'s volume lives on the node when no pod mounts it (a local or
+    /// hostPath PV's directory, a CSI volume's staging mount).
+    pub fn pv_path(&self, ordinal: usize) -> PathBuf {
+        let s = &self.inner.shape;
+        self.inner.node.backing_path(&s.pv_name(ordinal), &s.volume_source(ordinal))
+    }
+
+    /// The etcd processes the set's containers run now.
+    pub fn etcd_pids(&self) -> Vec<u32> {
+        self.inner.pids.lock().unwrap().iter().flatten().copied().collect()
+    }
+
+    /// Whether pod `ordinal` exists.
+    pub fn has_pod(&self, ordinal: usize) -> bool {
+        self.pod(ordinal).is_ok()
     }
 
     pub fn data_dir(&self, ordinal: usize) -> Result<PathBuf> {
@@ -388,6 +409,28 @@ fn create_pod(inner: &Arc<Inner>, ordinal: usize) -> Result<()> {
     Ok(())
 }
 
+/// The StatefulSet controller's answer to a change of `spec.replicas` (podManagementPolicy
+/// Parallel): the pods past it deleted at once (gracefully, as a scale-down does), the ones
+/// below it made again.
+fn rescale(inner: &Arc<Inner>, set: &Value) {
+    let want = set.pointer("/spec/replicas").and_then(Value::as_u64).map_or(1, |r| r as usize).min(inner.shape.replicas);
+    let s = &inner.shape;
+    let mut r = inner.replicas.lock().unwrap();
+    if r.0 == want {
+        return;
+    }
+    r.0 = want;
+    for ordinal in 0..s.replicas {
+        if ordinal >= want {
+            let _ = inner.api.store().delete(res("pods", ""), &s.namespace, &s.pod_name(ordinal), &json!({}));
+        } else if std::mem::take(&mut r.1[ordinal])
+            && let Err(e) = create_pod(inner, ordinal)
+        {
+            tracing::error!("lab: making {} again failed: {e:#}", s.pod_name(ordinal));
+        }
+    }
+}
+
 /// The StatefulSet controller's and kubelet's answer to a pod delete.
 async fn watch_deletes(inner: Arc<Inner>) {
     let mut rx = inner.api.store().subscribe();
@@ -397,6 +440,14 @@ async fn watch_deletes(inner: Arc<Inner>) {
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
             Err(_) => return,
         };
+        if change.resource.plural == "statefulsets"
+            && change.object.pointer("/metadata/namespace").and_then(Value::as_str) == Some(&inner.shape.namespace)
+            && change.object.pointer("/metadata/name").and_then(Value::as_str) == Some(&inner.shape.set_name())
+            && change.kind != ChangeKind::Deleted
+        {
+            rescale(&inner, &change.object);
+            continue;
+        }
         if change.resource.plural != "pods"
             || change.object.pointer("/metadata/namespace").and_then(Value::as_str) != Some(&inner.shape.namespace)
         {
@@ -426,6 +477,14 @@ async fn replace_pod(inner: &Arc<Inner>, ordinal: usize, uid: &str) -> Result<()
     inner.node.detach(uid, &s.pv_name(ordinal), &s.volume_source(ordinal))?;
     inner.node.remove_pod(uid)?;
     let _ = inner.api.store().finalize(res("pods", ""), &s.namespace, &s.pod_name(ordinal), uid);
+    {
+        // Scaled away: not replaced until the set is scaled up again.
+        let mut r = inner.replicas.lock().unwrap();
+        if ordinal >= r.0 {
+            r.1[ordinal] = true;
+            return Ok(());
+        }
+    }
     create_pod(inner, ordinal)
 }
 
@@ -468,6 +527,7 @@ async fn run_pod(inner: Arc<Inner>, ordinal: usize, uid: String, mut stop: watch
                         _ = stop.changed() => {
                             pre_stop(&inner, ordinal, &uid).await;
                             proc.stop().await;
+                            inner.pids.lock().unwrap()[ordinal] = None;
                             return;
                         }
                         _ = tick.tick() => {

@@ -10,6 +10,7 @@
 //! as a `Refused` EtcdRemediation, so that a person finds it with `kubectl get etcdrem`.
 
 pub mod dispatch;
+mod fence;
 pub mod leader;
 pub mod metrics;
 pub mod observe;
@@ -117,6 +118,8 @@ pub struct Ctx {
     create_failed: Mutex<HashMap<String, Instant>>,
     /// The sets without quorum, and the recoveries proposed ([`quorum`]).
     quorum: Mutex<quorum::Lost>,
+    /// The approved recoveries being fenced ([`fence`]).
+    fences: Mutex<fence::Busy>,
     pub(crate) changed: tokio::sync::Notify,
 }
 
@@ -199,6 +202,7 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         pauses: Mutex::default(),
         create_failed: Mutex::default(),
         quorum: Mutex::default(),
+        fences: Mutex::default(),
         changed: tokio::sync::Notify::new(),
     });
     let admin = crate::server::listen(ctx.cfg.admin)?;
@@ -230,6 +234,7 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     // when something the last look waited for falls due.
     let mut next = Duration::ZERO;
     let mut cause;
+    let mut fenced_at = None;
     loop {
         cause = if next == ctx.cfg.fallback { Look::Fallback } else { Look::Due };
         tokio::select! {
@@ -256,6 +261,12 @@ pub async fn run(cfg: Config, shutdown: Shutdown) -> anyhow::Result<()> {
                 next = next.min(due);
             }
             workers::reconcile(&ctx);
+            // Approved recoveries: at the first look and then at the fallback's pace (an
+            // approval is a person's act, not a pod's event).
+            if fenced_at.is_none_or(|t: Instant| t.elapsed() >= ctx.cfg.fallback) {
+                fence::look(&ctx).await;
+                fenced_at = Some(Instant::now());
+            }
         }
     }
 }

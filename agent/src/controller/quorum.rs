@@ -12,6 +12,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::ResourceExt;
 use kube::runtime::events::{Event, EventType};
@@ -85,26 +86,7 @@ async fn propose(ctx: &Ctx, ns: &str, name: &str) -> Result<()> {
         "quorum lost for {:?}: reading every member's files to propose a recovery",
         ctx.cfg.quorum_lost_for
     );
-    let sts = ctx.api.statefulset(ns, name).await?;
-    let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).max(0);
-    let mut members = Vec::new();
-    for i in 0..replicas {
-        let pod_name = format!("{name}-{i}");
-        let pod = match ctx.api.pod(ns, &pod_name).await {
-            Ok(p) => Some(p),
-            Err(e) if e.code == Code::PodNotFound => None,
-            Err(e) => return Err(e),
-        };
-        let mut m = Member::of(&pod_name, pod.as_ref());
-        match &m.state.node {
-            None => m.note = Some(if pod.is_none() { "no such pod".into() } else { "not scheduled to a node".into() }),
-            Some(node) => match facts(ctx, ns, &pod_name, node).await {
-                Ok(f) => m.facts = f,
-                Err(e) => m.note = Some(format!("its files were not read ({}: {})", e.code, e.message)),
-            },
-        }
-        members.push(m);
-    }
+    let (sts, replicas, members) = read_members(ctx, ns, name).await?;
     let (status, note) = match recovery::plan(replicas, members, None) {
         Ok(plan) => {
             let approve = format!("kubectl etcd-medic recover {name} -n {ns} --approve {}", plan.choice.facts);
@@ -166,6 +148,31 @@ async fn propose(ctx: &Ctx, ns: &str, name: &str) -> Result<()> {
         tracing::warn!("could not record the Event: {e}");
     }
     Ok(())
+}
+
+/// The set, its replicas, and each member's pod and files' facts, as a plan is made from.
+pub(super) async fn read_members(ctx: &Ctx, ns: &str, name: &str) -> Result<(StatefulSet, i32, Vec<Member>)> {
+    let sts = ctx.api.statefulset(ns, name).await?;
+    let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1).max(0);
+    let mut members = Vec::new();
+    for i in 0..replicas {
+        let pod_name = format!("{name}-{i}");
+        let pod = match ctx.api.pod(ns, &pod_name).await {
+            Ok(p) => Some(p),
+            Err(e) if e.code == Code::PodNotFound => None,
+            Err(e) => return Err(e),
+        };
+        let mut m = Member::of(&pod_name, pod.as_ref());
+        match &m.state.node {
+            None => m.note = Some(if pod.is_none() { "no such pod".into() } else { "not scheduled to a node".into() }),
+            Some(node) => match facts(ctx, ns, &pod_name, node).await {
+                Ok(f) => m.facts = f,
+                Err(e) => m.note = Some(format!("its files were not read ({}: {})", e.code, e.message)),
+            },
+        }
+        members.push(m);
+    }
+    Ok((sts, replicas, members))
 }
 
 /// Member `pod`'s files as the agent on `node` reads them (a forced dry run: nothing changes).

@@ -352,6 +352,40 @@ def check_approval_policy(namespace="ops"):
     print(f"the recovery approval policy (CEL, as the API server runs it): {len(want) + 1} requests decided as they must be")
 
 
+def check_status_policy(namespace="ops"):
+    """Quorum recoveries' status: the shipped admission policy leaves the fence and what
+    follows an approval to the controller; a person's plugin writes only plans."""
+    policy, binding = policy_of(f"etcd-medic-recovery-status.{namespace}", namespace)
+    controller = f"system:serviceaccount:{namespace}:etcd-medic-controller"
+
+    def ask(user, old, new, approved=True, sub="status"):
+        spec = {"statefulSet": "apisix-etcd", **({"approval": {"by": "alice", "facts": "ab92b1ea0ff43f8f"}} if approved else {})}
+        record = lambda status: {"apiVersion": "etcd-medic.io/v1alpha1", "kind": "EtcdRecovery",
+                                 "metadata": {"name": "apisix-etcd", "namespace": "apisix"}, "spec": spec,
+                                 **({"status": status} if status is not None else {})}
+        req = {"operation": "UPDATE", "userInfo": {"username": user}, "namespace": "apisix", "name": "apisix-etcd", "subResource": sub,
+               "resource": {"group": "etcd-medic.io", "version": "v1alpha1", "resource": "etcdrecoveries"},
+               "object": record(new), "oldObject": record(old)}
+        return admitted(policy, binding, req, {"kubernetes.io/metadata.name": "apisix"})
+
+    awaiting, approved = {"phase": "AwaitingApproval"}, {"phase": "Approved"}
+    fencing, fenced = {"phase": "Fencing", "fence": {"replicas": 3, "at": "t"}}, {"phase": "Fenced", "fence": {"replicas": 3, "at": "t"}}
+    refused = {"phase": "Refused", "code": "PlanChanged"}
+    want = [
+        ("alice", None, awaiting, False, True), ("alice", awaiting, approved, True, True), ("alice", awaiting, awaiting, False, True),
+        ("mallory", approved, fencing, True, False), ("mallory", approved, {"phase": "Approved", "fence": {"replicas": 1000000}}, True, False),
+        ("mallory", fenced, {**fenced, "message": "rebuild from the other one"}, True, False), ("mallory", fenced, approved, True, False),
+        ("mallory", refused, approved, True, False), ("mallory", {"phase": "Refused", "code": "NoSurvivor"}, awaiting, False, True),
+        (controller, approved, fencing, True, True), (controller, fencing, fenced, True, True), (controller, approved, refused, True, True),
+    ]
+    wrong = [(u, old, new, ok) for u, old, new, appr, ok in want if ask(u, old, new, appr) != ok]
+    if ask("mallory", approved, fencing, sub=None) is not True:
+        wrong.append("the main resource is not this policy's (its status is not written there)")
+    if wrong:
+        sys.exit(f"the recovery status policy decides wrongly (who, status before, after, should admit): {wrong}")
+    print(f"the recovery status policy (CEL, as the API server runs it): {len(want) + 1} requests decided as they must be")
+
+
 def check_lease_policy(namespace="ops"):
     """The agents' Leases: the shipped admission policy, evaluated as the API server would,
     refuses the agents the controller's leader Lease and anything not a cluster's lock, and
@@ -410,6 +444,7 @@ def check(out_dir):
     check_tls()
     check_lease_policy()
     check_approval_policy()
+    check_status_policy()
     refusals()
     lint()
 

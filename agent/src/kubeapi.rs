@@ -131,10 +131,12 @@ impl KubeApi {
         Ok(self.retrying("EtcdRecoveries", Code::NotFound, || api.list(&lp)).await?.items)
     }
 
-    /// Sets the StatefulSet's replicas (a merge patch of its spec).
-    pub async fn scale_statefulset(&self, namespace: &str, name: &str, replicas: i32) -> Result<StatefulSet> {
+    /// Sets the replicas of StatefulSet `name` if it is still the one with `uid` (the UID in
+    /// a patch is a precondition: a set made anew under the name is a 409, never scaled).
+    pub async fn scale_statefulset(&self, namespace: &str, name: &str, uid: &str, replicas: i32) -> Result<StatefulSet> {
         let api: Api<StatefulSet> = Api::namespaced(self.client.clone(), namespace);
-        let (pp, patch) = (PatchParams::default(), Patch::Merge(serde_json::json!({"spec": {"replicas": replicas}})));
+        let body = serde_json::json!({"metadata": {"uid": uid}, "spec": {"replicas": replicas}});
+        let (pp, patch) = (PatchParams::default(), Patch::Merge(body));
         self.retrying(&format!("StatefulSet {namespace}/{name}"), Code::NotFound, || api.patch(name, &pp, &patch)).await
     }
 

@@ -114,6 +114,9 @@ pub struct Fence {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Plan {
+    /// The StatefulSet's UID: the facts' digest is bound to it.
+    #[serde(rename = "statefulSetUID", default)]
+    pub stateful_set_uid: String,
     pub replicas: i32,
     /// Pods Ready when asked: a majority Ready means the cluster may well have quorum.
     pub ready: i32,
@@ -226,14 +229,17 @@ fn advertised_client_urls(c: &k8s_openapi::api::core::v1::Container) -> Vec<Stri
     env.map(|v| v.split(',').map(String::from).collect()).unwrap_or_default()
 }
 
-/// The plan for a set of `replicas` members (in ordinal order), the survivor chosen from their
-/// files (`etcd_medic_core::recover::choose`, with its refusals), or the one a person `picked`.
-pub fn plan(replicas: i32, members: Vec<Member>, picked: Option<&str>) -> Result<Plan> {
+/// The plan for a set (UID `uid`) of `replicas` members (in ordinal order), the survivor
+/// chosen from their files (`etcd_medic_core::recover::choose`, with its refusals), or the one
+/// a person `picked`; its facts' digest bound to the set's UID.
+pub fn plan(replicas: i32, uid: &str, members: Vec<Member>, picked: Option<&str>) -> Result<Plan> {
     let evidence: Vec<Evidence> = members.iter().map(|m| Evidence { pod: m.state.pod.clone(), facts: m.facts.clone() }).collect();
-    let choice = choose(&evidence, picked)?;
+    let mut choice = choose(&evidence, picked)?;
+    choice.facts = etcd_medic_core::recover::bound(&choice.facts, uid);
     let held_revision = choice.ranked.iter().filter(|m| m.pod != choice.survivor).filter_map(|m| m.revision).max().unwrap_or(0);
     let survivor = members.iter().find(|m| m.state.pod == choice.survivor);
     Ok(Plan {
+        stateful_set_uid: uid.into(),
         replicas,
         ready: members.iter().filter(|m| m.state.ready).count() as i32,
         survivor_node: survivor.and_then(|m| m.state.node.clone()),
@@ -342,7 +348,9 @@ mod tests {
         m1.facts = facts(250, 240);
         let mut m2 = Member::of("e-2", None);
         m2.note = Some("no such pod".into());
-        let p = plan(3, vec![m0, m1, m2], None).unwrap();
+        let p = plan(3, "set-uid", vec![m0.clone(), m1.clone(), m2.clone()], None).unwrap();
+        let again = plan(3, "other-uid", vec![m0, m1, m2], None).unwrap();
+        assert_ne!(p.choice.facts, again.choice.facts, "a set made anew under the name is another plan");
         assert_eq!((p.choice.survivor.as_str(), p.survivor_node.as_deref(), p.held_revision), ("e-0", Some("node-a"), 240));
         assert_eq!(p.survivor_client_urls, ["http://e-0.h:2379"]);
         let states: Vec<(&str, &str, i32, Option<&str>)> =

@@ -229,6 +229,20 @@ fn opt(v: Option<u64>) -> String {
     v.map_or("-".into(), |v| v.to_string())
 }
 
+/// The digest an approval names: the facts' digest bound to the StatefulSet's UID, so that
+/// a set made anew under the same name (its PVCs, and so its facts, kept) is another plan.
+pub fn bound(facts: &str, set_uid: &str) -> String {
+    format!("{:016x}", fnv(format!("{facts}|{set_uid}").bytes(), 0xcbf2_9ce4_8422_2325))
+}
+
+fn fnv(bytes: impl Iterator<Item = u8>, mut h: u64) -> u64 {
+    for b in bytes {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 /// FNV-1a over the facts that decide, in the ranked order: another reading that would
 /// choose differently (or lose differently) gives another digest.
 fn digest(ranked: &[Candidate]) -> String {
@@ -244,10 +258,7 @@ fn digest(ranked: &[Candidate]) -> String {
             opt(c.revision),
             c.unusable.is_some()
         );
-        for b in line.bytes() {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
+        h = fnv(line.bytes(), h);
     }
     format!("{h:016x}")
 }

@@ -221,5 +221,5 @@ async fn plan(kube: &Kube, name: &str, picked: Option<&str>, timeout: Duration) 
         }
         members.push(m);
     }
-    recovery::plan(replicas, members, picked)
+    recovery::plan(replicas, &sts.metadata.uid.clone().unwrap_or_default(), members, picked)
 }

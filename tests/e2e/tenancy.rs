@@ -386,3 +386,37 @@ fn a_tenants_data_dir_link_never_makes_it_hold_another_tenants_data() -> Result<
     assert!(pids.contains(&(owner.id(), "data dir /data")), "the victim's own process holds its data: {pids:?}");
     Ok(())
 }
+
+/// A tenant who may write EtcdRecoveries and their status, on the chart's defaults: it
+/// approves a recovery of its own healthy set under its own name and forges the status the
+/// controller writes mid-fence (`Fencing`, a fence of a million replicas). The controller
+/// decides from the set and the members' files, never from that status: it refuses
+/// (`PodHealthy`, the set has its majority) and scales nothing. A record named after another
+/// set than the one it names is refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_fence_in_a_recoverys_status_never_scales_a_set() -> Result<()> {
+    let Some((lab, _agent, c)) = crate::controller::watched_on_defaults().await? else { return Ok(()) };
+    let res = etcd_medic_lab::apiserver::store::find_resource("etcd-medic.io", "v1alpha1", "etcdrecoveries").expect("served");
+    let store = lab.api.store();
+    let approval = json!({"by": "mallory", "facts": "0000000000000000"});
+    let forged = json!({"status": {"phase": "Fencing", "fence": {"replicas": 1_000_000, "at": "2026-12-07T00:00:00Z"}}});
+    for (name, set) in [("apisix-etcd", "apisix-etcd"), ("decoy", "apisix-etcd")] {
+        let record = json!({"metadata": {"name": name}, "spec": {"statefulSet": set, "approval": approval}});
+        store.create(res, "apisix", record).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        store.patch_part(res, "apisix", name, &forged, true).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let refused = |name: &str| store.get(res, "apisix", name).ok().filter(|r| r["status"]["phase"] == "Refused");
+    while (refused("apisix-etcd").is_none() || refused("decoy").is_none()) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let (own, decoy) = (refused("apisix-etcd"), refused("decoy"));
+    assert_eq!(own.as_ref().map(|r| r["status"]["code"].clone()), Some(json!("PodHealthy")), "{own:?}\n{}", c.log_text());
+    assert_eq!(decoy.as_ref().map(|r| r["status"]["code"].clone()), Some(json!("InvalidRequest")), "{decoy:?}");
+    let sts: k8s_openapi::api::apps::v1::StatefulSet = lab.api.get("apisix", "apisix-etcd").expect("the set");
+    assert_eq!(sts.spec.and_then(|s| s.replicas), Some(3), "never scaled");
+    assert!((0..3).all(|i| lab.set.has_pod(i)));
+    lab.set.wait_all_ready(Duration::from_secs(30)).await?;
+    lab.shutdown().await;
+    Ok(())
+}

@@ -1,10 +1,14 @@
-//! An approved quorum recovery, carried out as far as etcd-medic goes today: the members'
-//! files read once more (refused `PlanChanged` when their facts moved since the approval),
-//! then the fence: the StatefulSet's replicas recorded, the set scaled to 0, and every
-//! member's pod waited out, so that no member of the old cluster runs while the new one is
-//! built. Each step is written to the record's status before it is taken: a controller that
-//! restarts resumes from there. The fence itself (replicas 0) is the API server's, and
-//! outlives any restart of the controller or the agents. The rebuild stays a person's step.
+//! An approved quorum recovery, carried out as far as etcd-medic goes today: the fence. No
+//! member of the old cluster may run while the new one is built, so the StatefulSet is
+//! scaled to 0 and every pod it owns waited out.
+//!
+//! Nothing in a record's status decides: whoever may write the status (a tenant, a person's
+//! plugin) could write any phase. Whenever the set still has replicas, every check runs
+//! before it is scaled: the record names its own set, the set's pods are watched by this
+//! controller and not paused, fewer than a majority of them are Ready, and the members'
+//! files (read again through the agents) give the facts approved, for this set's UID. The
+//! status only says where things stand. The fence itself (replicas 0) is the API server's,
+//! and outlives any restart of the controller or the agents. The rebuild stays a person's.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,7 +17,7 @@ use std::time::{Duration, Instant};
 use kube::ResourceExt;
 use serde_json::json;
 
-use etcd_medic_client::recovery::{self, APPROVED, EtcdRecovery, FENCED, FENCING, REFUSED};
+use etcd_medic_client::recovery::{self, EtcdRecovery, FENCED, FENCING, Plan, REFUSED};
 
 use super::Ctx;
 use crate::error::{Code, Error, Result};
@@ -25,7 +29,8 @@ const GONE_WITHIN: Duration = Duration::from_secs(300);
 #[derive(Default)]
 pub struct Busy(HashSet<(String, String)>);
 
-/// Carries out every approved recovery not yet fenced (the ones a restart left halfway too).
+/// Carries out every approved recovery not fenced or refused yet (the ones a restart left
+/// halfway too).
 pub async fn look(ctx: &Arc<Ctx>) {
     let scopes: Vec<Option<String>> =
         if ctx.cfg.namespaces.is_empty() { vec![None] } else { ctx.cfg.namespaces.iter().cloned().map(Some).collect() };
@@ -39,8 +44,7 @@ pub async fn look(ctx: &Arc<Ctx>) {
         };
         for r in records {
             let phase = r.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
-            let approved = r.spec.approval.is_some();
-            if !approved || !(phase == APPROVED || phase == FENCING) {
+            if r.spec.approval.is_none() || phase == FENCED || phase == REFUSED {
                 continue;
             }
             let key = (r.namespace().unwrap_or_default(), r.name_any());
@@ -58,58 +62,95 @@ pub async fn look(ctx: &Arc<Ctx>) {
     }
 }
 
-async fn carry_out(ctx: &Ctx, mut r: EtcdRecovery) -> Result<()> {
+async fn carry_out(ctx: &Ctx, r: EtcdRecovery) -> Result<()> {
     let (ns, name) = (r.namespace().unwrap_or_default(), r.name_any());
     let approval = r.spec.approval.clone().ok_or_else(|| Error::new(Code::Internal, "not approved"))?;
-    let phase = r.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
-    if phase == APPROVED {
-        // The facts once more, while every member's pod and volume are still there.
-        let (_, replicas, members) = super::quorum::read_members(ctx, &ns, &name).await?;
-        let ready = members.iter().filter(|m| m.state.ready).count();
-        let refused = refusal(replicas, ready, recovery::plan(replicas, members, r.spec.survivor.as_deref()), &approval);
+    if r.spec.stateful_set != name {
+        let message =
+            format!("the record is named {name} but names StatefulSet {}: a recovery is named after its set", r.spec.stateful_set);
+        write(ctx, &r, json!({"phase": REFUSED, "code": Code::InvalidRequest.as_str(), "message": message})).await?;
+        return Ok(());
+    }
+    let sts = match ctx.api.statefulset(&ns, &name).await {
+        Ok(s) => s,
+        Err(e) if e.code == Code::NotFound => {
+            write(ctx, &r, json!({"phase": REFUSED, "code": Code::NotFound.as_str(), "message": e.message})).await?;
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    let uid = sts.uid().unwrap_or_default();
+    let mut r = r;
+    let mut verified: Option<Plan> = None;
+    if sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1) > 0 {
+        // Every check, whatever the status says.
+        let seen = ctx.pods.lock().unwrap().values().find(|p| p.namespace == ns && p.cluster.as_deref() == Some(name.as_str())).cloned();
+        let refused = match seen {
+            None => Some((
+                Code::InvalidRequest,
+                format!(
+                    "no pod of StatefulSet {name} is watched by this controller (--namespaces, --selector): it does not fence sets it does not watch"
+                ),
+            )),
+            Some(pod) => match super::paused_on(ctx, &pod).await {
+                Some(on) => {
+                    Some((Code::InvalidRequest, format!("paused by the annotation etcd-medic.io/paused on {on}: nothing was stopped")))
+                }
+                None => {
+                    let (_, replicas, members) = super::quorum::read_members(ctx, &ns, &name).await?;
+                    let ready = members.iter().filter(|m| m.state.ready).count();
+                    let plan = recovery::plan(replicas, &uid, members, r.spec.survivor.as_deref());
+                    let refused = refusal(replicas, ready, plan.as_ref(), &approval);
+                    verified = plan.ok();
+                    refused
+                }
+            },
+        };
         if let Some((code, message)) = refused {
             tracing::warn!(namespace = %ns, statefulset = %name, code = %code, "the approved recovery is refused: {message}");
             write(ctx, &r, json!({"phase": REFUSED, "code": code.as_str(), "message": message})).await?;
             return Ok(());
         }
+        let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
         let message = format!("the facts are as approved by {}; stopping every member: StatefulSet {name} scaled to 0", approval.by);
         let fence = json!({"replicas": replicas, "at": jiff::Timestamp::now().to_string()});
-        r = write(ctx, &r, json!({"phase": FENCING, "fence": fence, "message": message})).await?;
+        r = write(ctx, &r, json!({"phase": FENCING, "plan": verified, "fence": fence, "message": message})).await?;
         tracing::warn!(namespace = %ns, statefulset = %name, replicas, "fencing: every member stopped for the rebuild");
+        if !ctx.leading() {
+            return Ok(());
+        }
+        ctx.api.scale_statefulset(&ns, &name, &uid, 0).await?;
     }
-    let fence = r.status.as_ref().and_then(|s| s.fence.clone()).ok_or_else(|| Error::new(Code::Internal, "fencing without its record"))?;
-    if !ctx.leading() {
-        return Ok(());
-    }
-    ctx.api.scale_statefulset(&ns, &name, 0).await?;
+    // At 0: every pod the set owns waited out, and the set still at 0, still the same set.
     let start = Instant::now();
     loop {
-        let mut left = Vec::new();
-        for i in 0..fence.replicas {
-            let pod = format!("{name}-{i}");
-            match ctx.api.pod(&ns, &pod).await {
-                Ok(_) => left.push(pod),
-                Err(e) if e.code == Code::PodNotFound => {}
-                Err(e) => return Err(e),
-            }
-        }
-        if left.is_empty() {
+        let pods = ctx.api.pods(&ns).await?;
+        let owned: Vec<String> = pods
+            .iter()
+            .filter(|p| p.metadata.owner_references.iter().flatten().any(|o| o.uid == uid && o.controller == Some(true)))
+            .map(|p| p.name_any())
+            .collect();
+        if owned.is_empty() {
             break;
         }
         if start.elapsed() > GONE_WITHIN {
-            return Err(Error::new(Code::NotReady, format!("still there after {GONE_WITHIN:?}: {}", left.join(", "))));
+            return Err(Error::new(Code::NotReady, format!("still there after {GONE_WITHIN:?}: {}", owned.join(", "))));
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    let plan = r.status.as_ref().and_then(|s| s.plan.clone()).unwrap_or_default();
+    let now = ctx.api.statefulset(&ns, &name).await?;
+    if now.uid().as_deref() != Some(uid.as_str()) || now.spec.as_ref().and_then(|s| s.replicas) != Some(0) {
+        return Err(Error::new(Code::NotReady, format!("StatefulSet {name} was scaled up or replaced during the fence")));
+    }
+    let status = r.status.clone().unwrap_or_default();
+    let plan = verified.or(status.plan).unwrap_or_default();
+    let was = status.fence.map_or(plan.replicas, |f| f.replicas);
     let urls = if plan.survivor_client_urls.is_empty() { "<its client URL>".into() } else { plan.survivor_client_urls.join(",") };
     let message = format!(
-        "fenced: no member runs, StatefulSet {name} at 0 (was {}). Next, on node {}: etcd-medic rebuild --data-dir <its volume's data dir> --name {} --client-url {urls} --held-revision {}; then scale to 1, then back to {} one at a time (README: \"Quorum lost\")",
-        fence.replicas,
+        "fenced: no member runs, StatefulSet {name} at 0 (was {was}). Next, on node {}: etcd-medic rebuild --data-dir <its volume's data dir> --name {} --client-url {urls} --held-revision {}; then scale to 1, then back to {was} one at a time (README: \"Quorum lost\")",
         plan.survivor_node.as_deref().unwrap_or("<its node>"),
         plan.choice.survivor,
         plan.held_revision,
-        fence.replicas,
     );
     write(ctx, &r, json!({"phase": FENCED, "message": message})).await?;
     tracing::warn!(namespace = %ns, statefulset = %name, "{message}");
@@ -119,12 +160,12 @@ async fn carry_out(ctx: &Ctx, mut r: EtcdRecovery) -> Result<()> {
 /// Why an approved recovery may not be fenced now, if it may not: a majority Ready (it has
 /// quorum: stopping it would be the outage, and Bitnami's preStop hook removes a member
 /// scaled away while the cluster can still commit), no plan, or facts other than approved.
-fn refusal(replicas: i32, ready: usize, plan: Result<recovery::Plan>, approval: &recovery::Approval) -> Option<(Code, String)> {
+fn refusal(replicas: i32, ready: usize, plan: std::result::Result<&Plan, &Error>, approval: &recovery::Approval) -> Option<(Code, String)> {
     match plan {
         _ if !recovery::quorum_lost(replicas.max(0) as usize, ready) => {
             Some((Code::PodHealthy, format!("{ready} of {replicas} members are Ready: the cluster has its majority; nothing was stopped")))
         }
-        Err(e) => Some((e.code, e.message)),
+        Err(e) => Some((e.code, e.message.clone())),
         Ok(plan) if plan.choice.facts != approval.facts => Some((
             Code::PlanChanged,
             format!(
@@ -154,14 +195,15 @@ mod tests {
     #[test]
     fn a_recovery_is_fenced_only_without_quorum_and_on_the_facts_approved() {
         let approval = recovery::Approval { by: "alice".into(), facts: "ab92b1ea0ff43f8f".into() };
-        let plan = |facts: &str| Ok(recovery::Plan { choice: Choice { facts: facts.into(), ..Default::default() }, ..Default::default() });
-        assert_eq!(refusal(3, 1, plan("ab92b1ea0ff43f8f"), &approval), None);
-        assert_eq!(refusal(3, 0, plan("ab92b1ea0ff43f8f"), &approval), None);
-        assert_eq!(refusal(3, 2, plan("ab92b1ea0ff43f8f"), &approval).map(|r| r.0), Some(Code::PodHealthy), "a majority Ready");
-        let changed = refusal(3, 1, plan("0000000000000001"), &approval).unwrap();
+        let plan = |facts: &str| Plan { choice: Choice { facts: facts.into(), ..Default::default() }, ..Default::default() };
+        let (approved, other) = (plan("ab92b1ea0ff43f8f"), plan("0000000000000001"));
+        assert_eq!(refusal(3, 1, Ok(&approved), &approval), None);
+        assert_eq!(refusal(3, 0, Ok(&approved), &approval), None);
+        assert_eq!(refusal(3, 2, Ok(&approved), &approval).map(|r| r.0), Some(Code::PodHealthy), "a majority Ready");
+        let changed = refusal(3, 1, Ok(&other), &approval).unwrap();
         assert_eq!(changed.0, Code::PlanChanged);
         assert!(changed.1.contains("0000000000000001, not the ab92b1ea0ff43f8f approved by alice"), "{}", changed.1);
-        let gone = refusal(3, 0, Err(Error::new(Code::NoSurvivor, "no data")), &approval);
+        let gone = refusal(3, 0, Err(&Error::new(Code::NoSurvivor, "no data")), &approval);
         assert_eq!(gone.map(|r| r.0), Some(Code::NoSurvivor));
     }
 }

@@ -87,7 +87,7 @@ async fn propose(ctx: &Ctx, ns: &str, name: &str) -> Result<()> {
         ctx.cfg.quorum_lost_for
     );
     let (sts, replicas, members) = read_members(ctx, ns, name).await?;
-    let (status, note) = match recovery::plan(replicas, members, None) {
+    let (status, note) = match recovery::plan(replicas, &sts.uid().unwrap_or_default(), members, None) {
         Ok(plan) => {
             let approve = format!("kubectl etcd-medic recover {name} -n {ns} --approve {}", plan.choice.facts);
             let note = format!("quorum lost: the recovery from {} is proposed; a person approves it with: {approve}", plan.choice.survivor);

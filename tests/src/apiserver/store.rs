@@ -581,6 +581,14 @@ impl Store {
                 "the object has been modified; please apply your changes to the latest version and try again",
             ));
         }
+        // A UID in the patch is a precondition, as the API server takes it.
+        if let Some(uid) = meta_str(patch, "uid")
+            && Some(uid) != meta_str(&current, "uid")
+        {
+            let why =
+                format!("Precondition failed: UID in precondition: {uid}, UID in object meta: {}", meta_str(&current, "uid").unwrap_or(""));
+            return Err(ApiError::conflict(res, name, &why));
+        }
         let mut obj = current.clone();
         merge_patch(&mut obj, patch);
         self.replace_locked(&mut inner, res, key, &current, &mut obj, Some(status))?;

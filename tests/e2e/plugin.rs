@@ -40,6 +40,13 @@ async fn kubectl_etcd_medic(lab: &Lab, args: &[&str]) -> Result<Ran> {
     Ok(ran)
 }
 
+/// Member `ordinal`'s etcd killed, and its restarts held: a member down, its data kept.
+async fn stop_held(lab: &Lab, ordinal: usize) -> Result<()> {
+    lab.set.switches().hold_restarts.store(true, Ordering::SeqCst);
+    lab.set.crash_container(ordinal)?;
+    lab.set.hold_restarts(ordinal, Duration::from_secs(60)).await
+}
+
 fn exit_of(code: Code) -> i32 {
     Error::new(code, "").exit_code().into()
 }
@@ -209,9 +216,7 @@ async fn a_person_diagnoses_heals_and_reads_the_history_with_kubectl_while_the_c
 async fn recover_proposes_the_member_with_the_most_data_when_quorum_is_lost() -> Result<()> {
     let Some((lab, _agent, c)) = crate::controller::watched_on_defaults().await? else { return Ok(()) };
     let wait = Duration::from_secs(60);
-    lab.set.switches().hold_restarts.store(true, Ordering::SeqCst);
-    lab.set.crash_container(2)?;
-    lab.set.hold_restarts(2, wait).await?;
+    stop_held(&lab, 2).await?;
     let others = lab.set.other_endpoints(2);
     for e in &others {
         etcd_medic_lab::etcd::wait_healthy(e, wait).await?;
@@ -220,8 +225,7 @@ async fn recover_proposes_the_member_with_the_most_data_when_quorum_is_lost() ->
     for i in 0..50 {
         client.put(format!("/apisix/upstreams/{i:03}"), "after apisix-etcd-2 stopped", None).await?;
     }
-    lab.set.crash_container(1)?;
-    lab.set.hold_restarts(1, wait).await?;
+    stop_held(&lab, 1).await?;
     let volumes: Vec<_> = (0..3).map(|i| lab.set.volume_path(i)).collect::<Result<_>>()?;
     let before: Vec<_> = volumes.iter().map(|v| etcd_medic_lab::agent::tree(v)).collect();
 
@@ -333,11 +337,8 @@ async fn recover_proposes_the_member_with_the_most_data_when_quorum_is_lost() ->
 async fn quorum_lost_on_the_defaults_is_proposed_by_the_controller_and_approved_by_a_person() -> Result<()> {
     let Some((lab, _agent, c)) = crate::controller::watched_on_defaults().await? else { return Ok(()) };
     let wait = Duration::from_secs(60);
-    lab.set.switches().hold_restarts.store(true, Ordering::SeqCst);
-    lab.set.crash_container(2)?;
-    lab.set.hold_restarts(2, wait).await?;
-    lab.set.crash_container(1)?;
-    lab.set.hold_restarts(1, wait).await?;
+    stop_held(&lab, 2).await?;
+    stop_held(&lab, 1).await?;
     let lost_at = std::time::Instant::now();
     // A member's data files by name: its WAL segments, snapshots, db and member id (etcd,
     // stopped by the fence, may still write into them and drops its preallocated `0.tmp`;

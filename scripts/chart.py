@@ -377,6 +377,9 @@ def check_status_policy(namespace="ops"):
         ("mallory", fenced, {**fenced, "message": "rebuild from the other one"}, True, False), ("mallory", fenced, approved, True, False),
         ("mallory", refused, approved, True, False), ("mallory", {"phase": "Refused", "code": "NoSurvivor"}, awaiting, False, True),
         (controller, approved, fencing, True, True), (controller, fencing, fenced, True, True), (controller, approved, refused, True, True),
+        ("mallory", approved, {"phase": "Approved", "rebuilt": {"revision": 1}}, True, False),
+        ("mallory", {"phase": "Rebuilding"}, approved, True, False), ("mallory", {"phase": "Rebuilt"}, approved, True, False),
+        (controller, fenced, {"phase": "Rebuilding"}, True, True), (controller, {"phase": "Rebuilding"}, {"phase": "Rebuilt"}, True, True),
     ]
     wrong = [(u, old, new, ok) for u, old, new, appr, ok in want if ask(u, old, new, appr) != ok]
     if ask("mallory", approved, fencing, sub=None) is not True:
@@ -384,6 +387,62 @@ def check_status_policy(namespace="ops"):
     if wrong:
         sys.exit(f"the recovery status policy decides wrongly (who, status before, after, should admit): {wrong}")
     print(f"the recovery status policy (CEL, as the API server runs it): {len(want) + 1} requests decided as they must be")
+
+
+def check_holder_policy(namespace="ops"):
+    """Quorum recoveries' holder pods: the controller may create pods only of the holder's
+    shape (the agent's image running `hold`, claims only, unprivileged, no token); anyone
+    else's pods are not this policy's."""
+    import copy
+
+    import yaml
+
+    policy, binding = policy_of(f"etcd-medic-holder-pods.{namespace}", namespace)
+    docs = [d for text in render({}, namespace=namespace).values() for d in yaml.safe_load_all(text) if d]
+    image = next(d for d in docs if d["kind"] == "DaemonSet")["spec"]["template"]["spec"]["containers"][0]["image"]
+    controller = f"system:serviceaccount:{namespace}:etcd-medic-controller"
+    holder = {"apiVersion": "v1", "kind": "Pod",
+              "metadata": {"name": "apisix-etcd-0-hold", "namespace": "apisix", "labels": {"etcd-medic.io/holds": "apisix-etcd-0"}},
+              "spec": {"nodeName": "node-a", "automountServiceAccountToken": False,
+                       "containers": [{"name": "etcd", "image": image, "command": ["/etcd-medic", "hold"], "args": [],
+                                       "env": [{"name": "ETCD_DATA_DIR", "value": "/bitnami/etcd/data"}],
+                                       "volumeMounts": [{"name": "data", "mountPath": "/bitnami/etcd"}],
+                                       "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                                           "capabilities": {"drop": ["ALL"]}}}],
+                       "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data-apisix-etcd-0"}}]}}
+
+    def changed(path, value):
+        pod = copy.deepcopy(holder)
+        at = pod
+        for k in path[:-1]:
+            at = at[k]
+        if value is None:
+            del at[path[-1]]
+        else:
+            at[path[-1]] = value
+        return pod
+
+    def ask(user, pod):
+        req = {"operation": "CREATE", "userInfo": {"username": user}, "namespace": "apisix", "name": pod["metadata"]["name"],
+               "resource": {"group": "", "version": "v1", "resource": "pods"}, "object": pod, "oldObject": None}
+        return admitted(policy, binding, req, {"kubernetes.io/metadata.name": "apisix"})
+
+    c = ("spec", "containers", 0)
+    want = [
+        (controller, holder, True), ("system:serviceaccount:apisix:tenant", changed(c + ("image",), "mallory/anything"), True),
+        (controller, changed(c + ("image",), "mallory/anything"), False), (controller, changed(c + ("command",), ["/bin/sh", "-c", "id"]), False),
+        (controller, changed(c + ("securityContext",), {"privileged": True, "allowPrivilegeEscalation": False}), False),
+        (controller, changed(c + ("securityContext",), None), False),
+        (controller, changed(("spec", "automountServiceAccountToken"), None), False), (controller, changed(("spec", "hostPID"), True), False),
+        (controller, changed(("spec", "hostNetwork"), True), False), (controller, changed(("metadata", "labels"), {"app": "x"}), False),
+        (controller, changed(("spec", "volumes"), [{"name": "data", "hostPath": {"path": "/"}}]), False),
+        (controller, changed(("spec", "initContainers"), [{"name": "x", "image": image}]), False),
+        (controller, changed(("spec", "containers"), holder["spec"]["containers"] * 2), False),
+    ]
+    wrong = [(u.rsplit(":", 1)[1], i, ok) for i, (u, pod, ok) in enumerate(want) if ask(u, pod) != ok]
+    if wrong:
+        sys.exit(f"the holder pods policy decides wrongly (who, case, should admit): {wrong}")
+    print(f"the holder pods policy (CEL, as the API server runs it): {len(want)} requests decided as they must be")
 
 
 def check_lease_policy(namespace="ops"):
@@ -445,6 +504,7 @@ def check(out_dir):
     check_lease_policy()
     check_approval_policy()
     check_status_policy()
+    check_holder_policy()
     refusals()
     lint()
 

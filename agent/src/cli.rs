@@ -137,6 +137,13 @@ pub enum Command {
         #[arg(long, default_value = "2m", value_parser = parse_duration)]
         timeout: std::time::Duration,
     },
+    /// A quorum recovery's holder pod's command: keeps the pod (and so the member's volume,
+    /// mounted) until it is stopped; touches nothing. Arguments after it are ignored (the
+    /// holder keeps the etcd container's, where the agent reads its data dir).
+    Hold {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+        ignored: Vec<String>,
+    },
     /// Put a quarantine back where it came from (refuses while etcd runs on that data).
     Restore {
         /// The quarantine id, as shown by `remediate` and the API (`quarantinePath`).
@@ -258,6 +265,9 @@ pub struct ServeArgs {
     /// The certificate's private key (PEM).
     #[arg(long, env = "ETCD_MEDIC_TLS_KEY_FILE", requires = "tls_cert_file")]
     pub tls_key_file: Option<PathBuf>,
+    /// The etcd binary a quorum recovery's rebuild runs (the image's).
+    #[arg(long, env = "ETCD_MEDIC_ETCD", default_value = "/usr/local/bin/etcd")]
+    pub etcd: PathBuf,
     #[command(flatten)]
     pub engine: EngineArgs,
 }
@@ -301,6 +311,11 @@ pub struct ControllerArgs {
     /// quorum: its recovery is proposed (an EtcdRecovery awaiting a person's approval).
     #[arg(long, env = "ETCD_MEDIC_QUORUM_LOST_FOR", default_value = "2m", value_parser = parse_duration)]
     pub quorum_lost_for: std::time::Duration,
+    /// The image of the holder pods that give the agents a fenced member's volume during a
+    /// quorum recovery's rebuild (the agent's own image; the chart sets it). Without it, an
+    /// approved recovery stops once fenced, and the rebuild is a person's.
+    #[arg(long, env = "ETCD_MEDIC_HOLDER_IMAGE")]
+    pub holder_image: Option<String>,
     /// Plan only: every EtcdRemediation is a dry run through the agent's checks.
     #[arg(long, env = "ETCD_MEDIC_DRY_RUN")]
     pub dry_run: bool,
@@ -366,6 +381,7 @@ impl ControllerArgs {
                 cooldown_secs: self.cooldown.as_secs() as i64,
             },
             quorum_lost_for: self.quorum_lost_for,
+            holder_image: self.holder_image.clone().filter(|i| !i.is_empty()),
             dry_run: self.dry_run,
             agent_namespace: self.agent_namespace.clone(),
             agent_service: self.agent_service.clone(),

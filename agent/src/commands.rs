@@ -88,6 +88,10 @@ async fn run(command: Command) -> anyhow::Result<()> {
             println!("{}", serde_json::to_string_pretty(&rebuilt)?);
             Ok(())
         }
+        Command::Hold { .. } => {
+            Shutdown::on_signals("the holder ends").stopped().await;
+            Ok(())
+        }
         Command::Restore { quarantine_id, force, node } => {
             let failpoint = crate::failpoint::Failpoint::from_env();
             let (_, said) = crate::engine::restore(&node.locator().await?, &node.state_dir, &quarantine_id, force, &failpoint).await?;
@@ -110,6 +114,7 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         max_in_flight: args.max_in_flight,
         reserved_for: args.reserved_for.clone(),
         tls: args.tls_cert_file.clone().zip(args.tls_key_file.clone()),
+        rebuilder: crate::recovery::Rebuilder { etcd: args.etcd.clone(), timeout: std::time::Duration::from_secs(120) },
     };
     let shutdown = Shutdown::on_signals("no new requests; running remediations stop at a safe point");
     let agent = crate::server::Agent::new(config, shutdown);

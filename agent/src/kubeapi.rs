@@ -166,6 +166,18 @@ impl KubeApi {
         self.call(&format!("EtcdRecovery {namespace}/{name}"), Code::NotFound, api.patch_status(name, &pp, &patch)).await
     }
 
+    /// Makes pod `p` (not retried: an answer lost would hide whether it was made; the caller
+    /// reads again). `None` when one of that name exists already.
+    pub async fn create_pod(&self, namespace: &str, p: &Pod) -> Result<Option<Pod>> {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
+        let name = p.metadata.name.clone().unwrap_or_default();
+        match self.call(&format!("pod {namespace}/{name}"), Code::PodNotFound, api.create(&PostParams::default(), p)).await {
+            Ok(p) => Ok(Some(p)),
+            Err(_) if api.get_opt(&name).await.ok().flatten().is_some() => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     pub async fn pods(&self, namespace: &str) -> Result<Vec<Pod>> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), namespace);
         let lp = ListParams::default();

@@ -22,6 +22,7 @@ pub mod locate;
 pub mod profile;
 pub mod quarantine;
 pub mod rebuild;
+pub mod recovery;
 pub mod scope;
 pub mod server;
 pub mod shutdown;

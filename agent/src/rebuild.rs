@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use etcd_client::{Client, CompactionOptions, GetOptions};
 use etcd_medic_core::recover::{COMPACTION_MARKS, revision_bytes};
-use serde::Serialize;
 
 use crate::error::{Code, Error, Result};
 use crate::host::processes as guard;
@@ -45,19 +44,7 @@ pub struct Spec {
 }
 
 /// What the rebuild made.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Rebuilt {
-    /// The survivor's member id and its cluster's id (both kept), 16 hex digits.
-    pub member_id: String,
-    #[serde(rename = "clusterID")]
-    pub cluster_id: String,
-    /// The members `--force-new-cluster` removed.
-    pub removed: Vec<String>,
-    /// The survivor's revision before, and the one the cluster starts at.
-    pub revision_before: u64,
-    pub revision: u64,
-}
+pub use etcd_medic_core::step::Rebuilt;
 
 fn hex(id: u64) -> String {
     format!("{id:016x}")

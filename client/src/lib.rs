@@ -173,6 +173,15 @@ impl AgentClient {
         decode(&self.call(Method::POST, &format!("/v1/remediations/{id}/restore{query}"), None).await?.1)
     }
 
+    /// `POST /v1/recovery-steps`: a quorum recovery's step on a member's volume. Asked
+    /// again, the agent answers the same; while one runs (`ClusterLocked`) or outlasts the
+    /// request (`NotReady`), the caller asks again later.
+    pub async fn recovery_step(&self, req: &etcd_medic_core::step::StepRequest) -> Result<etcd_medic_core::step::StepDone> {
+        req.validate()?;
+        let body = serde_json::to_vec(req).map_err(|e| Error::new(Code::Internal, format!("request: {e}")))?;
+        decode(&self.call(Method::POST, "/v1/recovery-steps", Some(body)).await?.1)
+    }
+
     /// Polls remediation `id` until it ends (Succeeded, Failed, Refused, Planned), or
     /// `timeout` passes (`NotReady`). A blip of the agent (a restart resumes the remediation
     /// from its journal) is waited out.

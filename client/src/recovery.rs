@@ -76,8 +76,11 @@ pub struct EtcdRecoveryStatus {
     /// `AwaitingApproval` (a plan, no approval), `Approved` (the approval names the facts
     /// read again at approval), `Fencing` (the controller found the facts unchanged once
     /// more, and stops every member: the StatefulSet at 0), `Fenced` (no member's pod is
-    /// left; the rebuild is a person's step), `Refused` (no plan can be made, or the facts
-    /// changed before the fence: `code` says why).
+    /// left), `Rebuilding` (every member's data moved into a quarantine on its volume, the
+    /// survivor's copied back and rebuilt into a one-member cluster, then the set scaled to
+    /// 1: the survivor serves), `Rebuilt` (the survivor serves alone, Ready; the others
+    /// rejoin by a person's steps, `message`), or `Refused` (no plan can be made, the facts
+    /// changed before the fence, or a step cannot be taken: `code` says why).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
     /// The refusal's stable code (`SplitBrain`, `NoSurvivor`, `CorruptData`, …).
@@ -94,9 +97,33 @@ pub struct EtcdRecoveryStatus {
     /// The fence: the StatefulSet's replicas before it was scaled to 0 (to scale it back).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fence: Option<Fence>,
+    /// What the rebuild made of the survivor's data, once made.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rebuilt: Option<RebuiltState>,
     /// One line for a person: what happens next.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+}
+
+/// The rebuilt cluster, and where each member's old data is kept.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RebuiltState {
+    /// The survivor's member id and its cluster's id (kept), 16 hex digits.
+    pub member_id: String,
+    #[serde(rename = "clusterID")]
+    pub cluster_id: String,
+    /// The survivor's revision before, and the one the rebuilt cluster started at.
+    pub revision_before: u64,
+    pub revision: u64,
+    /// The quarantine, on every member's volume (`.etcd-medic/quarantine/<name>`), that holds
+    /// its data as it was at the fence: the survivor's original too.
+    pub quarantine: String,
+    /// Members whose data was moved there (the survivor's was copied back and rebuilt).
+    pub quarantined: Vec<String>,
+    /// When the rebuild ended (RFC 3339): the undo point, before the first write reached
+    /// the new cluster.
+    pub at: String,
 }
 
 /// What the fence changed, recorded before it is changed.
@@ -107,6 +134,10 @@ pub struct Fence {
     pub replicas: i32,
     /// When the fence began (RFC 3339).
     pub at: String,
+    /// Whether the controller carries the recovery on from the fence (the rebuild, the
+    /// survivor started); else the rebuild is a person's (`message`).
+    #[serde(default)]
+    pub rebuild: bool,
 }
 
 /// What a quorum recovery proposes: the survivor and why, every member's facts, what is lost,
@@ -256,6 +287,8 @@ pub const APPROVED: &str = "Approved";
 pub const REFUSED: &str = "Refused";
 pub const FENCING: &str = "Fencing";
 pub const FENCED: &str = "Fenced";
+pub const REBUILDING: &str = "Rebuilding";
+pub const REBUILT: &str = "Rebuilt";
 
 /// Whether `ready` of a set's `members` (its pods) are too few to elect a leader: fewer than
 /// a majority, in a set of two or more (a single member is no quorum to lose).

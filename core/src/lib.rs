@@ -22,6 +22,7 @@ pub mod request;
 pub mod resume;
 pub mod retention;
 pub mod signature;
+pub mod step;
 pub mod verify;
 pub mod wal;
 

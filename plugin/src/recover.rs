@@ -10,7 +10,9 @@ use k8s_openapi::api::authentication::v1::SelfSubjectReview;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-use etcd_medic_client::recovery::{self, APPROVED, AWAITING_APPROVAL, EtcdRecovery, EtcdRecoverySpec, FENCED, Member, Plan, REFUSED};
+use etcd_medic_client::recovery::{
+    self, APPROVED, AWAITING_APPROVAL, EtcdRecovery, EtcdRecoverySpec, FENCED, Member, Plan, REBUILT, REFUSED,
+};
 use etcd_medic_core::{Code, Error, Result};
 
 use crate::cli::Output;
@@ -41,8 +43,9 @@ pub async fn run(kube: &Kube, out: Output, ask: Ask<'_>) -> Result<u8> {
     follow(kube, &api, ask.name, out).await
 }
 
-/// Follows an approved recovery until the controller fenced or refused it, telling each
-/// phase on stderr; the exit status says how it ended.
+/// Follows an approved recovery until the controller refused it, rebuilt it (the survivor
+/// serves), or fenced it for a person's rebuild, telling each phase on stderr; the exit
+/// status says how it ended.
 async fn follow(kube: &Kube, api: &Api<EtcdRecovery>, name: &str, out: Output) -> Result<u8> {
     let what = format!("EtcdRecovery {}/{name}", kube.namespace);
     let start = std::time::Instant::now();
@@ -56,11 +59,13 @@ async fn follow(kube: &Kube, api: &Api<EtcdRecovery>, name: &str, out: Output) -
             eprintln!("[{:>6.1}s] {}", start.elapsed().as_secs_f64(), show::safe(&line));
             told = line;
         }
-        if phase == FENCED || phase == REFUSED {
+        // Fenced ends it when the rebuild is a person's; else the controller goes on.
+        let person_next = phase == FENCED && s.fence.as_ref().is_some_and(|f| !f.rebuild);
+        if person_next || phase == REBUILT || phase == REFUSED {
             let p = show::Proposal::of(name, &kube.namespace, &r);
             print(out, &p, || show::recovery(&p))?;
             let code = s.code.as_deref().and_then(show::code_of).unwrap_or(Code::Internal);
-            return Ok(if phase == FENCED { 0 } else { Error::new(code, "").exit_code() });
+            return Ok(if phase == REFUSED { Error::new(code, "").exit_code() } else { 0 });
         }
         if start.elapsed() > FOLLOW_FOR {
             return Err(Error::new(Code::NotReady, format!("{what} is still {phase} after {FOLLOW_FOR:?} (is the controller running?)")));
@@ -143,7 +148,7 @@ async fn recover(kube: &Kube, out: Output, ask: &Ask<'_>) -> Result<u8> {
     let now = jiff::Timestamp::now().to_string();
     let status = json!({"status": {
         "phase": APPROVED, "plan": plan, "proposedAt": now, "approvedAt": now,
-        "message": format!("approved by {by}; the rebuild is a person's steps today (README: \"Quorum lost\")"),
+        "message": format!("approved by {by}; the controller fences the set at its next look, then rebuilds from ordinal 0 when it is the survivor (README: \"Quorum lost\")"),
     }});
     let (pp, status) = (PatchParams::default(), Patch::Merge(status));
     let r = kube.call(&what, Code::NotFound, || api.patch_status(name, &pp, &status)).await?;

@@ -285,6 +285,12 @@ pub struct Proposal {
     pub approval: Option<etcd_medic_client::recovery::Approval>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// What the controller's rebuild made, once made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rebuilt: Option<etcd_medic_client::recovery::RebuiltState>,
+    /// Whether the controller carries the recovery past the fence (no manual steps to show).
+    #[serde(skip)]
+    pub by_controller: bool,
     #[serde(flatten)]
     pub plan: etcd_medic_client::recovery::Plan,
 }
@@ -298,6 +304,8 @@ impl Proposal {
             phase: s.phase.unwrap_or_else(|| "Proposed".into()),
             approval: r.spec.approval.clone(),
             message: s.message,
+            by_controller: s.fence.as_ref().is_some_and(|f| f.rebuild) || s.rebuilt.is_some(),
+            rebuilt: s.rebuilt,
             plan: s.plan.unwrap_or_default(),
         }
     }
@@ -352,6 +360,23 @@ pub fn recovery(p: &Proposal) -> String {
     }
     for n in &plan.notes {
         let _ = writeln!(out, "Note         {}", safe(n));
+    }
+    if let Some(b) = &p.rebuilt {
+        let _ = writeln!(
+            out,
+            "Rebuilt      member {} of cluster {} at revision {} (it held {}); old data in quarantine {} on every member's volume",
+            safe(&b.member_id),
+            safe(&b.cluster_id),
+            b.revision,
+            b.revision_before,
+            safe(&b.quarantine)
+        );
+    }
+    if p.by_controller {
+        if let Some(m) = &p.message {
+            let _ = writeln!(out, "Then         {}", safe(m));
+        }
+        return out;
     }
     let node = plan.survivor_node.as_deref().map_or("<its node>".into(), safe);
     let urls = if plan.survivor_client_urls.is_empty() { "<its client URL>".into() } else { safe(&plan.survivor_client_urls.join(",")) };

@@ -332,11 +332,12 @@ async fn recover_proposes_the_member_with_the_most_data_when_quorum_is_lost() ->
 /// recovery by itself, an `EtcdRecovery` awaiting approval with every member's pod state and
 /// files' facts, tells it as a `QuorumLost` Event on the StatefulSet and counts it; nothing
 /// changes on any volume. A person approves the facts it shows, and the approval is recorded
-/// under the name the API server knows them by.
+/// under the name the API server knows them by; the controller fences the set, the agent
+/// rebuilds the survivor's data through a holder pod, every member's data kept in a
+/// quarantine, and the survivor serves again alone with every key, time moved forward.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn quorum_lost_on_the_defaults_is_proposed_by_the_controller_and_approved_by_a_person() -> Result<()> {
+async fn quorum_lost_on_the_defaults_is_proposed_by_the_controller_approved_by_a_person_and_rebuilt() -> Result<()> {
     let Some((lab, _agent, c)) = crate::controller::watched_on_defaults().await? else { return Ok(()) };
-    let wait = Duration::from_secs(60);
     stop_held(&lab, 2).await?;
     stop_held(&lab, 1).await?;
     let lost_at = std::time::Instant::now();
@@ -393,44 +394,67 @@ async fn quorum_lost_on_the_defaults_is_proposed_by_the_controller_and_approved_
     assert_eq!(c.metric("etcd_medic_controller_recoveries_proposed_total").await, Some(1.0));
     assert_eq!(c.metric("etcd_medic_controller_quorum_lost_sets").await, Some(1.0));
 
-    // The person approves what the controller proposed, and follows it: the controller reads
-    // the facts once more, records the set's replicas, scales it to 0 and waits every
-    // member's pod out. No member of the old cluster runs; every volume is as it was.
-    let r = kubectl_etcd_medic(&lab, &["recover", "apisix-etcd", "-n", "apisix", "--approve", &facts, "--wait"]).await?;
+    // The person approves what the controller proposed (ordinal 0 picked when another
+    // ranks first: a StatefulSet starts ordinal 0 first, so the rebuild is automated from
+    // it), and follows it: the controller reads the facts once more, scales the set to 0 and
+    // waits every member's pod out; through a holder pod per member the agent moves every
+    // member's data into the recovery's quarantine and rebuilds a copy of the survivor's; the
+    // set is scaled to 1 and the survivor serves every key it held, time moved forward.
+    let mut approve = vec!["recover", "apisix-etcd", "-n", "apisix", "--approve", &facts, "--wait"];
+    if survivor != "apisix-etcd-0" {
+        approve.extend(["--survivor", "apisix-etcd-0"]);
+    }
+    let r = kubectl_etcd_medic(&lab, &approve).await?;
     assert_eq!(r.code, 0, "{}{}\n{}", r.stdout, r.stderr, c.log_text());
     assert!(r.stdout.contains(&format!("Approved     by {} for facts {facts}", etcd_medic_lab::apiserver::LAB_ADMIN)), "{}", r.stdout);
-    assert!(
-        r.stderr.contains("Fencing: the facts are as approved by") && r.stdout.contains("Phase        Fenced"),
-        "{}{}",
-        r.stdout,
-        r.stderr
+    for said in [
+        "Fencing: the facts are as approved by",
+        "Rebuilding: rebuilding: every member's data",
+        "Rebuilt: rebuilt: apisix-etcd-0 serves alone",
+    ] {
+        assert!(r.stderr.contains(said), "{said}: {}{}", r.stdout, r.stderr);
+    }
+    assert!(r.stdout.contains("Phase        Rebuilt"), "{}{}", r.stdout, r.stderr);
+    let record = store.get(res, "apisix", "apisix-etcd").map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let status = &record["status"];
+    assert_eq!(
+        (&status["phase"], &status["fence"]["replicas"], &status["fence"]["rebuild"]),
+        (&serde_json::json!("Rebuilt"), &serde_json::json!(3), &serde_json::json!(true)),
+        "{record:#}"
     );
-    let record = store.get(res, "apisix", "apisix-etcd").map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    assert_eq!((&record["status"]["phase"], &record["status"]["fence"]["replicas"]), (&serde_json::json!("Fenced"), &serde_json::json!(3)));
-    let rebuild = format!("etcd-medic rebuild --data-dir <its volume's data dir> --name {survivor} --client-url");
-    assert!(record["status"]["message"].as_str().is_some_and(|m| m.contains(&rebuild)), "{record:#}");
+    let rebuilt = &status["rebuilt"];
+    let (before_rev, revision) = (rebuilt["revisionBefore"].as_u64().unwrap_or_default(), rebuilt["revision"].as_u64().unwrap_or_default());
+    assert!(revision > before_rev + 1_000_000 && before_rev > KEYS as u64, "time moves forward: {rebuilt:#}");
+    assert_eq!(rebuilt["quarantined"], serde_json::json!(["apisix-etcd-1", "apisix-etcd-2"]), "{rebuilt:#}");
+    let quarantine = rebuilt["quarantine"].as_str().unwrap_or_default().to_string();
+    assert!(
+        quarantine.ends_with(&etcd_medic_core::step::quarantine_id(record["metadata"]["uid"].as_str().unwrap_or_default())),
+        "{rebuilt:#}"
+    );
+    // The set at 1: the survivor alone, Ready, a one-member cluster with every key it held,
+    // at the bumped revision.
     let sts: k8s_openapi::api::apps::v1::StatefulSet = lab.api.get("apisix", "apisix-etcd").expect("the set");
-    assert_eq!(sts.spec.and_then(|s| s.replicas), Some(0));
-    assert!((0..3).all(|i| !lab.set.has_pod(i)), "every member's pod is gone");
-    assert_eq!(lab.set.etcd_pids(), Vec::<u32>::new(), "no etcd of the set runs");
+    assert_eq!(sts.spec.and_then(|s| s.replicas), Some(1));
+    assert!(lab.set.has_pod(0) && !lab.set.has_pod(1) && !lab.set.has_pod(2), "the survivor alone");
+    let mut client = etcd_medic_lab::etcd::live_client(&[lab.set.members()[0].client_url()]).await?;
+    let got = client.get("/apisix/routes/", Some(etcd_client::GetOptions::new().with_prefix().with_count_only())).await?;
+    assert_eq!(got.count(), KEYS as i64, "every key the survivor held");
+    assert!(got.header().map_or(0, |h| h.revision()) as u64 >= revision, "the revision the rebuild started at");
+    assert_eq!(client.member_list().await?.members().len(), 1, "a one-member cluster");
+    // No holder left; every member's data as it was at the fence, in the quarantine on its
+    // volume (the survivor's original too: its copy was rebuilt).
+    let holders = lab.api.list::<k8s_openapi::api::core::v1::Pod>(Some("apisix"));
+    assert!(holders.iter().all(|p| !p.metadata.name.as_deref().unwrap_or_default().ends_with("-hold")), "holders are gone");
     for (i, was) in before.iter().enumerate() {
-        let on_host = lab.set.pv_path(i);
-        assert!(!was.is_empty() && files(&on_host) == *was, "member {i}'s volume keeps every data file: {was:?}");
-        if let Ok(log) = std::fs::read_to_string(on_host.join("member_removal.log")) {
-            assert!(!log.contains(" removed from cluster "), "no member was removed: {log}");
-        }
+        let kept = lab.set.pv_path(i).join(".etcd-medic/quarantine").join(&quarantine);
+        let want: Vec<_> = was.iter().filter(|p| i > 0 || !p.ends_with("member_id")).cloned().collect();
+        assert!(
+            !want.is_empty() && files(&kept) == want,
+            "member {i}'s data is kept in {}: {want:?} vs {:?}",
+            kept.display(),
+            files(&kept)
+        );
     }
-    // Until the rebuild, the fence is undone by scaling back: the old members come back on
-    // their own data (their cluster still without quorum, as before).
-    lab.set.release_restarts();
-    lab.api.modify::<k8s_openapi::api::apps::v1::StatefulSet>("apisix", "apisix-etcd", |s| {
-        s.spec.as_mut().expect("spec").replicas = Some(3);
-    })?;
-    for i in 0..3 {
-        lab.set.wait_pod(i, wait, "back", |p| p["status"]["phase"] == "Running").await?;
-    }
-    let record = store.get(res, "apisix", "apisix-etcd").map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    assert_eq!(record["status"]["phase"], "Fenced", "the controller never fences twice: {record:#}");
     lab.shutdown().await;
     Ok(())
 }

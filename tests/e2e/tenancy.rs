@@ -392,7 +392,9 @@ fn a_tenants_data_dir_link_never_makes_it_hold_another_tenants_data() -> Result<
 /// controller writes mid-fence (`Fencing`, a fence of a million replicas). The controller
 /// decides from the set and the members' files, never from that status: it refuses
 /// (`PodHealthy`, the set has its majority) and scales nothing. A record named after another
-/// set than the one it names is refused too.
+/// set than the one it names is refused too. Asked directly, the agent's recovery steps are
+/// the controller's alone (403 for the tenant), and even under the controller's name a record
+/// forged `Fenced` with a holder the tenant made moves nothing while the set runs (`NotFenced`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_fence_in_a_recoverys_status_never_scales_a_set() -> Result<()> {
     let Some((lab, _agent, c)) = crate::controller::watched_on_defaults().await? else { return Ok(()) };
@@ -414,8 +416,55 @@ async fn a_forged_fence_in_a_recoverys_status_never_scales_a_set() -> Result<()>
     assert_eq!(own.as_ref().map(|r| r["status"]["code"].clone()), Some(json!("PodHealthy")), "{own:?}\n{}", c.log_text());
     assert_eq!(decoy.as_ref().map(|r| r["status"]["code"].clone()), Some(json!("InvalidRequest")), "{decoy:?}");
     let sts: k8s_openapi::api::apps::v1::StatefulSet = lab.api.get("apisix", "apisix-etcd").expect("the set");
-    assert_eq!(sts.spec.and_then(|s| s.replicas), Some(3), "never scaled");
+    assert_eq!(sts.clone().spec.and_then(|s| s.replicas), Some(3), "never scaled");
     assert!((0..3).all(|i| lab.set.has_pod(i)));
+    lab.set.wait_all_ready(Duration::from_secs(30)).await?;
+
+    // The agent's recovery steps, asked directly. A tenant that may call the agent (it may
+    // ask remediations in its namespace) may not ask them: 403. The controller's own token,
+    // on a record forged Fenced with a plan for this set and the facts it approves, and a
+    // holder pod the tenant made (the label, the record as owner, a member's claim): the
+    // agent reads the set itself, finds it with its replicas and pods, and refuses
+    // NotFenced; the member's data is untouched.
+    let identity = |user: &str| TokenIdentity {
+        username: user.into(),
+        groups: vec!["system:authenticated".into()],
+        audiences: vec![etcd_medic_lab::controller::AUDIENCE.into()],
+    };
+    lab.api.add_identity("tenant-step", identity("system:serviceaccount:apisix:caller"));
+    lab.api.allow_remediations("system:serviceaccount:apisix:caller", Some("apisix"));
+    lab.api.add_identity("controller-step", identity(etcd_medic_lab::controller::CONTROLLER_SA));
+    let uid = sts.metadata.uid.clone().unwrap_or_default();
+    let plan = json!({"statefulSetUID": uid, "replicas": 3, "ready": 3, "heldRevision": 0,
+                      "choice": {"survivor": "apisix-etcd-0", "facts": "0000000000000000", "why": "", "ranked": [], "lost": []}});
+    let fenced = json!({"status": {"phase": "Fenced", "code": null, "plan": plan,
+                                   "fence": {"replicas": 3, "at": "2026-12-07T00:00:00Z", "rebuild": true}}});
+    store.patch_part(res, "apisix", "apisix-etcd", &fenced, true).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let record_uid = store.get(res, "apisix", "apisix-etcd").map_err(|e| anyhow::anyhow!("{e:?}"))?["metadata"]["uid"].clone();
+    let pods = etcd_medic_lab::apiserver::store::find_resource("", "v1", "pods").expect("served");
+    let holder = json!({"metadata": {"name": "apisix-etcd-1-hold", "labels": {"etcd-medic.io/holds": "apisix-etcd-1"},
+        "ownerReferences": [{"apiVersion": "etcd-medic.io/v1alpha1", "kind": "EtcdRecovery", "name": "apisix-etcd", "uid": record_uid, "controller": true}]},
+        "spec": {"nodeName": etcd_medic_lab::NODE_NAME, "containers": [{"name": "etcd", "image": "mallory/etcd",
+                 "env": [{"name": "ETCD_ON_K8S", "value": "yes"}, {"name": "ETCD_DATA_DIR", "value": "/bitnami/etcd/data"}],
+                 "volumeMounts": [{"name": "data", "mountPath": "/bitnami/etcd"}]}],
+                 "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "data-apisix-etcd-1"}}]}});
+    store.create(pods, "apisix", holder).map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let before = etcd_medic_lab::agent::tree(&lab.set.pv_path(1));
+    let body = br#"{"namespace":"apisix","statefulSet":"apisix-etcd","holder":"apisix-etcd-1-hold","action":"Quarantine"}"#;
+    let ask = |token: &'static str| {
+        let auth = format!("Bearer {token}");
+        async move {
+            let headers = [("Authorization", auth.as_str()), ("Content-Type", "application/json")];
+            etcd_medic_lab::http::request(_agent.addr, "POST", "/v1/recovery-steps", &headers, Some(body)).await
+        }
+    };
+    let tenant = ask("tenant-step").await?;
+    assert_eq!(tenant.status, 403, "{}", String::from_utf8_lossy(&tenant.body));
+    let controller = ask("controller-step").await?;
+    let said = String::from_utf8_lossy(&controller.body).to_string();
+    assert_eq!(controller.status, 422, "{said}");
+    assert!(said.contains("\"code\":\"NotFenced\"") && said.contains("has replicas"), "{said}");
+    assert_eq!(etcd_medic_lab::agent::tree(&lab.set.pv_path(1)), before, "the member's data is untouched");
     lab.set.wait_all_ready(Duration::from_secs(30)).await?;
     lab.shutdown().await;
     Ok(())

@@ -141,6 +141,9 @@ impl ServedAgent {
             .arg(&lab.node.root)
             // The real /proc: the holder check must see the lab's etcd processes.
             .args(["--proc-root", "/proc", "--verify-timeout", "120s"])
+            // The image's etcd, for a quorum recovery's rebuild: the lab's.
+            .arg("--etcd")
+            .arg(crate::etcd::etcd_binary())
             .arg("--state-dir")
             .arg(&how.state_dir)
             .args(&how.args)

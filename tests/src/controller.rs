@@ -15,6 +15,8 @@ use crate::apiserver::{ApiServer, TokenIdentity};
 
 /// The controller's ServiceAccount, as the agents authorize it.
 pub const CONTROLLER_SA: &str = "system:serviceaccount:etcd-medic:etcd-medic-controller";
+/// The agent's image, as the chart gives it to the controller for the holder pods.
+pub const HOLDER_IMAGE: &str = "etcd-medic/etcd-medic:lab";
 /// The audience the agents ask tokens to carry.
 pub const AUDIENCE: &str = "etcd-medic";
 
@@ -25,6 +27,14 @@ pub fn register_agent(lab: &Lab, agent: &ServedAgent) -> Result<PathBuf> {
     let token = format!("controller-{}", uuid::Uuid::new_v4().simple());
     lab.api.add_identity(&token, TokenIdentity { username: CONTROLLER_SA.into(), groups: vec![], audiences: vec![AUDIENCE.into()] });
     lab.api.allow_remediations(CONTROLLER_SA, None);
+    // The controller's ClusterRole: a quorum recovery's steps on the members' volumes.
+    lab.api.allow(crate::apiserver::AccessRule {
+        subject: CONTROLLER_SA.into(),
+        verb: "create".into(),
+        group: "etcd-medic.io".into(),
+        resource: "recoverysteps".into(),
+        namespace: None,
+    });
     let file = lab.dir.path().join(format!("{token}.token"));
     std::fs::write(&file, &token)?;
     Ok(file)
@@ -86,6 +96,8 @@ impl ControllerProcess {
             .args(if args.contains(&"--lease-duration") { &[][..] } else { &["--lease-duration", "3s"][..] })
             .arg("--agent-token-file")
             .arg(token_file)
+            // As the chart sets it: the holder pods run the agent's image.
+            .args(["--holder-image", HOLDER_IMAGE])
             .args(args)
             .env("KUBECONFIG", &api.kubeconfig)
             .env("RUST_LOG", "info,etcd_medic=debug")

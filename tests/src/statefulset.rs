@@ -20,6 +20,7 @@ use crate::bitnami::{self, Decision, Decision11, VolumeFacts};
 use crate::etcd::{self, ClusterState, EtcdConfig, EtcdProcess, MemberSpec, format_id, parse_id};
 use crate::kubelet::NodeTree;
 use crate::objects::{self, SetShape, StartProfile};
+use etcd_medic_core::step::HOLDS_LABEL;
 
 /// Knobs of the simulated kubelet. The kubelet's real back-off starts at 10 s; the lab's
 /// default is shorter so tests stay quick, with the same doubling and cap.
@@ -157,7 +158,16 @@ impl StatefulSetSim {
         let members: Vec<MemberSpec> = (0..shape.replicas).map(|i| MemberSpec::new(shape.pod_name(i))).collect();
         let ns = shape.namespace.clone();
         let _ = store.create(res("namespaces", ""), "", json!({"metadata": {"name": ns}}));
-        let set = store.create(res("statefulsets", "apps"), &ns, objects::statefulset(&shape)).map_err(|e| anyhow!(e.message))?;
+        // The template holds the etcd container as the pods run it (ordinal 0's: the lab's
+        // members differ by port where a chart's differ by the pod's name); the claims'
+        // volumes, node and host name are the controller's to add, per pod.
+        let mut set = objects::statefulset(&shape);
+        let mut template = objects::pod(&shape, "", 0, &members)["spec"].clone();
+        for per_pod in ["volumes", "nodeName", "hostname", "subdomain"] {
+            template.as_object_mut().map(|t| t.remove(per_pod));
+        }
+        set["spec"]["template"]["spec"] = template;
+        let set = store.create(res("statefulsets", "apps"), &ns, set).map_err(|e| anyhow!(e.message))?;
         let set_uid = set["metadata"]["uid"].as_str().unwrap_or_default().to_string();
         for i in 0..shape.replicas {
             store.create(res("persistentvolumes", ""), "", objects::pv(&shape, i)).map_err(|e| anyhow!(e.message))?;
@@ -453,6 +463,12 @@ async fn watch_deletes(inner: Arc<Inner>) {
         {
             continue;
         }
+        if change.object.pointer(&format!("/metadata/labels/{}", HOLDS_LABEL.replace('/', "~1"))).is_some() {
+            if let Err(e) = run_holder(&inner, &change.object, change.kind) {
+                tracing::error!("lab: a holder pod: {e:#}");
+            }
+            continue;
+        }
         let name = change.object.pointer("/metadata/name").and_then(Value::as_str).unwrap_or_default();
         let Some(ordinal) = (0..inner.shape.replicas).find(|&i| inner.shape.pod_name(i) == name) else { continue };
         let uid = change.object.pointer("/metadata/uid").and_then(Value::as_str).unwrap_or_default().to_string();
@@ -465,6 +481,49 @@ async fn watch_deletes(inner: Arc<Inner>) {
             tracing::error!("lab: replacing {name} failed: {e:#}");
         }
     }
+}
+
+/// The kubelet's answer to a pod that mounts one of the set's claims and runs nothing the
+/// lab knows (a quorum recovery's holder, `etcd-medic hold`): the claim's volume attached
+/// under the pod's UID and the pod Running; once it is deleted, the volume detached and the
+/// pod gone.
+fn run_holder(inner: &Arc<Inner>, pod: &Value, kind: ChangeKind) -> Result<()> {
+    let s = &inner.shape;
+    let (name, uid) = (pod["metadata"]["name"].as_str().unwrap_or_default(), pod["metadata"]["uid"].as_str().unwrap_or_default());
+    let claims: Vec<&str> = pod
+        .pointer("/spec/volumes")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v.pointer("/persistentVolumeClaim/claimName")?.as_str())
+        .collect();
+    let Some(ordinal) = (0..s.replicas).find(|&i| claims.contains(&s.pvc_name(i).as_str())) else { return Ok(()) };
+    if pod.pointer("/spec/nodeName").and_then(Value::as_str) != Some(s.node_name.as_str()) {
+        return Ok(());
+    }
+    let terminating = kind == ChangeKind::Deleted || !pod["metadata"]["deletionTimestamp"].is_null();
+    if terminating {
+        if inner.node.pod_dir(uid).exists() {
+            inner.node.detach(uid, &s.pv_name(ordinal), &s.volume_source(ordinal))?;
+            inner.node.remove_pod(uid)?;
+        }
+        let _ = inner.api.store().finalize(res("pods", ""), &s.namespace, name, uid);
+        return Ok(());
+    }
+    if kind != ChangeKind::Added {
+        return Ok(());
+    }
+    inner.node.attach(uid, &s.pv_name(ordinal), &s.node_name, &s.volume_source(ordinal))?;
+    let _ = inner.api.store().modify(res("pods", ""), &s.namespace, name, |p| {
+        if p["metadata"]["uid"] != uid {
+            return;
+        }
+        let c = p.pointer("/spec/containers/0/name").cloned().unwrap_or_default();
+        p["status"] = json!({"phase": "Running", "containerStatuses": [{"name": c, "ready": true, "restartCount": 0, "started": true,
+                              "state": {"running": {"startedAt": now_rfc3339()}}}],
+                             "conditions": [{"type": "Ready", "status": "True", "lastTransitionTime": now_rfc3339()}]});
+    });
+    Ok(())
 }
 
 async fn replace_pod(inner: &Arc<Inner>, ordinal: usize, uid: &str) -> Result<()> {

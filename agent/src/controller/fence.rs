@@ -8,7 +8,8 @@
 //! controller and not paused, fewer than a majority of them are Ready, and the members'
 //! files (read again through the agents) give the facts approved, for this set's UID. The
 //! status only says where things stand. The fence itself (replicas 0) is the API server's,
-//! and outlives any restart of the controller or the agents. The rebuild stays a person's.
+//! and outlives any restart of the controller or the agents. The rebuild and the rejoin
+//! follow (`super::rejoin`).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 use kube::ResourceExt;
 use serde_json::json;
 
-use etcd_medic_client::recovery::{self, EtcdRecovery, FENCED, FENCING, Plan, REFUSED};
+use etcd_medic_client::recovery::{self, EtcdRecovery, FENCED, FENCING, Plan, REBUILDING, REBUILT, REFUSED};
 
 use super::Ctx;
 use crate::error::{Code, Error, Result};
@@ -44,7 +45,8 @@ pub async fn look(ctx: &Arc<Ctx>) {
         };
         for r in records {
             let phase = r.status.as_ref().and_then(|s| s.phase.clone()).unwrap_or_default();
-            if r.spec.approval.is_none() || phase == FENCED || phase == REFUSED {
+            let after_fence = phase == FENCED || phase == REBUILDING;
+            if r.spec.approval.is_none() || phase == REFUSED || phase == REBUILT || (after_fence && !super::rejoin::automated(ctx, &r)) {
                 continue;
             }
             let key = (r.namespace().unwrap_or_default(), r.name_any());
@@ -53,7 +55,8 @@ pub async fn look(ctx: &Arc<Ctx>) {
             }
             let ctx = ctx.clone();
             tokio::spawn(async move {
-                if let Err(e) = carry_out(&ctx, r).await {
+                let done = if after_fence { super::rejoin::carry_on(&ctx, r).await } else { carry_out(&ctx, r).await };
+                if let Err(e) = done {
                     tracing::warn!(namespace = %key.0, statefulset = %key.1, code = %e.code, "the recovery goes on at a later look: {}", e.message);
                 }
                 ctx.fences.lock().unwrap().0.remove(&key);
@@ -114,7 +117,7 @@ async fn carry_out(ctx: &Ctx, r: EtcdRecovery) -> Result<()> {
         let replicas = sts.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
         let message = format!("the facts are as approved by {}; stopping every member: StatefulSet {name} scaled to 0", approval.by);
         let fence = json!({"replicas": replicas, "at": jiff::Timestamp::now().to_string()});
-        r = write(ctx, &r, json!({"phase": FENCING, "plan": verified, "fence": fence, "message": message})).await?;
+        r = write(ctx, &r, json!({"phase": FENCING, "plan": verified, "fence": fence, "rebuilt": null, "message": message})).await?;
         tracing::warn!(namespace = %ns, statefulset = %name, replicas, "fencing: every member stopped for the rebuild");
         if !ctx.leading() {
             return Ok(());
@@ -146,15 +149,20 @@ async fn carry_out(ctx: &Ctx, r: EtcdRecovery) -> Result<()> {
     let plan = verified.or(status.plan).unwrap_or_default();
     let was = status.fence.map_or(plan.replicas, |f| f.replicas);
     let urls = if plan.survivor_client_urls.is_empty() { "<its client URL>".into() } else { plan.survivor_client_urls.join(",") };
-    let message = format!(
-        "fenced: no member runs, StatefulSet {name} at 0 (was {was}). Next, on node {}: etcd-medic rebuild --data-dir <its volume's data dir> --name {} --client-url {urls} --held-revision {}; then scale to 1, then back to {was} one at a time (README: \"Quorum lost\")",
-        plan.survivor_node.as_deref().unwrap_or("<its node>"),
-        plan.choice.survivor,
-        plan.held_revision,
-    );
-    write(ctx, &r, json!({"phase": FENCED, "message": message})).await?;
+    let automated = super::rejoin::automated(ctx, &r);
+    let message = if automated {
+        format!("fenced: no member runs, StatefulSet {name} at 0 (was {was}); the rebuild from {} follows", plan.choice.survivor)
+    } else {
+        format!(
+            "fenced: no member runs, StatefulSet {name} at 0 (was {was}). Next, on node {}: etcd-medic rebuild --data-dir <its volume's data dir> --name {} --client-url {urls} --held-revision {}; then scale to 1, then back to {was} one at a time (README: \"Quorum lost\")",
+            plan.survivor_node.as_deref().unwrap_or("<its node>"),
+            plan.choice.survivor,
+            plan.held_revision,
+        )
+    };
+    let r = write(ctx, &r, json!({"phase": FENCED, "fence": {"rebuild": automated}, "message": message})).await?;
     tracing::warn!(namespace = %ns, statefulset = %name, "{message}");
-    Ok(())
+    super::rejoin::carry_on(ctx, r).await
 }
 
 /// Why an approved recovery may not be fenced now, if it may not: a majority Ready (it has
@@ -179,7 +187,7 @@ fn refusal(replicas: i32, ready: usize, plan: std::result::Result<&Plan, &Error>
 
 /// Writes `status` over the record as read (a record changed since is a conflict, never
 /// overwritten), if this replica still leads.
-async fn write(ctx: &Ctx, r: &EtcdRecovery, status: serde_json::Value) -> Result<EtcdRecovery> {
+pub(super) async fn write(ctx: &Ctx, r: &EtcdRecovery, status: serde_json::Value) -> Result<EtcdRecovery> {
     if !ctx.leading() {
         return Err(Error::new(Code::NotReady, "this replica no longer leads"));
     }

@@ -17,6 +17,7 @@ pub mod observe;
 mod pause;
 mod quorum;
 mod record;
+mod rejoin;
 pub(crate) use pause::paused_on;
 use record::{record, tell_hold};
 mod watch;
@@ -56,6 +57,9 @@ pub struct Config {
     /// How long a set has fewer than a majority of members Ready before its recovery is
     /// proposed ([`quorum`]).
     pub quorum_lost_for: Duration,
+    /// The image of the holder pods that give the agents a fenced member's volume (the
+    /// agent's own); without it, a fenced recovery's rebuild stays a person's.
+    pub holder_image: Option<String>,
     pub dry_run: bool,
     pub agent_namespace: String,
     pub agent_service: String,

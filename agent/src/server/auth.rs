@@ -15,6 +15,8 @@ use crate::kubeapi::KubeApi;
 
 pub const GROUP: &str = "etcd-medic.io";
 pub const RESOURCE: &str = "remediations";
+/// The quorum recovery's steps on a member's volume: the controller's alone.
+pub const RECOVERY_STEPS: &str = "recoverysteps";
 
 /// How long a review's answer is reused: short, so revoking access takes effect quickly.
 const TTL: Duration = Duration::from_secs(10);
@@ -88,7 +90,7 @@ struct Reviews {
     tokens: Cache<String, User>,
     refused: Cache<u64, String>,
     hasher: std::collections::hash_map::RandomState,
-    access: Cache<(String, String, &'static str), std::result::Result<(), String>>,
+    access: Cache<(String, String, &'static str, &'static str), std::result::Result<(), String>>,
 }
 
 impl Auth {
@@ -145,9 +147,14 @@ impl Auth {
 
     /// May `user` do `verb` on remediations in `namespace` ("" for every namespace)? 403 if not.
     pub async fn authorize(&self, user: &User, verb: &'static str, namespace: &str) -> Result<()> {
+        self.authorize_on(user, RESOURCE, verb, namespace).await
+    }
+
+    /// May `user` do `verb` on `resource` (of the group etcd-medic.io) in `namespace`? 403 if not.
+    pub async fn authorize_on(&self, user: &User, resource: &'static str, verb: &'static str, namespace: &str) -> Result<()> {
         let Some(r) = &self.reviews else { return Ok(()) };
         // The whole identity: two users of one name with other groups are not one user.
-        let key = (format!("{user:?}"), namespace.to_string(), verb);
+        let key = (format!("{user:?}"), namespace.to_string(), resource, verb);
         let verdict = match r.access.get(&key) {
             Some(v) => v,
             None => {
@@ -158,7 +165,7 @@ impl Auth {
                     extra: Some(user.extra.clone()),
                     resource_attributes: Some(ResourceAttributes {
                         group: Some(GROUP.into()),
-                        resource: Some(RESOURCE.into()),
+                        resource: Some(resource.into()),
                         verb: Some(verb.into()),
                         namespace: (!namespace.is_empty()).then(|| namespace.to_string()),
                         ..Default::default()
@@ -179,7 +186,7 @@ impl Auth {
         verdict.map_err(|why| {
             Error::new(
                 Code::Forbidden,
-                format!("{} may not {verb} {RESOURCE}.{GROUP} {scope} ({why}); bind the etcd-medic-caller ClusterRole", user.name),
+                format!("{} may not {verb} {resource}.{GROUP} {scope} ({why}); bind the etcd-medic-caller ClusterRole", user.name),
             )
         })
     }

@@ -71,6 +71,8 @@ pub struct Config {
     pub reserved_for: Vec<String>,
     /// Serve HTTPS with this certificate and key (PEM files, read again when they change).
     pub tls: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    /// What a quorum recovery's rebuild runs with.
+    pub rebuilder: crate::recovery::Rebuilder,
 }
 
 /// What needs the API server: there once it answered and the state dir is writable.
@@ -91,6 +93,8 @@ pub struct Agent {
     admission: tokio::sync::Mutex<()>,
     /// Pods (namespace, name) whose quarantine is being put back.
     restoring: Mutex<std::collections::HashSet<(String, String)>>,
+    /// Members (namespace, pod) a quorum recovery's step works on now.
+    stepping: Mutex<std::collections::HashSet<(String, String)>>,
     metrics: Metrics,
     shutdown: Shutdown,
     tasks: TaskTracker,
@@ -138,6 +142,7 @@ impl Agent {
             runs: Mutex::new(HashMap::new()),
             admission: tokio::sync::Mutex::new(()),
             restoring: Mutex::default(),
+            stepping: Mutex::default(),
             metrics: Metrics::default(),
             shutdown,
             tasks: TaskTracker::new(),
@@ -429,6 +434,42 @@ impl Agent {
         }
     }
 
+    /// A quorum recovery's step on a member's volume (see `crate::recovery`), authorized as
+    /// `create` on recoverysteps in the set's namespace (the controller's). One step per
+    /// member at a time; the caller waits at most [`RESTORE_WAIT`] (a rebuild goes on, and
+    /// asked again once it has ended, answers what it made).
+    async fn recovery_step(self: &Arc<Self>, user: &User, body: std::result::Result<Bytes, BytesRejection>) -> Answer {
+        let ready = self.ready()?;
+        let body = body.map_err(|rej| Error::invalid(format!("the body could not be read: {}", rej.body_text())))?;
+        let req = etcd_medic_core::step::StepRequest::parse(&body)?;
+        ready.auth.authorize_on(user, auth::RECOVERY_STEPS, "create", &req.namespace).await?;
+        let key = (req.namespace.clone(), req.member().to_string());
+        if !self.stepping.lock().unwrap().insert(key.clone()) {
+            return Err(Error::new(
+                Code::ClusterLocked,
+                format!("a recovery step of {}/{} runs; ask again once it has ended", key.0, key.1),
+            )
+            .into());
+        }
+        tracing::info!(user = %user.name, namespace = %req.namespace, statefulset = %req.stateful_set, holder = %req.holder, action = ?req.action, "recovery step requested");
+        let agent = self.clone();
+        let work = self.tasks.spawn(async move {
+            let ready = agent.ready.get().expect("ready: checked above");
+            let done = crate::recovery::step(&ready.locator, &agent.cfg.rebuilder, &req).await;
+            agent.stepping.lock().unwrap().remove(&key);
+            done
+        });
+        match tokio::time::timeout(RESTORE_WAIT, work).await {
+            Ok(Ok(done)) => Ok(Json(done?).into_response()),
+            Ok(Err(e)) => Err(Error::new(Code::Internal, format!("the recovery step did not complete: {e}")).into()),
+            Err(_) => Err(Error::new(
+                Code::NotReady,
+                format!("the recovery step has not ended within {RESTORE_WAIT:?}; it goes on: ask again later"),
+            )
+            .into()),
+        }
+    }
+
     async fn list(&self, user: &User, q: ListQuery) -> Answer {
         let ready = self.ready()?;
         if let Some(ns) = &q.namespace {
@@ -511,6 +552,7 @@ pub fn router(agent: Arc<Agent>) -> axum::Router {
         .route("/v1/remediations", post(routes::create).get(routes::list))
         .route("/v1/remediations/{id}", get(routes::show))
         .route("/v1/remediations/{id}/restore", post(routes::restore))
+        .route("/v1/recovery-steps", post(routes::recovery_step))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .route_layer(middleware::from_fn_with_state(agent.clone(), admit::limits))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, REQUEST_TIMEOUT));
@@ -633,6 +675,7 @@ mod tests {
             max_in_flight: 1,
             reserved_for: vec![],
             tls: None,
+            rebuilder: crate::recovery::Rebuilder { etcd: "etcd".into(), timeout: Duration::from_secs(1) },
         };
         Agent::new(cfg, Shutdown::new())
     }

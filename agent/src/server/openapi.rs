@@ -17,6 +17,7 @@ use utoipa::{Modify, OpenApi};
         super::routes::list,
         super::routes::show,
         super::routes::restore,
+        super::routes::recovery_step,
         super::routes::healthz,
         super::routes::readyz,
         super::routes::metrics_text,

@@ -87,6 +87,26 @@ pub(super) async fn restore(
     a.restore(&user, &id, q.force).await
 }
 
+#[utoipa::path(post, path = "/v1/recovery-steps", tag = "recoveries", request_body = etcd_medic_core::step::StepRequest,
+    description = "A quorum recovery's step on one member's volume on this node, once the controller has fenced the set: `Quarantine` moves the member's data into the recovery's quarantine (it rejoins on empty data); `Rebuild` moves the survivor's there, copies it back and rebuilds the copy into a one-member cluster (revision moved forward, older ones compacted). The volume is reached through the holder pod the controller made (`<member>-hold`, labelled etcd-medic.io/holds, owned by the EtcdRecovery). Every fact is read by the agent: the record approved on its plan's facts and Fenced, the StatefulSet the one planned, at 0 and without pods, the holder the record's and mounting the member's own claim, no process using the data. Asked again, a step answers the same. Authorized as `create` on recoverysteps.etcd-medic.io in the set's namespace (the controller's).",
+    responses(
+        (status = 200, description = "Done (or done already): the quarantine and, for Rebuild, what the rebuild made", body = etcd_medic_core::step::StepDone),
+        (status = 400, description = "InvalidRequest: not approved, not the holder, not the survivor (Rebuild) or the survivor (Quarantine)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "NotFound, PodNotFound, PVCNotFound, PVNotFound, DataDirNotFound", body = Problem, content_type = "application/problem+json"),
+        (status = 409, description = "PlanChanged, ClusterLocked (a step of this member runs)", body = Problem, content_type = "application/problem+json"),
+        (status = 421, description = "WrongNode", body = Problem, content_type = "application/problem+json"),
+        (status = 422, description = "NotFenced, UnsafePath, NotAMount, NotEtcdData, CorruptData, UnsupportedProfile", body = Problem, content_type = "application/problem+json"),
+        CallerErrors,
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn recovery_step(
+    State(a): State<Arc<Agent>>,
+    Extension(user): Extension<User>,
+    body: std::result::Result<Bytes, BytesRejection>,
+) -> Answer {
+    a.recovery_step(&user, body).await
+}
+
 #[utoipa::path(get, path = "/v1/remediations", tag = "remediations", params(ListQuery),
     responses(
         (status = 200, description = "This node's remediations, newest first", body = RemediationList),

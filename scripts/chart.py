@@ -422,14 +422,14 @@ def check_holder_policy(namespace="ops"):
             at[path[-1]] = value
         return pod
 
-    def ask(user, pod):
-        req = {"operation": "CREATE", "userInfo": {"username": user}, "namespace": "apisix", "name": pod["metadata"]["name"],
-               "resource": {"group": "", "version": "v1", "resource": "pods"}, "object": pod, "oldObject": None}
+    def ask(user, pod, old=None):
+        req = {"operation": "UPDATE" if old else "CREATE", "userInfo": {"username": user}, "namespace": "apisix",
+               "name": pod["metadata"]["name"], "resource": {"group": "", "version": "v1", "resource": "pods"}, "object": pod, "oldObject": old}
         return admitted(policy, binding, req, {"kubernetes.io/metadata.name": "apisix"})
 
     c = ("spec", "containers", 0)
     want = [
-        (controller, holder, True), ("system:serviceaccount:apisix:tenant", changed(c + ("image",), "mallory/anything"), True),
+        (controller, holder, True), ("system:serviceaccount:apisix:tenant", changed(("metadata", "labels"), {"app": "x"}), True),
         (controller, changed(c + ("image",), "mallory/anything"), False), (controller, changed(c + ("command",), ["/bin/sh", "-c", "id"]), False),
         (controller, changed(c + ("securityContext",), {"privileged": True, "allowPrivilegeEscalation": False}), False),
         (controller, changed(c + ("securityContext",), None), False),
@@ -438,11 +438,19 @@ def check_holder_policy(namespace="ops"):
         (controller, changed(("spec", "volumes"), [{"name": "data", "hostPath": {"path": "/"}}]), False),
         (controller, changed(("spec", "initContainers"), [{"name": "x", "image": image}]), False),
         (controller, changed(("spec", "containers"), holder["spec"]["containers"] * 2), False),
+        ("system:serviceaccount:apisix:tenant", holder, False),
     ]
     wrong = [(u.rsplit(":", 1)[1], i, ok) for i, (u, pod, ok) in enumerate(want) if ask(u, pod) != ok]
+    gc, tenant = "system:serviceaccount:kube-system:generic-garbage-collector", "system:serviceaccount:apisix:tenant"
+    if ask(tenant, changed(c + ("image",), "mallory/anything"), old=holder) is not False:
+        wrong.append("a holder's image changed after it was made")
+    if ask(gc, changed(("metadata", "ownerReferences"), []), old=holder) is not True:
+        wrong.append("a holder's metadata (the garbage collector's) is not left alone")
+    if ask(tenant, changed(("metadata", "labels"), {"app": "x"}), old=changed(("metadata", "labels"), {"app": "y"})) is not True:
+        wrong.append("a tenant's own pod is not left alone")
     if wrong:
         sys.exit(f"the holder pods policy decides wrongly (who, case, should admit): {wrong}")
-    print(f"the holder pods policy (CEL, as the API server runs it): {len(want)} requests decided as they must be")
+    print(f"the holder pods policy (CEL, as the API server runs it): {len(want) + 3} requests decided as they must be")
 
 
 def check_lease_policy(namespace="ops"):

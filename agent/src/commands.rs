@@ -114,7 +114,11 @@ async fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         max_in_flight: args.max_in_flight,
         reserved_for: args.reserved_for.clone(),
         tls: args.tls_cert_file.clone().zip(args.tls_key_file.clone()),
-        rebuilder: crate::recovery::Rebuilder { etcd: args.etcd.clone(), timeout: std::time::Duration::from_secs(120) },
+        rebuilder: crate::recovery::Rebuilder {
+            etcd: args.etcd.clone(),
+            state_dir: args.node.state_dir.clone(),
+            timeout: std::time::Duration::from_secs(120),
+        },
     };
     let shutdown = Shutdown::on_signals("no new requests; running remediations stop at a safe point");
     let agent = crate::server::Agent::new(config, shutdown);

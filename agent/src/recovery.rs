@@ -31,6 +31,8 @@ use crate::quarantine;
 pub struct Rebuilder {
     /// The etcd binary (the image's).
     pub etcd: PathBuf,
+    /// The agent's state dir: the survivor's copy is rebuilt under `rebuild/` there.
+    pub state_dir: PathBuf,
     /// Each start of etcd may take this long to serve.
     pub timeout: Duration,
 }
@@ -44,24 +46,7 @@ pub async fn step(locator: &Locator, rebuilder: &Rebuilder, req: &StepRequest) -
         .await?
         .ok_or_else(|| Error::new(Code::NotFound, format!("no EtcdRecovery {ns}/{set}: nothing to recover")))?;
     let fenced = fenced_plan(&record)?;
-    let sts = locator.api.statefulset(ns, set).await?;
-    if sts.uid().as_deref() != Some(fenced.plan.stateful_set_uid.as_str()) {
-        return Err(Error::new(Code::PlanChanged, format!("StatefulSet {ns}/{set} is not the one planned (its UID changed)")));
-    }
-    if sts.spec.as_ref().and_then(|s| s.replicas) != Some(0) {
-        return Err(Error::new(Code::NotFenced, format!("StatefulSet {ns}/{set} has replicas: the fence is not in place")));
-    }
-    let owned: Vec<String> = locator
-        .api
-        .pods(ns)
-        .await?
-        .iter()
-        .filter(|p| p.owner_references().iter().any(|o| Some(&o.uid) == sts.metadata.uid.as_ref()))
-        .map(|p| p.name_any())
-        .collect();
-    if !owned.is_empty() {
-        return Err(Error::new(Code::NotFenced, format!("pods of StatefulSet {ns}/{set} are still there: {}", owned.join(", "))));
-    }
+    let sts = set_fenced(locator, ns, set, &fenced.plan.stateful_set_uid).await?;
     let ordinal: i32 = member.rsplit('-').next().and_then(|o| o.parse().ok()).unwrap_or(i32::MAX);
     if ordinal >= fenced.replicas {
         return Err(Error::invalid(format!("{member} is no member of the {} the set had", fenced.replicas)));
@@ -102,32 +87,19 @@ pub async fn step(locator: &Locator, rebuilder: &Rebuilder, req: &StepRequest) -
     match req.action {
         StepAction::Quarantine => {
             let (vol, data, profile) = (located.volume.clone(), located.data.clone(), located.plan.profile);
-            let (id, proc_root) = (quarantine_id(&record.uid().unwrap_or_default()), locator.layout.proc_root.clone());
-            let (ns, pod, uid) = (ns.to_string(), req.holder.clone(), located.plan.pod_uid.clone());
+            let (target, proc_root) = (Target::of(&record, &name, &located), locator.layout.proc_root.clone());
             let moved = blocking(move || {
                 guard(&proc_root, &vol, &data)?;
                 // Every file the profile names, whether still here or moved by an earlier try.
                 let items: Vec<(String, u64)> = profile.files_to_move().iter().map(|p| (p.to_string(), 0)).collect();
-                let req = quarantine::Request {
-                    id: &id,
-                    name: &name,
-                    namespace: &ns,
-                    pod: &pod,
-                    pod_uid: &uid,
-                    member_id: None,
-                    profile: profile.as_str(),
-                    data: &data,
-                    items: &items,
-                    failpoint: &crate::failpoint::Failpoint::default(),
-                };
-                let m = quarantine::quarantine(&vol, &req, jiff::Timestamp::now())?;
+                let m = target.quarantine(&vol, &data, &items)?;
                 Ok(m.items.into_iter().filter(|i| i.present).map(|i| i.path).collect())
             })
             .await?;
             done.quarantined = moved;
         }
         StepAction::Rebuild => {
-            done.rebuilt = Some(rebuild(locator, rebuilder, &located, &fenced, &name, &req.holder).await?);
+            done.rebuilt = Some(rebuild(locator, rebuilder, &located, &fenced, Target::of(&record, &name, &located)).await?);
             done.quarantined = vec!["member".into()];
         }
     }
@@ -135,8 +107,71 @@ pub async fn step(locator: &Locator, rebuilder: &Rebuilder, req: &StepRequest) -
     Ok(done)
 }
 
+/// Whose data a step moves, and into which quarantine: all of it from the record and the
+/// volume as located.
+#[derive(Clone)]
+struct Target {
+    id: String,
+    name: String,
+    namespace: String,
+    holder: String,
+    holder_uid: String,
+    profile: crate::profile::Profile,
+}
+
+impl Target {
+    fn of(record: &EtcdRecovery, name: &str, located: &Located) -> Target {
+        Target {
+            id: quarantine_id(&record.uid().unwrap_or_default()),
+            name: name.to_string(),
+            namespace: located.plan.namespace.clone(),
+            holder: located.plan.pod.clone(),
+            holder_uid: located.plan.pod_uid.clone(),
+            profile: located.plan.profile,
+        }
+    }
+
+    /// Moves `items` (relative to the data dir) into the recovery's quarantine; those moved by
+    /// an earlier try stay there.
+    fn quarantine(&self, vol: &Volume, data: &Path, items: &[(String, u64)]) -> Result<quarantine::Manifest> {
+        let req = quarantine::Request {
+            id: &self.id,
+            name: &self.name,
+            namespace: &self.namespace,
+            pod: &self.holder,
+            pod_uid: &self.holder_uid,
+            member_id: None,
+            profile: self.profile.as_str(),
+            data,
+            items,
+            failpoint: &crate::failpoint::Failpoint::default(),
+        };
+        quarantine::quarantine(vol, &req, jiff::Timestamp::now())
+    }
+}
+
+/// The set is the one planned (`uid`), at 0 replicas, and no pod it owns is left: read from
+/// the API server before any step, and again before the survivor's rebuilt copy goes back.
+async fn set_fenced(locator: &Locator, ns: &str, set: &str, uid: &str) -> Result<k8s_openapi::api::apps::v1::StatefulSet> {
+    let sts = locator.api.statefulset(ns, set).await?;
+    if sts.uid().as_deref() != Some(uid) {
+        return Err(Error::new(Code::PlanChanged, format!("StatefulSet {ns}/{set} is not the one planned (its UID changed)")));
+    }
+    if sts.spec.as_ref().and_then(|s| s.replicas) != Some(0) {
+        return Err(Error::new(Code::NotFenced, format!("StatefulSet {ns}/{set} has replicas: the fence is not in place")));
+    }
+    let owned: Vec<String> =
+        locator.api.pods(ns).await?.iter().filter(|p| p.owner_references().iter().any(|o| o.uid == uid)).map(|p| p.name_any()).collect();
+    if !owned.is_empty() {
+        return Err(Error::new(Code::NotFenced, format!("pods of StatefulSet {ns}/{set} are still there: {}", owned.join(", "))));
+    }
+    Ok(sts)
+}
+
 /// What a fenced record holds.
 struct Fenced {
+    /// The StatefulSet's name (the record's).
+    set: String,
     plan: etcd_medic_client::recovery::Plan,
     replicas: i32,
     at: String,
@@ -162,7 +197,7 @@ fn fenced_plan(r: &EtcdRecovery) -> Result<Fenced> {
     if plan.choice.facts != approval.facts {
         return Err(Error::new(Code::PlanChanged, format!("EtcdRecovery {name}'s plan is not the one approved ({})", approval.facts)));
     }
-    Ok(Fenced { plan, replicas: fence.replicas, at: fence.at })
+    Ok(Fenced { set: name, plan, replicas: fence.replicas, at: fence.at })
 }
 
 /// The holder is the record's (its controller reference), labelled for `member`, and not
@@ -171,6 +206,14 @@ fn check_holder(holder: &Pod, member: &str, record: &EtcdRecovery) -> Result<()>
     let name = holder.name_any();
     let owner = holder.owner_references().iter().find(|o| o.controller == Some(true));
     let labelled = holder.labels().get(HOLDS_LABEL).map(String::as_str) == Some(member);
+    // It runs nothing but the wait: no process of its own on the member's data.
+    let containers = holder.spec.iter().flat_map(|s| s.containers.iter()).collect::<Vec<_>>();
+    let waits = holder.spec.as_ref().is_some_and(|s| s.init_containers.as_ref().is_none_or(Vec::is_empty))
+        && containers.len() == 1
+        && containers[0].command.as_deref() == Some(&["/etcd-medic".to_string(), "hold".to_string()][..]);
+    if !waits {
+        return Err(Error::invalid(format!("pod {name} runs more than `etcd-medic hold`: it is no holder the agent acts through")));
+    }
     if !labelled || owner.map(|o| o.uid.as_str()) != record.metadata.uid.as_deref() || owner.is_some_and(|o| o.kind != "EtcdRecovery") {
         return Err(Error::invalid(format!(
             "pod {name} is not the holder of {member} made for EtcdRecovery {} (label {HOLDS_LABEL}, controller reference)",
@@ -187,64 +230,51 @@ fn guard(proc_root: &Path, vol: &Volume, data: &Path) -> Result<()> {
     })
 }
 
-/// The marker of a finished rebuild, in its quarantine: asked again, the answer is read back.
+/// The marker of a finished rebuild, in the agent's state dir: asked again, the answer is
+/// read back.
 const REBUILT: &str = "rebuilt.json";
 
-/// The survivor: the original moved into the quarantine (once), a copy put back (an earlier
-/// try's copy moved aside first), the copy rebuilt, the result recorded beside the original.
-async fn rebuild(
-    locator: &Locator,
-    rebuilder: &Rebuilder,
-    located: &Located,
-    fenced: &Fenced,
-    name: &str,
-    holder: &str,
-) -> Result<Rebuilt> {
+/// Tries of a survivor's rebuild before a person looks (each one copies its data twice).
+const TRIES: usize = 3;
+
+/// The survivor, where no tenant reaches: the original moved into the quarantine on its
+/// volume (once); a copy of it made in the agent's own state dir, where etcd runs on it (a
+/// path the tenant cannot swap a link into, whatever pod it runs on the volume); the rebuilt
+/// copy put back into the data dir, owned as the original was; the result recorded in the
+/// state dir, read back when the step is asked again. A copy an interrupted try left in the
+/// data dir is moved aside into the quarantine, never removed.
+async fn rebuild(locator: &Locator, rebuilder: &Rebuilder, located: &Located, fenced: &Fenced, target: Target) -> Result<Rebuilt> {
     let (vol, data) = (located.volume.clone(), located.data.clone());
-    let qdir = quarantine::rel_dir(name);
-    let marker = qdir.join(REBUILT);
-    let (proc_root, name_, holder_, uid, ns) = (
-        locator.layout.proc_root.clone(),
-        name.to_string(),
-        holder.to_string(),
-        located.plan.pod_uid.clone(),
-        located.plan.namespace.clone(),
-    );
-    let id = name.rsplit('-').next().unwrap_or_default().to_string();
-    let profile = located.plan.profile;
-    let earlier = blocking(move || {
-        guard(&proc_root, &vol, &data)?;
-        if let Some(bytes) = vol.read_small(&marker, 64 << 10)? {
-            return serde_json::from_slice::<Rebuilt>(&bytes)
-                .map(Some)
-                .map_err(|e| Error::new(Code::Internal, format!("{}: {e}", vol.shown(&marker).display())));
+    let qdir = quarantine::rel_dir(&target.name);
+    let state = rebuilder.state_dir.clone();
+    let work = Path::new("rebuild").join(format!("{}-{}", target.name, located.plan.pod));
+    let proc_root = locator.layout.proc_root.clone();
+    let (quarantine_name, work_) = (target.name.clone(), work.clone());
+    let prepared = blocking(move || {
+        let own = Volume::open(&state, Path::new(""))?;
+        own.mkdir_all(&work_)?;
+        if let Some(bytes) = own.read_small(&work_.join(REBUILT), 64 << 10)? {
+            let done = serde_json::from_slice::<Rebuilt>(&bytes).map_err(|e| Error::new(Code::Internal, format!("{}: {e}", own.shown(&work_).display())))?;
+            return Ok(Err(done));
         }
+        let tries = own.list(&work_, 100)?.iter().filter(|(n, _)| n.to_string_lossy().starts_with("try-")).count();
+        if tries >= TRIES {
+            return Err(Error::invalid(format!(
+                "the survivor's rebuild failed {tries} times (its copies in {}); its data is kept in quarantine {quarantine_name} on its volume: a person looks (README: \"Quorum lost\")",
+                own.shown(&work_).display()
+            )));
+        }
+        guard(&proc_root, &vol, &data)?;
         let (member, kept) = (data.join("member"), qdir.join("data/member"));
         match (vol.entry(&member)?.is_some(), vol.entry(&kept)?.is_some()) {
             (_, false) => {
-                let items = [("member".to_string(), 0)];
-                let req = quarantine::Request {
-                    id: &id,
-                    name: &name_,
-                    namespace: &ns,
-                    pod: &holder_,
-                    pod_uid: &uid,
-                    member_id: None,
-                    profile: profile.as_str(),
-                    data: &data,
-                    items: &items,
-                    failpoint: &crate::failpoint::Failpoint::default(),
-                };
-                let m = quarantine::quarantine(&vol, &req, jiff::Timestamp::now())?;
+                let m = target.quarantine(&vol, &data, &[("member".to_string(), 0)])?;
                 if !m.items.iter().any(|i| i.present) {
-                    return Err(Error::new(
-                        Code::NotEtcdData,
-                        format!("{} holds no member dir to rebuild from", vol.shown(&data).display()),
-                    ));
+                    return Err(Error::new(Code::NotEtcdData, format!("{} holds no member dir to rebuild from", vol.shown(&data).display())));
                 }
             }
             (true, true) => {
-                // A copy an interrupted rebuild left: aside, never removed.
+                // A copy an interrupted try put back: aside, never removed.
                 let aside =
                     (1..).map(|n| qdir.join(format!("attempt-{n}"))).find(|p| !matches!(vol.entry(p), Ok(Some(_)))).expect("a free name");
                 vol.mkdir_all(&aside)?;
@@ -253,22 +283,22 @@ async fn rebuild(
             }
             (false, true) => {}
         }
-        vol.copy_tree(&kept, &member, Limits::default())?;
-        Ok(None)
+        let try_dir = work_.join(format!("try-{}", tries + 1));
+        own.mkdir_all(&try_dir)?;
+        vol.copy_tree_to(&kept, &own, &try_dir.join("member"), Limits::default(), (0, 0))?;
+        let owner = vol.owner(&kept)?;
+        let facts = crate::data::facts(&own, &try_dir, crate::data::Depth::Heads)?;
+        Ok(Ok((try_dir, owner, facts.db.and_then(|d| d.revision).unwrap_or(0))))
     })
     .await?;
-    if let Some(r) = earlier {
-        return Ok(r);
-    }
-    let data_dir = located.plan.host_path.clone();
-    let own = {
-        let (vol, data) = (located.volume.clone(), located.data.clone());
-        blocking(move || crate::data::facts(&vol, &data, crate::data::Depth::Heads)).await?.db.and_then(|d| d.revision).unwrap_or(0)
+    let (try_dir, owner, own_revision) = match prepared {
+        Err(done) => return Ok(done),
+        Ok(p) => p,
     };
-    let revision = etcd_medic_core::recover::bumped_revision(own, [fenced.plan.held_revision], etcd_medic_core::recover::BUMP);
+    let revision = etcd_medic_core::recover::bumped_revision(own_revision, [fenced.plan.held_revision], etcd_medic_core::recover::BUMP);
     let spec = crate::rebuild::Spec {
         etcd: rebuilder.etcd.clone(),
-        data: data_dir,
+        data: rebuilder.state_dir.join(&try_dir),
         name: fenced.plan.choice.survivor.clone(),
         client_urls: fenced.plan.survivor_client_urls.clone(),
         revision,
@@ -276,9 +306,23 @@ async fn rebuild(
         timeout: rebuilder.timeout,
     };
     let rebuilt = crate::rebuild::rebuild(&spec).await?;
-    let (vol, text) = (located.volume.clone(), serde_json::to_vec_pretty(&rebuilt).unwrap_or_default());
-    let marker = quarantine::rel_dir(name).join(REBUILT);
-    blocking(move || vol.write_file(&marker, &text)).await?;
+    // The fence still in place before the copy goes back where the pod's etcd reads it.
+    set_fenced(locator, &located.plan.namespace, &fenced.set, &fenced.plan.stateful_set_uid).await?;
+    let (vol, data, state, text) = (
+        located.volume.clone(),
+        located.data.clone(),
+        rebuilder.state_dir.clone(),
+        serde_json::to_vec_pretty(&rebuilt).unwrap_or_default(),
+    );
+    blocking(move || {
+        let own = Volume::open(&state, Path::new(""))?;
+        own.copy_tree_to(&try_dir.join("member"), &vol, &data.join("member"), Limits::default(), owner)?;
+        own.write_file(&work.join(REBUILT), &text)?;
+        // The agent's own copy, its job done: the original stays in the quarantine.
+        own.remove_tree(&try_dir, Limits::default())?;
+        Ok(())
+    })
+    .await?;
     Ok(rebuilt)
 }
 
@@ -332,7 +376,8 @@ mod tests {
         let r = record("Fenced", "ab", "ab");
         let pod = |label: &str, kind: &str, uid: &str| -> Pod {
             serde_json::from_value(json!({"metadata": {"name": "apisix-etcd-1-hold", "labels": {HOLDS_LABEL: label},
-                "ownerReferences": [{"apiVersion": "etcd-medic.io/v1alpha1", "kind": kind, "name": "apisix-etcd", "uid": uid, "controller": true}]}}))
+                "ownerReferences": [{"apiVersion": "etcd-medic.io/v1alpha1", "kind": kind, "name": "apisix-etcd", "uid": uid, "controller": true}]},
+                "spec": {"containers": [{"name": "etcd", "command": ["/etcd-medic", "hold"]}]}}))
             .unwrap()
         };
         assert!(check_holder(&pod("apisix-etcd-1", "EtcdRecovery", "rec-uid"), "apisix-etcd-1", &r).is_ok());
@@ -341,5 +386,8 @@ mod tests {
         assert!(check_holder(&pod("apisix-etcd-1", "StatefulSet", "rec-uid"), "apisix-etcd-1", &r).is_err(), "a set's pod");
         let bare: Pod = serde_json::from_value(json!({"metadata": {"name": "apisix-etcd-1-hold"}})).unwrap();
         assert!(check_holder(&bare, "apisix-etcd-1", &r).is_err(), "no owner, no label");
+        let mut busy = pod("apisix-etcd-1", "EtcdRecovery", "rec-uid");
+        busy.spec.as_mut().unwrap().containers[0].command = Some(vec!["/bin/sh".into(), "-c".into(), "swap links".into()]);
+        assert!(check_holder(&busy, "apisix-etcd-1", &r).is_err(), "a holder that runs anything else");
     }
 }

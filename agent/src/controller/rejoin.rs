@@ -120,6 +120,7 @@ fn refuses(code: Code) -> bool {
             | Code::DataDirNotFound
             | Code::PVCNotFound
             | Code::PVNotFound
+            | Code::InsufficientSpace
     )
 }
 
@@ -142,7 +143,23 @@ async fn rebuild(ctx: &Ctx, r: &EtcdRecovery, sts: &StatefulSet, plan: &Plan, me
             ));
         };
         let pod = holder(sts, r, &member, &node, &image, ctx.cfg.container.as_deref())?;
-        ctx.api.create_pod(&ns, &pod).await?;
+        if ctx.api.create_pod(&ns, &pod).await?.is_none() {
+            // One of that name was there: the controller's own from an earlier try, or not
+            // used at all.
+            let there = ctx.api.pod(&ns, &holder_name(&member)).await?;
+            let ours = there.owner_references().iter().any(|o| Some(&o.uid) == r.metadata.uid.as_ref())
+                && there.spec.as_ref().map(|s| &s.containers).is_some_and(|c| {
+                    c.len() == 1
+                        && c[0].image.as_deref() == Some(image.as_str())
+                        && c[0].command == pod.spec.as_ref().and_then(|s| s.containers[0].command.clone())
+                });
+            if !ours {
+                return Err(Error::invalid(format!(
+                    "a pod named {} is there that the controller did not make: it is never used",
+                    holder_name(&member)
+                )));
+            }
+        }
         held.push((member, node));
     }
     let mut done = RebuiltState { at: String::new(), ..Default::default() };

@@ -675,7 +675,11 @@ mod tests {
             max_in_flight: 1,
             reserved_for: vec![],
             tls: None,
-            rebuilder: crate::recovery::Rebuilder { etcd: "etcd".into(), timeout: Duration::from_secs(1) },
+            rebuilder: crate::recovery::Rebuilder {
+                etcd: "etcd".into(),
+                state_dir: "/nonexistent".into(),
+                timeout: Duration::from_secs(1),
+            },
         };
         Agent::new(cfg, Shutdown::new())
     }

@@ -121,8 +121,9 @@ pub enum Command {
         /// with your name as the API server knows it.
         #[arg(long, value_name = "FACTS")]
         approve: Option<String>,
-        /// Follow an approved recovery until the controller fenced it (every member stopped,
-        /// exit 0) or refused it (its code's exit), for at most 10 minutes.
+        /// Follow an approved recovery until the controller rebuilt it (the survivor serves,
+        /// exit 0), fenced it for a person's rebuild (every member stopped, exit 0), or refused
+        /// it (its code's exit), for at most 10 minutes.
         #[arg(long)]
         wait: bool,
         /// How long to wait for each member's answer.

@@ -32,7 +32,7 @@ pub struct Ask<'a> {
 
 /// Shows the plan (recorded in the `EtcdRecovery` named after the set, made if missing), or
 /// approves it when `approve` names the facts the plan still rests on; with `wait`, follows
-/// an approved one until the controller fenced or refused it.
+/// an approved one until the controller rebuilt, fenced (for a person's rebuild) or refused it.
 pub async fn run(kube: &Kube, out: Output, ask: Ask<'_>) -> Result<u8> {
     let code = recover(kube, out, &ask).await?;
     let api: Api<EtcdRecovery> = Api::namespaced(kube.client.clone(), &kube.namespace);

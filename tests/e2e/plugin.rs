@@ -334,7 +334,9 @@ async fn recover_proposes_the_member_with_the_most_data_when_quorum_is_lost() ->
 /// changes on any volume. A person approves the facts it shows, and the approval is recorded
 /// under the name the API server knows them by; the controller fences the set, the agent
 /// rebuilds the survivor's data through a holder pod, every member's data kept in a
-/// quarantine, and the survivor serves again alone with every key, time moved forward.
+/// quarantine, and the survivor serves again alone with every key, time moved forward; the
+/// API server meanwhile loses the answers of the fence's scale and of a holder's create and
+/// fails a holder's delete once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn quorum_lost_on_the_defaults_is_proposed_by_the_controller_approved_by_a_person_and_rebuilt() -> Result<()> {
     let Some((lab, _agent, c)) = crate::controller::watched_on_defaults().await? else { return Ok(()) };
@@ -387,8 +389,15 @@ async fn quorum_lost_on_the_defaults_is_proposed_by_the_controller_approved_by_a
     let facts = plan["choice"]["facts"].as_str().unwrap_or_default().to_string();
     let approve = format!("kubectl etcd-medic recover apisix-etcd -n apisix --approve {facts}");
     assert_eq!(record["status"]["message"], format!("approve with: {approve}"), "{record:#}");
-    let events = lab.api.list::<k8s_openapi::api::events::v1::Event>(Some("apisix"));
-    let told = events.iter().find(|e| e.reason.as_deref() == Some("QuorumLost")).expect("a QuorumLost Event");
+    // The Event follows the record's status: waited for, not raced.
+    let quorum_lost_event = || {
+        lab.api.list::<k8s_openapi::api::events::v1::Event>(Some("apisix")).into_iter().find(|e| e.reason.as_deref() == Some("QuorumLost"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while quorum_lost_event().is_none() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let told = quorum_lost_event().expect("a QuorumLost Event");
     assert_eq!(told.regarding.as_ref().and_then(|r| r.name.as_deref()), Some("apisix-etcd"));
     assert!(told.note.as_deref().is_some_and(|n| n.contains(&approve)), "{told:?}");
     assert_eq!(c.metric("etcd_medic_controller_recoveries_proposed_total").await, Some(1.0));
@@ -400,6 +409,13 @@ async fn quorum_lost_on_the_defaults_is_proposed_by_the_controller_approved_by_a
     // waits every member's pod out; through a holder pod per member the agent moves every
     // member's data into the recovery's quarantine and rebuilds a copy of the survivor's; the
     // set is scaled to 1 and the survivor serves every key it held, time moved forward.
+    // The API server loses the answers of the fence's scale and of the first holder's create
+    // (both carried out), and fails a holder's delete once: each is settled by what is there.
+    lab.api.inject(
+        Fault::new("/apis/apps/v1/namespaces/apisix/statefulsets/apisix-etcd", FaultKind::LoseAnswer(500)).method("PATCH").times(1),
+    );
+    lab.api.inject(Fault::new("/api/v1/namespaces/apisix/pods", FaultKind::LoseAnswer(500)).method("POST").times(1));
+    lab.api.inject(Fault::new("/api/v1/namespaces/apisix/pods/apisix-etcd-1-hold", FaultKind::Status(500)).method("DELETE").times(1));
     let mut approve = vec!["recover", "apisix-etcd", "-n", "apisix", "--approve", &facts, "--wait"];
     if survivor != "apisix-etcd-0" {
         approve.extend(["--survivor", "apisix-etcd-0"]);
@@ -415,6 +431,7 @@ async fn quorum_lost_on_the_defaults_is_proposed_by_the_controller_approved_by_a
         assert!(r.stderr.contains(said), "{said}: {}{}", r.stdout, r.stderr);
     }
     assert!(r.stdout.contains("Phase        Rebuilt"), "{}{}", r.stdout, r.stderr);
+    assert_eq!(lab.api.faults_left(), [Some(0), Some(0), Some(0)], "every fault struck the recovery");
     let record = store.get(res, "apisix", "apisix-etcd").map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let status = &record["status"];
     assert_eq!(

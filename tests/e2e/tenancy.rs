@@ -395,6 +395,7 @@ fn a_tenants_data_dir_link_never_makes_it_hold_another_tenants_data() -> Result<
 /// set than the one it names is refused too. Asked directly, the agent's recovery steps are
 /// the controller's alone (403 for the tenant), and even under the controller's name a record
 /// forged `Fenced` with a holder the tenant made moves nothing while the set runs (`NotFenced`).
+/// The controller, held by a person's pause on the set meanwhile, then refuses it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_fence_in_a_recoverys_status_never_scales_a_set() -> Result<()> {
     let Some((lab, _agent, c)) = crate::controller::watched_on_defaults().await? else { return Ok(()) };
@@ -439,6 +440,12 @@ async fn a_forged_fence_in_a_recoverys_status_never_scales_a_set() -> Result<()>
                       "choice": {"survivor": "apisix-etcd-0", "facts": "0000000000000000", "why": "", "ranked": [], "lost": []}});
     let fenced = json!({"status": {"phase": "Fenced", "code": null, "plan": plan,
                                    "fence": {"replicas": 3, "at": "2026-12-07T00:00:00Z", "rebuild": true}}});
+    // A person's pause on the set holds the controller's part too.
+    lab.api.modify::<k8s_openapi::api::apps::v1::StatefulSet>("apisix", "apisix-etcd", |s| {
+        s.metadata.annotations.get_or_insert_default().insert("etcd-medic.io/paused".into(), "true".into());
+    })?;
+    // The controller reads a pause at most every 10 s: the one it read before is out of date.
+    tokio::time::sleep(Duration::from_secs(11)).await;
     store.patch_part(res, "apisix", "apisix-etcd", &fenced, true).map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let record_uid = store.get(res, "apisix", "apisix-etcd").map_err(|e| anyhow::anyhow!("{e:?}"))?["metadata"]["uid"].clone();
     let pods = etcd_medic_lab::apiserver::store::find_resource("", "v1", "pods").expect("served");
@@ -465,6 +472,23 @@ async fn a_forged_fence_in_a_recoverys_status_never_scales_a_set() -> Result<()>
     assert_eq!(controller.status, 422, "{said}");
     assert!(said.contains("\"code\":\"NotFenced\"") && said.contains("has replicas"), "{said}");
     assert_eq!(etcd_medic_lab::agent::tree(&lab.set.pv_path(1)), before, "the member's data is untouched");
+    // Held while paused (looks every 10 s); once the pause is lifted, the controller reads the
+    // set itself and refuses: it runs, the fence is not in place.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let held = store.get(res, "apisix", "apisix-etcd").map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    assert_eq!(held["status"]["phase"], "Fenced", "held by the pause: {held:#}\n{}", c.log_text());
+    assert!(c.log_text().contains("the recovery waits: paused by the annotation etcd-medic.io/paused on statefulset apisix/apisix-etcd"));
+    lab.api.modify::<k8s_openapi::api::apps::v1::StatefulSet>("apisix", "apisix-etcd", |s| {
+        s.metadata.annotations.get_or_insert_default().remove("etcd-medic.io/paused");
+    })?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    while refused("apisix-etcd").is_none() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let last = refused("apisix-etcd");
+    assert_eq!(last.as_ref().map(|r| r["status"]["code"].clone()), Some(json!("NotFenced")), "{last:?}\n{}", c.log_text());
+    let sts: k8s_openapi::api::apps::v1::StatefulSet = lab.api.get("apisix", "apisix-etcd").expect("the set");
+    assert_eq!(sts.spec.and_then(|s| s.replicas), Some(3), "never scaled");
     lab.set.wait_all_ready(Duration::from_secs(30)).await?;
     lab.shutdown().await;
     Ok(())

@@ -15,20 +15,31 @@ pub(crate) async fn paused_on(ctx: &Ctx, pod: &PodSeen) -> Option<String> {
     if pod.paused {
         return Some(format!("pod {}/{}", pod.namespace, pod.name));
     }
-    if let Some(set) = &pod.cluster {
-        let key = format!("statefulset {}/{set}", pod.namespace);
-        let api: Api<StatefulSet> = Api::namespaced(ctx.api.client().clone(), &pod.namespace);
-        if cached_pause(ctx, &key, || async {
-            api.get_opt(set).await.map(|s| s.is_some_and(|s| observe::is_paused(s.metadata.annotations.as_ref())))
-        })
-        .await
-        {
-            return Some(key);
-        }
+    match &pod.cluster {
+        Some(set) => set_paused(ctx, &pod.namespace, set).await,
+        None => namespace_paused(ctx, &pod.namespace).await,
     }
-    let key = format!("namespace {}", pod.namespace);
+}
+
+/// A StatefulSet's pause, on it or on its namespace: what a quorum recovery, whose set has no
+/// pods left, is held by.
+pub(crate) async fn set_paused(ctx: &Ctx, namespace: &str, set: &str) -> Option<String> {
+    let key = format!("statefulset {namespace}/{set}");
+    let api: Api<StatefulSet> = Api::namespaced(ctx.api.client().clone(), namespace);
+    if cached_pause(ctx, &key, || async {
+        api.get_opt(set).await.map(|s| s.is_some_and(|s| observe::is_paused(s.metadata.annotations.as_ref())))
+    })
+    .await
+    {
+        return Some(key);
+    }
+    namespace_paused(ctx, namespace).await
+}
+
+async fn namespace_paused(ctx: &Ctx, namespace: &str) -> Option<String> {
+    let key = format!("namespace {namespace}");
     let api: Api<Namespace> = Api::all(ctx.api.client().clone());
-    let ns = pod.namespace.clone();
+    let ns = namespace.to_string();
     if cached_pause(ctx, &key, || async move {
         api.get_opt(&ns).await.map(|n| n.is_some_and(|n| observe::is_paused(n.metadata.annotations.as_ref())))
     })

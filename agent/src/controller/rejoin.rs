@@ -50,6 +50,16 @@ pub async fn carry_on(ctx: &Ctx, mut r: EtcdRecovery) -> Result<()> {
         return Ok(());
     }
     let (ns, name) = (r.namespace().unwrap_or_default(), r.name_any());
+    // The status is the controller's where the chart's policies run; where they do not, a
+    // tenant could write it for its own set only. Either way the controller keeps to what it
+    // watches, and a person's pause holds it.
+    if !ctx.cfg.namespaces.is_empty() && !ctx.cfg.namespaces.contains(&ns) {
+        return Ok(());
+    }
+    if let Some(on) = super::pause::set_paused(ctx, &ns, &name).await {
+        tracing::info!(namespace = %ns, statefulset = %name, "the recovery waits: paused by the annotation etcd-medic.io/paused on {on}");
+        return Ok(());
+    }
     let status = r.status.clone().unwrap_or_default();
     let (plan, fence) = status.plan.clone().zip(status.fence.clone()).ok_or_else(|| Error::new(Code::Internal, "fenced without a plan"))?;
     let sts = ctx.api.statefulset(&ns, &name).await?;
@@ -95,6 +105,10 @@ pub async fn carry_on(ctx: &Ctx, mut r: EtcdRecovery) -> Result<()> {
             done
         }
     };
+    if let Some(on) = super::pause::set_paused(ctx, &ns, &name).await {
+        tracing::info!(namespace = %ns, statefulset = %name, "the recovery waits before the survivor starts: paused by the annotation etcd-medic.io/paused on {on}");
+        return Ok(());
+    }
     serve_survivor(ctx, &r, &uid).await?;
     let others = (1..fence.replicas).map(|i| format!("{name}-{i}")).collect::<Vec<_>>().join(", ");
     let message = format!(
